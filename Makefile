@@ -1,0 +1,19 @@
+# The two commands of the README: `make quickstart` and `make test`.
+PY := .venv/bin/python
+
+.PHONY: setup quickstart test test-fast lint
+
+setup:
+	bash scripts/setup_env.sh
+
+quickstart: setup
+	DS_ACCELERATOR=cpu $(PY) tools/quickstart.py
+
+test: setup
+	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu"
+
+test-fast: setup
+	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu and not slow and not slurm"
+
+lint: setup
+	$(PY) -m ruff check nbp_ds tools tests

@@ -1,0 +1,323 @@
+"""Run configuration: one typed dataclass tree, loaded from YAML, overridden from the command line.
+
+    cfg = load_config("tiny", ["model.n_layer=2", "layout.block=[1,1,16]"])
+
+A name refers to ``nbp_ds/configs/<name>.yaml``; anything else is a path to a YAML file. A YAML
+file may start from another with ``base: <name or path>`` and then set only what differs.
+Unknown keys, wrong types and inconsistent values are refused with a ``ConfigError`` that names
+the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the key and value."""
+
+
+@dataclass
+class LayoutConfig:
+    """How a video's token grid becomes a sequence (see nbp_ds.layout)."""
+
+    grid: list[int] = field(default_factory=lambda: [5, 16, 16])  # latent (T, H, W)
+    block: list[int] = field(default_factory=lambda: [1, 1, 16])  # (bt, bh, bw); [1,1,1] = next-token
+    hybrid: bool = False  # first video block token by token (the paper's UCF-101 models)
+    condition: str = "none"  # none | class | frames
+    num_classes: int = 0  # for condition=class
+    context_frames: int = 0  # latent frames given, for condition=frames
+    loss_on_context: bool = False  # also train on the given context frames
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder (RMSNorm, SwiGLU, no biases, 3D rotary positions)."""
+
+    n_layer: int = 24
+    d_model: int = 1536
+    n_head: int = 16
+    vocab_size: int = 64000  # video codes; special tokens are added on top
+    ffn_dim: int | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    attention: str = "auto"  # auto | sdpa | flex | flash
+    class_dropout: float = 0.1  # label -> null class during training, for classifier-free guidance
+
+
+@dataclass
+class DataConfig:
+    """Token shards (a folder, a brace pattern or a list of .tar files)."""
+
+    train: Any = None
+    val: Any = None
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    val_batches: int = 8  # validation batches per evaluation (0 = the whole validation set)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    micro_batch: int = 8  # per device
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "bf16"  # bf16 | fp32
+    activation_checkpointing: bool = False
+    save_every: int = 500
+    keep_last: int = 3
+    eval_every: int = 500
+    log_every: int = 10
+    sample_every: int = 0  # log sample videos to TensorBoard every N steps (0 = never)
+    sample_tokenizer: str | None = None  # tokenizer used to decode logged samples
+    max_bad_steps: int = 5  # stop after this many NaN/Inf losses in a row
+    peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero3.json"
+
+
+@dataclass
+class RunConfig:
+    """The whole run: what the model sees (layout), what it is (model), how it learns."""
+
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    name: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+        cfg = _build(cls, data, prefix="", source=source)
+        validate(cfg)
+        return cfg
+
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
+CONDITIONS = ("none", "class", "frames")
+
+
+def available_configs() -> list[str]:
+    """Names of the run configs shipped with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a named or YAML run config, apply ``key=value`` overrides, and validate it."""
+    data, source = _load_yaml_tree(str(name_or_path), seen=())
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+        source = f"{source} + overrides"
+    cfg = _build(RunConfig, data, prefix="", source=source)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"model.n_layer=2"`` -> ``("model.n_layer", 2)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (for example model.n_layer=2)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r} as YAML ({exc})") from exc
+    return key, value
+
+
+def _resolve_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not named.is_file():
+        raise ConfigError(
+            f"unknown config {name_or_path!r}: not a file, and not one of the shipped configs "
+            f"({', '.join(available_configs())})"
+        )
+    return named
+
+
+def _load_yaml_tree(name_or_path: str, seen: tuple[Path, ...]) -> tuple[dict[str, Any], str]:
+    path = _resolve_path(name_or_path).resolve()
+    if path in seen:
+        raise ConfigError(f"config {str(path)!r} includes itself through 'base'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    data.setdefault("name", path.stem)
+    if base is not None:
+        base_ref = str(base)
+        if not (CONFIG_DIR / f"{base_ref}.yaml").is_file() and not Path(base_ref).is_absolute():
+            base_ref = str(path.parent / base_ref)
+        merged, _ = _load_yaml_tree(base_ref, seen + (path,))
+        _deep_update(merged, data)
+        data = merged
+    return data, str(path)
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r} ({source})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r} in {source}; "
+            f"valid keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, key + ".", source)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a YAML value against a field's type, allowing int -> float and None for optionals."""
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"config key {key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse configurations that cannot work, naming the key and value."""
+    lay, mod, tr = cfg.layout, cfg.model, cfg.train
+    _require(len(lay.grid) == 3 and all(g > 0 for g in lay.grid),
+             f"layout.grid must be three positive integers [T,H,W], got {lay.grid}")
+    _require(len(lay.block) == 3 and all(b > 0 for b in lay.block),
+             f"layout.block must be three positive integers [bt,bh,bw], got {lay.block}")
+    for axis, g, b in zip("THW", lay.grid, lay.block, strict=True):
+        _require(g % b == 0, f"layout.block={lay.block} does not divide layout.grid={lay.grid} "
+                             f"(axis {axis}: {g} is not a multiple of {b})")
+    _require(lay.condition in CONDITIONS,
+             f"layout.condition must be one of {', '.join(CONDITIONS)}, got {lay.condition!r}")
+    if lay.condition == "class":
+        _require(lay.num_classes > 0, f"layout.condition=class needs layout.num_classes > 0, got {lay.num_classes}")
+    if lay.condition == "frames":
+        _require(0 < lay.context_frames < lay.grid[0],
+                 f"layout.context_frames must be in 1..{lay.grid[0] - 1} for condition=frames, "
+                 f"got {lay.context_frames}")
+        _require(lay.context_frames % lay.block[0] == 0,
+                 f"layout.context_frames={lay.context_frames} must be a multiple of the block's time "
+                 f"extent layout.block[0]={lay.block[0]}")
+        _require(not lay.hybrid, "layout.hybrid=true is for condition none or class: with condition=frames "
+                                 "the first blocks are given, so there is no first block to predict token by token")
+    elif lay.context_frames:
+        _require(False, f"layout.context_frames={lay.context_frames} is only used with layout.condition=frames")
+    n_blocks = (lay.grid[0] // lay.block[0]) * (lay.grid[1] // lay.block[1]) * (lay.grid[2] // lay.block[2])
+    if lay.hybrid:
+        _require(n_blocks >= 2, f"layout.hybrid=true needs at least 2 blocks, got {n_blocks} "
+                                f"(grid {lay.grid}, block {lay.block})")
+    _require(mod.n_layer > 0, f"model.n_layer must be positive, got {mod.n_layer}")
+    _require(mod.n_head > 0 and mod.d_model % mod.n_head == 0,
+             f"model.n_head={mod.n_head} does not divide model.d_model={mod.d_model}")
+    head_dim = mod.d_model // max(mod.n_head, 1)
+    _require(head_dim % 2 == 0 and head_dim >= 6,
+             f"model.d_model / model.n_head = {head_dim} must be even and >= 6 for 3D rotary positions")
+    _require(mod.vocab_size > 1, f"model.vocab_size must be > 1, got {mod.vocab_size}")
+    _require(mod.attention in ATTENTION_BACKENDS,
+             f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {mod.attention!r}")
+    _require(0.0 <= mod.class_dropout < 1.0, f"model.class_dropout must be in [0, 1), got {mod.class_dropout}")
+    _require(tr.steps > 0, f"train.steps must be positive, got {tr.steps}")
+    _require(tr.micro_batch > 0, f"train.micro_batch must be positive, got {tr.micro_batch}")
+    _require(tr.grad_accum > 0, f"train.grad_accum must be positive, got {tr.grad_accum}")
+    _require(tr.lr > 0, f"train.lr must be positive, got {tr.lr}")
+    _require(0.0 <= tr.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {tr.min_lr_ratio}")
+    _require(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")
+    _require(len(tr.betas) == 2, f"train.betas must be two numbers, got {tr.betas}")
+    _require(tr.precision in ("bf16", "fp32"), f"train.precision must be bf16 or fp32, got {tr.precision!r}")
+    for key in ("save_every", "eval_every", "log_every", "sample_every"):
+        _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
+    _require(tr.keep_last >= 1, f"train.keep_last must be >= 1, got {tr.keep_last}")
+    _require(tr.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
