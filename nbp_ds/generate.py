@@ -1,0 +1,152 @@
+"""KV-cache block decoding: NBP (a block per pass), NTP (block 1x1x1) and hybrid layouts.
+
+The layout's ``generation_steps`` say what each forward pass feeds: step 0 the prefix (condition,
+BOV, and for frame prediction the given context blocks), each later step the block just sampled.
+A pass reads one set of logits per token of the block it predicts. The KV cache is allocated once
+for the whole sequence.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nbp_ds.layout import SOURCE_BOV, SOURCE_CLASS, SOURCE_PLACEHOLDER
+from nbp_ds.model.transformer import NBPModel
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Mask logits [..., V] outside the top-k and/or the nucleus of mass top_p with -inf."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, n, V] -> tokens [B, n]; temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.view(probs.shape[:-1])
+
+
+def _as_labels(label, batch_size: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    if label is None:
+        raise ValueError("this model is class-conditional: pass label= (an int or LongTensor[B])")
+    label = torch.as_tensor(label, dtype=torch.long, device=device)
+    if label.dim() == 0:
+        label = label.expand(batch_size)
+    if label.shape != (batch_size,):
+        raise ValueError(f"label must be an int or have shape [{batch_size}], got {list(label.shape)}")
+    bad = (label < 0) | (label >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"label values must be in [0, {num_classes}), got {label[bad].tolist()}")
+    return label
+
+
+@torch.no_grad()
+def generate(
+    model: NBPModel,
+    batch_size: int,
+    label: int | torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float | None = None,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Sample videos as token grids.
+
+    Args:
+        model: an NBPModel (its layout decides NBP, NTP or hybrid decoding).
+        batch_size: number of videos.
+        label: class index (int or LongTensor[B]) for class-conditional models.
+        context: LongTensor [B, c, H, W] (or [B, T, H, W]; its first c frames are used) of given
+            latent frames for frame-prediction models (c = layout.context_frames).
+        temperature: softmax temperature; 0 = greedy (argmax).
+        top_k, top_p: sampling filters.
+        cfg_scale: classifier-free guidance scale (class-conditional models; None or 1 = off).
+        seed: seed of the sampling generator (None = nondeterministic).
+
+    Returns:
+        (tokens LongTensor[B, T, H, W], {"forward_passes": int, "seconds": float, "tokens_per_pass": float})
+    """
+    layout = model.layout
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    tokens = torch.zeros(batch_size, layout.num_video_tokens, dtype=torch.long, device=device)
+    if layout.condition == "frames":
+        t, h, w = layout.grid
+        c = layout.context_frames
+        if context is None:
+            raise ValueError(f"this model predicts frames: pass context= LongTensor[{batch_size}, {c}, {h}, {w}]")
+        context = torch.as_tensor(context, device=device).long()
+        if context.dim() != 4 or context.shape[0] != batch_size or tuple(context.shape[2:]) != (h, w) \
+                or context.shape[1] < c:
+            raise ValueError(f"context must be [{batch_size}, >= {c}, {h}, {w}], got {list(context.shape)}")
+        tokens[:, : c * h * w] = context[:, :c].reshape(batch_size, -1)
+    elif context is not None:
+        raise ValueError(f"context= is for frame-prediction models; this one has condition={layout.condition!r}")
+
+    labels = None
+    guided = False
+    if layout.condition == "class":
+        labels = _as_labels(label, batch_size, layout.num_classes, device)
+        guided = cfg_scale is not None and cfg_scale != 1.0
+        if guided:  # second half of the rows runs unconditionally (null class)
+            labels = torch.cat([labels, torch.full_like(labels, layout.null_class)])
+    elif label is not None or (cfg_scale is not None and cfg_scale != 1.0):
+        raise ValueError(f"label= and cfg_scale= need a class-conditional model; condition={layout.condition!r}")
+
+    rows = labels.shape[0] if labels is not None else batch_size
+    source = torch.as_tensor(layout.input_source, device=device)
+    target = torch.as_tensor(layout.target_index, device=device)
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(rows, device, dtype)
+    began = time.perf_counter()
+    try:
+        for step in layout.generation_steps:
+            src = source[step.start:step.end]
+            video = tokens if rows == batch_size else tokens.repeat(2, 1)
+            ids = video[:, src.clamp(min=0)].clone()
+            ids[:, src == SOURCE_BOV] = layout.bov_token
+            ids[:, src == SOURCE_PLACEHOLDER] = layout.placeholder_token
+            if labels is not None:
+                ids[:, src == SOURCE_CLASS] = layout.class_token(labels).unsqueeze(1)
+            hidden = model(ids, start=step.start, cache=cache)
+            read = torch.as_tensor(step.read, device=device)
+            logits = model.head(hidden[:, read - step.start]).float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            tokens[:, target[read]] = sample_tokens(logits, temperature, top_k, top_p, generator)
+    finally:
+        model.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - began
+    steps = len(layout.generation_steps)
+    stats = {"forward_passes": steps, "seconds": seconds,
+             "tokens_per_pass": (layout.num_video_tokens - int(layout.context_mask.sum())) / steps}
+    return tokens.view(batch_size, *layout.grid), stats

@@ -1,0 +1,249 @@
+"""The NBP transformer: a LLaMA-style decoder (RMSNorm, SwiGLU, no biases, 3D rotary positions)
+over the block-causal sequence that nbp_ds.layout describes.
+
+Weights are initialized inside each leaf module's own constructor so that the model can be built
+under ``deepspeed.zero.Init`` (ZeRO-3 partitions a module's parameters as soon as its constructor
+returns; initializing afterwards would touch empty shards).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from nbp_ds.config import RunConfig
+from nbp_ds.layout import Layout
+from nbp_ds.model.attention import make_attention, resolve_backend_name
+from nbp_ds.model.rope import apply_rope, rope_angles
+
+
+def default_ffn_dim(d_model: int) -> int:
+    """SwiGLU hidden width: 8/3 * d_model rounded up to a multiple of 256 (LLaMA's rule)."""
+    return int(math.ceil(8 * d_model / 3 / 256) * 256)
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer initialized N(0, std) in its own constructor (ZeRO-3 safe)."""
+
+    def __init__(self, d_in: int, d_out: int, std: float):
+        object.__setattr__(self, "_init_std", std)
+        super().__init__(d_in, d_out, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self._init_std)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, num: int, dim: int, std: float):
+        object.__setattr__(self, "_init_std", std)
+        super().__init__(num, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self._init_std)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class KVCache:
+    """Keys and values of every layer for the whole sequence, allocated once before decoding."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, seq_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (n_layer, batch, n_head, seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, std: float, out_std: float):
+        super().__init__()
+        self.n_head = n_head
+        self.head_dim = d_model // n_head
+        self.qkv = Linear(d_model, 3 * d_model, std)
+        self.out = Linear(d_model, d_model, out_std)
+
+    def forward(self, x, cos, sin, backend, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = backend.full(q, k, v)
+        else:
+            end = start + n
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            y = backend.chunk(q, cache.k[layer, :, :, :end], cache.v[layer, :, :, :end], start)
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int, std: float, out_std: float):
+        super().__init__()
+        self.gate_up = Linear(d_model, 2 * hidden, std)
+        self.down = Linear(hidden, d_model, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, d_model: int, n_head: int, ffn_dim: int, eps: float, std: float, out_std: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, eps)
+        self.attn = Attention(d_model, n_head, std, out_std)
+        self.mlp_norm = RMSNorm(d_model, eps)
+        self.mlp = SwiGLU(d_model, ffn_dim, std, out_std)
+
+    def forward(self, x, cos, sin, backend, cache=None, layer=0, start=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, backend, cache, layer, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class NBPModel(nn.Module):
+    """Semi-autoregressive video transformer; the layout decides NBP, NTP or hybrid."""
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        m = cfg.model
+        self.run_config = cfg
+        self.layout = Layout.from_config(cfg.layout, m.vocab_size)
+        self.n_layer, self.d_model, self.n_head = m.n_layer, m.d_model, m.n_head
+        self.head_dim = m.d_model // m.n_head
+        self.vocab_size = m.vocab_size
+        self.ffn_dim = m.ffn_dim or default_ffn_dim(m.d_model)
+        self.class_dropout = m.class_dropout
+        self.attention_name = m.attention
+        out_std = m.init_std / math.sqrt(2 * m.n_layer)  # residual branches scaled (GPT-2 / LLaMA practice)
+
+        self.embed = Embedding(self.layout.embedding_size, m.d_model, m.init_std)
+        self.layers = nn.ModuleList(
+            TransformerLayer(m.d_model, m.n_head, self.ffn_dim, m.norm_eps, m.init_std, out_std)
+            for _ in range(m.n_layer)
+        )
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.head = Linear(m.d_model, m.vocab_size, m.init_std)
+
+        angles = rope_angles(torch.from_numpy(self.layout.positions), self.head_dim, m.rope_theta)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self._backends: dict[str, object] = {}
+        self._checkpoint_fn: Callable | None = None
+
+    # ---- building blocks ------------------------------------------------------------------------
+    def attention_backend(self, device: torch.device):
+        name = resolve_backend_name(self.attention_name, device)
+        if name not in self._backends:
+            self._backends[name] = make_attention(name, self.layout, device)
+        return self._backends[name]
+
+    def enable_activation_checkpointing(self, checkpoint_fn: Callable | None = None) -> None:
+        """Recompute each layer's activations in backward (pass deepspeed.checkpointing.checkpoint
+        under DeepSpeed; torch's non-reentrant checkpoint by default)."""
+        self._checkpoint_fn = checkpoint_fn or partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+    def forward(self, input_ids: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """Input ids [B, n] at sequence positions [start, start + n) -> final hidden states [B, n, d]."""
+        x = self.embed(input_ids)
+        n = input_ids.shape[1]
+        cos = self.rope_cos[start:start + n].to(x.device)
+        sin = self.rope_sin[start:start + n].to(x.device)
+        backend = self.attention_backend(x.device)
+        recompute = self._checkpoint_fn is not None and self.training and cache is None
+        for i, layer in enumerate(self.layers):
+            if recompute:
+                x = self._checkpoint_fn(layer, x, cos, sin, backend)
+            else:
+                x = layer(x, cos, sin, backend, cache, i, start)
+        return self.norm(x)
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache(self.n_layer, batch, self.n_head, self.layout.seq_len, self.head_dim, device, dtype)
+
+    def drop_labels(self, label: torch.Tensor) -> torch.Tensor:
+        """Replace labels by the null class at rate model.class_dropout (training only), for CFG."""
+        if not self.training or self.class_dropout <= 0 or self.layout.condition != "class":
+            return label
+        drop = torch.rand(label.shape, device=label.device) < self.class_dropout
+        return torch.where(drop, torch.full_like(label, self.layout.null_class), label)
+
+    def _labels(self, batch: dict) -> torch.Tensor | None:
+        if self.layout.condition != "class":
+            return None
+        if "label" not in batch:
+            raise KeyError("this model is class-conditional: the batch needs 'label' (LongTensor[B])")
+        label = batch["label"].long()
+        bad = (label < 0) | (label >= self.layout.num_classes)
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {self.layout.num_classes}), got {label[bad].tolist()}")
+        return label
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tuple(tokens.shape[1:]) != self.layout.grid:
+            raise ValueError(f"tokens must be [B, {', '.join(map(str, self.layout.grid))}] for layout.grid="
+                             f"{list(self.layout.grid)}, got {list(tokens.shape)}")
+
+    # ---- stable surface --------------------------------------------------------------------------
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy over video targets -> (loss, {"acc": tensor, "tokens": int})."""
+        tokens = batch["tokens"].long()
+        self._check_tokens(tokens)
+        label = self._labels(batch)
+        if label is not None:
+            label = self.drop_labels(label)
+        ids = self.layout.input_ids(tokens, label)
+        targets = self.layout.targets(tokens)
+        keep = torch.as_tensor(self.layout.loss_mask, device=ids.device)
+        hidden = self.forward(ids)[:, keep]  # the head only where a target counts
+        targets = targets[:, keep]
+        logits = self.head(hidden).float()
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1))
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == targets).float().mean()
+        return loss, {"acc": acc, "tokens": targets.numel()}
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """[B, T*H*W, vocab]: logits[:, j] predicts video token j (raster order t, h, w)."""
+        tokens = batch["tokens"].long()
+        self._check_tokens(tokens)
+        ids = self.layout.input_ids(tokens, self._labels(batch))
+        return self.layout.to_raster(self.head(self.forward(ids)))
+
+    # ---- accounting ------------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (ZeRO-3 aware: partitioned parameters report their full size)."""
+        total = 0
+        for name, p in self.named_parameters():
+            if exclude_embeddings and name.startswith("embed."):
+                continue
+            total += getattr(p, "ds_numel", p.numel())
+        return total
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per sequence position: 6 x matmul params + attention scores and mixing
+        (forward 2 x 2 x d per visible key; a block-causal query sees about half the sequence)."""
+        matmul_params = self.num_params(exclude_embeddings=True) - sum(
+            getattr(p, "ds_numel", p.numel()) for n, p in self.named_parameters() if n.endswith("norm.weight")
+        )
+        attention = 3 * 2 * 2 * self.d_model * (self.layout.seq_len / 2) * self.n_layer
+        return 6 * matmul_params + attention
+
+
+def build_model(cfg: RunConfig) -> NBPModel:
+    """Build the model a run config describes (call under deepspeed.zero.Init for ZeRO-3)."""
+    return NBPModel(cfg)
