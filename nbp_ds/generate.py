@@ -37,8 +37,10 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, t
     if temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return flat.view(probs.shape[:-1])
+    # inverse-CDF sampling: one uniform per token (torch.multinomial is ~20x slower on CPU at 64k codes)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(*probs.shape[:-1], 1, device=probs.device, generator=generator, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _as_labels(label, batch_size: int, num_classes: int, device: torch.device) -> torch.Tensor:

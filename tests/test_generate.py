@@ -95,3 +95,14 @@ def test_generation_errors_name_the_problem():
         generate(frames, 2)
     with pytest.raises(ValueError, match="context must be"):
         generate(frames, 2, context=torch.zeros(2, 1, 3, 3, dtype=torch.long))
+
+
+def test_sampler_follows_the_distribution():
+    from nbp_ds.generate import sample_tokens
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.log().expand(1, 20000, 4)
+    draws = sample_tokens(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
+    assert freq[1] == 0
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
