@@ -53,6 +53,7 @@ class ModelConfig:
     init_std: float = 0.02
     attention: str = "auto"  # auto | sdpa | flex | flash
     class_dropout: float = 0.1  # label -> null class during training, for classifier-free guidance
+    loss_chunk: int = 4096  # positions per output-layer + loss chunk: bounds logits memory (B*S*vocab floats)
 
 
 @dataclass
@@ -309,6 +310,7 @@ def validate(cfg: RunConfig) -> None:
     _require(mod.attention in ATTENTION_BACKENDS,
              f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {mod.attention!r}")
     _require(0.0 <= mod.class_dropout < 1.0, f"model.class_dropout must be in [0, 1), got {mod.class_dropout}")
+    _require(mod.loss_chunk > 0, f"model.loss_chunk must be positive, got {mod.loss_chunk}")
     _require(tr.steps > 0, f"train.steps must be positive, got {tr.steps}")
     _require(tr.micro_batch > 0, f"train.micro_batch must be positive, got {tr.micro_batch}")
     _require(tr.grad_accum > 0, f"train.grad_accum must be positive, got {tr.grad_accum}")

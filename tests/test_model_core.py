@@ -212,3 +212,20 @@ def test_bad_labels_and_shapes_are_clear_errors():
         model.logits({**batch, "label": torch.tensor([0, 9])})
     with pytest.raises(ValueError, match="tokens must be"):
         model.logits({**batch, "tokens": batch["tokens"][:, :2]})
+
+
+def test_chunked_loss_equals_whole_loss():
+    model, cfg = make("nbp-class", "model.class_dropout=0.0")
+    model.train()
+    batch = batch_for(cfg, b=3)
+    loss, metrics = model.loss(batch)
+    loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.loss_chunk = 7  # 3 x 48 targets in 21 uneven chunks
+    chunked, chunked_metrics = model.loss(batch)
+    chunked.backward()
+    torch.testing.assert_close(chunked, loss)
+    torch.testing.assert_close(chunked_metrics["acc"], metrics["acc"])
+    for a, p in zip(ref, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)

@@ -128,6 +128,7 @@ class NBPModel(nn.Module):
         self.vocab_size = m.vocab_size
         self.ffn_dim = m.ffn_dim or default_ffn_dim(m.d_model)
         self.class_dropout = m.class_dropout
+        self.loss_chunk = m.loss_chunk
         self.attention_name = m.attention
         out_std = m.init_std / math.sqrt(2 * m.n_layer)  # residual branches scaled (GPT-2 / LLaMA practice)
 
@@ -209,13 +210,25 @@ class NBPModel(nn.Module):
         ids = self.layout.input_ids(tokens, label)
         targets = self.layout.targets(tokens)
         keep = torch.as_tensor(self.layout.loss_mask, device=ids.device)
-        hidden = self.forward(ids)[:, keep]  # the head only where a target counts
-        targets = targets[:, keep]
+        hidden = self.forward(ids)[:, keep].reshape(-1, self.d_model)  # the head only where a target counts
+        targets = targets[:, keep].reshape(-1)
+        n = targets.numel()
+        if n <= self.loss_chunk:
+            loss_sum, correct = self._head_loss(hidden, targets)
+        else:
+            # never hold all B x S x vocab logits: each chunk's logits are recomputed in backward
+            loss_sum, correct = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.long)
+            for lo in range(0, n, self.loss_chunk):
+                part = torch.utils.checkpoint.checkpoint(self._head_loss, hidden[lo:lo + self.loss_chunk],
+                                                         targets[lo:lo + self.loss_chunk], use_reentrant=False)
+                loss_sum, correct = loss_sum + part[0], correct + part[1]
+        return loss_sum / n, {"acc": correct.float() / n, "tokens": n}
+
+    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, number of correct argmax predictions) of hidden rows [n, d]."""
         logits = self.head(hidden).float()
-        loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1))
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == targets).float().mean()
-        return loss, {"acc": acc, "tokens": targets.numel()}
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        return loss_sum, (logits.detach().argmax(-1) == targets).sum()
 
     def logits(self, batch: dict) -> torch.Tensor:
         """[B, T*H*W, vocab]: logits[:, j] predicts video token j (raster order t, h, w)."""
