@@ -1,0 +1,155 @@
+"""Token shards: schema, writer, and the loader's train / val semantics on real tar files."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nbp_ds.data import (
+    SampleError,
+    TokenShardWriter,
+    build_loader,
+    decode_sample,
+    encode_sample,
+    expand_shards,
+)
+
+GRID = (2, 3, 4)
+
+
+def write_shards(folder: Path, n: int, per_shard: int, vocab: int = 1000, prefix: str = "shard") -> list[str]:
+    """n clips whose first token encodes the clip id (so tests can identify them)."""
+    rng = np.random.default_rng(0)
+    with TokenShardWriter(folder, prefix=prefix, maxcount=per_shard) as writer:
+        for i in range(n):
+            tokens = rng.integers(0, vocab, GRID)
+            tokens.flat[0] = i
+            writer.write(f"clip{i:05d}", tokens, label=i % 5, meta={"source": f"v{i}.mp4"})
+    return [str(p) for p in writer.written]
+
+
+def ids_of(batches) -> list[int]:
+    return [int(t.flatten()[0]) for b in batches for t in b["tokens"]]
+
+
+def test_schema_round_trip_and_dtypes():
+    small = encode_sample("a", np.arange(24).reshape(GRID), 3, {"fps": 8})
+    big = encode_sample("b", np.full(GRID, 70000), None, {})
+    assert np.load(io.BytesIO(small["tokens.npy"])).dtype == np.uint16
+    assert np.load(io.BytesIO(big["tokens.npy"])).dtype == np.int32
+    tokens, label, meta = decode_sample(small, GRID)
+    assert tokens.dtype == np.int64 and tokens.tolist() == np.arange(24).reshape(GRID).tolist()
+    assert label == 3 and meta["fps"] == 8 and meta["schema"] == 1
+    assert decode_sample(big)[1] == -1
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda s: s.update({"tokens.npy": b"garbage"}), "not a valid .npy"),
+    (lambda s: s.pop("tokens.npy"), "no tokens.npy"),
+    (lambda s: s.update({"cls": b"cat"}), "not an integer"),
+])
+def test_decode_errors_name_the_key(damage, fragment):
+    sample = encode_sample("clip7", np.zeros(GRID, dtype=int), 1, {})
+    damage(sample)
+    with pytest.raises(SampleError, match=f"clip7.*{fragment}"):
+        decode_sample(sample, GRID)
+    with pytest.raises(SampleError, match="layout.grid"):
+        decode_sample(encode_sample("x", np.zeros((1, 3, 4), dtype=int), 1, {}), GRID)
+
+
+def test_writer_rolls_over_and_renames(tmp_path):
+    shards = write_shards(tmp_path, 25, per_shard=10)
+    assert [Path(s).name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(RuntimeError), TokenShardWriter(tmp_path / "x", maxcount=10) as w:
+        w.write("a", np.zeros(GRID, dtype=int), 0, {})
+        raise RuntimeError("interrupted")
+    assert not list((tmp_path / "x").iterdir())  # no partial shard under any name
+
+
+def test_expand_shards(tmp_path):
+    shards = write_shards(tmp_path, 30, per_shard=10)
+    assert expand_shards(str(tmp_path)) == shards
+    assert expand_shards(str(tmp_path / "shard-{000000..000002}.tar")) == shards
+    assert expand_shards(str(tmp_path / "shard-*.tar")) == shards
+    assert expand_shards(shards[:2]) == shards[:2]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        expand_shards(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        expand_shards(str(tmp_path / "shard-{000000..000005}.tar"))
+
+
+@pytest.mark.parametrize("n_shards", [8, 3])  # more shards than slots, and fewer
+def test_val_every_sample_once_across_ranks_and_workers(tmp_path, n_shards):
+    n = 47
+    write_shards(tmp_path, n, per_shard=-(-n // n_shards))
+    seen = []
+    for rank in range(2):
+        loader = build_loader(tmp_path, grid=GRID, batch_size=4, mode="val", rank=rank, world_size=2, num_workers=2)
+        batches = list(loader)
+        seen += ids_of(batches)
+        assert loader.stats()["samples"] == len(ids_of(batches))
+    assert sorted(seen) == list(range(n))
+
+
+def test_train_is_deterministic_and_resumes_at_a_batch(tmp_path):
+    write_shards(tmp_path, 60, per_shard=6)
+    kwargs = dict(grid=GRID, batch_size=4, mode="train", rank=1, world_size=2, num_workers=2, seed=3,
+                  shuffle_buffer=8)
+
+    def first(k, start=0):
+        out = []
+        for batch in build_loader(tmp_path, start_batch=start, **kwargs):
+            out.append(batch)
+            if len(out) == k:
+                return out
+
+    straight = first(12)
+    again = first(12)
+    resumed = first(7, start=5)
+    for a, b in zip(straight, again, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"])
+    for a, b in zip(straight[5:], resumed, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["label"], b["label"])
+    # endless: more batches than one pass over this rank's 30 clips
+    assert len(ids_of(first(20))) == 80
+    other_rank = build_loader(tmp_path, **{**kwargs, "rank": 0})
+    ours = set(ids_of(first(7)))
+    theirs = set(ids_of([b for b, _ in zip(other_rank, range(7), strict=False)]))
+    assert not ours & theirs  # ranks read disjoint shards
+
+
+def corrupt_shard(path: Path) -> None:
+    """A real tar with one member of bad npy bytes, one of the wrong shape, and one good sample."""
+    good = encode_sample("good", np.ones(GRID, dtype=int), 1, {})
+    bad_npy = {**encode_sample("badnpy", np.ones(GRID, dtype=int), 1, {}), "tokens.npy": b"\x93NUMPY garbage"}
+    wrong = encode_sample("wrongshape", np.ones((1, 1, 1), dtype=int), 1, {})
+    with tarfile.open(path, "w") as tar:
+        for sample in (bad_npy, wrong, good):
+            for ext in ("tokens.npy", "cls"):
+                data = sample[ext]
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_members_and_truncated_tar_are_skipped_and_counted(tmp_path):
+    write_shards(tmp_path, 10, per_shard=10)
+    corrupt_shard(tmp_path / "shard-000001.tar")
+    full = tmp_path / "shard-000000.tar"
+    truncated = tmp_path / "shard-000002.tar"
+    truncated.write_bytes(full.read_bytes()[: os.path.getsize(full) // 2])
+    loader = build_loader(tmp_path, grid=GRID, batch_size=4, mode="val", num_workers=2)
+    ids = ids_of(list(loader))
+    stats = loader.stats()
+    assert stats["corrupt"] == 1 and stats["bad_shape"] == 1 and stats["corrupt_shards"] == 1
+    # the intact shard whole, the complete members before the truncation (a copy of clips 0..4),
+    # and the good member of the corrupt shard (all ones)
+    assert sorted(ids) == sorted(list(range(10)) + list(range(5)) + [1])
+    assert stats["samples"] == len(ids)
