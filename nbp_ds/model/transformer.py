@@ -158,8 +158,14 @@ class NBPModel(nn.Module):
         under DeepSpeed; torch's non-reentrant checkpoint by default)."""
         self._checkpoint_fn = checkpoint_fn or partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
-    def forward(self, input_ids: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """Input ids [B, n] at sequence positions [start, start + n) -> final hidden states [B, n, d]."""
+    def forward(self, input_ids: torch.Tensor | dict, start: int = 0, cache: KVCache | None = None):
+        """Input ids [B, n] at sequence positions [start, start + n) -> final hidden states [B, n, d].
+
+        A batch dict instead of ids returns ``self.loss(batch)``: that is how a DeepSpeed engine,
+        which only calls ``forward``, trains the model (``loss, metrics = engine(batch)``).
+        """
+        if isinstance(input_ids, dict):
+            return self.loss(input_ids)
         x = self.embed(input_ids)
         n = input_ids.shape[1]
         cos = self.rope_cos[start:start + n].to(x.device)

@@ -1,0 +1,1 @@
+"""DeepSpeed training: launch detection, DeepSpeed configs, the loop, checkpoints, export."""
