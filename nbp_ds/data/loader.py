@@ -102,6 +102,7 @@ class _SlotDataset(IterableDataset):
         self.shards, self.grid, self.batch_size, self.mode = shards, tuple(grid), batch_size, mode
         self.rank, self.world_size, self.workers = rank, world_size, max(num_workers, 1)
         self.seed, self.shuffle_buffer, self.start_batch = seed, shuffle_buffer, start_batch
+        self.with_keys = False
 
     # ---- sample streams -------------------------------------------------------------------------
     def _train_samples(self, slot: int, nslots: int, counts: Counter) -> Iterator[dict]:
@@ -167,7 +168,7 @@ class _SlotDataset(IterableDataset):
             skip = max(0, (self.start_batch - worker + self.workers - 1) // self.workers)
         else:
             samples, skip = self._val_samples(slot, nslots, counts), 0
-        tokens, labels = [], []
+        tokens, labels, keys = [], [], []
         for sample in samples:
             try:
                 t, label, _ = decode_sample(sample, self.grid)
@@ -178,24 +179,28 @@ class _SlotDataset(IterableDataset):
                 continue
             tokens.append(t)
             labels.append(label)
+            keys.append(sample["__key__"])
             if len(tokens) == self.batch_size:
                 if skip > 0:  # already trained on before the restart; its skips were reported then
                     skip -= 1
                     counts.clear()
                 else:
-                    batch = _collate(tokens, labels, counts)
+                    batch = _collate(tokens, labels, keys if self.with_keys else None, counts)
                     counts.clear()  # the same Counter: the tar readers keep adding to it
                     yield batch
-                tokens, labels = [], []
+                tokens, labels, keys = [], [], []
         if tokens:
-            yield _collate(tokens, labels, counts)
+            yield _collate(tokens, labels, keys if self.with_keys else None, counts)
         elif counts:
             yield {"_counts": dict(counts), "_stats_only": True}
 
 
-def _collate(tokens: list[np.ndarray], labels: list[int], counts: Counter) -> dict:
-    return {"tokens": torch.from_numpy(np.stack(tokens)), "label": torch.tensor(labels, dtype=torch.long),
-            "_counts": dict(counts)}
+def _collate(tokens: list[np.ndarray], labels: list[int], keys: list[str] | None, counts: Counter) -> dict:
+    batch = {"tokens": torch.from_numpy(np.stack(tokens)), "label": torch.tensor(labels, dtype=torch.long),
+             "_counts": dict(counts)}
+    if keys is not None:
+        batch["key"] = keys
+    return batch
 
 
 class TokenLoader:
@@ -208,7 +213,11 @@ class TokenLoader:
 
     def __iter__(self) -> Iterator[dict]:
         kwargs = {"prefetch_factor": 4} if self.num_workers > 0 else {}
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kwargs)
+        # a private generator: otherwise every new iterator draws its worker base seed from the global torch
+        # RNG, and a resumed run (which creates its iterator after restoring that RNG) would drift from the
+        # straight run (class dropout and sampling use the global RNG); our streams are seeded explicitly
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.dataset.seed), **kwargs)
         for item in loader:
             self._stats.update(item.pop("_counts"))
             if item.pop("_stats_only", False):
@@ -224,9 +233,11 @@ class TokenLoader:
 
 
 def build_loader(spec, *, grid, batch_size: int, mode: str, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, start_batch: int = 0) -> TokenLoader:
+                 num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, start_batch: int = 0,
+                 with_keys: bool = False) -> TokenLoader:
     """A loader over token shards; ``mode`` is ``train`` (endless, shuffled, resumable at
-    ``start_batch``) or ``val`` (one exact pass)."""
+    ``start_batch``) or ``val`` (one exact pass). ``with_keys`` adds each batch's sample keys as
+    ``batch["key"]`` (a list of str), for checks and evaluation."""
     if mode not in ("train", "val"):
         raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
     if batch_size < 1:
@@ -236,4 +247,5 @@ def build_loader(spec, *, grid, batch_size: int, mode: str, rank: int = 0, world
     shards = expand_shards(spec)
     dataset = _SlotDataset(shards, grid, batch_size, mode, rank, world_size, num_workers, seed,
                            max(shuffle_buffer, 1), start_batch if mode == "train" else 0)
+    dataset.with_keys = with_keys
     return TokenLoader(dataset, num_workers)

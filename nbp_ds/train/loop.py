@@ -175,6 +175,8 @@ class Trainer:
         nan_steps = {int(s) for s in os.environ.get("NBP_TEST_NAN_STEPS", "").split(",") if s}
         step_sleep = float(os.environ.get("NBP_TEST_STEP_SLEEP", "0"))
         self.engine.train()
+        if self.rank == 0 and self.step < tr.steps:
+            (self.out_dir / "finished").unlink(missing_ok=True)  # e.g. a finished run continued with more steps
         while self.step < tr.steps:
             began, waited = time.perf_counter(), 0.0
             sums = torch.zeros(4, dtype=torch.float64)  # loss, acc, micro-batches, stop flag
@@ -232,6 +234,8 @@ class Trainer:
         if tr.save_every == 0 or self.step % tr.save_every != 0:
             self.save()
         self.metrics.close()
+        if self.rank == 0:  # the completion marker slurm/train.sbatch reads to decide whether to requeue
+            (self.out_dir / "finished").write_text(json.dumps({"step": self.step}) + "\n")
         self._log0("finished %d steps; checkpoints in %s", self.step, self.ckpt_dir)
         return 0
 

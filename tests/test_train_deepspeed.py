@@ -1,0 +1,164 @@
+"""The trainer with real DeepSpeed ZeRO-3 on CPU: two processes, gloo."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from train_helpers import (
+    kill_group,
+    make_shards,
+    run,
+    signal_workers,
+    start,
+    step_counts,
+    step_losses,
+    train_cmd,
+    wait_for_latest,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    make_shards(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """One 40-step ZeRO-3 run shared by the assertions that only read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run(train_cmd(out, shards, "train.steps=40", "train.save_every=20", "train.eval_every=20",
+                           "deepspeed.config=tests/data/zero3_no_persistence.json"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_zero3_learns_and_logs(trained):
+    losses = step_losses(trained)
+    assert sorted(losses) == list(range(1, 41))
+    first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(38, 41)) / 3
+    assert last < first - 0.5, (first, last)
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert len(val) == 2 and val[1] < val[0]
+    assert {"lr", "grad_norm", "tokens_per_s", "step_time", "data_wait", "memory_gib"} <= set(rows[0])
+    assert list((trained / "tb").glob("events.out.tfevents.*"))
+    assert (trained / "checkpoints" / "latest").read_text() == "step00000040"
+
+
+def test_parameters_are_sharded(trained):
+    ranks = json.loads((trained / "sharding.json").read_text())
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["zero_stage"] == 3 for r in ranks)
+    total = ranks[0]["params_total"]
+    for r in ranks:
+        assert abs(r["params_local"] - total / 2) <= 0.02 * total, r
+
+
+def test_export_loads_and_matches_the_engine(trained, tmp_path):
+    from nbp_ds.train.export import load_exported
+
+    result = run(["python", "tools/export_weights.py", str(trained), str(tmp_path / "w.safetensors")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, cfg = load_exported(tmp_path / "w.safetensors")
+    in_memory, _ = load_exported(trained)  # a checkpoint folder, consolidated without export
+    g = torch.Generator().manual_seed(0)
+    batch = {"tokens": torch.randint(0, 64, (3, *cfg.layout.grid), generator=g), "label": torch.tensor([0, 1, 2])}
+    with torch.no_grad():
+        exported = model.logits(batch)
+        torch.testing.assert_close(in_memory.logits(batch), exported)
+    # the engine's own logits, computed inside a 2-process ZeRO-3 job from the same checkpoint
+    torch.save(batch, tmp_path / "batch.pt")
+    script = tmp_path / "engine_logits.py"
+    script.write_text(ENGINE_LOGITS.format(out=trained, batch=tmp_path / "batch.pt", dump=tmp_path / "engine.pt"))
+    result = run(["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "engine.pt"), exported, rtol=1e-5, atol=1e-5)
+
+
+ENGINE_LOGITS = """
+import json, torch, torch.distributed as dist
+from nbp_ds.config import RunConfig
+from nbp_ds.train.loop import Trainer
+cfg = RunConfig.from_dict(json.load(open("{out}/config.json")))
+trainer = Trainer(cfg)  # resumes from the run's latest checkpoint
+trainer.engine.eval()
+with torch.no_grad():
+    logits = trainer.engine.module.logits(torch.load("{batch}"))
+if dist.get_rank() == 0:
+    torch.save(logits, "{dump}")
+"""
+
+
+def test_exact_resume_after_sigkill(shards, tmp_path):
+    steps = ["train.steps=24", "train.save_every=12", "train.eval_every=0", "data.num_workers=2"]
+    straight = tmp_path / "straight"
+    result = run(train_cmd(straight, shards, *steps))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    interrupted = tmp_path / "interrupted"
+    proc = start(train_cmd(interrupted, shards, *steps), tmp_path / "first.log", NBP_TEST_STEP_SLEEP="0.15")
+    wait_for_latest(interrupted, "step00000012", proc)
+    kill_group(proc, signal.SIGKILL)
+    proc.wait(timeout=60)
+    # killed after step 12's checkpoint and before step 24's completed (training itself may have run on)
+    assert (interrupted / "checkpoints" / "latest").read_text() == "step00000012"
+    result = run(train_cmd(interrupted, shards, *steps))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "resumed from" in result.stderr + result.stdout
+    a, b = step_losses(straight), step_losses(interrupted)
+    assert [b[s] for s in range(13, 25)] == [a[s] for s in range(13, 25)]
+
+
+def test_sigterm_saves_exits_zero_and_resumes(shards, tmp_path):
+    out = tmp_path / "out"
+    steps = ["train.steps=30", "train.save_every=100", "train.eval_every=0"]
+    proc = start(train_cmd(out, shards, *steps), tmp_path / "log", NBP_TEST_STEP_SLEEP="0.2")
+    while not (out / "metrics.jsonl").is_file() or len(step_losses(out)) < 5:
+        assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+    assert signal_workers(proc, signal.SIGTERM) == 2
+    assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-3000:]
+    stopped_at = int((out / "checkpoints" / "latest").read_text()[4:])
+    assert 5 <= stopped_at < 30
+    result = run(train_cmd(out, shards, *steps))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    counts = step_counts(out)
+    assert sorted(counts) == list(range(1, 31)) and set(counts.values()) == {1}  # no step trained twice
+
+
+def test_save_killed_halfway_keeps_previous_latest(shards, tmp_path):
+    out = tmp_path / "out"
+    steps = ["train.steps=20", "train.save_every=5", "train.eval_every=0"]
+    proc = start(train_cmd(out, shards, *steps), tmp_path / "log")
+    wait_for_latest(out, "step00000005", proc)
+    kill_group(proc, signal.SIGKILL)
+    proc.wait(timeout=60)
+    # the next save hangs after writing its shards and before 'latest' moves; kill it there
+    proc = start(train_cmd(out, shards, *steps), tmp_path / "log2", NBP_TEST_DIE_BEFORE_LATEST="1")
+    import time
+
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step00000010/*optim_states.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    kill_group(proc, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (out / "checkpoints" / "latest").read_text() == "step00000005"
+    result = run(train_cmd(out, shards, *steps))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "resumed from" in result.stderr and "step00000005" in result.stderr
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(shards, tmp_path):
+    result = run(train_cmd(tmp_path / "a", shards, "train.steps=8", "train.eval_every=0", "train.save_every=0"),
+                 NBP_TEST_NAN_STEPS="3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "the update was skipped (1 in a row" in result.stderr
+    result = run(train_cmd(tmp_path / "b", shards, "train.steps=10", "train.eval_every=0", "train.max_bad_steps=3"),
+                 NBP_TEST_NAN_STEPS="3,4,5")
+    assert result.returncode != 0
+    assert "3 steps in a row had a non-finite loss" in result.stderr

@@ -1,0 +1,128 @@
+"""Helpers for the trainer tests: learnable synthetic shards and torchrun launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nbp_ds.data import TokenShardWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = (3, 4, 4)
+
+
+def make_shards(folder: Path, train: int = 320, val: int = 32, seed: int = 0) -> tuple[Path, Path]:
+    """Class-dependent token patterns with 10% noise: a tiny model's loss falls fast on them."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        with TokenShardWriter(folder / split, maxcount=40) as writer:
+            for i in range(n):
+                label = i % 4
+                base = (np.arange(48) * (label + 1)) % 64
+                noisy = rng.random(48) < 0.1
+                writer.write(f"{split}{i:05d}", np.where(noisy, rng.integers(0, 64, 48), base).reshape(GRID),
+                             label, {})
+    return folder / "train", folder / "val"
+
+
+def train_cmd(out_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "nbp_ds.train", "--config", "tiny", f"data.train={shards / 'train'}",
+            f"data.val={shards / 'val'}", f"train.out_dir={out_dir}", "train.log_every=1", *overrides]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def run(cmd: list[str], timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    """Run a command; a leading "python" means this interpreter (the venv's)."""
+    cmd = [sys.executable, *cmd[1:]] if cmd[0] == "python" else cmd
+    return subprocess.run(cmd, env=env(**extra_env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+    """Start a launch in its own process group, so the whole group can be signalled or killed."""
+    return subprocess.Popen(cmd, env=env(**extra_env), cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_latest(out_dir: Path, tag: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    latest = out_dir / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if latest.is_file() and latest.read_text().strip() == tag:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before checkpoint {tag}")
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint {tag} within {timeout} s")
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the whole launch: torchrun starts each worker in a session of its own, so signalling the
+    launcher's process group alone would leave the workers (and their data workers) running."""
+    workers = _children(proc.pid)
+    for pid in workers:
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+    os.killpg(proc.pid, sig)
+    if sig == signal.SIGKILL:
+        deadline = time.time() + 30
+        while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers) and time.time() < deadline:
+            time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == pid]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+def signal_workers(proc: subprocess.Popen, sig: int) -> int:
+    """Signal the launcher's worker processes, not the launcher: what srun does to its tasks on preemption
+    (torchrun itself treats SIGTERM as a failure of the job and exits non-zero)."""
+    children = _children(proc.pid)
+    for pid in children:
+        os.kill(pid, sig)
+    return len(children)
+
+
+def _ppid(proc_dir: Path) -> int:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def step_losses(out_dir: Path) -> dict[int, float]:
+    """Train loss per step from metrics.jsonl; a step logged twice (redone after a kill) keeps the last."""
+    losses = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            losses[row["step"]] = row["train/loss"]
+    return losses
+
+
+def step_counts(out_dir: Path) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            counts[row["step"]] = counts.get(row["step"], 0) + 1
+    return counts
