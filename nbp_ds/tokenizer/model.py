@@ -1,0 +1,290 @@
+"""A MAGVIT-v2-style causal 3D CNN video tokenizer with FSQ.
+
+Causality in time is what lets the first frame stand alone: every temporal convolution pads only the past
+(the first frame is replicated), strided convolutions halve time as 1 + 2k -> 1 + k, the decoder's
+depth-to-space upsampling doubles it back as 1 + k -> 1 + 2k, and normalization is per frame. So
+17 frames -> 5 latent frames (the first alone, then 4 frames each) and latent frame t depends only on
+video frames <= 4t. Spatially the presets downsample 4x (`tiny`) or 8x (`small`, `paper`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbp_ds.tokenizer.fsq import FSQ
+
+TEMPORAL_STAGES = 2  # two 2x temporal downsamplings: 1 + 4k frames -> 1 + k latent frames
+
+
+@dataclass
+class TokenizerConfig:
+    """Architecture of a tokenizer; saved as config.json next to its weights."""
+
+    name: str = "tiny"
+    levels: list[int] = field(default_factory=lambda: [4, 4, 4])
+    channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # len - 1 spatial 2x downsamplings
+    res_blocks: int = 1
+    version: str = "untrained"
+
+    def __post_init__(self) -> None:
+        if len(self.channel_mult) - 1 < TEMPORAL_STAGES:
+            raise ValueError(f"tokenizer channel_mult {self.channel_mult}: needs at least {TEMPORAL_STAGES + 1} "
+                             f"entries (the temporal downsamplings ride on the first spatial ones)")
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** TEMPORAL_STAGES
+
+
+PRESETS: dict[str, TokenizerConfig] = {
+    # 9x32x32 -> 3x8x8 with 64 codes: trains in minutes on a CPU (the quickstart and the tests)
+    "tiny": TokenizerConfig("tiny", [4, 4, 4], 32, [1, 2, 2], 1),
+    # 8x spatial with 1,000 codes: a CPU-sized stand-in for the paper's
+    "small": TokenizerConfig("small", [8, 5, 5, 5], 64, [1, 2, 2, 4], 1),
+    # the NBP paper's: 17x128x128 -> 5x16x16, FSQ [8,8,8,5,5,5] = 64,000 codes
+    "paper": TokenizerConfig("paper", [8, 8, 8, 5, 5, 5], 128, [1, 2, 2, 4], 2),
+}
+
+
+class CausalConv3d(nn.Module):
+    """3D convolution that pads time only on the past side (replicating the first frame)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__()
+        self.time_pad, self.space_pad = kernel - 1, kernel // 2
+        self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.space_pad
+        return self.conv(F.pad(x, (p, p, p, p, self.time_pad, 0), mode="replicate"))
+
+
+class FrameNorm(nn.Module):
+    """GroupNorm over each frame separately: statistics across time would leak the future into the past."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(32, channels // 4) or 1, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))
+        return y.reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = FrameNorm(c_in), CausalConv3d(c_in, c_out)
+        self.norm2, self.conv2 = FrameNorm(c_out), CausalConv3d(c_out, c_out)
+        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class Upsample(nn.Module):
+    """2x space by nearest neighbour + conv; 2x time by depth-to-space, dropping the frame before the first
+    (1 + k -> 1 + 2k), so the first latent frame still decodes to the first video frame alone."""
+
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.time_conv = CausalConv3d(channels, 2 * channels) if temporal else None
+        self.conv = CausalConv3d(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time_conv is not None:
+            b, c, t, h, w = x.shape
+            y = self.time_conv(x).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            x = y[:, :, 1:]
+        b, c, t, h, w = x.shape
+        x = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2.0, mode="nearest")
+        return self.conv(x.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, latent_dim: int):
+        super().__init__()
+        ch = [cfg.channels * m for m in cfg.channel_mult]
+        self.conv_in = CausalConv3d(3, ch[0])
+        layers: list[nn.Module] = []
+        c = ch[0]
+        for i, c_out in enumerate(ch):
+            for _ in range(cfg.res_blocks):
+                layers.append(ResBlock(c, c_out))
+                c = c_out
+            if i < len(ch) - 1:
+                layers.append(CausalConv3d(c, c, stride=(2 if i < TEMPORAL_STAGES else 1, 2, 2)))
+        layers.append(ResBlock(c, c))
+        self.blocks = nn.Sequential(*layers)
+        self.norm_out, self.conv_out = FrameNorm(c), nn.Conv3d(c, latent_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, latent_dim: int):
+        super().__init__()
+        ch = [cfg.channels * m for m in cfg.channel_mult]
+        c = ch[-1]
+        self.conv_in = CausalConv3d(latent_dim, c)
+        layers: list[nn.Module] = [ResBlock(c, c)]
+        for i in reversed(range(len(ch))):
+            for _ in range(cfg.res_blocks):
+                layers.append(ResBlock(c, ch[i]))
+                c = ch[i]
+            if i > 0:  # mirrors the encoder's downsampling after stage i - 1
+                layers.append(Upsample(c, temporal=i - 1 < TEMPORAL_STAGES))
+        self.blocks = nn.Sequential(*layers)
+        self.norm_out, self.conv_out = FrameNorm(c), CausalConv3d(c, 3)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z)))))
+
+
+class VideoTokenizer(nn.Module):
+    """Video <-> discrete tokens. `encode(uint8 [B,N,H,W,3]) -> long [B,T',H',W']`, `decode` the reverse."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.config = cfg
+        self.fsq = FSQ(cfg.levels)
+        self.encoder = Encoder(cfg, self.fsq.dim)
+        self.decoder = Decoder(cfg, self.fsq.dim)
+
+    # ---- identity ---------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def version(self) -> str:
+        return self.config.version
+
+    @property
+    def codebook_size(self) -> int:
+        return self.fsq.codebook_size
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The token grid (T', H', W') for a clip of `frames` x `height` x `width`."""
+        self.check_clip_shape(frames, height, width)
+        s, f = self.config.spatial_factor, self.config.temporal_factor
+        return 1 + (frames - 1) // f, height // s, width // s
+
+    def check_clip_shape(self, frames: int, height: int, width: int) -> None:
+        s, f = self.config.spatial_factor, self.config.temporal_factor
+        if frames < 1 or (frames - 1) % f:
+            raise ValueError(f"tokenizer '{self.name}': clips need 1 + {f}k frames (1, {1 + f}, {1 + 2 * f}, ...), "
+                             f"got {frames}")
+        if height % s or width % s:
+            raise ValueError(f"tokenizer '{self.name}': frame size must be a multiple of {s}, got {height}x{width}")
+
+    # ---- float paths (training) -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x float [B,3,N,H,W] in [-1,1] -> (reconstruction, same shape; code indices [B,T',H',W'])."""
+        z = self.encoder(x).permute(0, 2, 3, 4, 1)
+        values, indices = self.fsq(z)
+        return self.decoder(values.permute(0, 4, 1, 2, 3).to(x.dtype)), indices
+
+    # ---- uint8 paths (tokenizing, sampling) -------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """uint8 video [B, N, H, W, 3] -> token ids [B, T', H', W'] (long)."""
+        if video.ndim != 5 or video.shape[-1] != 3:
+            raise ValueError(f"encode expects uint8 video [B, N, H, W, 3], got shape {tuple(video.shape)}")
+        self.check_clip_shape(*video.shape[1:4])
+        x = to_float(video.to(self._device()))
+        _, indices = self.fsq(self.encoder(x).permute(0, 2, 3, 4, 1))
+        return indices
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """token ids [B, T', H', W'] -> uint8 video [B, 1 + 4(T'-1), H'*s, W'*s, 3]."""
+        if tokens.ndim != 4:
+            raise ValueError(f"decode expects tokens [B, T, H, W], got shape {tuple(tokens.shape)}")
+        values = self.fsq.indices_to_values(tokens.to(self._device()))
+        return to_uint8(self.decoder(values.permute(0, 4, 1, 2, 3)))
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- files ------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write tokenizer.safetensors + config.json; the version becomes a hash of the weights."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        digest = hashlib.sha256()
+        for key in sorted(state):
+            digest.update(key.encode())
+            digest.update(state[key].numpy().tobytes())
+        self.config.version = digest.hexdigest()[:12]
+        tmp = folder / "tokenizer.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(folder / "tokenizer.safetensors")
+        (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=1) + "\n")
+        return folder
+
+
+def to_float(video: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, N, H, W, 3] -> float [B, 3, N, H, W] in [-1, 1]."""
+    return video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, N, H, W] in [-1, 1] -> uint8 [B, N, H, W, 3]."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def build_tokenizer(preset: str, seed: int = 0) -> VideoTokenizer:
+    """An untrained tokenizer of a preset (weights from `seed`): for tests, dry runs and training from scratch."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tokenizer preset '{preset}'; presets: {', '.join(PRESETS)}")
+    cfg = TokenizerConfig(**asdict(PRESETS[preset]))
+    cfg.version = f"random-seed{seed}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VideoTokenizer(cfg)
+
+
+def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> VideoTokenizer:
+    """`random:<preset>[:seed]` for an untrained one, else a folder written by `VideoTokenizer.save`
+    (or a tools/train_tokenizer.py run folder, which holds it as `tokenizer/`). Returned in eval mode."""
+    spec = str(spec)
+    if spec.startswith("random:"):
+        _, preset, *seed = spec.split(":")
+        tokenizer = build_tokenizer(preset, int(seed[0]) if seed else 0)
+    else:
+        from safetensors.torch import load_file
+
+        folder = Path(spec)
+        if (folder / "tokenizer" / "config.json").is_file():
+            folder = folder / "tokenizer"
+        if not (folder / "config.json").is_file() or not (folder / "tokenizer.safetensors").is_file():
+            raise FileNotFoundError(f"tokenizer {spec}: expected a folder with config.json and tokenizer.safetensors "
+                                    f"(written by tools/train_tokenizer.py), or random:<preset> with presets "
+                                    f"{', '.join(PRESETS)}")
+        try:
+            cfg = TokenizerConfig(**json.loads((folder / "config.json").read_text()))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tokenizer {folder / 'config.json'}: {exc}") from exc
+        tokenizer = VideoTokenizer(cfg)
+        tokenizer.load_state_dict(load_file(str(folder / "tokenizer.safetensors")))
+    return tokenizer.to(device).eval()

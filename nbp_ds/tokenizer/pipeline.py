@@ -1,0 +1,220 @@
+"""Videos -> token shards, resumable and split across array tasks.
+
+The video list (sorted) is dealt to tasks round-robin; each task cuts its share into fixed groups of
+videos, and each group becomes one shard `shard-t{task:03d}-{group:06d}.tar`. A group is done when its
+manifest (`manifests/<shard>.json`: videos, clips, failures) exists, written after the shard got its
+final name; a rerun skips done groups and redoes the rest, so an interruption never duplicates or loses
+a clip. Decoding runs in a process pool, in order, while the tokenizer encodes batches of clips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nbp_ds.data.writer import TokenShardWriter
+from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_videos, sample_key
+from nbp_ds.tokenizer.video_io import ClipTooShort, VideoError, read_clips_with_times
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizeOptions:
+    videos: str
+    out: str
+    tokenizer: str
+    frames: int = 17
+    resolution: int = 128
+    fps: float = 8.0
+    clips_per_video: int = 1
+    shard_size: int = 1000
+    workers: int = 4
+    batch_size: int = 16
+    device: str = "cpu"
+    num_shards: int = 1
+    shard_index: int = 0
+    classes: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class TokenizeSummary:
+    videos: int = 0
+    clips: int = 0
+    failures: list[dict] = field(default_factory=list)
+    skipped_groups: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.clips / self.seconds if self.seconds else 0.0
+        return (f"{self.videos} videos -> {self.clips} clips, {len(self.failures)} failed, "
+                f"{self.skipped_groups} shard(s) already done; {rate:.1f} clips/s")
+
+
+def _decode(args: tuple[VideoEntry, int, float, int, int]) -> tuple[VideoEntry, list, dict | None]:
+    """Pool worker: one video -> its clips, or a failure record. Never raises: a bad video is listed."""
+    entry, frames, fps, resolution, clips = args
+    if os.environ.get("NBP_TEST_DECODE_SLEEP"):  # test hook: slow down so a test can interrupt the run
+        time.sleep(float(os.environ["NBP_TEST_DECODE_SLEEP"]))
+    try:
+        return entry, read_clips_with_times(entry.path, frames, fps, resolution, clips), None
+    except ClipTooShort as exc:
+        return entry, [], {"video": entry.rel, "reason": "too_short", "detail": exc.reason}
+    except VideoError as exc:
+        return entry, [], {"video": entry.rel, "reason": "unreadable", "detail": exc.reason}
+    except Exception as exc:  # a decoder crash on one file must not end a day-long job
+        return entry, [], {"video": entry.rel, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"}
+
+
+def task_groups(entries: list[VideoEntry], opts: TokenizeOptions) -> list[list[VideoEntry]]:
+    """This task's share of the videos, cut into one group per shard."""
+    if not 0 <= opts.shard_index < opts.num_shards:
+        raise ValueError(f"--shard-index {opts.shard_index} is outside 0..{opts.num_shards - 1} (--num-shards)")
+    mine = entries[opts.shard_index::opts.num_shards]
+    per_group = max(1, opts.shard_size // max(1, opts.clips_per_video))
+    return [mine[i:i + per_group] for i in range(0, len(mine), per_group)]
+
+
+def shard_name(task: int, group: int) -> str:
+    return f"shard-t{task:03d}-{group:06d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
+    """Tokenize this task's share of `opts.videos` into `opts.out`; see the module docstring."""
+    from nbp_ds.tokenizer import load_tokenizer
+
+    began = time.perf_counter()
+    out = Path(opts.out)
+    manifests = out / "manifests"
+    manifests.mkdir(parents=True, exist_ok=True)
+    entries = list_videos(opts.videos)
+    classes_file = opts.classes or (Path(opts.videos) / "classes.json"
+                                    if (Path(opts.videos) / "classes.json").is_file() else None)
+    classes = class_ids(entries, classes_file)
+    if classes is not None:
+        _atomic_write(out / "classes.json", json.dumps(classes, indent=1, sort_keys=True) + "\n")
+    tokenizer = load_tokenizer(opts.tokenizer, device=opts.device)
+    grid = tokenizer.latent_shape(opts.frames, opts.resolution, opts.resolution)  # checks the clip shape
+    for stale in out.glob(f"shard-t{opts.shard_index:03d}-*.tar.tmp"):  # from an interrupted run
+        stale.unlink()
+
+    groups = task_groups(entries, opts)
+    summary = TokenizeSummary()
+    pending = []
+    for g, group in enumerate(groups):
+        manifest = manifests / f"{shard_name(opts.shard_index, g)}.json"
+        if manifest.is_file():
+            summary.skipped_groups += 1
+        else:
+            pending.append((g, group))
+    log.info("task %d/%d: %d videos in %d shard(s), %d to do; tokenizer %s (%s), %d codes, clips %dx%dx%d -> %s",
+             opts.shard_index, opts.num_shards, sum(len(g) for g in groups), len(groups), len(pending),
+             tokenizer.name, tokenizer.version, tokenizer.codebook_size, opts.frames, opts.resolution,
+             opts.resolution, grid)
+    meta_common = {"fps": opts.fps, "frames": opts.frames, "resolution": opts.resolution,
+                   "tokenizer": tokenizer.name, "tokenizer_version": tokenizer.version}
+    jobs = [(e, opts.frames, opts.fps, opts.resolution, opts.clips_per_video) for _, grp in pending for e in grp]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), unit="video", disable=not opts.progress, desc=f"tokenize t{opts.shard_index:03d}")
+    ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
+    with ctx.Pool(opts.workers) if opts.workers > 0 else _InlinePool() as pool:
+        decoded = _ordered_prefetch(pool, jobs, window=4 * max(1, opts.workers))
+        for g, group in pending:
+            name = shard_name(opts.shard_index, g)
+            record = {"videos": [e.rel for e in group], "clips": 0, "failures": []}
+            writer = TokenShardWriter(out, prefix=f"shard-t{opts.shard_index:03d}", maxcount=10**9, start_index=g)
+            batch: list[tuple[str, np.ndarray, int | None, dict]] = []
+            with writer:
+                for _ in group:
+                    entry, clips, failure = next(decoded)
+                    bar.update(1)
+                    if failure is not None:
+                        record["failures"].append(failure)
+                        log.warning("skipped %s: %s", failure["video"], failure["detail"])
+                        continue
+                    label = classes[entry.label_name] if classes is not None and entry.label_name else None
+                    for k, (start, clip) in enumerate(clips):
+                        meta = {**meta_common, "source": entry.rel, "clip_start": round(start, 4),
+                                "label_name": entry.label_name}
+                        batch.append((sample_key(entry.rel, k), clip, label, meta))
+                    if len(batch) >= opts.batch_size:
+                        record["clips"] += _encode_and_write(tokenizer, batch, writer)
+                        batch = []
+                record["clips"] += _encode_and_write(tokenizer, batch, writer)
+            # the shard has its final name (or holds nothing); now the group counts as done
+            _atomic_write(manifests / f"{name}.json", json.dumps(record, indent=1) + "\n")
+            summary.videos += len(group)
+            summary.clips += record["clips"]
+            summary.failures += record["failures"]
+    bar.close()
+    _write_failures(out, opts)
+    summary.seconds = time.perf_counter() - began
+    return summary
+
+
+def _encode_and_write(tokenizer, batch: list, writer: TokenShardWriter) -> int:
+    if not batch:
+        return 0
+    video = torch.from_numpy(np.stack([clip for _, clip, _, _ in batch]))
+    tokens = tokenizer.encode(video).cpu().numpy()
+    for (key, _, label, meta), toks in zip(batch, tokens, strict=True):
+        writer.write(key, toks, label, meta)
+    return len(batch)
+
+
+def _write_failures(out: Path, opts: TokenizeOptions) -> None:
+    """failures.jsonl (one task) or failures-tNNN.jsonl (array tasks): every failed video of this task's
+    shards, including those of earlier interrupted runs, rebuilt from the manifests."""
+    rows = []
+    for manifest in sorted((out / "manifests").glob(f"shard-t{opts.shard_index:03d}-*.json")):
+        rows += json.loads(manifest.read_text())["failures"]
+    name = "failures.jsonl" if opts.num_shards == 1 else f"failures-t{opts.shard_index:03d}.jsonl"
+    _atomic_write(out / name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _ordered_prefetch(pool, jobs: list, window: int):
+    """Decoded videos in job order, at most `window` in flight: Pool.imap would decode the whole dataset
+    ahead of a slower encoder and hold it all in memory."""
+    from collections import deque
+
+    if isinstance(pool, _InlinePool):
+        yield from map(_decode, jobs)
+        return
+    inflight: deque = deque()
+    it = iter(jobs)
+    for job in it:
+        inflight.append(pool.apply_async(_decode, (job,)))
+        if len(inflight) >= window:
+            break
+    while inflight:
+        result = inflight.popleft().get()
+        job = next(it, None)
+        if job is not None:
+            inflight.append(pool.apply_async(_decode, (job,)))
+        yield result
+
+
+class _InlinePool:
+    """--workers 0: decode in this process (debugging, profiling)."""
+
+    def __enter__(self) -> _InlinePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None

@@ -1,0 +1,143 @@
+"""Videos -> tools/tokenize_videos.py -> shards -> loader, end to end with real ffmpeg and real tar files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from video_fixtures import dataset
+
+from nbp_ds.data import build_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = ["--frames", "9", "--resolution", "32", "--fps", "8", "--tokenizer", "random:tiny"]
+GRID = (3, 8, 8)
+
+
+def tokenize(videos: Path, out: Path, *extra: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "tools/tokenize_videos.py", "--videos", str(videos), "--out", str(out), *CLIP,
+           "--clips-per-video", "2", "--shard-size", "2", "--no-progress", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def keys_from_loader(shards: Path, ranks: int = 2, workers: int = 2) -> list[str]:
+    keys = []
+    for rank in range(ranks):
+        loader = build_loader(shards, grid=GRID, batch_size=3, mode="val", rank=rank, world_size=ranks,
+                              num_workers=workers, with_keys=True)
+        keys += [k for batch in loader for k in batch["key"]]
+    return keys
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    return dataset(tmp_path_factory.mktemp("videos"))
+
+
+@pytest.fixture(scope="module")
+def tokenized(videos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    result = tokenize(videos, out, "--workers", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "6 videos" not in result.stdout  # 8 files listed, 2 of them fail
+    assert "8 videos -> 12 clips, 2 failed" in result.stdout, result.stdout
+    return out
+
+
+def test_every_clip_once_across_ranks_and_workers(tokenized):
+    keys = keys_from_loader(tokenized)
+    assert len(keys) == len(set(keys)) == 12
+    assert {k.rsplit("__c", 1)[0] for k in keys} == {f"class{c}__v{i:02d}" for c in (0, 1) for i in range(3)}
+    assert json.loads((tokenized / "classes.json").read_text()) == {"class0": 0, "class1": 1}
+    labels = [int(b["label"][i]) for b in build_loader(tokenized, grid=GRID, batch_size=4, mode="val",
+                                                       num_workers=0, with_keys=True)
+              for i in range(len(b["label"]))]
+    assert sorted(labels) == [0] * 6 + [1] * 6
+
+
+def test_failures_are_listed_with_reasons(tokenized):
+    rows = [json.loads(line) for line in (tokenized / "failures.jsonl").read_text().splitlines()]
+    assert {(r["video"], r["reason"]) for r in rows} == {("class0/broken.mp4", "unreadable"),
+                                                          ("class1/short.mp4", "too_short")}
+
+
+def test_inspect_shards_reports(tokenized, tmp_path):
+    result = subprocess.run([sys.executable, "tools/inspect_shards.py", str(tokenized), "--json", str(tmp_path / "r"),
+                             "--expect-grid", "3,8,8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "r").read_text())
+    assert report["samples"] == 12 and report["duplicate_keys"] == 0 and report["shapes"] == {"3x8x8": 12}
+    assert report["labels"] == {"0": 6, "1": 6} and 0 <= report["token_min"] <= report["token_max"] < 64
+
+
+def test_a_corrupt_member_is_skipped_and_counted(tokenized, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    victim = sorted(tokenized.glob("*.tar"))[0]
+    for shard in tokenized.glob("*.tar"):
+        (shards / shard.name).write_bytes(shard.read_bytes())
+    with tarfile.open(victim) as src, tarfile.open(shards / victim.name, "w") as dst:
+        damaged = False
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name.endswith("tokens.npy") and not damaged:
+                data, damaged = b"garbage" * 10, True
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    loader = build_loader(shards, grid=GRID, batch_size=4, mode="val", num_workers=2, with_keys=True)
+    keys = [k for b in loader for k in b["key"]]
+    assert len(keys) == 11 and loader.stats()["corrupt"] == 1
+    result = subprocess.run([sys.executable, "tools/inspect_shards.py", str(shards)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "1 member(s)" in result.stdout
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(videos, tokenized, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "tools/tokenize_videos.py", "--videos", str(videos), "--out", str(out), *CLIP,
+           "--clips-per-video", "2", "--shard-size", "2", "--no-progress", "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "NBP_TEST_DECODE_SLEEP": "0.5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while len(list((out / "manifests").glob("*.json"))) < 2 and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(list((out / "manifests").glob("*.json"))) < 8  # really interrupted midway
+    result = tokenize(videos, out, "--workers", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard(s) already done" in result.stdout and " 0 shard(s) already done" not in result.stdout
+    assert not list(out.glob("*.tmp*"))
+    assert sorted(keys_from_loader(out)) == sorted(keys_from_loader(tokenized))
+    rows = (out / "failures.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # failures from both runs, each once
+
+
+def test_array_tasks_write_disjoint_shards_covering_everything(videos, tokenized, tmp_path):
+    out = tmp_path / "array"
+    for task in (0, 1):
+        result = tokenize(videos, out, "--workers", "1",
+                          env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": str(task)})
+        assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in out.glob("*.tar"))
+    assert any("-t000-" in n for n in names) and any("-t001-" in n for n in names)
+    assert sorted(keys_from_loader(out)) == sorted(keys_from_loader(tokenized))
+    assert {p.name for p in out.glob("failures*.jsonl")} == {"failures-t000.jsonl", "failures-t001.jsonl"}
+
+
+def test_bad_arguments_are_refused_by_name(videos, tmp_path):
+    result = tokenize(tmp_path / "nothing", tmp_path / "o")
+    assert result.returncode == 2 and "nothing: no such folder or file" in result.stderr
+    result = tokenize(videos, tmp_path / "o", "--frames", "8")
+    assert result.returncode == 2 and "clips need 1 + 4k frames" in result.stderr
+    result = tokenize(videos, tmp_path / "o", "--tokenizer", str(tmp_path / "tok"))
+    assert result.returncode == 2 and "tok: expected a folder with config.json" in result.stderr

@@ -1,0 +1,108 @@
+"""Inspect token shards: samples, shapes, token range, labels, tokenizers, corrupt members, duplicates.
+
+    python tools/inspect_shards.py shards/ucf101                     # a folder of *.tar
+    python tools/inspect_shards.py 'shards/ucf101/shard-t{000..003}-{000000..000009}.tar'
+    python tools/inspect_shards.py shards/ucf101 --json report.json --expect-grid 5,16,16
+
+Exit status: 0 when every sample is readable, unique and of one shape (and of --expect-grid when
+given); 1 otherwise (so a Slurm dependency job can check the union of an array job's shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def inspect(spec: str | list[str]) -> dict:
+    """One pass over the shards -> a report dict (see main for the fields)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from nbp_ds.data import SampleError, decode_sample, expand_shards, iter_tar_samples
+
+    shards = expand_shards(spec)
+    counts: Counter = Counter()
+    shapes: Counter = Counter()
+    labels: Counter = Counter()
+    tokenizers: Counter = Counter()
+    keys: Counter = Counter()
+    per_shard: dict[str, int] = {}
+    low, high, corrupt_examples = None, None, []
+    for shard in tqdm(shards, unit="shard", disable=len(shards) < 5, file=sys.stderr):
+        n = 0
+        for sample in iter_tar_samples(shard, counts):
+            try:
+                tokens, label, meta = decode_sample(sample)
+            except SampleError as exc:
+                counts["corrupt"] += 1
+                if len(corrupt_examples) < 10:
+                    corrupt_examples.append(f"{Path(shard).name}: {exc}")
+                continue
+            n += 1
+            keys[sample["__key__"]] += 1
+            shapes["x".join(map(str, tokens.shape))] += 1
+            labels[label] += 1
+            tokenizers[f"{meta.get('tokenizer', '?')} ({meta.get('tokenizer_version', '?')})"] += 1
+            lo, hi = int(np.min(tokens)), int(np.max(tokens))
+            low, high = lo if low is None else min(low, lo), hi if high is None else max(high, hi)
+        per_shard[shard] = n
+    duplicates = {k: c for k, c in keys.items() if c > 1}
+    return {
+        "shards": len(shards), "samples": sum(per_shard.values()), "unique_keys": len(keys),
+        "duplicate_keys": len(duplicates), "duplicate_examples": sorted(duplicates)[:10],
+        "corrupt_members": counts["corrupt"], "corrupt_shards": counts["corrupt_shards"],
+        "corrupt_examples": corrupt_examples, "shapes": dict(shapes), "token_min": low, "token_max": high,
+        "labels": {str(k): v for k, v in sorted(labels.items())}, "tokenizers": dict(tokenizers),
+        "samples_per_shard": {"min": min(per_shard.values(), default=0), "max": max(per_shard.values(), default=0)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shards", nargs="+", help="folders, brace patterns, globs or tar files")
+    p.add_argument("--json", help="also write the report to this JSON file")
+    p.add_argument("--expect-grid", help="T,H,W every sample must have, e.g. 5,16,16")
+    args = p.parse_args(argv)
+    try:
+        report = inspect(args.shards)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"shards           {report['shards']}  ({report['samples_per_shard']['min']}.."
+          f"{report['samples_per_shard']['max']} samples each)")
+    print(f"samples          {report['samples']}  ({report['unique_keys']} unique keys, "
+          f"{report['duplicate_keys']} duplicated)")
+    print(f"shapes           {report['shapes']}")
+    print(f"token range      [{report['token_min']}, {report['token_max']}]")
+    print(f"tokenizers       {report['tokenizers']}")
+    print(f"corrupt          {report['corrupt_members']} member(s), {report['corrupt_shards']} truncated shard(s)")
+    for line in report["corrupt_examples"]:
+        print(f"  {line}")
+    hist = report["labels"]
+    if hist:
+        print(f"labels           {len(hist)} classes" + ("" if "-1" not in hist else f" ({hist['-1']} unlabelled)"))
+        peak = max(hist.values())
+        for label, count in hist.items():
+            print(f"  {label:>6} {count:7d} {'#' * max(1, round(40 * count / peak))}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    ok = report["duplicate_keys"] == 0 and report["corrupt_members"] == 0 and report["corrupt_shards"] == 0
+    ok = ok and len(report["shapes"]) <= 1
+    if args.expect_grid:
+        want = args.expect_grid.replace(",", "x")
+        ok = ok and set(report["shapes"]) <= {want}
+        if set(report["shapes"]) - {want}:
+            print(f"shapes {sorted(report['shapes'])} differ from --expect-grid {want}", file=sys.stderr)
+    if report["duplicate_keys"]:
+        print(f"duplicate keys, e.g. {report['duplicate_examples']}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
