@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 
 import pytest
 import torch
@@ -162,3 +163,15 @@ def test_nan_steps_are_skipped_then_the_run_stops(shards, tmp_path):
                  NBP_TEST_NAN_STEPS="3,4,5")
     assert result.returncode != 0
     assert "3 steps in a row had a non-finite loss" in result.stderr
+
+
+def test_bad_input_is_refused_before_work(trained, shards, tmp_path):
+    """One process, no launcher: each problem is named and the exit status is 2."""
+    base = [sys.executable, "-m", "nbp_ds.train", "--config", "tiny", f"data.train={shards / 'train'}",
+            f"train.out_dir={tmp_path / 'x'}"]
+    result = run([*base, "train.stepz=3"])
+    assert result.returncode == 2 and "train.stepz" in result.stderr
+    result = run([*base, f"data.train={tmp_path / 'nowhere'}"])
+    assert result.returncode == 2 and "nowhere" in result.stderr
+    result = run([*base, "--resume", str(trained), "model.d_model=128"])
+    assert result.returncode == 2 and "different model shape" in result.stderr and "d_model" in result.stderr

@@ -30,18 +30,27 @@ class TokenizerConfig:
     name: str = "tiny"
     levels: list[int] = field(default_factory=lambda: [4, 4, 4])
     channels: int = 32
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # len - 1 spatial 2x downsamplings
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one stage per entry
     res_blocks: int = 1
+    patch_size: int = 1  # pixel-unshuffle p x p before the first conv: full-resolution convs cost the most
+    spatial_downsample: int | None = None  # stage transitions that halve space (the first ones; default all)
     version: str = "untrained"
 
     def __post_init__(self) -> None:
         if len(self.channel_mult) - 1 < TEMPORAL_STAGES:
             raise ValueError(f"tokenizer channel_mult {self.channel_mult}: needs at least {TEMPORAL_STAGES + 1} "
-                             f"entries (the temporal downsamplings ride on the first spatial ones)")
+                             f"entries (the two temporal downsamplings ride on the first stage transitions)")
+        if not 0 <= self.spatial_stages <= len(self.channel_mult) - 1 or self.patch_size < 1:
+            raise ValueError(f"tokenizer spatial_downsample {self.spatial_downsample} / patch_size {self.patch_size} "
+                             f"do not fit {len(self.channel_mult) - 1} stage transitions")
+
+    @property
+    def spatial_stages(self) -> int:
+        return len(self.channel_mult) - 1 if self.spatial_downsample is None else self.spatial_downsample
 
     @property
     def spatial_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        return self.patch_size * 2 ** self.spatial_stages
 
     @property
     def temporal_factor(self) -> int:
@@ -49,10 +58,10 @@ class TokenizerConfig:
 
 
 PRESETS: dict[str, TokenizerConfig] = {
-    # 9x32x32 -> 3x8x8 with 64 codes: trains in minutes on a CPU (the quickstart and the tests)
-    "tiny": TokenizerConfig("tiny", [4, 4, 4], 32, [1, 2, 2], 1),
+    # 9x32x32 -> 3x8x8 with 1,000 codes: trains in minutes on a CPU (the quickstart and the tests)
+    "tiny": TokenizerConfig("tiny", [8, 5, 5, 5], 32, [1, 2, 2], 1, patch_size=2, spatial_downsample=1),
     # 8x spatial with 1,000 codes: a CPU-sized stand-in for the paper's
-    "small": TokenizerConfig("small", [8, 5, 5, 5], 64, [1, 2, 2, 4], 1),
+    "small": TokenizerConfig("small", [8, 5, 5, 5], 64, [1, 2, 2], 1, patch_size=2),
     # the NBP paper's: 17x128x128 -> 5x16x16, FSQ [8,8,8,5,5,5] = 64,000 codes
     "paper": TokenizerConfig("paper", [8, 8, 8, 5, 5, 5], 128, [1, 2, 2, 4], 2),
 }
@@ -100,9 +109,9 @@ class Upsample(nn.Module):
     """2x space by nearest neighbour + conv; 2x time by depth-to-space, dropping the frame before the first
     (1 + k -> 1 + 2k), so the first latent frame still decodes to the first video frame alone."""
 
-    def __init__(self, channels: int, temporal: bool):
+    def __init__(self, channels: int, temporal: bool, spatial: bool = True):
         super().__init__()
-        self.temporal = temporal
+        self.temporal, self.spatial = temporal, spatial
         self.time_conv = CausalConv3d(channels, 2 * channels) if temporal else None
         self.conv = CausalConv3d(channels, channels)
 
@@ -111,16 +120,19 @@ class Upsample(nn.Module):
             b, c, t, h, w = x.shape
             y = self.time_conv(x).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
             x = y[:, :, 1:]
-        b, c, t, h, w = x.shape
-        x = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2.0, mode="nearest")
-        return self.conv(x.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2))
+        if self.spatial:
+            b, c, t, h, w = x.shape
+            x = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2.0, mode="nearest")
+            x = x.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2)
+        return self.conv(x)
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig, latent_dim: int):
         super().__init__()
         ch = [cfg.channels * m for m in cfg.channel_mult]
-        self.conv_in = CausalConv3d(3, ch[0])
+        self.patch = cfg.patch_size
+        self.conv_in = CausalConv3d(3 * self.patch ** 2, ch[0])
         layers: list[nn.Module] = []
         c = ch[0]
         for i, c_out in enumerate(ch):
@@ -128,13 +140,14 @@ class Encoder(nn.Module):
                 layers.append(ResBlock(c, c_out))
                 c = c_out
             if i < len(ch) - 1:
-                layers.append(CausalConv3d(c, c, stride=(2 if i < TEMPORAL_STAGES else 1, 2, 2)))
+                s = 2 if i < cfg.spatial_stages else 1
+                layers.append(CausalConv3d(c, c, stride=(2 if i < TEMPORAL_STAGES else 1, s, s)))
         layers.append(ResBlock(c, c))
         self.blocks = nn.Sequential(*layers)
         self.norm_out, self.conv_out = FrameNorm(c), nn.Conv3d(c, latent_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(space_to_depth(x, self.patch))))))
 
 
 class Decoder(nn.Module):
@@ -149,12 +162,31 @@ class Decoder(nn.Module):
                 layers.append(ResBlock(c, ch[i]))
                 c = ch[i]
             if i > 0:  # mirrors the encoder's downsampling after stage i - 1
-                layers.append(Upsample(c, temporal=i - 1 < TEMPORAL_STAGES))
+                layers.append(Upsample(c, temporal=i - 1 < TEMPORAL_STAGES, spatial=i - 1 < cfg.spatial_stages))
         self.blocks = nn.Sequential(*layers)
-        self.norm_out, self.conv_out = FrameNorm(c), CausalConv3d(c, 3)
+        self.patch = cfg.patch_size
+        self.norm_out, self.conv_out = FrameNorm(c), CausalConv3d(c, 3 * self.patch ** 2)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z)))))
+        return depth_to_space(self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z))))), self.patch)
+
+
+def space_to_depth(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, C*p*p, T, H/p, W/p], frame by frame."""
+    if p == 1:
+        return x
+    b, c, t, h, w = x.shape
+    y = F.pixel_unshuffle(x.transpose(1, 2).reshape(b * t, c, h, w), p)
+    return y.reshape(b, t, c * p * p, h // p, w // p).transpose(1, 2)
+
+
+def depth_to_space(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of space_to_depth."""
+    if p == 1:
+        return x
+    b, c, t, h, w = x.shape
+    y = F.pixel_shuffle(x.transpose(1, 2).reshape(b * t, c, h, w), p)
+    return y.reshape(b, t, c // (p * p), h * p, w * p).transpose(1, 2)
 
 
 class VideoTokenizer(nn.Module):

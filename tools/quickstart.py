@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""The whole product on one small machine, stage by stage (what `make quickstart` runs):
+
+  1. videos     synthetic labelled mp4s: 3 shapes x 4 directions of motion, train and held-out split
+  2. tokenizer  train the `tiny` causal 3D CNN + FSQ tokenizer on them (1,000 codes, 9x32x32 -> 3x8x8)
+  3. shards     tokenize both splits into WebDataset shards
+  4. train      a class-conditional NBP model with DeepSpeed ZeRO-3 on 2 CPU processes (torchrun)
+  5. export     consolidate the ZeRO checkpoint into one safetensors file
+  6. sample     one video per class: mp4s, a PNG grid, tokens
+  7. check      does each sample show its class' shape moving in its class' direction?
+
+Every stage writes a marker when it completes; a second run reuses finished stages (delete the
+stage's folder, or pass --redo STAGE, to run it again). Each stage shows its own progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="quickstart_out", help="everything goes here (default quickstart_out/)")
+    p.add_argument("--per-class", type=int, default=48, help="training videos per class")
+    p.add_argument("--val-per-class", type=int, default=4, help="held-out videos per class")
+    p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps")
+    p.add_argument("--train-steps", type=int, default=1200, help="NBP training steps")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
+    p.add_argument("--samples-per-class", type=int, default=1)
+    p.add_argument("--config", default="quickstart", help="run config of the NBP model")
+    p.add_argument("--redo", action="append", default=[], choices=STAGES, help="run this stage again")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the NBP run config")
+    return p.parse_args(argv)
+
+
+class Pipeline:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.python = sys.executable
+        self.env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+                    "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def _marker(self, stage: str) -> Path:
+        return self.path(".done", stage)
+
+    def stage(self, name: str, number: int, params: dict, commands: list[list[str]]) -> None:
+        """Run a stage's commands unless it already completed with the same parameters."""
+        digest = hashlib.sha256(json.dumps([params, commands], sort_keys=True, default=str).encode()).hexdigest()
+        marker = self._marker(name)
+        header = f"[{number}/{len(STAGES)}] {name}"
+        if name not in self.args.redo and marker.is_file() and marker.read_text() == digest:
+            print(f"{header}: done in an earlier run, reused", flush=True)
+            return
+        print(f"{header}: running", flush=True)
+        began = time.time()
+        for cmd in commands:
+            print("  $ " + " ".join(str(c) for c in cmd), flush=True)
+            result = subprocess.run([str(c) for c in cmd], env=self.env, cwd=ROOT)
+            if result.returncode != 0:
+                raise SystemExit(f"quickstart stage '{name}' failed (exit {result.returncode}); fix the error "
+                                 f"above and run again: finished stages are reused")
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(digest)
+        print(f"{header}: finished in {time.time() - began:.0f} s", flush=True)
+
+    def run(self) -> None:
+        a, py = self.args, self.python
+        videos, tok_run = self.path("videos"), self.path("tokenizer")
+        tokenizer = tok_run / "tokenizer"
+        shards, train = self.path("shards"), self.path("train")
+        export, samples = train / "export.safetensors", self.path("samples")
+        clip = ["--frames", "9", "--resolution", "32", "--fps", "8"]
+        self.stage("videos", 1, vars(a) | {"stage": "videos"}, [[
+            py, "tools/make_synthetic_videos.py", "--out", videos, "--per-class", a.per_class,
+            "--val-per-class", a.val_per_class, "--frames", "9", "--size", "32", "--fps", "8", "--seed", "0"]])
+        self.stage("tokenizer", 2, {"steps": a.tokenizer_steps}, [[
+            py, "tools/train_tokenizer.py", "--videos", videos / "train", "--val-videos", videos / "val",
+            "--out", tok_run, "--preset", "tiny", *clip, "--steps", a.tokenizer_steps, "--lr", "2e-3", "--seed", "0"]])
+        self.stage("shards", 3, {"per_class": a.per_class}, [
+            [py, "tools/tokenize_videos.py", "--videos", videos / split, "--out", shards / split,
+             "--tokenizer", tokenizer, *clip, "--shard-size", "200"]
+            for split in ("train", "val")])
+        overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"train.out_dir={train}",
+                     f"train.steps={a.train_steps}", f"train.sample_tokenizer={tokenizer}", *a.overrides]
+        self.stage("train", 4, {"overrides": overrides, "nproc": a.nproc}, [[
+            py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", a.nproc,
+            "-m", "nbp_ds.train", "--config", a.config, *overrides]])
+        self.stage("export", 5, {"train": str(train)}, [[py, "tools/export_weights.py", train, export]])
+        self.stage("sample", 6, {"n": a.samples_per_class}, [[
+            py, "tools/sample.py", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
+            "--num", a.samples_per_class, "--classes", shards / "train" / "classes.json",
+            "--temperature", "1.0", "--top-k", "8", "--seed", "0"]])
+        self.stage("check", 7, {"n": a.samples_per_class}, [[
+            py, "tools/check_class_consistency.py", samples, "--classes", shards / "train" / "classes.json",
+            "--json", samples / "consistency.json"]])
+        print("\nDone. Look at:")
+        print(f"  sampled videos   {samples}/*.mp4")
+        print(f"  frame grid       {samples / 'grid.png'}")
+        print(f"  class check      {samples / 'consistency.json'}")
+        print(f"  TensorBoard      tensorboard --logdir {self.out}   (training: {train / 'tb'}, tokenizer: "
+              f"{tok_run / 'tb'})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    Pipeline(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    main()
