@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temporal-compression", type=int, default=4, help="video frames per later latent frame")
     parser.add_argument("--attention", default="sdpa", help="model.attention for decoding (sdpa or flash)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     dtype_name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     base = ([] if args.full_size else SMALL) + [f"model.attention={args.attention}"] + args.overrides

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: looked up on GPUs)")
     p.add_argument("overrides", nargs="*", help="key=value run-config overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     import torch
 

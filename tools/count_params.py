@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a run config name or YAML path (default: the paper's presets)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for --config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     rows = ([measure(args.config, args.overrides)] if args.config else
             [dict(measure(PRESET_CONFIGS[name], []), preset=name) for name in PAPER_PRESETS])
     print(f"{'preset':>7} {'config':>14} {'layers':>6} {'width':>6} {'heads':>5} {'total':>10} "

@@ -31,16 +31,16 @@ STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quickstart_out", help="everything goes here (default quickstart_out/)")
-    p.add_argument("--per-class", type=int, default=48, help="training videos per class")
+    p.add_argument("--per-class", type=int, default=96, help="training videos per class")
     p.add_argument("--val-per-class", type=int, default=4, help="held-out videos per class")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps")
-    p.add_argument("--train-steps", type=int, default=1200, help="NBP training steps")
+    p.add_argument("--train-steps", type=int, default=600, help="NBP training steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=1)
     p.add_argument("--config", default="quickstart", help="run config of the NBP model")
     p.add_argument("--redo", action="append", default=[], choices=STAGES, help="run this stage again")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the NBP run config")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 class Pipeline:

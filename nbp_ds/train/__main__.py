@@ -26,12 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="checkpoint folder to resume from (default: train.out_dir's own)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=1000")
-    args = parser.parse_args(argv)
+    # intermixed: overrides may come before or after --resume / --config
+    args = parser.parse_intermixed_args(argv)
+    from nbp_ds.train.stop import stop_request
+
+    stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     from nbp_ds.config import ConfigError, load_config
+    from nbp_ds.train.launch import LaunchError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -40,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        from nbp_ds.train.launch import LaunchError
         from nbp_ds.train.loop import Trainer
 
         trainer = Trainer(cfg, resume=args.resume)

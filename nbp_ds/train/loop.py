@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -24,22 +23,9 @@ from nbp_ds.train.checkpoint import CheckpointManager, check_compatible, peek_cl
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
 from nbp_ds.train.metrics import MetricsLogger, console_line, memory_gib, peak_tflops
 from nbp_ds.train.schedule import lr_factor
+from nbp_ds.train.stop import stop_request
 
 log = logging.getLogger("nbp_ds.train")
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm preemption, the time-limit signal) set a flag; the loop saves at the
-    next step boundary and exits 0 so the job can be requeued."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        log.warning("received %s: saving at the next step boundary, then exiting", signal.Signals(signum).name)
 
 
 def resolve_resume(cfg: RunConfig, resume: str | None, ckpt_dir: Path) -> tuple[Path, str] | None:
@@ -91,7 +77,7 @@ class Trainer:
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.stop = StopRequest()
+        self.stop = stop_request()
 
         # identical initial weights on every rank, then a different dropout stream per rank
         self._seed(tr.seed)
