@@ -133,6 +133,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
+    if overrides:
         source = f"{source} + overrides"
     cfg = _build(RunConfig, data, prefix="", source=source)
     validate(cfg)

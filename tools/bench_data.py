@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def bench_loader(folder: Path, grid: tuple[int, int, int], samples: int, workers: int, batch: int) -> float:
     from nbp_ds.data import build_loader
 
+    # more workers than cores is what this measures (a node has many more): not a mistake to warn about
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
     loader = build_loader(folder, grid=grid, batch_size=batch, mode="train", num_workers=workers, seed=0,
                           shuffle_buffer=1000)
     it = iter(loader)
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="small", help="tokenizer preset for the tokenization figure")
     p.add_argument("--videos", type=int, default=16, help="test videos to tokenize")
     p.add_argument("--skip-tokenize", action="store_true")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     import numpy as np
 
     from nbp_ds.data import TokenShardWriter

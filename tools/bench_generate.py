@@ -22,11 +22,15 @@ from nbp_ds.config import load_config
 from nbp_ds.generate import generate
 from nbp_ds.model import build_model
 
-VARIANTS = {
-    "NBP 1x1x16": ["layout.block=[1,1,16]", "layout.hybrid=false"],
-    "NBP hybrid": ["layout.block=[1,1,16]", "layout.hybrid=true"],
-    "NTP 1x1x1": ["layout.block=[1,1,1]", "layout.hybrid=false"],
-}
+
+def variants(width: int) -> dict[str, list[str]]:
+    """NBP with one row of the latent grid per block (the paper's 1x1x16 on its 16-wide grid), its hybrid
+    form, and next-token prediction."""
+    row = f"layout.block=[1,1,{width}]"
+    return {f"NBP 1x1x{width}": [row, "layout.hybrid=false"],
+            "NBP hybrid": [row, "layout.hybrid=true"],
+            "NTP 1x1x1": ["layout.block=[1,1,1]", "layout.hybrid=false"]}
+
 SMALL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=64000"]
 
 
@@ -70,10 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     base = ([] if args.full_size else SMALL) + [f"model.attention={args.attention}"] + args.overrides
 
+    # the config's own block may not fit the variants' layouts; validate with next-token blocks first
+    cfg = load_config(args.config, [*base, "layout.block=[1,1,1]", "layout.hybrid=false"])
     rows = {}
-    for name, overrides in VARIANTS.items():
+    for name, overrides in variants(cfg.layout.grid[2]).items():
         rows[name] = bench(base + overrides, args.config, args.device, dtype, args.batch_size, args.repeats)
-    cfg = load_config(args.config, base)
     frames = video_frames(cfg.layout.grid[0], args.temporal_compression)
     ntp = rows["NTP 1x1x1"]["seconds"]
     print(f"config {cfg.name} ({cfg.model.n_layer} layers, width {cfg.model.d_model}), grid {cfg.layout.grid}, "
@@ -85,4 +90,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nbp_ds.cli import run_main
+
+    run_main(main)

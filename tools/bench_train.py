@@ -23,6 +23,46 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def measure(args: argparse.Namespace, backend: str, device, peak: float | None) -> tuple:
+    """One table row: a few warm-up steps, then the median step time of the model's own training step."""
+    import torch
+
+    from nbp_ds.config import load_config
+    from nbp_ds.model import build_model
+
+    cfg = load_config(args.config, [*args.overrides, f"model.attention={backend}"])
+    batch_size = args.micro_batch or cfg.train.micro_batch
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    grid = cfg.layout.grid
+    batch = {"tokens": torch.randint(0, cfg.model.vocab_size, (batch_size, *grid), device=device),
+             "label": torch.randint(0, max(1, cfg.layout.num_classes), (batch_size,), device=device)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            loss, _ = model.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step = sorted(times)[len(times) // 2]  # the median: robust to a stray slow step
+    tokens = batch_size * model.layout.seq_len
+    tok_s = tokens / step
+    mfu = model.flops_per_token() * tok_s / (peak * 1e12) if peak else None
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return (backend, f"{model.num_params() / 1e6:.1f}M", batch_size, tokens, f"{step * 1e3:.1f}",
+            f"{tok_s:,.0f}", "-" if mfu is None else f"{100 * mfu:.1f}%", "-" if mem is None else f"{mem:.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="run config name or YAML (default tiny)")
@@ -38,54 +78,33 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from nbp_ds.config import load_config
-    from nbp_ds.model import build_model
+    from nbp_ds.model.attention import AttentionUnavailable
     from nbp_ds.train.metrics import peak_tflops
 
     device = torch.device(args.device)
     peak = peak_tflops(args.peak_tflops, device)
-    rows = []
+    rows, notes = [], []
     for backend in args.attention:
-        cfg = load_config(args.config, [*args.overrides, f"model.attention={backend}"])
-        batch_size = args.micro_batch or cfg.train.micro_batch
-        torch.manual_seed(0)
-        model = build_model(cfg).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        grid = cfg.layout.grid
-        batch = {"tokens": torch.randint(0, cfg.model.vocab_size, (batch_size, *grid), device=device),
-                 "label": torch.randint(0, max(1, cfg.layout.num_classes), (batch_size,), device=device)}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for i in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-                loss, _ = model.loss(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        step = sorted(times)[len(times) // 2]  # the median: robust to a stray slow step
-        tokens = batch_size * model.layout.seq_len
-        tok_s = tokens / step
-        mfu = model.flops_per_token() * tok_s / (peak * 1e12) if peak else None
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        rows.append((backend, f"{model.num_params() / 1e6:.1f}M", batch_size, tokens, f"{step * 1e3:.1f}",
-                     f"{tok_s:,.0f}", "-" if mfu is None else f"{100 * mfu:.1f}%",
-                     "-" if mem is None else f"{mem:.1f}"))
-        del model, opt
+        try:
+            rows.append(measure(args, backend, device, peak))
+        except AttentionUnavailable as exc:  # e.g. flex has no backward on CPU: say so, measure the rest
+            rows.append((backend, *["-"] * 7))
+            notes.append(f"{backend}: {exc}")
+        except torch.OutOfMemoryError:
+            rows.append((backend, *["-"] * 6, "OOM"))
+            notes.append(f"{backend}: out of memory at micro-batch {args.micro_batch or 'of the config'}")
+            torch.cuda.empty_cache()
     header = ("attention", "params", "batch", "tokens/step", "step ms", "tokens/s", "MFU", "peak GiB")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(f"{args.config} on {device} ({args.dtype})" + (f", peak {peak:g} TFLOP/s" if peak else ", no MFU on CPU"))
     for r in [header, *rows]:
         print("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)))
-    return 0
+    for note in notes:
+        print(f"not measured: {note}")
+    return 0 if len(notes) < len(rows) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nbp_ds.cli import run_main
+
+    run_main(main)

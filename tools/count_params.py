@@ -43,4 +43,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nbp_ds.cli import run_main
+
+    run_main(main)

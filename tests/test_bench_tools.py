@@ -1,0 +1,46 @@
+"""The benchmarks run end to end on tiny settings and print their tables (figures are not checked:
+speed targets live in the benchmarks' output, not in tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_bench_train_reports_an_unavailable_backend_and_measures_the_rest():
+    result = run_tool("tools/bench_train.py", "--config", "tiny", "--attention", "sdpa", "flex",
+                      "--steps", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    assert rows["sdpa"][-3].replace(",", "").isdigit()  # tokens/s measured
+    assert "not measured: flex" in result.stdout and "no backward pass on CPU" in result.stdout
+
+
+def test_bench_generate_counts_forward_passes_on_the_configs_grid():
+    result = run_tool("tools/bench_generate.py", "--config", "tiny", "--repeats", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    passes = {line.split()[0] + " " + line.split()[1]: int(line.split()[2])
+              for line in result.stdout.splitlines() if line.startswith(("NBP", "NTP"))}
+    # tiny: a 3x4x4 grid and a class token; NBP takes one row of 4 per pass, hybrid goes token by token
+    # through the first block (4 + 3 = L + n - 1 passes with L = 12 blocks and n = 4)
+    assert passes == {"NBP 1x1x4": 12, "NBP hybrid": 15, "NTP 1x1x1": 48}
+
+
+def test_bench_data_measures_the_loader_and_tokenization():
+    result = run_tool("tools/bench_data.py", "--samples", "300", "--workers", "1", "--videos", "2",
+                      "--preset", "tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 worker(s):" in result.stdout and "samples/s" in result.stdout
+    assert "tokenize: 2 clips" in result.stdout
+
+
+def test_bench_tools_name_a_bad_config_key():
+    result = run_tool("tools/bench_train.py", "--config", "tiny", "model.n_hed=3")
+    assert result.returncode == 2 and "model.n_hed" in result.stderr and "Traceback" not in result.stderr
