@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
-from nbp_ds.tokenizer import PRESETS, build_tokenizer, load_tokenizer
+from nbp_ds.tokenizer import PRESETS, TokenizerConfig, VideoTokenizer, build_tokenizer, load_tokenizer
 from nbp_ds.tokenizer.fsq import FSQ
 
 
@@ -32,7 +34,11 @@ def test_encode_decode_round_trip_shapes_and_range(tiny):
     assert small.decode(small.encode(torch.zeros(1, 17, 32, 32, 3, dtype=torch.uint8))).shape == (1, 17, 32, 32, 3)
 
 
-def test_time_causality_of_encoder_and_decoder(tiny):
+@pytest.mark.parametrize("temporal_kernel", [1, 3])  # tiny's (2+1)D convs and the full 3D ones of small/paper
+def test_time_causality_of_encoder_and_decoder(temporal_kernel):
+    cfg = TokenizerConfig(**{**asdict(PRESETS["tiny"]), "temporal_kernel": temporal_kernel})
+    torch.manual_seed(0)
+    tiny = VideoTokenizer(cfg).eval()
     x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
     z = tiny.encoder(x)
     for t_latent, first_free_frame in ((0, 1), (1, 5)):  # latent t sees frames <= 4t

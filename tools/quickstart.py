@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="quickstart_out", help="everything goes here (default quickstart_out/)")
     p.add_argument("--per-class", type=int, default=96, help="training videos per class")
     p.add_argument("--val-per-class", type=int, default=4, help="held-out videos per class")
-    p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps")
+    p.add_argument("--tokenizer-steps", type=int, default=2000, help="tokenizer training steps")
     p.add_argument("--train-steps", type=int, default=600, help="NBP training steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=1)

@@ -34,12 +34,17 @@ class TokenizerConfig:
     res_blocks: int = 1
     patch_size: int = 1  # pixel-unshuffle p x p before the first conv: full-resolution convs cost the most
     spatial_downsample: int | None = None  # stage transitions that halve space (the first ones; default all)
+    # time extent of the convolutions that do not resample time. 3 is MAGVIT-v2's full 3D; 1 leaves all temporal
+    # mixing to the temporal down/upsampling convs, which keeps causality and learns several times faster
+    temporal_kernel: int = 3
     version: str = "untrained"
 
     def __post_init__(self) -> None:
         if len(self.channel_mult) - 1 < TEMPORAL_STAGES:
             raise ValueError(f"tokenizer channel_mult {self.channel_mult}: needs at least {TEMPORAL_STAGES + 1} "
                              f"entries (the two temporal downsamplings ride on the first stage transitions)")
+        if self.temporal_kernel < 1:
+            raise ValueError(f"tokenizer temporal_kernel must be >= 1, got {self.temporal_kernel}")
         if not 0 <= self.spatial_stages <= len(self.channel_mult) - 1 or self.patch_size < 1:
             raise ValueError(f"tokenizer spatial_downsample {self.spatial_downsample} / patch_size {self.patch_size} "
                              f"do not fit {len(self.channel_mult) - 1} stage transitions")
@@ -59,7 +64,8 @@ class TokenizerConfig:
 
 PRESETS: dict[str, TokenizerConfig] = {
     # 9x32x32 -> 3x8x8 with 1,000 codes: trains in minutes on a CPU (the quickstart and the tests)
-    "tiny": TokenizerConfig("tiny", [8, 5, 5, 5], 32, [1, 2, 2], 1, patch_size=2, spatial_downsample=1),
+    "tiny": TokenizerConfig("tiny", [8, 5, 5, 5], 32, [1, 2, 2], 1, patch_size=2, spatial_downsample=1,
+                            temporal_kernel=1),
     # 8x spatial with 1,000 codes: a CPU-sized stand-in for the paper's
     "small": TokenizerConfig("small", [8, 5, 5, 5], 64, [1, 2, 2], 1, patch_size=2),
     # the NBP paper's: 17x128x128 -> 5x16x16, FSQ [8,8,8,5,5,5] = 64,000 codes
@@ -70,10 +76,12 @@ PRESETS: dict[str, TokenizerConfig] = {
 class CausalConv3d(nn.Module):
     """3D convolution that pads time only on the past side (replicating the first frame)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1)):
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1),
+                 time_kernel: int | None = None):
         super().__init__()
-        self.time_pad, self.space_pad = kernel - 1, kernel // 2
-        self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride)
+        time_kernel = kernel if time_kernel is None else time_kernel
+        self.time_pad, self.space_pad = time_kernel - 1, kernel // 2
+        self.conv = nn.Conv3d(c_in, c_out, (time_kernel, kernel, kernel), stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.space_pad
@@ -94,10 +102,10 @@ class FrameNorm(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, time_kernel: int = 3):
         super().__init__()
-        self.norm1, self.conv1 = FrameNorm(c_in), CausalConv3d(c_in, c_out)
-        self.norm2, self.conv2 = FrameNorm(c_out), CausalConv3d(c_out, c_out)
+        self.norm1, self.conv1 = FrameNorm(c_in), CausalConv3d(c_in, c_out, time_kernel=time_kernel)
+        self.norm2, self.conv2 = FrameNorm(c_out), CausalConv3d(c_out, c_out, time_kernel=time_kernel)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,11 +117,11 @@ class Upsample(nn.Module):
     """2x space by nearest neighbour + conv; 2x time by depth-to-space, dropping the frame before the first
     (1 + k -> 1 + 2k), so the first latent frame still decodes to the first video frame alone."""
 
-    def __init__(self, channels: int, temporal: bool, spatial: bool = True):
+    def __init__(self, channels: int, temporal: bool, spatial: bool = True, time_kernel: int = 3):
         super().__init__()
         self.temporal, self.spatial = temporal, spatial
-        self.time_conv = CausalConv3d(channels, 2 * channels) if temporal else None
-        self.conv = CausalConv3d(channels, channels)
+        self.time_conv = CausalConv3d(channels, 2 * channels) if temporal else None  # always sees the past
+        self.conv = CausalConv3d(channels, channels, time_kernel=time_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.time_conv is not None:
@@ -132,17 +140,20 @@ class Encoder(nn.Module):
         super().__init__()
         ch = [cfg.channels * m for m in cfg.channel_mult]
         self.patch = cfg.patch_size
-        self.conv_in = CausalConv3d(3 * self.patch ** 2, ch[0])
+        tk = cfg.temporal_kernel
+        self.conv_in = CausalConv3d(3 * self.patch ** 2, ch[0], time_kernel=tk)
         layers: list[nn.Module] = []
         c = ch[0]
         for i, c_out in enumerate(ch):
             for _ in range(cfg.res_blocks):
-                layers.append(ResBlock(c, c_out))
+                layers.append(ResBlock(c, c_out, tk))
                 c = c_out
             if i < len(ch) - 1:
                 s = 2 if i < cfg.spatial_stages else 1
-                layers.append(CausalConv3d(c, c, stride=(2 if i < TEMPORAL_STAGES else 1, s, s)))
-        layers.append(ResBlock(c, c))
+                temporal = i < TEMPORAL_STAGES  # a time-strided conv keeps a kernel of 3: it merges frames
+                layers.append(CausalConv3d(c, c, stride=(2 if temporal else 1, s, s),
+                                           time_kernel=3 if temporal else tk))
+        layers.append(ResBlock(c, c, tk))
         self.blocks = nn.Sequential(*layers)
         self.norm_out, self.conv_out = FrameNorm(c), nn.Conv3d(c, latent_dim, 1)
 
@@ -154,18 +165,19 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig, latent_dim: int):
         super().__init__()
         ch = [cfg.channels * m for m in cfg.channel_mult]
-        c = ch[-1]
-        self.conv_in = CausalConv3d(latent_dim, c)
-        layers: list[nn.Module] = [ResBlock(c, c)]
+        c, tk = ch[-1], cfg.temporal_kernel
+        self.conv_in = CausalConv3d(latent_dim, c, time_kernel=tk)
+        layers: list[nn.Module] = [ResBlock(c, c, tk)]
         for i in reversed(range(len(ch))):
             for _ in range(cfg.res_blocks):
-                layers.append(ResBlock(c, ch[i]))
+                layers.append(ResBlock(c, ch[i], tk))
                 c = ch[i]
             if i > 0:  # mirrors the encoder's downsampling after stage i - 1
-                layers.append(Upsample(c, temporal=i - 1 < TEMPORAL_STAGES, spatial=i - 1 < cfg.spatial_stages))
+                layers.append(Upsample(c, temporal=i - 1 < TEMPORAL_STAGES, spatial=i - 1 < cfg.spatial_stages,
+                                       time_kernel=tk))
         self.blocks = nn.Sequential(*layers)
         self.patch = cfg.patch_size
-        self.norm_out, self.conv_out = FrameNorm(c), CausalConv3d(c, 3 * self.patch ** 2)
+        self.norm_out, self.conv_out = FrameNorm(c), CausalConv3d(c, 3 * self.patch ** 2, time_kernel=tk)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return depth_to_space(self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z))))), self.patch)
