@@ -93,6 +93,7 @@ with torch.no_grad():
     logits = trainer.engine.module.logits(torch.load("{batch}"))
 if dist.get_rank() == 0:
     torch.save(logits, "{dump}")
+trainer.close()
 """
 
 

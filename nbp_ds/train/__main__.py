@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return trainer.run()
+    status = trainer.run()
+    trainer.close()  # only after a normal return: a failed rank would leave the others in the barrier
+    return status
 
 
 if __name__ == "__main__":

@@ -214,16 +214,27 @@ class Trainer:
             if sums[3] > 0:
                 self.save()
                 self._log0("stopped by signal at step %d; a restart resumes from here", self.step)
+                self.metrics.flush()
                 return 0
             if tr.save_every and self.step % tr.save_every == 0:
                 self.save()
         if tr.save_every == 0 or self.step % tr.save_every != 0:
             self.save()
-        self.metrics.close()
+        self.metrics.flush()
         if self.rank == 0:  # the completion marker slurm/train.sbatch reads to decide whether to requeue
             (self.out_dir / "finished").write_text(json.dumps({"step": self.step}) + "\n")
         self._log0("finished %d steps; checkpoints in %s", self.step, self.ckpt_dir)
         return 0
+
+    def close(self) -> None:
+        """Leave the process group in step with the other ranks. Call after a run that returned normally
+        (not after an exception: a rank that died would leave the barrier waiting). Without it a rank that
+        exits first can tear down gloo's threads under its peer, which then aborts (SIGABRT) although
+        the work is done."""
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def save(self) -> None:
         client = {"step": self.step, "batches": self.batches, "world_size": self.world,

@@ -73,7 +73,7 @@ class MetricsLogger:
             self.writer.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.jsonl.closed:
             self.writer.close()
             self.jsonl.close()
 
