@@ -187,3 +187,17 @@ def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
     slurm_cluster.wait_done(check, timeout=120)
     info = slurm_cluster.job_info(check)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log_text(check_log)
+
+
+def test_train_sbatch_runs_outside_slurm_as_a_smoke_test(shards, tmp_path):
+    """`bash slurm/train.sbatch ...` without a Slurm job: one process, the same env.sh, to the end."""
+    train, val = shards
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(CPU_ENV, NBP_RUNS=str(tmp_path / "runs"))
+    result = subprocess.run(["bash", "slurm/train.sbatch", f"data.train={train}", f"data.val={val}",
+                             "train.steps=3", "train.save_every=0", "train.eval_every=0"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "not in a Slurm job, running a single process" in result.stdout
+    out = tmp_path / "runs" / "nbp-train"
+    assert (out / "finished").is_file() and (out / "checkpoints" / "latest").read_text() == "step00000003"
