@@ -214,13 +214,11 @@ class Trainer:
             if sums[3] > 0:
                 self.save()
                 self._log0("stopped by signal at step %d; a restart resumes from here", self.step)
-                self.metrics.flush()
                 return 0
             if tr.save_every and self.step % tr.save_every == 0:
                 self.save()
         if tr.save_every == 0 or self.step % tr.save_every != 0:
-            self.save()
-        self.metrics.flush()
+            self.save()  # flushes the metrics too; Trainer.close() closes them
         if self.rank == 0:  # the completion marker slurm/train.sbatch reads to decide whether to requeue
             (self.out_dir / "finished").write_text(json.dumps({"step": self.step}) + "\n")
         self._log0("finished %d steps; checkpoints in %s", self.step, self.ckpt_dir)
