@@ -19,10 +19,12 @@ from typing import Any
 
 import yaml
 
+from nbp_ds.errors import UsageError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A run configuration that cannot be used; the message names the key and value."""
 
 

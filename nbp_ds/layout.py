@@ -195,35 +195,96 @@ class Layout:
         ids = torch.from_numpy(self.block_ids)
         return ids[None, :] <= ids[:, None]
 
+    @cached_property
+    def is_causal(self) -> bool:
+        """True when every position is a block of its own: the rule is then plain causal attention, which
+        the fastest kernels (cuDNN / FlashAttention ``is_causal``) run without a mask."""
+        return bool(np.all(np.diff(self.block_ids) > 0))
+
+    def is_one_block(self, start: int, end: int) -> bool:
+        """Do positions [start, end) form one block? Then a decoding pass that feeds them attends to the
+        whole cache and to itself with no mask."""
+        return bool(self.block_ids[start] == self.block_ids[end - 1])
+
     # ---- batch conversion ---------------------------------------------------------------------
-    def input_ids(self, tokens: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """Video tokens [B, T, H, W] (+ labels [B]) -> model input ids [B, S]."""
+    def check_labels(self, label: torch.Tensor) -> torch.Tensor:
+        """Class labels [B] as a LongTensor, refused with the valid range named when one is outside it.
+
+        The range check reads the values, so it runs only on host tensors: labels on a GPU are checked
+        where they were made (the trainer checks each batch before moving it; ``generate`` checks its
+        ``label`` argument), which keeps a training step free of host synchronisation."""
+        label = label.long()
+        if label.device.type == "cpu":
+            bad = (label < 0) | (label >= self.num_classes)
+            if bool(bad.any()):
+                raise ValueError(f"labels must be in [0, {self.num_classes}) (layout.num_classes), "
+                                 f"got {sorted(set(label[bad].tolist()))}")
+        return label
+
+    def input_ids(self, tokens: torch.Tensor, label: torch.Tensor | None = None, start: int = 0,
+                  end: int | None = None) -> torch.Tensor:
+        """Model input ids [B, end - start] of sequence positions [start, end) (default: the whole sequence).
+
+        ``tokens`` holds the video tokens, [B, T, H, W] or flat [B, T*H*W] in raster order (during
+        generation the ones not sampled yet are ignored: position p reads only the token it feeds);
+        ``label`` [B] is required for class-conditional layouts. Index tables live on the tokens' device,
+        so this does no host synchronisation (training and every decoding step use it)."""
         flat = tokens.reshape(tokens.shape[0], -1)
-        source = torch.as_tensor(self.input_source, device=flat.device)
-        ids = flat[:, source.clamp(min=0)].clone()
-        ids[:, source == SOURCE_BOV] = self.bov_token
-        ids[:, source == SOURCE_PLACEHOLDER] = self.placeholder_token
+        table = self._device_tables(flat.device)
+        end = self.seq_len if end is None else end
+        source, special = table["source"][start:end], table["special"][start:end]
+        ids = flat.gather(1, source.clamp(min=0).expand(flat.shape[0], -1))
+        ids = torch.where(special >= 0, special, ids)
         if self.condition == "class":
             if label is None:
                 raise ValueError("this layout is class-conditional: the batch needs a 'label' tensor")
-            ids[:, source == SOURCE_CLASS] = self.class_token(label.to(flat.device)).unsqueeze(1)
+            ids = torch.where(source == SOURCE_CLASS, self.class_token(label.to(flat.device)).unsqueeze(1), ids)
         return ids
 
     def targets(self, tokens: torch.Tensor) -> torch.Tensor:
         """Video tokens [B, T, H, W] -> target per input position [B, S], -100 where nothing counts."""
         flat = tokens.reshape(tokens.shape[0], -1)
-        tgt = torch.as_tensor(self.target_index, device=flat.device)
-        out = flat[:, tgt.clamp(min=0)].clone()
-        out[:, ~torch.as_tensor(self.loss_mask, device=flat.device)] = -100
-        return out
+        table = self._device_tables(flat.device)
+        out = flat.gather(1, table["target"].clamp(min=0).expand(flat.shape[0], -1))
+        return torch.where(table["loss_mask"], out, torch.full_like(out, -100))
 
-    def to_raster(self, per_position: torch.Tensor) -> torch.Tensor:
-        """[B, S, ...] values per input position -> [B, N, ...] per predicted raster token."""
+    def loss_rows(self, device: torch.device) -> torch.Tensor:
+        """Input positions whose targets count in the loss, as an index tensor on ``device``."""
+        return self._device_tables(device)["loss_rows"]
+
+    def _device_tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The index tables as tensors on ``device``, made once per device."""
+        key = str(device)
+        if key not in self._table_cache:
+            source = torch.as_tensor(self.input_source)
+            special = torch.full_like(source, -1)
+            special[source == SOURCE_BOV] = self.bov_token
+            special[source == SOURCE_PLACEHOLDER] = self.placeholder_token
+            self._table_cache[key] = {
+                "source": source.to(device), "special": special.to(device),
+                "target": torch.as_tensor(self.target_index).to(device),
+                "loss_mask": torch.as_tensor(self.loss_mask).to(device),
+                "loss_rows": torch.as_tensor(np.nonzero(self.loss_mask)[0]).to(device),
+                "to_raster": torch.as_tensor(self._raster_rows).to(device),
+            }
+        return self._table_cache[key]
+
+    @cached_property
+    def _table_cache(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
+
+    @cached_property
+    def _raster_rows(self) -> np.ndarray:
+        """For each raster token, the input position that predicts it."""
         tgt = self.target_index
         rows = np.nonzero(tgt >= 0)[0]
         inverse = np.empty(self.num_video_tokens, dtype=np.int64)
         inverse[tgt[rows]] = rows
-        return per_position[:, torch.as_tensor(inverse, device=per_position.device)]
+        return inverse
+
+    def to_raster(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] values per input position -> [B, N, ...] per predicted raster token."""
+        return per_position[:, self._device_tables(per_position.device)["to_raster"]]
 
     # ---- generation -----------------------------------------------------------------------------
     @cached_property

@@ -90,7 +90,7 @@ def reference_causal_logits(model, batch) -> torch.Tensor:
     pos = torch.cat([torch.tensor([[-1, 0, 0]]), pos])
     from nbp_ds.model.rope import rope_angles
 
-    ang = rope_angles(pos, model.head_dim, model.run_config.model.rope_theta)
+    ang = rope_angles(pos, model.head_dim, model.config.rope_theta)
     cos, sin = ang.cos(), ang.sin()
     x = model.embed(ids)
     for layer in model.layers:

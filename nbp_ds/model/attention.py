@@ -28,12 +28,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from nbp_ds.errors import UsageError
 from nbp_ds.layout import Layout
 
 log = logging.getLogger(__name__)
 
 
-class AttentionUnavailable(RuntimeError):
+class AttentionUnavailable(UsageError, RuntimeError):
     """The configured attention backend cannot run on this machine or device."""
 
 
@@ -42,7 +43,6 @@ class SdpaAttention:
 
     def __init__(self, layout: Layout):
         self.layout = layout
-        self._block_ids = torch.from_numpy(layout.block_ids)
         self._masks: dict[torch.device, torch.Tensor] = {}
 
     def mask(self, device: torch.device) -> torch.Tensor:
@@ -51,18 +51,13 @@ class SdpaAttention:
         return self._masks[device]
 
     def full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.layout.block_size == 1 and not self.layout.hybrid and self.layout.prefix_len <= 1:
-            # block 1x1x1: the rule is exactly causal (a single class token is block 0 at position 0)
+        if self.layout.is_causal:  # every position its own block: no mask needed
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q.device))
 
-    def chunk_is_one_block(self, start: int, end: int) -> bool:
-        ids = self._block_ids
-        return bool(ids[start] == ids[end - 1])
-
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         end = start + q.shape[-2]
-        if self.chunk_is_one_block(start, end):
+        if self.layout.is_one_block(start, end):
             # one block sees the whole cache and itself: no mask at all
             return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q.device)[start:end, :end])
@@ -82,7 +77,7 @@ class FlexAttention(SdpaAttention):
 
     def block_mask(self, device: torch.device):
         if device not in self._block_masks:
-            ids = self._block_ids.to(device)
+            ids = torch.from_numpy(self.layout.block_ids).to(device)
 
             def block_causal(b, h, q_idx, kv_idx):
                 return ids[kv_idx] <= ids[q_idx]
@@ -123,8 +118,7 @@ class FlashAttention(SdpaAttention):
                 "module flash_attn.cute) or `pip install flash-attn` (FA2: block size 1 only); "
                 "use model.attention=flex or sdpa otherwise"
             )
-        self._plain_causal = layout.block_size == 1 and not layout.hybrid and layout.prefix_len <= 1
-        if self.fa4 is None and not self._plain_causal:
+        if self.fa4 is None and not layout.is_causal:
             raise AttentionUnavailable(
                 f"model.attention=flash with FlashAttention-2 is exact only for block size 1 (next-token "
                 f"prediction); layout.block={list(layout.block)} needs flash-attn-4 (Hopper or newer) or "
@@ -147,13 +141,13 @@ class FlashAttention(SdpaAttention):
 
     def full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self._check_device(q)
-        if self._plain_causal:
+        if self.layout.is_causal:
             return self._dense(q, k, v, causal=True)
         return self._flex.full(q, k, v)
 
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         self._check_device(q)
-        if self.chunk_is_one_block(start, start + q.shape[-2]):
+        if self.layout.is_one_block(start, start + q.shape[-2]):
             return self._dense(q, k, v, causal=False)
         return super().chunk(q, k, v, start)  # the prefix pass of several blocks: once per video
 
@@ -166,7 +160,6 @@ def _import_optional(module: str):
     except Exception as exc:  # a broken CUDA extension is reported, not fatal at import
         log.warning("cannot import %s: %s", module, exc)
         return None
-
 
 
 def resolve_backend_name(requested: str, device: torch.device | str | None = None) -> str:
@@ -188,3 +181,24 @@ def make_attention(name: str, layout: Layout, device: torch.device | str | None 
     if name == "flash":
         return FlashAttention(layout)
     raise ValueError(f"model.attention must be auto, sdpa, flex or flash, got {name!r}")
+
+
+class DeviceBackend:
+    """The backend ``model.attention`` names, made once per device the model runs on (``auto`` resolves per
+    device: flex on a GPU, sdpa on the CPU). One instance is shared by every attention layer of a model, so
+    masks and BlockMasks are built once per layout and device."""
+
+    def __init__(self, name: str, layout: Layout):
+        self.name, self.layout = name, layout
+        self._made: dict[torch.device, object] = {}
+
+    def on(self, device: torch.device):
+        if device not in self._made:
+            self._made[device] = make_attention(self.name, self.layout, device)
+        return self._made[device]
+
+    def full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.on(q.device).full(q, k, v)
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        return self.on(q.device).chunk(q, k, v, start)

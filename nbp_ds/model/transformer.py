@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nbp_ds.config import RunConfig
+from nbp_ds.config import ModelConfig, RunConfig
 from nbp_ds.layout import Layout
-from nbp_ds.model.attention import make_attention, resolve_backend_name
+from nbp_ds.model.attention import DeviceBackend
 from nbp_ds.model.rope import apply_rope, rope_angles
 
 
@@ -70,24 +70,29 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, std: float, out_std: float):
+    """Multi-head self-attention under the layout's block-causal rule, run by the model's backend."""
+
+    def __init__(self, d_model: int, n_head: int, std: float, out_std: float, backend: DeviceBackend, index: int):
         super().__init__()
         self.n_head = n_head
         self.head_dim = d_model // n_head
         self.qkv = Linear(d_model, 3 * d_model, std)
         self.out = Linear(d_model, d_model, out_std)
+        self.backend = backend  # shared by all layers; not a submodule (it holds no weights)
+        self.index = index  # this layer's slot in a KV cache
 
-    def forward(self, x, cos, sin, backend, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            y = backend.full(q, k, v)
+            y = self.backend.full(q, k, v)
         else:
             end = start + n
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            y = backend.chunk(q, cache.k[layer, :, :, :end], cache.v[layer, :, :, :end], start)
+            cache.k[self.index, :, :, start:end] = k
+            cache.v[self.index, :, :, start:end] = v
+            y = self.backend.chunk(q, cache.k[self.index, :, :, :end], cache.v[self.index, :, :, :end], start)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -103,56 +108,48 @@ class SwiGLU(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, d_model: int, n_head: int, ffn_dim: int, eps: float, std: float, out_std: float):
+    def __init__(self, m: ModelConfig, ffn_dim: int, out_std: float, backend: DeviceBackend, index: int):
         super().__init__()
-        self.attn_norm = RMSNorm(d_model, eps)
-        self.attn = Attention(d_model, n_head, std, out_std)
-        self.mlp_norm = RMSNorm(d_model, eps)
-        self.mlp = SwiGLU(d_model, ffn_dim, std, out_std)
+        self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.attn = Attention(m.d_model, m.n_head, m.init_std, out_std, backend, index)
+        self.mlp_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.mlp = SwiGLU(m.d_model, ffn_dim, m.init_std, out_std)
 
-    def forward(self, x, cos, sin, backend, cache=None, layer=0, start=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, backend, cache, layer, start)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class NBPModel(nn.Module):
     """Semi-autoregressive video transformer; the layout decides NBP, NTP or hybrid."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, m: ModelConfig, layout: Layout):
         super().__init__()
-        m = cfg.model
-        self.run_config = cfg
-        self.layout = Layout.from_config(cfg.layout, m.vocab_size)
+        self.config, self.layout = m, layout
         self.n_layer, self.d_model, self.n_head = m.n_layer, m.d_model, m.n_head
         self.head_dim = m.d_model // m.n_head
         self.vocab_size = m.vocab_size
         self.ffn_dim = m.ffn_dim or default_ffn_dim(m.d_model)
         self.class_dropout = m.class_dropout
         self.loss_chunk = m.loss_chunk
-        self.attention_name = m.attention
+        self.backend = DeviceBackend(m.attention, layout)
         out_std = m.init_std / math.sqrt(2 * m.n_layer)  # residual branches scaled (GPT-2 / LLaMA practice)
 
-        self.embed = Embedding(self.layout.embedding_size, m.d_model, m.init_std)
-        self.layers = nn.ModuleList(
-            TransformerLayer(m.d_model, m.n_head, self.ffn_dim, m.norm_eps, m.init_std, out_std)
-            for _ in range(m.n_layer)
-        )
+        self.embed = Embedding(layout.embedding_size, m.d_model, m.init_std)
+        self.layers = nn.ModuleList(TransformerLayer(m, self.ffn_dim, out_std, self.backend, i)
+                                    for i in range(m.n_layer))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = Linear(m.d_model, m.vocab_size, m.init_std)
 
-        angles = rope_angles(torch.from_numpy(self.layout.positions), self.head_dim, m.rope_theta)
+        # on the device the model is being built on (torch.device context), like the weights
+        here = self.norm.weight.device
+        angles = rope_angles(torch.from_numpy(layout.positions).to(here), self.head_dim, m.rope_theta)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self._backends: dict[str, object] = {}
         self._checkpoint_fn: Callable | None = None
 
     # ---- building blocks ------------------------------------------------------------------------
-    def attention_backend(self, device: torch.device):
-        name = resolve_backend_name(self.attention_name, device)
-        if name not in self._backends:
-            self._backends[name] = make_attention(name, self.layout, device)
-        return self._backends[name]
-
     def enable_activation_checkpointing(self, checkpoint_fn: Callable | None = None) -> None:
         """Recompute each layer's activations in backward (pass deepspeed.checkpointing.checkpoint
         under DeepSpeed; torch's non-reentrant checkpoint by default)."""
@@ -168,15 +165,10 @@ class NBPModel(nn.Module):
             return self.loss(input_ids)
         x = self.embed(input_ids)
         n = input_ids.shape[1]
-        cos = self.rope_cos[start:start + n].to(x.device)
-        sin = self.rope_sin[start:start + n].to(x.device)
-        backend = self.attention_backend(x.device)
+        cos, sin = self.rope_cos[start:start + n], self.rope_sin[start:start + n]
         recompute = self._checkpoint_fn is not None and self.training and cache is None
-        for i, layer in enumerate(self.layers):
-            if recompute:
-                x = self._checkpoint_fn(layer, x, cos, sin, backend)
-            else:
-                x = layer(x, cos, sin, backend, cache, i, start)
+        for layer in self.layers:
+            x = self._checkpoint_fn(layer, x, cos, sin) if recompute else layer(x, cos, sin, cache, start)
         return self.norm(x)
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
@@ -194,11 +186,7 @@ class NBPModel(nn.Module):
             return None
         if "label" not in batch:
             raise KeyError("this model is class-conditional: the batch needs 'label' (LongTensor[B])")
-        label = batch["label"].long()
-        bad = (label < 0) | (label >= self.layout.num_classes)
-        if bool(bad.any()):
-            raise ValueError(f"labels must be in [0, {self.layout.num_classes}), got {label[bad].tolist()}")
-        return label
+        return self.layout.check_labels(batch["label"])
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tuple(tokens.shape[1:]) != self.layout.grid:
@@ -214,10 +202,10 @@ class NBPModel(nn.Module):
         if label is not None:
             label = self.drop_labels(label)
         ids = self.layout.input_ids(tokens, label)
-        targets = self.layout.targets(tokens)
-        keep = torch.as_tensor(self.layout.loss_mask, device=ids.device)
-        hidden = self.forward(ids)[:, keep].reshape(-1, self.d_model)  # the head only where a target counts
-        targets = targets[:, keep].reshape(-1)
+        # the head only where a target counts; an index table, not a boolean mask (which syncs with the host)
+        rows = self.layout.loss_rows(ids.device)
+        hidden = self.forward(ids).index_select(1, rows).reshape(-1, self.d_model)
+        targets = self.layout.targets(tokens).index_select(1, rows).reshape(-1)
         n = targets.numel()
         if n <= self.loss_chunk:
             loss_sum, correct = self._head_loss(hidden, targets)
@@ -263,6 +251,12 @@ class NBPModel(nn.Module):
         return 6 * matmul_params + attention
 
 
-def build_model(cfg: RunConfig) -> NBPModel:
-    """Build the model a run config describes (call under deepspeed.zero.Init for ZeRO-3)."""
-    return NBPModel(cfg)
+def build_model(cfg: RunConfig, device: torch.device | str | None = None) -> NBPModel:
+    """Build the model a run config describes, with its weights made and initialized directly on ``device``
+    (default: torch's default device; never a full-size copy on the CPU first). Under
+    ``deepspeed.zero.Init`` (ZeRO-3) every constructor's parameters are partitioned as they are made."""
+    layout = Layout.from_config(cfg.layout, cfg.model.vocab_size)
+    if device is None:
+        return NBPModel(cfg.model, layout)
+    with torch.device(device):
+        return NBPModel(cfg.model, layout)

@@ -1,0 +1,31 @@
+"""The command-line programs of nbp_ds, one module each (console scripts ``nbp-*``, see pyproject.toml).
+
+Every program's ``main(argv)`` is wrapped by :func:`command`, the one place where an error becomes an
+exit status: a :class:`~nbp_ds.errors.UsageError` (bad config key, missing file, wrong flag) is printed
+as a single ``error: ...`` line and gives status 2; anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+from nbp_ds.errors import UsageError
+
+Main = Callable[[list[str] | None], int | None]
+
+
+def command(main: Main) -> Callable[[list[str] | None], int]:
+    """Decorate a program's ``main(argv)`` so it returns an exit status (0, its own, or 2 on a UsageError)."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            status = main(argv)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return int(status or 0)
+
+    return wrapper
