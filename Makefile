@@ -7,7 +7,7 @@ setup:
 	bash scripts/setup_env.sh
 
 quickstart: setup
-	DS_ACCELERATOR=cpu $(PY) tools/quickstart.py
+	DS_ACCELERATOR=cpu $(PY) -m nbp_ds.cli.quickstart
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu"

@@ -92,6 +92,7 @@ class TrainConfig:
     sample_tokenizer: str | None = None  # tokenizer used to decode logged samples
     max_bad_steps: int = 5  # stop after this many NaN/Inf losses in a row
     peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
+    hooks: str | None = None  # "module:Class", a nbp_ds.train.hooks.TrainerHooks subclass (profiling, custom logs)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Every writer of a result (checkpoints' ``latest``, exports, tokenizer weights, manifests, shards,
 synthetic videos, caches) goes through :func:`atomic_output`: it hands out a temporary path next to
-the target (same folder, hence same file system, and same suffix, so tools that pick a format by
-suffix still work), and renames it over the target only when the block finished without an error.
+the target (same folder, hence same file system), and renames it over the target only when the block
+finished without an error. The temporary name is hidden (a leading dot) and does not end like the
+target (``.shard-000001.tar.tmp123``), so listings of shards or videos never pick one up; a writer
+that chooses its format by suffix (ffmpeg, ``np.save``) passes ``suffix``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_output(path: str | Path, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it becomes ``path`` (fsynced first), on an error it is
-    removed and ``path`` keeps what it held before."""
+def atomic_output(path: str | Path, suffix: str = "", fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write (ending in ``suffix``); on success it becomes ``path`` (fsynced
+    first), on an error it is removed and ``path`` keeps what it held before."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     try:
         yield tmp
         if fsync:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from nbp_ds.layout import SOURCE_BOV, SOURCE_CLASS, SOURCE_PLACEHOLDER
+from nbp_ds.layout import Layout
 from nbp_ds.model.transformer import NBPModel
 
 
@@ -43,18 +43,15 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, t
     return torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
-def _as_labels(label, batch_size: int, num_classes: int, device: torch.device) -> torch.Tensor:
+def _as_labels(label, batch_size: int, layout: Layout, device: torch.device) -> torch.Tensor:
     if label is None:
         raise ValueError("this model is class-conditional: pass label= (an int or LongTensor[B])")
-    label = torch.as_tensor(label, dtype=torch.long, device=device)
+    label = layout.check_labels(torch.as_tensor(label, dtype=torch.long).cpu())  # checked once, on the host
     if label.dim() == 0:
         label = label.expand(batch_size)
     if label.shape != (batch_size,):
         raise ValueError(f"label must be an int or have shape [{batch_size}], got {list(label.shape)}")
-    bad = (label < 0) | (label >= num_classes)
-    if bool(bad.any()):
-        raise ValueError(f"label values must be in [0, {num_classes}), got {label[bad].tolist()}")
-    return label
+    return label.to(device)
 
 
 @torch.no_grad()
@@ -113,7 +110,7 @@ def generate(
     labels = None
     guided = False
     if layout.condition == "class":
-        labels = _as_labels(label, batch_size, layout.num_classes, device)
+        labels = _as_labels(label, batch_size, layout, device)
         guided = cfg_scale is not None and cfg_scale != 1.0
         if guided:  # second half of the rows runs unconditionally (null class)
             labels = torch.cat([labels, torch.full_like(labels, layout.null_class)])
@@ -121,7 +118,6 @@ def generate(
         raise ValueError(f"label= and cfg_scale= need a class-conditional model; condition={layout.condition!r}")
 
     rows = labels.shape[0] if labels is not None else batch_size
-    source = torch.as_tensor(layout.input_source, device=device)
     target = torch.as_tensor(layout.target_index, device=device)
     was_training = model.training
     model.eval()
@@ -129,13 +125,8 @@ def generate(
     began = time.perf_counter()
     try:
         for step in layout.generation_steps:
-            src = source[step.start:step.end]
             video = tokens if rows == batch_size else tokens.repeat(2, 1)
-            ids = video[:, src.clamp(min=0)].clone()
-            ids[:, src == SOURCE_BOV] = layout.bov_token
-            ids[:, src == SOURCE_PLACEHOLDER] = layout.placeholder_token
-            if labels is not None:
-                ids[:, src == SOURCE_CLASS] = layout.class_token(labels).unsqueeze(1)
+            ids = layout.input_ids(video, labels, step.start, step.end)
             hidden = model(ids, start=step.start, cache=cache)
             read = torch.as_tensor(step.read, device=device)
             logits = model.head(hidden[:, read - step.start]).float()

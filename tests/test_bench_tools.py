@@ -15,7 +15,7 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_bench_train_reports_an_unavailable_backend_and_measures_the_rest():
-    result = run_tool("tools/bench_train.py", "--config", "tiny", "--attention", "sdpa", "flex",
+    result = run_tool("-m", "nbp_ds.cli.bench_train", "--config", "tiny", "--attention", "sdpa", "flex",
                       "--steps", "2", "--warmup", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
@@ -24,7 +24,7 @@ def test_bench_train_reports_an_unavailable_backend_and_measures_the_rest():
 
 
 def test_bench_generate_counts_forward_passes_on_the_configs_grid():
-    result = run_tool("tools/bench_generate.py", "--config", "tiny", "--repeats", "1")
+    result = run_tool("-m", "nbp_ds.cli.bench_generate", "--config", "tiny", "--repeats", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     passes = {line.split()[0] + " " + line.split()[1]: int(line.split()[2])
               for line in result.stdout.splitlines() if line.startswith(("NBP", "NTP"))}
@@ -34,7 +34,7 @@ def test_bench_generate_counts_forward_passes_on_the_configs_grid():
 
 
 def test_bench_data_measures_the_loader_and_tokenization():
-    result = run_tool("tools/bench_data.py", "--samples", "300", "--workers", "1", "--videos", "2",
+    result = run_tool("-m", "nbp_ds.cli.bench_data", "--samples", "300", "--workers", "1", "--videos", "2",
                       "--preset", "tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 worker(s):" in result.stdout and "samples/s" in result.stdout
@@ -42,5 +42,5 @@ def test_bench_data_measures_the_loader_and_tokenization():
 
 
 def test_bench_tools_name_a_bad_config_key():
-    result = run_tool("tools/bench_train.py", "--config", "tiny", "model.n_hed=3")
+    result = run_tool("-m", "nbp_ds.cli.bench_train", "--config", "tiny", "model.n_hed=3")
     assert result.returncode == 2 and "model.n_hed" in result.stderr and "Traceback" not in result.stderr

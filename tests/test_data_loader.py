@@ -66,7 +66,7 @@ def test_decode_errors_name_the_key(damage, fragment):
 def test_writer_rolls_over_and_renames(tmp_path):
     shards = write_shards(tmp_path, 25, per_shard=10)
     assert [Path(s).name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*"))  # no temporary left behind
     with pytest.raises(RuntimeError), TokenShardWriter(tmp_path / "x", maxcount=10) as w:
         w.write("a", np.zeros(GRID, dtype=int), 0, {})
         raise RuntimeError("interrupted")

@@ -27,7 +27,6 @@ from nbp_ds.eval import fvd as fvd_mod
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "eval_fvd.py"
 
 
 def _random_spd(rng: np.random.Generator, dim: int) -> np.ndarray:
@@ -261,7 +260,8 @@ def test_compute_fvd_end_to_end(tiny_i3d):
 
 
 def _run_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "nbp_ds.cli.eval_fvd", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_tool_refuses_without_detector():
@@ -317,14 +317,11 @@ def test_tool_end_to_end_npy_and_mp4(tiny_i3d, tmp_path):
 def test_decode_mp4_matches_frame_count(tmp_path):
     if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
         pytest.skip("ffmpeg/ffprobe not installed")
-    sys.path.insert(0, str(TOOL.parent))
-    try:
-        import eval_fvd
-    finally:
-        sys.path.remove(str(TOOL.parent))
+    from nbp_ds.tokenizer.video_io import decode_video
+
     path = tmp_path / "v.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=40x24:rate=10:duration=2",
                     "-pix_fmt", "yuv420p", str(path)], check=True, timeout=60)
-    clip = eval_fvd.decode_mp4(path, 16)
+    clip = decode_video(path, max_frames=16)  # FVD's reading: stored rate and size, the first frames
     assert clip.shape == (16, 24, 40, 3) and clip.dtype == np.uint8
-    assert eval_fvd.decode_mp4(path, 100).shape[0] == 20  # short video: all of its frames, no padding
+    assert decode_video(path, max_frames=100).shape[0] == 20  # short video: all of its frames, no padding

@@ -88,7 +88,7 @@ def test_generation_errors_name_the_problem():
     model, _ = model_for(CASES["nbp-class"][0])
     with pytest.raises(ValueError, match="label"):
         generate(model, 2)
-    with pytest.raises(ValueError, match=r"label values must be in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
         generate(model, 2, label=7)
     frames, _ = model_for(CASES["frames"][0])
     with pytest.raises(ValueError, match="context"):

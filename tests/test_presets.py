@@ -36,7 +36,7 @@ def test_every_shipped_config_loads():
 
 
 def test_count_params_tool_prints_the_presets():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "count_params.py")], check=True,
+    out = subprocess.run([sys.executable, "-m", "nbp_ds.cli.count_params"], check=True, cwd=ROOT,
                          capture_output=True, text=True).stdout
     for name in PAPER_PRESETS:
         assert name in out

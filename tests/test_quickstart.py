@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_quickstart_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "qs"
-    cmd = [sys.executable, "tools/quickstart.py", "--out", str(out), "--per-class", "3", "--val-per-class", "1",
+    cmd = [sys.executable, "-m", "nbp_ds.cli.quickstart", "--out", str(out), "--per-class", "3", "--val-per-class", "1",
            "--tokenizer-steps", "10", "--train-steps", "6", "train.save_every=6", "train.eval_every=6",
            "train.sample_every=6", "train.log_every=2", "model.n_layer=1"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -18,8 +18,8 @@ from nbp_ds.eval.consistency import analyze_clip, classify_clip, consistency_rep
 from nbp_ds.eval.synthetic import BACKGROUND, CLASSES, DIRECTIONS, SHAPES, parse_class, render_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATOR = ROOT / "tools" / "make_synthetic_videos.py"
-CHECKER = ROOT / "tools" / "check_class_consistency.py"
+GENERATOR = ["-m", "nbp_ds.cli.make_synthetic_videos"]
+CHECKER = ["-m", "nbp_ds.cli.check_consistency"]
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
                                   reason="needs ffmpeg and ffprobe on PATH")
@@ -36,8 +36,9 @@ def rendered(per_class: int, frames: int = 9, size: int = 32, seed: int = 0):
     return clips, labels
 
 
-def run_tool(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+def run_tool(tool: list[str], *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *tool, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
 
 
 # --------------------------------------------------------------------------------------------- the world's definition
@@ -138,7 +139,7 @@ def test_generator_layout_and_clip_length(synthetic_videos):
     for split in ("train", "val"):
         assert json.loads((out / split / "classes.json").read_text()) == classes
     assert len(list((out / "train").rglob("*.mp4"))) == 24 and len(list((out / "val").rglob("*.mp4"))) == 12
-    assert not (out / ".tmp").exists()
+    assert not list(out.rglob(".*"))  # no temporary left behind
     path = out / "train" / "circle_up" / "circle_up_0001.mp4"
     assert path.is_file()
     # Exactly one 9-frame clip at 8 fps: the decoder neither drops nor duplicates frames.

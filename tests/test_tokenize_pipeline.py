@@ -23,7 +23,7 @@ GRID = (3, 8, 8)
 
 
 def tokenize(videos: Path, out: Path, *extra: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "tools/tokenize_videos.py", "--videos", str(videos), "--out", str(out), *CLIP,
+    cmd = [sys.executable, "-m", "nbp_ds.cli.tokenize", "--videos", str(videos), "--out", str(out), *CLIP,
            "--clips-per-video", "2", "--shard-size", "2", "--no-progress", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
@@ -70,8 +70,9 @@ def test_failures_are_listed_with_reasons(tokenized):
 
 
 def test_inspect_shards_reports(tokenized, tmp_path):
-    result = subprocess.run([sys.executable, "tools/inspect_shards.py", str(tokenized), "--json", str(tmp_path / "r"),
-                             "--expect-grid", "3,8,8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.inspect_shards", str(tokenized), "--json",
+                             str(tmp_path / "r"), "--expect-grid", "3,8,8"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "r").read_text())
     assert report["samples"] == 12 and report["duplicate_keys"] == 0 and report["shapes"] == {"3x8x8": 12}
@@ -95,16 +96,17 @@ def test_a_corrupt_member_is_skipped_and_counted(tokenized, tmp_path):
     loader = build_loader(shards, grid=GRID, batch_size=4, mode="val", num_workers=2, with_keys=True)
     keys = [k for b in loader for k in b["key"]]
     assert len(keys) == 11 and loader.stats()["corrupt"] == 1
-    result = subprocess.run([sys.executable, "tools/inspect_shards.py", str(shards)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.inspect_shards", str(shards)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "1 member(s)" in result.stdout
 
 
 def test_interrupted_run_resumes_without_loss_or_duplicates(videos, tokenized, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "tools/tokenize_videos.py", "--videos", str(videos), "--out", str(out), *CLIP,
-           "--clips-per-video", "2", "--shard-size", "2", "--no-progress", "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "NBP_TEST_DECODE_SLEEP": "0.5"},
+    # decoding slowed down (tests/faults.py; inline decoding so the slow-down applies) so the run can be killed midway
+    cmd = [sys.executable, "tests/faults.py", "tokenize", "0.5", "--videos", str(videos), "--out", str(out), *CLIP,
+           "--clips-per-video", "2", "--shard-size", "2", "--no-progress", "--workers", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while len(list((out / "manifests").glob("*.json"))) < 2 and time.time() < deadline:
@@ -116,7 +118,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(videos, tokenized, t
     result = tokenize(videos, out, "--workers", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shard(s) already done" in result.stdout and " 0 shard(s) already done" not in result.stdout
-    assert not list(out.glob("*.tmp*"))
+    assert not list(out.glob(".*tmp*"))
     assert sorted(keys_from_loader(out)) == sorted(keys_from_loader(tokenized))
     rows = (out / "failures.jsonl").read_text().splitlines()
     assert len(rows) == 2  # failures from both runs, each once

@@ -48,7 +48,8 @@ def test_zero3_learns_and_logs(trained):
     rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     val = [r["val/loss"] for r in rows if "val/loss" in r]
     assert len(val) == 2 and val[1] < val[0]
-    assert {"lr", "grad_norm", "tokens_per_s", "step_time", "data_wait", "memory_gib"} <= set(rows[0])
+    assert {"train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time", "perf/data_wait",
+            "sys/memory_gib", "data/samples"} <= set(rows[0])
     assert list((trained / "tb").glob("events.out.tfevents.*"))
     assert (trained / "checkpoints" / "latest").read_text() == "step00000040"
 
@@ -64,7 +65,7 @@ def test_parameters_are_sharded(trained):
 def test_export_loads_and_matches_the_engine(trained, tmp_path):
     from nbp_ds.train.export import load_exported
 
-    result = run(["python", "tools/export_weights.py", str(trained), str(tmp_path / "w.safetensors")])
+    result = run(["python", "-m", "nbp_ds.cli.export", str(trained), str(tmp_path / "w.safetensors")])
     assert result.returncode == 0, result.stderr[-2000:]
     model, cfg = load_exported(tmp_path / "w.safetensors")
     in_memory, _ = load_exported(trained)  # a checkpoint folder, consolidated without export
@@ -103,7 +104,7 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
     result = run(train_cmd(straight, shards, *steps))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     interrupted = tmp_path / "interrupted"
-    proc = start(train_cmd(interrupted, shards, *steps), tmp_path / "first.log", NBP_TEST_STEP_SLEEP="0.15")
+    proc = start(train_cmd(interrupted, shards, *steps), tmp_path / "first.log", faults={"step_sleep": 0.15})
     wait_for_latest(interrupted, "step00000012", proc)
     kill_group(proc, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -119,7 +120,7 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
 def test_sigterm_saves_exits_zero_and_resumes(shards, tmp_path):
     out = tmp_path / "out"
     steps = ["train.steps=30", "train.save_every=100", "train.eval_every=0"]
-    proc = start(train_cmd(out, shards, *steps), tmp_path / "log", NBP_TEST_STEP_SLEEP="0.2")
+    proc = start(train_cmd(out, shards, *steps), tmp_path / "log", faults={"step_sleep": 0.2})
     while not (out / "metrics.jsonl").is_file() or len(step_losses(out)) < 5:
         assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
     assert signal_workers(proc, signal.SIGTERM) == 2
@@ -140,7 +141,7 @@ def test_save_killed_halfway_keeps_previous_latest(shards, tmp_path):
     kill_group(proc, signal.SIGKILL)
     proc.wait(timeout=60)
     # the next save hangs after writing its shards and before 'latest' moves; kill it there
-    proc = start(train_cmd(out, shards, *steps), tmp_path / "log2", NBP_TEST_DIE_BEFORE_LATEST="1")
+    proc = start(train_cmd(out, shards, *steps), tmp_path / "log2", faults={"stall_ranks": "all"})
     import time
 
     deadline = time.time() + 120
@@ -157,11 +158,11 @@ def test_save_killed_halfway_keeps_previous_latest(shards, tmp_path):
 
 def test_nan_steps_are_skipped_then_the_run_stops(shards, tmp_path):
     result = run(train_cmd(tmp_path / "a", shards, "train.steps=8", "train.eval_every=0", "train.save_every=0"),
-                 NBP_TEST_NAN_STEPS="3")
+                 faults={"nan_steps": [3]})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "the update was skipped (1 in a row" in result.stderr
     result = run(train_cmd(tmp_path / "b", shards, "train.steps=10", "train.eval_every=0", "train.max_bad_steps=3"),
-                 NBP_TEST_NAN_STEPS="3,4,5")
+                 faults={"nan_steps": [3, 4, 5]})
     assert result.returncode != 0
     assert "3 steps in a row had a non-finite loss" in result.stderr
 

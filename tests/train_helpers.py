@@ -39,19 +39,32 @@ def train_cmd(out_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> l
 
 
 def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    # tests/ is importable so that train.hooks=faults:FaultHooks (tests/faults.py) loads in the trainer
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
 
 
-def run(cmd: list[str], timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+def with_faults(cmd: list[str], faults: dict | None) -> tuple[list[str], dict[str, str]]:
+    """A training command with tests/faults.py's hooks injecting ``faults`` (see that module), and its env."""
+    if not faults:
+        return cmd, {}
+    return [*cmd, "train.hooks=faults:FaultHooks"], {"NBP_FAULTS": json.dumps(faults)}
+
+
+def run(cmd: list[str], timeout: float = 300, faults: dict | None = None,
+        **extra_env: str) -> subprocess.CompletedProcess:
     """Run a command; a leading "python" means this interpreter (the venv's)."""
     cmd = [sys.executable, *cmd[1:]] if cmd[0] == "python" else cmd
-    return subprocess.run(cmd, env=env(**extra_env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    cmd, fault_env = with_faults(cmd, faults)
+    return subprocess.run(cmd, env=env(**fault_env, **extra_env), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def start(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, faults: dict | None = None, **extra_env: str) -> subprocess.Popen:
     """Start a launch in its own process group, so the whole group can be signalled or killed."""
-    return subprocess.Popen(cmd, env=env(**extra_env), cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    cmd, fault_env = with_faults(cmd, faults)
+    return subprocess.Popen(cmd, env=env(**fault_env, **extra_env), cwd=ROOT, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for_latest(out_dir: Path, tag: str, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -13,16 +13,16 @@ from collections.abc import Callable
 
 from nbp_ds.errors import UsageError
 
-Main = Callable[[list[str] | None], int | None]
+Main = Callable[..., int | None]
 
 
-def command(main: Main) -> Callable[[list[str] | None], int]:
-    """Decorate a program's ``main(argv)`` so it returns an exit status (0, its own, or 2 on a UsageError)."""
+def command(main: Main) -> Callable[..., int]:
+    """Decorate a program's ``main(argv, ...)`` so it returns an exit status (0, its own, or 2 on a UsageError)."""
 
     @functools.wraps(main)
-    def wrapper(argv: list[str] | None = None) -> int:
+    def wrapper(argv: list[str] | None = None, *args, **kwargs) -> int:
         try:
-            status = main(argv)
+            status = main(argv, *args, **kwargs)
         except UsageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -44,7 +44,7 @@ def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
         return [path for item in spec for path in expand_shards(item)]
     spec = str(spec)
     if os.path.isdir(spec):
-        found = sorted(str(p) for p in Path(spec).glob("*.tar"))
+        found = sorted(str(p) for p in Path(spec).glob("*.tar") if not p.name.startswith("."))  # not temporaries
         if not found:
             raise FileNotFoundError(f"shard folder {spec!r} holds no .tar files")
         return found
@@ -193,6 +193,11 @@ class _SlotDataset(IterableDataset):
             yield _collate(tokens, labels, keys if self.with_keys else None, counts)
         elif counts:
             yield {"_counts": dict(counts), "_stats_only": True}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device`` (pinned-memory copies do not block); other entries as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _collate(tokens: list[np.ndarray], labels: list[int], keys: list[str] | None, counts: Counter) -> dict:

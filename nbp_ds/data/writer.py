@@ -1,15 +1,17 @@
-"""Writing token shards: each shard is written under a temporary name and renamed when complete, so
-an interrupted writer never leaves a truncated shard under a final name."""
+"""Writing token shards: each shard is written under a temporary name and renamed when complete
+(:func:`nbp_ds.files.atomic_output`), so an interrupted writer never leaves a truncated shard under a
+final name."""
 
 from __future__ import annotations
 
-import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
 from nbp_ds.data.schema import encode_sample
+from nbp_ds.files import atomic_output
 
 
 class TokenShardWriter:
@@ -23,16 +25,16 @@ class TokenShardWriter:
         self.prefix, self.maxcount, self.index = prefix, maxcount, start_index
         self.written: list[Path] = []  # completed shards
         self._tar: wds.TarWriter | None = None
-        self._stream = None
+        self._shard: ExitStack | None = None  # holds the open temporary file until the shard is complete
         self._count = 0
 
     def shard_path(self, index: int) -> Path:
         return self.out_dir / f"{self.prefix}-{index:06d}.tar"
 
     def _open(self) -> None:
-        self._tmp = self.shard_path(self.index).with_suffix(".tar.tmp")
-        self._stream = open(self._tmp, "wb")
-        self._tar = wds.TarWriter(self._stream)
+        self._shard = ExitStack()
+        tmp = self._shard.enter_context(atomic_output(self.shard_path(self.index)))
+        self._tar = wds.TarWriter(self._shard.enter_context(open(tmp, "wb")))
         self._count = 0
 
     def finish_shard(self) -> Path | None:
@@ -40,11 +42,10 @@ class TokenShardWriter:
         if self._tar is None:
             return None
         self._tar.close()
-        self._stream.close()
+        self._shard.close()  # closes the file, then renames it into place
         final = self.shard_path(self.index)
-        os.replace(self._tmp, final)
         self.written.append(final)
-        self._tar = None
+        self._tar, self._shard = None, None
         self.index += 1
         return final
 
@@ -65,8 +66,7 @@ class TokenShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._tar is not None:  # an error: keep the partial shard out of the final names
+        elif self._shard is not None:  # an error: the partial shard is removed, never renamed into place
             self._tar.close()
-            self._stream.close()
-            os.unlink(self._tmp)
-            self._tar = None
+            self._shard.__exit__(exc_type, exc, tb)
+            self._tar, self._shard = None, None

@@ -47,7 +47,7 @@ VideoBatch = np.ndarray | torch.Tensor
 
 
 def missing_detector_message(path: str | os.PathLike | None) -> str:
-    """The message shown when the I3D TorchScript detector is not at ``path`` (also used by ``tools/eval_fvd.py``)."""
+    """The message shown when the I3D TorchScript detector is not at ``path`` (also used by ``nbp-eval-fvd``)."""
     where = f"not found at '{path}'" if path else "not given"
     return (
         f"I3D detector {where}. It cannot be downloaded here (this environment has no network access). "
@@ -303,3 +303,40 @@ def compute_fvd(
     real = extractor.features(real_videos, batch_size=batch_size)
     fake = extractor.features(fake_videos, batch_size=batch_size)
     return fvd_from_features(real, fake)
+
+
+class ShortVideoError(ValueError):
+    """A video has fewer frames than a clip needs."""
+
+
+def load_clip(path: Path, num_frames: int) -> np.ndarray:
+    """The first ``num_frames`` frames of a video file or a saved ``.npy`` array, uint8 [num_frames, H, W, 3]."""
+    from nbp_ds.tokenizer.video_io import read_frames
+
+    clip = read_frames(path, num_frames)
+    if clip.shape[0] < num_frames:
+        raise ShortVideoError(f"{path}: has {clip.shape[0]} frames, FVD clips need {num_frames}")
+    return clip
+
+
+def iter_clips(files: Sequence[Path], num_frames: int, skip_short: bool, skipped: list[Path],
+               limit: int | None = None) -> Iterator[np.ndarray]:
+    """Decode ``files`` in order, one at a time (so only a batch of clips is in memory), until ``limit`` clips.
+
+    Short videos raise, or with ``skip_short`` go to ``skipped`` and the next file takes their place (StyleGAN-V
+    likewise discards videos shorter than a clip before counting).
+    """
+    produced = 0
+    for path in files:
+        if limit is not None and produced >= limit:
+            return
+        try:
+            clip = load_clip(path, num_frames)
+        except ShortVideoError as err:
+            if not skip_short:
+                raise RuntimeError(f"{err} (pass --skip-short to leave such videos out)") from None
+            logger.warning("skipping %s", err)
+            skipped.append(path)
+            continue
+        produced += 1
+        yield clip

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbp_ds.errors import UsageError
 from nbp_ds.tokenizer.video_io import VIDEO_SUFFIXES
 
 
@@ -24,7 +25,7 @@ class VideoEntry:
     label_name: str | None
 
 
-class ListingError(ValueError):
+class ListingError(UsageError, ValueError):
     """The --videos argument or a classes file cannot be used; the message names it."""
 
 
@@ -34,7 +35,8 @@ def list_videos(source: str | Path) -> list[VideoEntry]:
     if source.is_dir():
         entries = [VideoEntry(p, p.relative_to(source).as_posix(),
                               p.relative_to(source).parts[0] if len(p.relative_to(source).parts) > 1 else None)
-                   for p in source.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES]
+                   for p in source.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+                   and not p.name.startswith(".")]  # hidden: editors' and writers' temporaries
         if not entries:
             raise ListingError(f"--videos {source}: no video files ({', '.join(VIDEO_SUFFIXES)}) in the folder")
     elif source.is_file() and source.suffix.lower() == ".csv":

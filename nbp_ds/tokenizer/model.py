@@ -18,7 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbp_ds.errors import UsageError
+from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.tokenizer.fsq import FSQ
+
+
+class TokenizerError(UsageError, ValueError):
+    """A tokenizer that cannot be loaded, or a clip shape it cannot take; the message names it."""
+
+
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """No tokenizer where one was named."""
+
 
 TEMPORAL_STAGES = 2  # two 2x temporal downsamplings: 1 + 4k frames -> 1 + k latent frames
 
@@ -230,13 +241,23 @@ class VideoTokenizer(nn.Module):
         s, f = self.config.spatial_factor, self.config.temporal_factor
         return 1 + (frames - 1) // f, height // s, width // s
 
+    def clip_shape(self, grid: tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
+        """The clip (frames, height, width) that encodes to the token grid (T', H', W'): latent_shape's inverse."""
+        t, h, w = grid
+        s, f = self.config.spatial_factor, self.config.temporal_factor
+        return 1 + (t - 1) * f, h * s, w * s
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def check_clip_shape(self, frames: int, height: int, width: int) -> None:
         s, f = self.config.spatial_factor, self.config.temporal_factor
         if frames < 1 or (frames - 1) % f:
-            raise ValueError(f"tokenizer '{self.name}': clips need 1 + {f}k frames (1, {1 + f}, {1 + 2 * f}, ...), "
+            raise TokenizerError(f"tokenizer '{self.name}': clips need 1 + {f}k frames (1, {1 + f}, {1 + 2 * f}, ...), "
                              f"got {frames}")
         if height % s or width % s:
-            raise ValueError(f"tokenizer '{self.name}': frame size must be a multiple of {s}, got {height}x{width}")
+            raise TokenizerError(f"tokenizer '{self.name}': frame size must be a multiple of {s}, got {height}x{width}")
 
     # ---- float paths (training) -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +273,7 @@ class VideoTokenizer(nn.Module):
         if video.ndim != 5 or video.shape[-1] != 3:
             raise ValueError(f"encode expects uint8 video [B, N, H, W, 3], got shape {tuple(video.shape)}")
         self.check_clip_shape(*video.shape[1:4])
-        x = to_float(video.to(self._device()))
+        x = to_float(video.to(self.device))
         _, indices = self.fsq(self.encoder(x).permute(0, 2, 3, 4, 1))
         return indices
 
@@ -261,11 +282,8 @@ class VideoTokenizer(nn.Module):
         """token ids [B, T', H', W'] -> uint8 video [B, 1 + 4(T'-1), H'*s, W'*s, 3]."""
         if tokens.ndim != 4:
             raise ValueError(f"decode expects tokens [B, T, H, W], got shape {tuple(tokens.shape)}")
-        values = self.fsq.indices_to_values(tokens.to(self._device()))
+        values = self.fsq.indices_to_values(tokens.to(self.device))
         return to_uint8(self.decoder(values.permute(0, 4, 1, 2, 3)))
-
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
 
     # ---- files ------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
@@ -280,10 +298,9 @@ class VideoTokenizer(nn.Module):
             digest.update(key.encode())
             digest.update(state[key].numpy().tobytes())
         self.config.version = digest.hexdigest()[:12]
-        tmp = folder / "tokenizer.safetensors.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(folder / "tokenizer.safetensors")
-        (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=1) + "\n")
+        with atomic_output(folder / "tokenizer.safetensors") as tmp:
+            save_file(state, str(tmp))
+        write_text_atomic(folder / "config.json", json.dumps(asdict(self.config), indent=1) + "\n")
         return folder
 
 
@@ -300,7 +317,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def build_tokenizer(preset: str, seed: int = 0) -> VideoTokenizer:
     """An untrained tokenizer of a preset (weights from `seed`): for tests, dry runs and training from scratch."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown tokenizer preset '{preset}'; presets: {', '.join(PRESETS)}")
+        raise TokenizerError(f"unknown tokenizer preset '{preset}'; presets: {', '.join(PRESETS)}")
     cfg = TokenizerConfig(**asdict(PRESETS[preset]))
     cfg.version = f"random-seed{seed}"
     with torch.random.fork_rng(devices=[]):
@@ -310,7 +327,7 @@ def build_tokenizer(preset: str, seed: int = 0) -> VideoTokenizer:
 
 def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> VideoTokenizer:
     """`random:<preset>[:seed]` for an untrained one, else a folder written by `VideoTokenizer.save`
-    (or a tools/train_tokenizer.py run folder, which holds it as `tokenizer/`). Returned in eval mode."""
+    (or a nbp-train-tokenizer run folder, which holds it as `tokenizer/`). Returned in eval mode."""
     spec = str(spec)
     if spec.startswith("random:"):
         _, preset, *seed = spec.split(":")
@@ -322,13 +339,13 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> Vide
         if (folder / "tokenizer" / "config.json").is_file():
             folder = folder / "tokenizer"
         if not (folder / "config.json").is_file() or not (folder / "tokenizer.safetensors").is_file():
-            raise FileNotFoundError(f"tokenizer {spec}: expected a folder with config.json and tokenizer.safetensors "
-                                    f"(written by tools/train_tokenizer.py), or random:<preset> with presets "
+            raise TokenizerNotFound(f"tokenizer {spec}: expected a folder with config.json and tokenizer.safetensors "
+                                    f"(written by nbp-train-tokenizer), or random:<preset> with presets "
                                     f"{', '.join(PRESETS)}")
         try:
             cfg = TokenizerConfig(**json.loads((folder / "config.json").read_text()))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"tokenizer {folder / 'config.json'}: {exc}") from exc
+            raise TokenizerError(f"tokenizer {folder / 'config.json'}: {exc}") from exc
         tokenizer = VideoTokenizer(cfg)
         tokenizer.load_state_dict(load_file(str(folder / "tokenizer.safetensors")))
     return tokenizer.to(device).eval()

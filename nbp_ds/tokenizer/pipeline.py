@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 
 from nbp_ds.data.writer import TokenShardWriter
+from nbp_ds.errors import UsageError
+from nbp_ds.files import write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_videos, sample_key
 from nbp_ds.tokenizer.video_io import ClipTooShort, VideoError, read_clips_with_times
 
@@ -63,8 +64,6 @@ class TokenizeSummary:
 def _decode(args: tuple[VideoEntry, int, float, int, int]) -> tuple[VideoEntry, list, dict | None]:
     """Pool worker: one video -> its clips, or a failure record. Never raises: a bad video is listed."""
     entry, frames, fps, resolution, clips = args
-    if os.environ.get("NBP_TEST_DECODE_SLEEP"):  # test hook: slow down so a test can interrupt the run
-        time.sleep(float(os.environ["NBP_TEST_DECODE_SLEEP"]))
     try:
         return entry, read_clips_with_times(entry.path, frames, fps, resolution, clips), None
     except ClipTooShort as exc:
@@ -78,7 +77,7 @@ def _decode(args: tuple[VideoEntry, int, float, int, int]) -> tuple[VideoEntry, 
 def task_groups(entries: list[VideoEntry], opts: TokenizeOptions) -> list[list[VideoEntry]]:
     """This task's share of the videos, cut into one group per shard."""
     if not 0 <= opts.shard_index < opts.num_shards:
-        raise ValueError(f"--shard-index {opts.shard_index} is outside 0..{opts.num_shards - 1} (--num-shards)")
+        raise UsageError(f"--shard-index {opts.shard_index} is outside 0..{opts.num_shards - 1} (--num-shards)")
     mine = entries[opts.shard_index::opts.num_shards]
     per_group = max(1, opts.shard_size // max(1, opts.clips_per_video))
     return [mine[i:i + per_group] for i in range(0, len(mine), per_group)]
@@ -86,12 +85,6 @@ def task_groups(entries: list[VideoEntry], opts: TokenizeOptions) -> list[list[V
 
 def shard_name(task: int, group: int) -> str:
     return f"shard-t{task:03d}-{group:06d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
@@ -107,10 +100,10 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
                                     if (Path(opts.videos) / "classes.json").is_file() else None)
     classes = class_ids(entries, classes_file)
     if classes is not None:
-        _atomic_write(out / "classes.json", json.dumps(classes, indent=1, sort_keys=True) + "\n")
+        write_text_atomic(out / "classes.json", json.dumps(classes, indent=1, sort_keys=True) + "\n")
     tokenizer = load_tokenizer(opts.tokenizer, device=opts.device)
     grid = tokenizer.latent_shape(opts.frames, opts.resolution, opts.resolution)  # checks the clip shape
-    for stale in out.glob(f"shard-t{opts.shard_index:03d}-*.tar.tmp"):  # from an interrupted run
+    for stale in out.glob(f".shard-t{opts.shard_index:03d}-*.tar.tmp*"):  # from an interrupted (killed) run
         stale.unlink()
 
     groups = task_groups(entries, opts)
@@ -158,7 +151,7 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
                         batch = []
                 record["clips"] += _encode_and_write(tokenizer, batch, writer)
             # the shard has its final name (or holds nothing); now the group counts as done
-            _atomic_write(manifests / f"{name}.json", json.dumps(record, indent=1) + "\n")
+            write_text_atomic(manifests / f"{name}.json", json.dumps(record, indent=1) + "\n")
             summary.videos += len(group)
             summary.clips += record["clips"]
             summary.failures += record["failures"]
@@ -185,7 +178,7 @@ def _write_failures(out: Path, opts: TokenizeOptions) -> None:
     for manifest in sorted((out / "manifests").glob(f"shard-t{opts.shard_index:03d}-*.json")):
         rows += json.loads(manifest.read_text())["failures"]
     name = "failures.jsonl" if opts.num_shards == 1 else f"failures-t{opts.shard_index:03d}.jsonl"
-    _atomic_write(out / name, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(out / name, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _ordered_prefetch(pool, jobs: list, window: int):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbp_ds.tokenizer.dataset_listing import list_videos
+from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.tokenizer.dataset_listing import ListingError, list_videos
 from nbp_ds.tokenizer.video_io import ClipTooShort, VideoError, read_clips
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,13 @@ def cached_clips(videos: str | Path, cache: Path, frames: int, fps: float, resol
                 failures.append({"video": path, "reason": reason})
                 log.warning("skipped %s: %s", path, reason)
     if not clips:
-        raise VideoError(videos, f"no usable clips of {frames} frames at {fps:g} fps in {len(jobs)} videos")
+        raise ListingError(f"--videos {videos}: no usable clips of {frames} frames at {fps:g} fps in {len(jobs)} "
+                           f"videos (reasons: {sorted({f['reason'] for f in failures})})")
     array = np.stack(clips)
-    tmp = cache.with_name(cache.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, cache)
-    cache.with_suffix(".failures.json").write_text(json.dumps(failures, indent=1))
-    meta.write_text(json.dumps(params))
+    with atomic_output(cache, suffix=".npy") as tmp:
+        np.save(tmp, array)
+    write_text_atomic(cache.with_suffix(".failures.json"), json.dumps(failures, indent=1))
+    write_text_atomic(meta, json.dumps(params))
     return array
 
 

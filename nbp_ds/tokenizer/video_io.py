@@ -1,12 +1,16 @@
-"""Video files <-> uint8 frames through ffmpeg (ffmpeg-python builds the command lines).
+"""Video files <-> uint8 frames through ffmpeg (ffmpeg-python builds the command lines): the one place
+nbp_ds reads and writes videos (tokenization, tokenizer training, sampling contexts, FVD, the class
+check).
 
-Decoding resamples to a constant target fps (so variable-frame-rate sources come out evenly spaced),
-scales the short side to the target resolution and center-crops a square; grayscale, odd sizes and
-portrait videos all come out as RGB [N, R, R, 3]. Every failure is a `VideoError` naming the file.
+Decoding for tokenization resamples to a constant target fps (so variable-frame-rate sources come out
+evenly spaced), scales the short side to the target resolution and center-crops a square; grayscale,
+odd sizes and portrait videos all come out as RGB [N, R, R, 3]. Evaluation reads videos as they are
+(native rate and size, the first frames only). Every failure is a `VideoError` naming the file.
 """
 
 from __future__ import annotations
 
+import glob
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".gif")
+ARRAY_SUFFIXES = (".npy",)  # decoded frames saved by nbp-sample: uint8 [T, H, W, 3]
 
 
 class VideoError(RuntimeError):
@@ -77,25 +82,56 @@ def _last_line(stderr: bytes | None) -> str:
     return lines[-1] if lines else "no message"
 
 
-def decode_video(path: str | Path, fps: float, resolution: int) -> np.ndarray:
-    """All frames of a video at `fps`, short side scaled to `resolution` and center-cropped: uint8 [N,R,R,3]."""
+def decode_video(path: str | Path, fps: float | None = None, resolution: int | None = None,
+                 max_frames: int | None = None) -> np.ndarray:
+    """Frames of a video as uint8 [N, H, W, 3]: resampled to ``fps`` (None: as stored), short side scaled to
+    ``resolution`` and center-cropped to a square (None: the stored size, not rotated by display metadata),
+    the first ``max_frames`` only (None: all; decoding stops there)."""
     ffmpeg = _ffmpeg()
-    probe_video(path)  # a clear error for missing files and non-videos before decoding
-    stream = (ffmpeg.input(str(path)).video
-              .filter("fps", fps=fps)
-              # scale so that the short side is `resolution` (the long side overshoots), then crop the center
-              .filter("scale", resolution, resolution, force_original_aspect_ratio="increase", flags="area")
-              .filter("crop", resolution, resolution)
-              .output("pipe:", format="rawvideo", pix_fmt="rgb24"))
+    info = probe_video(path)  # a clear error for missing files and non-videos before decoding
+    # at the stored size, frames must not be turned by rotation metadata: the probe reports the coded size
+    stream = ffmpeg.input(str(path), **({"noautorotate": None} if resolution is None else {})).video
+    if fps is not None:
+        stream = stream.filter("fps", fps=fps)
+    if resolution is not None:
+        # scale so that the short side is `resolution` (the long side overshoots), then crop the center
+        stream = (stream.filter("scale", resolution, resolution, force_original_aspect_ratio="increase", flags="area")
+                  .filter("crop", resolution, resolution))
+    height, width = (resolution, resolution) if resolution is not None else (info.height, info.width)
+    limit = {"frames:v": max_frames} if max_frames is not None else {}
     try:
-        out, _ = stream.run(capture_stdout=True, capture_stderr=True, quiet=True)
+        out, _ = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", **limit).run(
+            capture_stdout=True, capture_stderr=True, quiet=True)
     except ffmpeg.Error as exc:
         raise VideoError(path, f"ffmpeg could not decode it ({_last_line(exc.stderr)})") from exc
-    frame_bytes = resolution * resolution * 3
+    frame_bytes = height * width * 3
     if len(out) % frame_bytes:
-        raise VideoError(path, f"ffmpeg returned {len(out)} bytes, not a whole number of {resolution}x{resolution} "
-                               f"frames")
-    return np.frombuffer(out, np.uint8).reshape(-1, resolution, resolution, 3)
+        raise VideoError(path, f"ffmpeg returned {len(out)} bytes, not a whole number of {width}x{height} frames")
+    return np.frombuffer(out, np.uint8).reshape(-1, height, width, 3)
+
+
+def read_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
+    """The first frames of a video file, or of a saved uint8 array [T, H, W, 3] (``.npy``), as they are."""
+    path = Path(path)
+    if path.suffix.lower() in ARRAY_SUFFIXES:
+        video = np.load(path, mmap_mode="r")  # only the frames used are read from disk
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+            raise VideoError(path, f"expected a uint8 array [T, H, W, 3], got {video.dtype} {video.shape}")
+        return np.array(video[:max_frames])
+    return decode_video(path, max_frames=max_frames)
+
+
+def find_videos(spec: str | Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[Path]:
+    """Files named by ``spec`` with one of ``suffixes``, sorted: a folder (searched recursively, hidden files
+    left out), one file, or a glob pattern (``**`` allowed)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if not p.name.startswith(".")]
+    elif path.is_file():
+        return [path]
+    else:
+        files = [Path(p) for p in glob.glob(str(path), recursive=True)]
+    return sorted(p for p in files if p.is_file() and p.suffix.lower() in suffixes)
 
 
 def clip_starts(total: int, frames: int, clips: int) -> list[int]:

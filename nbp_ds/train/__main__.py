@@ -1,60 +1,7 @@
-"""Train an NBP model with DeepSpeed.
+"""``python -m nbp_ds.train``: the trainer's command line (see nbp_ds.cli.train, also ``nbp-train``)."""
 
-    python -m nbp_ds.train --config tiny data.train=shards/train data.val=shards/val train.out_dir=runs/tiny
-    torchrun --nproc_per_node 8 -m nbp_ds.train --config ucf101-700m data.train=... train.out_dir=...
-    srun python -m nbp_ds.train --config ucf101-3b ...            (see slurm/train.sbatch)
-
---config is a shipped config name (tiny, quickstart, ucf101-700m, ucf101-1.2b, ucf101-3b, k600-700m)
-or a YAML file; key=value arguments override it (values are YAML: train.lr=3e-4, layout.block=[1,1,16]).
-A run whose train.out_dir holds a checkpoint resumes from it; --resume PATH resumes from another.
-SIGTERM or SIGUSR1 saves a checkpoint at the next step boundary and exits 0.
-On CPU set DS_ACCELERATOR=cpu (DeepSpeed then uses gloo).
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import os
 import sys
 
+from nbp_ds.cli.train import main
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nbp_ds.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="run config name or YAML path")
-    parser.add_argument("--resume", help="checkpoint folder to resume from (default: train.out_dir's own)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=1000")
-    # intermixed: overrides may come before or after --resume / --config
-    args = parser.parse_intermixed_args(argv)
-    from nbp_ds.train.stop import stop_request
-
-    stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
-
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
-    from nbp_ds.config import ConfigError, load_config
-    from nbp_ds.train.launch import LaunchError
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            return 0
-        from nbp_ds.train.loop import Trainer
-
-        trainer = Trainer(cfg, resume=args.resume)
-    except (ConfigError, LaunchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    status = trainer.run()
-    trainer.close()  # only after a normal return: a failed rank would leave the others in the barrier
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

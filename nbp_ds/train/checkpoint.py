@@ -1,23 +1,34 @@
-"""Checkpoints that survive preemption: a tag folder per save (DeepSpeed's sharded model and
-optimizer states plus our client state), and a ``latest`` file that moves only after every rank has
-finished writing, atomically (write to a temporary file, fsync, rename). Older tags beyond
-``train.keep_last`` are deleted only after ``latest`` has moved past them."""
+"""Checkpoints that survive preemption, for every trainer in nbp_ds.
+
+A checkpoints folder holds one tag folder per save (``step00001000``) and a ``latest`` file naming the
+last complete one. :class:`CheckpointManager` runs a save in the order that keeps ``latest`` true:
+every rank writes its part of the tag folder (the caller's writer: DeepSpeed's sharded states, or a
+state dict) and its own RNG state, then all ranks meet at a barrier, and only then does rank 0 move
+``latest`` (atomically) and delete tags beyond ``keep_last``, never the one ``latest`` names. A process
+killed at any point leaves ``latest`` naming a complete checkpoint.
+
+:func:`find_checkpoint` is the one way to go from what a user names (a run folder, its checkpoints
+folder, a tag folder) to a checkpoint: resuming, exporting and sampling all use it.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from nbp_ds.config import ConfigError, RunConfig
+from nbp_ds.errors import UsageError
+from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -28,30 +39,83 @@ SHAPE_KEYS = {"layout": ("grid", "block", "hybrid", "condition", "num_classes", 
               "model": ("n_layer", "d_model", "n_head", "vocab_size", "ffn_dim")}
 
 
+class CheckpointError(UsageError, FileNotFoundError):
+    """A path that does not hold the checkpoint it should; the message names it and what is missing."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One checkpoint: the checkpoints folder that holds it, and its tag (the sub-folder's name)."""
+
+    folder: Path
+    tag: str
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.tag
+
+    @property
+    def step(self) -> int | None:
+        digits = self.tag[len(TAG_PREFIX):]
+        return int(digits) if self.tag.startswith(TAG_PREFIX) and digits.isdigit() else None
+
+
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_latest(ckpt_dir: Path) -> str | None:
-    """The tag of the last complete checkpoint in a folder, or None."""
-    latest = ckpt_dir / LATEST
+def read_latest(folder: Path) -> str | None:
+    """The tag ``folder/latest`` names, or None when there is no ``latest``; a ``latest`` naming a tag
+    folder that does not exist is refused (the checkpoint was deleted or the folder copied in part)."""
+    latest = Path(folder) / LATEST
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"{latest} names checkpoint {tag!r}, which does not exist in {ckpt_dir}")
+    if not (Path(folder) / tag).is_dir():
+        raise CheckpointError(f"{latest} names checkpoint {tag!r}, but {Path(folder) / tag} does not exist: restore "
+                              f"that folder, or point {latest} at a complete one")
     return tag
 
 
+def find_checkpoint(path: str | Path, tag: str | None = None) -> CheckpointRef:
+    """A training output folder, its checkpoints/ folder, or one tag folder -> the checkpoint it holds
+    (the one ``latest`` names unless ``tag`` is given)."""
+    path = Path(path)
+    for folder in (path, path / "checkpoints"):
+        if tag is not None and (folder / tag).is_dir():
+            return CheckpointRef(folder, tag)
+        if tag is None and (found := read_latest(folder)) is not None:
+            return CheckpointRef(folder, found)
+    if tag is None and path.is_dir() and _looks_like_tag(path):
+        return CheckpointRef(path.parent, path.name)
+    wanted = f"tag {tag!r}" if tag else "a 'latest' file, a checkpoints/ folder or a tag folder"
+    raise CheckpointError(f"{path}: no checkpoint here (expected {wanted})")
+
+
+def _looks_like_tag(path: Path) -> bool:
+    return any(path.glob("*model_states.pt")) or (path / "state.pt").is_file()
+
+
+def peek_client_config(ref: CheckpointRef) -> dict | None:
+    """The run config stored with a DeepSpeed checkpoint (rank 0's model-states file), without DeepSpeed."""
+    files = sorted(ref.path.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        return None
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    return state.get("config")
+
+
+def check_compatible(saved: dict, cfg: RunConfig, where: str) -> None:
+    """Refuse a checkpoint whose model or layout differs from the run's, naming the keys."""
+    current = cfg.to_dict()
+    diffs = [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, run {current[section][key]!r}"
+             for section, keys in SHAPE_KEYS.items() for key in keys
+             if saved.get(section, {}).get(key) != current[section][key]]
+    if diffs:
+        raise ConfigError(f"checkpoint {where} was trained with a different model shape: " + "; ".join(diffs))
+
+
+# ---- RNG: every rank keeps its own streams (dropout, class dropout, sampling) ---------------------
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -65,67 +129,53 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_compatible(saved: dict, cfg: RunConfig, where: str) -> None:
-    """Refuse a checkpoint whose model or layout differs from the run's, naming the keys."""
-    current = cfg.to_dict()
-    diffs = [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, run {current[section][key]!r}"
-             for section, keys in SHAPE_KEYS.items() for key in keys
-             if saved.get(section, {}).get(key) != current[section][key]]
-    if diffs:
-        raise ConfigError(f"checkpoint {where} was trained with a different model shape: " + "; ".join(diffs))
+def _rng_file(ref: CheckpointRef, rank: int) -> Path:
+    return ref.path / f"rank{rank:05d}_rng.pt"
+
+
+Writer = Callable[[Path, str], None]
 
 
 class CheckpointManager:
-    def __init__(self, ckpt_dir: Path, keep_last: int, rank: int):
-        self.dir = Path(ckpt_dir)
+    """Saves and finds the checkpoints of one run folder (see the module docstring for the order)."""
+
+    def __init__(self, folder: str | Path, keep_last: int, rank: int):
+        self.folder = Path(folder)
         self.keep_last = keep_last
         self.rank = rank
 
-    def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
-        """Save on every rank; move ``latest`` once all have finished; prune old tags."""
-        tag = tag_for(step)
+    def latest(self) -> CheckpointRef | None:
+        tag = read_latest(self.folder)
+        return CheckpointRef(self.folder, tag) if tag else None
+
+    def save(self, step: int, write: Writer) -> CheckpointRef:
+        """Every rank calls this: ``write(folder, tag)`` writes this rank's part, then ``latest`` moves."""
+        ref = CheckpointRef(self.folder, tag_for(step))
         began = time.time()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        # per-rank state that DeepSpeed's client_state (saved by rank 0 only) would lose
-        torch.save({"rng": rng_state()}, self.dir / tag / f"rank{self.rank:05d}_rng.pt")
-        if os.environ.get("NBP_TEST_DIE_BEFORE_LATEST"):  # test hook: a save killed before it completes
-            log.warning("NBP_TEST_DIE_BEFORE_LATEST: stopping after the shards, before 'latest' moves")
-            time.sleep(3600)
-        if dist.is_initialized():
-            dist.barrier()
+        ref.path.mkdir(parents=True, exist_ok=True)
+        write(self.folder, ref.tag)
+        with atomic_output(_rng_file(ref, self.rank)) as tmp:
+            torch.save(rng_state(), tmp)
+        distributed.barrier()  # every rank's part is on disk before 'latest' may name it
         if self.rank == 0:
-            write_atomic(self.dir / LATEST, tag)
+            write_text_atomic(self.folder / LATEST, ref.tag)
             self._prune()
-            log.info("saved checkpoint %s in %.1f s", self.dir / tag, time.time() - began)
-        if dist.is_initialized():
-            dist.barrier()
-        return tag
+            log.info("saved checkpoint %s in %.1f s", ref.path, time.time() - began)
+        distributed.barrier()  # nobody runs ahead (and, say, saves again) before 'latest' moved
+        return ref
+
+    def restore_rng(self, ref: CheckpointRef) -> bool:
+        """This rank's RNG streams as they were at ``ref``; False when the checkpoint has none for this rank
+        (it was saved by fewer processes)."""
+        file = _rng_file(ref, self.rank)
+        if not file.is_file():
+            return False
+        set_rng_state(torch.load(file, weights_only=False))
+        return True
 
     def _prune(self) -> None:
-        tags = sorted(p.name for p in self.dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
-        latest = read_latest(self.dir)
+        tags = sorted(p.name for p in self.folder.glob(f"{TAG_PREFIX}*") if p.is_dir())
+        latest = read_latest(self.folder)
         for old in tags[: max(len(tags) - self.keep_last, 0)]:
             if old != latest:
-                shutil.rmtree(self.dir / old, ignore_errors=True)
-
-    def load(self, engine, tag: str, cfg: RunConfig) -> dict[str, Any]:
-        """Restore engine (model, optimizer, LR schedule) and this rank's RNG; return client state."""
-        _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
-        if client is None:
-            raise FileNotFoundError(f"checkpoint {self.dir / tag} could not be loaded")
-        rng_file = self.dir / tag / f"rank{self.rank:05d}_rng.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False)["rng"])
-        else:
-            log.warning("%s missing (different world size?): RNG streams restart", rng_file.name)
-        return client
-
-
-def peek_client_config(ckpt_dir: Path, tag: str) -> dict | None:
-    """The run config stored with a checkpoint (rank 0's model-states file), without DeepSpeed."""
-    files = sorted((ckpt_dir / tag).glob("*mp_rank_00_model_states.pt"))
-    if not files:
-        return None
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return state.get("config")
+                shutil.rmtree(self.folder / old, ignore_errors=True)

@@ -11,34 +11,23 @@ from pathlib import Path
 import torch
 
 from nbp_ds.config import RunConfig
+from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.model import NBPModel, build_model
-from nbp_ds.train.checkpoint import peek_client_config, read_latest
+from nbp_ds.train.checkpoint import CheckpointError, find_checkpoint, peek_client_config
 
 log = logging.getLogger(__name__)
-
-
-def find_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
-    """A training output folder, a checkpoints folder, or a tag folder -> (checkpoints folder, tag)."""
-    path = Path(path)
-    for folder in (path, path / "checkpoints"):
-        if (folder / "latest").is_file() or (tag and (folder / tag).is_dir()):
-            return folder, tag or read_latest(folder)
-    if path.is_dir() and any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint here (expected a 'latest' file, a checkpoints/ "
-                            f"folder or a tag folder with *model_states.pt)")
 
 
 def consolidate(path: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], RunConfig]:
     """Full fp32 state dict and run config of a checkpoint, gathered from every rank's shards."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    folder, tag = find_checkpoint(path, tag)
-    config = peek_client_config(folder, tag)
+    ref = find_checkpoint(path, tag)
+    config = peek_client_config(ref)
     if config is None:
-        raise FileNotFoundError(f"{folder / tag}: no run config in the checkpoint's client state")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    return {k: v.contiguous() for k, v in state.items()}, RunConfig.from_dict(config, source=str(folder / tag))
+        raise CheckpointError(f"{ref.path}: no run config in the checkpoint's client state (not an nbp_ds run?)")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ref.folder), tag=ref.tag)
+    return {k: v.contiguous() for k, v in state.items()}, RunConfig.from_dict(config, source=str(ref.path))
 
 
 def export(path: str | Path, out: str | Path, dtype: str = "fp32", tag: str | None = None) -> Path:
@@ -49,12 +38,9 @@ def export(path: str | Path, out: str | Path, dtype: str = "fp32", tag: str | No
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     state = {k: v.to(torch_dtype) for k, v in state.items()}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    config_json = json.dumps(cfg.to_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={"nbp_ds_config": config_json, "dtype": dtype})
-    tmp.replace(out)
-    out.with_suffix(".json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    with atomic_output(out) as tmp:
+        save_file(state, str(tmp), metadata={"nbp_ds_config": json.dumps(cfg.to_dict()), "dtype": dtype})
+    write_text_atomic(out.with_suffix(".json"), json.dumps(cfg.to_dict(), indent=1))
     return out
 
 
@@ -69,15 +55,14 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if "nbp_ds_config" not in meta:
-            raise ValueError(f"{path}: not an nbp_ds export (no nbp_ds_config metadata); use tools/export_weights.py")
+            raise CheckpointError(f"{path}: not an nbp_ds export (no nbp_ds_config metadata); use nbp-export")
         cfg = RunConfig.from_dict(json.loads(meta["nbp_ds_config"]), source=str(path))
-        state = load_file(str(path))
+        state = load_file(str(path), device=str(device))
     else:
         state, cfg = consolidate(path)
-    model = build_model(cfg)
-    state = {k: v.float() for k, v in state.items()}
+    model = build_model(cfg, device=device)  # made where it runs: no full-size copy on the CPU first
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the model of its config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    return model.to(device).eval(), cfg
+        raise CheckpointError(f"{path}: weights do not fit the model of its config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return model.eval(), cfg

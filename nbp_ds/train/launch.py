@@ -5,11 +5,14 @@ deepspeed launcher (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MAST
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
+from nbp_ds.errors import UsageError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UsageError, RuntimeError):
     """The environment does not say how this process fits into the job."""
 
 
@@ -76,3 +79,8 @@ def export_for_torch(dist_env: DistEnv) -> None:
     os.environ.update({"RANK": str(dist_env.rank), "WORLD_SIZE": str(dist_env.world_size),
                        "LOCAL_RANK": str(dist_env.local_rank), "MASTER_ADDR": dist_env.master_addr,
                        "MASTER_PORT": str(dist_env.master_port)})
+
+
+def hostname() -> str:
+    """This machine's short host name (what Slurm node lists use)."""
+    return socket.gethostname().split(".")[0]

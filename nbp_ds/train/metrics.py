@@ -1,16 +1,30 @@
-"""What a cluster user watches: TensorBoard scalars, a console line, and ``metrics.jsonl`` (one JSON
-object per logged step, appended across restarts), all from rank 0."""
+"""What a cluster user watches, and how it is computed.
+
+Figures are grouped by TensorBoard tag prefix: ``train/`` (loss, accuracy, LR, grad norm, skipped
+steps), ``val/``, ``perf/`` (tokens/s, per device, step time, MFU, data-wait share), ``data/`` (the
+loaders' sample and corrupt-member counts, summed over ranks) and ``sys/`` (peak memory). They go to
+TensorBoard, to ``metrics.jsonl`` (one JSON object per logged step, appended across restarts) and to
+a console line with an ETA, all from rank 0.
+
+:class:`StepMeter` accumulates a log interval's losses on the device and reduces them over ranks once
+per interval, so a training step never waits for the host.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from nbp_ds.train import distributed
 
 log = logging.getLogger("nbp_ds.train")
 
@@ -40,6 +54,55 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, devices: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' dense peak (None without a peak)."""
+    return flops_per_token * tokens_per_s / (devices * peak * 1e12) if peak else None
+
+
+class StepMeter:
+    """One log interval's figures: losses summed on the device, time and data wait on the host."""
+
+    def __init__(self, device: torch.device, tokens_per_step: int, flops_per_token: float, peak: float | None):
+        self.device, self.tokens_per_step = device, tokens_per_step
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, accuracy, micro-batches
+        self.steps, self.waited, self.began = 0, 0.0, time.perf_counter()
+
+    @contextmanager
+    def timing_data(self) -> Iterator[None]:
+        """Count the block's time as waiting for data."""
+        began = time.perf_counter()
+        yield
+        self.waited += time.perf_counter() - began
+
+    def add_micro_batch(self, loss: torch.Tensor, acc: torch.Tensor) -> None:
+        self.sums += torch.stack([loss.detach().double(), acc.detach().double(), self.sums.new_ones(())])
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def flush(self) -> dict[str, float]:
+        """The interval's means over every rank (one collective), then a fresh interval."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock should see the GPU's work, not just the queue
+        seconds = time.perf_counter() - self.began
+        sums = distributed.all_reduce(self.sums).tolist()
+        devices = distributed.world_size()
+        step_time = seconds / max(self.steps, 1)
+        tokens_per_s = self.tokens_per_step * self.steps / seconds
+        values = {"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2],
+                  "perf/tokens_per_s": tokens_per_s, "perf/tokens_per_s_per_device": tokens_per_s / devices,
+                  "perf/step_time": step_time, "perf/data_wait": self.waited / max(self.steps, 1),
+                  "perf/data_wait_share": self.waited / seconds,
+                  "perf/mfu": mfu(self.flops_per_token, tokens_per_s, devices, self.peak),
+                  "sys/memory_gib": memory_gib(self.device)}
+        self._reset()
+        return values
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -51,13 +114,13 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(out_dir / "tb"))
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if not self.enabled:
             return
-        for key, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **{k: v for k, v in values.items() if v is not None}}) + "\n")
+        kept = {k: v for k, v in values.items() if v is not None}
+        for key, value in kept.items():
+            self.writer.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **kept}) + "\n")
         self.jsonl.flush()
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
@@ -78,11 +141,18 @@ class MetricsLogger:
             self.jsonl.close()
 
 
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def console_line(step: int, total: int, values: dict[str, Any]) -> str:
     parts = [f"step {step}/{total}", f"loss {values['train/loss']:.4f}", f"acc {values['train/acc']:.3f}",
-             f"lr {values['lr']:.2e}", f"gnorm {values['grad_norm']:.3f}",
-             f"{values['tokens_per_s']:.0f} tok/s", f"step {values['step_time']:.2f}s",
-             f"data {100 * values['data_wait_share']:.0f}%", f"mem {values['memory_gib']:.1f}GiB"]
-    if values.get("mfu") is not None:
-        parts.insert(6, f"mfu {100 * values['mfu']:.1f}%")
+             f"lr {values['train/lr']:.2e}", f"gnorm {values['train/grad_norm']:.3f}",
+             f"{values['perf/tokens_per_s']:.0f} tok/s", f"step {values['perf/step_time']:.2f}s",
+             f"data {100 * values['perf/data_wait_share']:.0f}%", f"mem {values['sys/memory_gib']:.1f}GiB",
+             f"ETA {format_duration((total - step) * values['perf/step_time'])}"]
+    if values.get("perf/mfu") is not None:
+        parts.insert(6, f"mfu {100 * values['perf/mfu']:.1f}%")
     return " | ".join(parts)

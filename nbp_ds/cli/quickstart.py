@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The whole product on one small machine, stage by stage (what `make quickstart` runs):
 
   1. videos     synthetic labelled mp4s: 3 shapes x 4 directions of motion, train and held-out split
@@ -24,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from nbp_ds.cli import command
+
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check")
 
 
@@ -49,8 +49,7 @@ class Pipeline:
         self.out = Path(args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.python = sys.executable
-        self.env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-                    "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -70,7 +69,7 @@ class Pipeline:
         began = time.time()
         for cmd in commands:
             print("  $ " + " ".join(str(c) for c in cmd), flush=True)
-            result = subprocess.run([str(c) for c in cmd], env=self.env, cwd=ROOT)
+            result = subprocess.run([str(c) for c in cmd], env=self.env)
             if result.returncode != 0:
                 raise SystemExit(f"quickstart stage '{name}' failed (exit {result.returncode}); fix the error "
                                  f"above and run again: finished stages are reused")
@@ -86,13 +85,13 @@ class Pipeline:
         export, samples = train / "export.safetensors", self.path("samples")
         clip = ["--frames", "9", "--resolution", "32", "--fps", "8"]
         self.stage("videos", 1, vars(a) | {"stage": "videos"}, [[
-            py, "tools/make_synthetic_videos.py", "--out", videos, "--per-class", a.per_class,
+            py, "-m", "nbp_ds.cli.make_synthetic_videos", "--out", videos, "--per-class", a.per_class,
             "--val-per-class", a.val_per_class, "--frames", "9", "--size", "32", "--fps", "8", "--seed", "0"]])
         self.stage("tokenizer", 2, {"steps": a.tokenizer_steps}, [[
-            py, "tools/train_tokenizer.py", "--videos", videos / "train", "--val-videos", videos / "val",
+            py, "-m", "nbp_ds.cli.train_tokenizer", "--videos", videos / "train", "--val-videos", videos / "val",
             "--out", tok_run, "--preset", "tiny", *clip, "--steps", a.tokenizer_steps, "--lr", "2e-3", "--seed", "0"]])
         self.stage("shards", 3, {"per_class": a.per_class}, [
-            [py, "tools/tokenize_videos.py", "--videos", videos / split, "--out", shards / split,
+            [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
              "--tokenizer", tokenizer, *clip, "--shard-size", "200"]
             for split in ("train", "val")])
         overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"train.out_dir={train}",
@@ -100,13 +99,13 @@ class Pipeline:
         self.stage("train", 4, {"overrides": overrides, "nproc": a.nproc}, [[
             py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", a.nproc,
             "-m", "nbp_ds.train", "--config", a.config, *overrides]])
-        self.stage("export", 5, {"train": str(train)}, [[py, "tools/export_weights.py", train, export]])
+        self.stage("export", 5, {"train": str(train)}, [[py, "-m", "nbp_ds.cli.export", train, export]])
         self.stage("sample", 6, {"n": a.samples_per_class}, [[
-            py, "tools/sample.py", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
+            py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
             "--num", a.samples_per_class, "--classes", shards / "train" / "classes.json",
             "--temperature", "1.0", "--top-k", "8", "--seed", "0"]])
         self.stage("check", 7, {"n": a.samples_per_class}, [[
-            py, "tools/check_class_consistency.py", samples, "--classes", shards / "train" / "classes.json",
+            py, "-m", "nbp_ds.cli.check_consistency", samples, "--classes", shards / "train" / "classes.json",
             "--json", samples / "consistency.json"]])
         print("\nDone. Look at:")
         print(f"  sampled videos   {samples}/*.mp4")
@@ -116,9 +115,10 @@ class Pipeline:
               f"{tok_run / 'tb'})")
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str] | None = None) -> int | None:
     Pipeline(parse_args(argv)).run()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Inspect token shards: samples, shapes, token range, labels, tokenizers, corrupt members, duplicates.
 
-    python tools/inspect_shards.py shards/ucf101                     # a folder of *.tar
-    python tools/inspect_shards.py 'shards/ucf101/shard-t{000..003}-{000000..000009}.tar'
-    python tools/inspect_shards.py shards/ucf101 --json report.json --expect-grid 5,16,16
+    nbp-inspect-shards shards/ucf101                     # a folder of *.tar
+    nbp-inspect-shards 'shards/ucf101/shard-t{000..003}-{000000..000009}.tar'
+    nbp-inspect-shards shards/ucf101 --json report.json --expect-grid 5,16,16
 
 Exit status: 0 when every sample is readable, unique and of one shape (and of --expect-grid when
 given); 1 otherwise (so a Slurm dependency job can check the union of an array job's shards).
@@ -16,7 +16,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nbp_ds.cli import command
+from nbp_ds.errors import UsageError
 
 
 def inspect(spec: str | list[str]) -> dict:
@@ -63,6 +64,7 @@ def inspect(spec: str | list[str]) -> dict:
     }
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", nargs="+", help="folders, brace patterns, globs or tar files")
@@ -72,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = inspect(args.shards)
     except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from exc
     print(f"shards           {report['shards']}  ({report['samples_per_shard']['min']}.."
           f"{report['samples_per_shard']['max']} samples each)")
     print(f"samples          {report['samples']}  ({report['unique_keys']} unique keys, "

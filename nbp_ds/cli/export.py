@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Export a DeepSpeed checkpoint as one safetensors file for sampling on a single machine.
 
-    python tools/export_weights.py runs/ucf101-700m runs/ucf101-700m/export.safetensors
-    python tools/export_weights.py runs/x/checkpoints OUT.safetensors --tag step00010000 --dtype bf16
+    nbp-export runs/ucf101-700m runs/ucf101-700m/export.safetensors
+    nbp-export runs/x/checkpoints OUT.safetensors --tag step00010000 --dtype bf16
 
 CHECKPOINT is a training output folder, its checkpoints/ folder, or one tag folder; by default the
 tag that 'latest' names. Writes OUT (weights + the run config as metadata) and OUT with .json.
-Load it with nbp_ds.train.export.load_exported(OUT) or tools/sample.py --weights OUT.
+Load it with nbp_ds.train.export.load_exported(OUT) or nbp-sample --weights OUT.
 """
 
 from __future__ import annotations
@@ -15,7 +14,10 @@ import argparse
 import logging
 import sys
 
+from nbp_ds.cli import command
 
+
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="training output folder, checkpoints folder, or tag folder")
@@ -26,11 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from nbp_ds.train.export import export
 
-    try:
-        out = export(args.checkpoint, args.out, dtype=args.dtype, tag=args.tag)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = export(args.checkpoint, args.out, dtype=args.dtype, tag=args.tag)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

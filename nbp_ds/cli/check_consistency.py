@@ -1,17 +1,16 @@
-#!/usr/bin/env python
 """Check that videos of the synthetic moving-shapes world show their class (shape and direction of motion).
 
-    python tools/check_class_consistency.py samples/ --classes shards/train/classes.json --json samples/c.json
-    python tools/check_class_consistency.py --videos data/shapes/val --classes data/shapes/classes.json
+    nbp-check-consistency samples/ --classes shards/train/classes.json --json samples/c.json
+    nbp-check-consistency --videos data/shapes/val --classes data/shapes/classes.json
 
 Two inputs:
 
-* SAMPLES_DIR, the output of tools/sample.py: every `<class name>_<NNN>.mp4` in it (not searched recursively). The
+* SAMPLES_DIR, the output of nbp-sample: every `<class name>_<NNN>.mp4` in it (not searched recursively). The
   label comes from the file name's prefix looked up in --classes, never from file order. Files whose prefix is not
   a class (e.g. `sample_000.mp4` of an unconditional model) are skipped with a warning. If the folder holds the
   decoded frames as an array (`videos.npy` or `frames.npy`, uint8 [N, T, H, W, 3]) next to `labels.npy` with N
   class ids in the same order (both written by the same loop), those are used instead: no codec in between.
-* --videos DIR, a folder of class subfolders (`DIR/<class name>/*.mp4`, as tools/make_synthetic_videos.py writes):
+* --videos DIR, a folder of class subfolders (`DIR/<class name>/*.mp4`, as nbp-make-synthetic-videos writes):
   checks ground truth, i.e. validates the checker itself.
 
 Each video is decoded at --fps at its own resolution (the first video's width, or --resolution) and read by
@@ -37,24 +36,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runnable as a plain script from anywhere, without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from nbp_ds.eval.consistency import consistency_report, format_report  # noqa: E402
-from nbp_ds.eval.synthetic import CLASSES, parse_class  # noqa: E402
+from nbp_ds.cli import command
+from nbp_ds.errors import UsageError
+from nbp_ds.eval.consistency import consistency_report, format_report
+from nbp_ds.eval.synthetic import CLASSES, parse_class
 
 log = logging.getLogger("check_class_consistency")
 ARRAY_NAMES = ("videos.npy", "frames.npy")
 
 
-class UsageError(Exception):
-    """Bad input (exit status 2); the message names the file or flag."""
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("samples", nargs="?", help="folder of sampled videos <class>_<NNN>.mp4 (tools/sample.py --out)")
+    p.add_argument("samples", nargs="?", help="folder of sampled videos <class>_<NNN>.mp4 (nbp-sample --out)")
     p.add_argument("--videos", help="instead: a folder of class subfolders <class>/*.mp4 (ground truth)")
     p.add_argument("--classes", help="classes.json ({name: id}); default: the folder's classes.json, else the "
                                      "12 synthetic classes")
@@ -187,14 +180,11 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    try:
-        report = run(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = run(args)
     print(format_report(report))
     print(f"class consistency over {report['count']} videos: overall {100 * report['overall_rate']:.1f}% "
           f"(shape {100 * report['shape_rate']:.1f}%, direction {100 * report['direction_rate']:.1f}%)", flush=True)

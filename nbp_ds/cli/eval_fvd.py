@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Compute the Fréchet Video Distance (FVD) between real and generated videos.
 
-    python tools/eval_fvd.py --real data/ucf101_val/ --fake samples/ --i3d ~/i3d_torchscript.pt
-    python tools/eval_fvd.py --real 'real/**/*.mp4' --fake 'gen/*.npy' --i3d i3d_torchscript.pt \\
+    nbp-eval-fvd --real data/ucf101_val/ --fake samples/ --i3d ~/i3d_torchscript.pt
+    nbp-eval-fvd --real 'real/**/*.mp4' --fake 'gen/*.npy' --i3d i3d_torchscript.pt \\
         --max-videos 2048 --json fvd.json
 
 Protocol (StyleGAN-V's, used by the NBP paper): the first 16 frames of each video, resized to 224x224 (bilinear),
@@ -10,7 +9,8 @@ scaled to [-1, 1] and embedded by StyleGAN-V's I3D Kinetics-400 TorchScript dete
 FVD is the Fréchet distance between Gaussians fitted to the two feature sets. Published numbers use 2048 clips per
 set ("fvd2048_16f"); with fewer clips than the 400 feature dimensions the score is biased and not comparable.
 
-Inputs are .mp4 files (decoded with ffmpeg; ffmpeg and ffprobe must be on PATH) or .npy uint8 arrays [T, H, W, 3].
+Inputs are video files (.mp4, .avi, ...; decoded with ffmpeg at their own rate and size) or .npy uint8 arrays
+[T, H, W, 3] (what nbp-sample saves).
 A directory is searched recursively; a glob pattern may use '**'. Files are taken in sorted order, so
 --max-videos picks a deterministic subset.
 
@@ -21,115 +21,28 @@ Exit status: 0 on success, 2 on bad arguments (missing detector, no videos), 1 w
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import shutil
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nbp_ds.eval.fvd import DEFAULT_NUM_FRAMES, I3DFeatureExtractor, fvd_from_features, missing_detector_message
+from nbp_ds.cli import command
+from nbp_ds.errors import UsageError
+from nbp_ds.eval.fvd import (
+    DEFAULT_NUM_FRAMES,
+    I3DFeatureExtractor,
+    fvd_from_features,
+    iter_clips,
+    missing_detector_message,
+)
+from nbp_ds.tokenizer.video_io import ARRAY_SUFFIXES, VIDEO_SUFFIXES, find_videos
 
 logger = logging.getLogger("eval_fvd")
-
-VIDEO_SUFFIXES = (".mp4",)
-ARRAY_SUFFIXES = (".npy",)
-
-
-class UsageError(Exception):
-    """Bad command-line input (exit status 2)."""
-
-
-class ShortVideoError(ValueError):
-    """A video has fewer frames than a clip needs."""
-
-
-def list_videos(spec: str) -> list[Path]:
-    """Video files named by ``spec``: a directory (searched recursively), one file, or a glob pattern."""
-    suffixes = VIDEO_SUFFIXES + ARRAY_SUFFIXES
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes]
-    elif path.is_file():
-        files = [path]
-    else:
-        files = [Path(p) for p in glob.glob(str(path), recursive=True)]
-        files = [p for p in files if p.is_file() and p.suffix.lower() in suffixes]
-    return sorted(files)
-
-
-def _probe_size(path: Path) -> tuple[int, int]:
-    """Width and height of the first video stream, from ffprobe."""
-    cmd = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "stream=width,height",
-           "-of", "csv=p=0:s=x", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffprobe failed on {path}: {proc.stderr.strip()}")
-    try:
-        width, height = (int(v) for v in proc.stdout.strip().splitlines()[0].split("x")[:2])
-    except (ValueError, IndexError):
-        raise RuntimeError(f"ffprobe found no video stream in {path} (output: {proc.stdout.strip()!r})") from None
-    return width, height
-
-
-def decode_mp4(path: Path, num_frames: int) -> np.ndarray:
-    """The first ``num_frames`` frames of a video file as uint8 [T, H, W, 3] RGB (T may be smaller if it is short)."""
-    width, height = _probe_size(path)
-    # -noautorotate: ffprobe reports the coded size, so frames must not be rotated by display-matrix metadata.
-    # -frames:v: stop decoding after the frames the clip needs instead of decoding whole videos.
-    cmd = ["ffmpeg", "-v", "error", "-nostdin", "-noautorotate", "-i", str(path), "-map", "0:v:0",
-           "-frames:v", str(num_frames), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
-    proc = subprocess.run(cmd, capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed on {path}: {proc.stderr.decode(errors='replace').strip()}")
-    frame_bytes = width * height * 3
-    if len(proc.stdout) % frame_bytes:
-        raise RuntimeError(f"ffmpeg output of {path} is not a whole number of {width}x{height} RGB frames")
-    return np.frombuffer(proc.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
-
-
-def load_clip(path: Path, num_frames: int) -> np.ndarray:
-    """The first ``num_frames`` frames of one .mp4 or .npy video, uint8 [num_frames, H, W, 3]."""
-    if path.suffix.lower() in ARRAY_SUFFIXES:
-        # mmap: only the frames used are read from disk.
-        video = np.load(path, mmap_mode="r")
-        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-            raise ValueError(f"{path}: expected a uint8 array [T, H, W, 3], got {video.dtype} {video.shape}")
-        clip = np.array(video[:num_frames])
-    else:
-        clip = decode_mp4(path, num_frames)
-    if clip.shape[0] < num_frames:
-        raise ShortVideoError(f"{path}: has {clip.shape[0]} frames, FVD clips need {num_frames}")
-    return clip
-
-
-def iter_clips(
-    files: list[Path], num_frames: int, skip_short: bool, skipped: list[Path], limit: int | None = None
-) -> Iterator[np.ndarray]:
-    """Decode ``files`` in order, one at a time (so only a batch of clips is in memory), until ``limit`` clips.
-
-    Short videos raise, or with ``skip_short`` go to ``skipped`` and the next file takes their place (StyleGAN-V
-    likewise discards videos shorter than a clip before counting).
-    """
-    produced = 0
-    for path in files:
-        if limit is not None and produced >= limit:
-            return
-        try:
-            clip = load_clip(path, num_frames)
-        except ShortVideoError as err:
-            if not skip_short:
-                raise RuntimeError(f"{err} (pass --skip-short to leave such videos out)") from None
-            logger.warning("skipping %s", err)
-            skipped.append(path)
-            continue
-        produced += 1
-        yield clip
+SUFFIXES = VIDEO_SUFFIXES + ARRAY_SUFFIXES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,9 +81,9 @@ def run(args: argparse.Namespace) -> dict:
 
     sets: dict[str, list[Path]] = {}
     for name, spec in (("real", args.real), ("fake", args.fake)):
-        files = list_videos(spec)
+        files = find_videos(spec, SUFFIXES)
         if not files:
-            raise UsageError(f"--{name} {spec!r}: no {'/'.join(VIDEO_SUFFIXES + ARRAY_SUFFIXES)} files found")
+            raise UsageError(f"--{name} {spec!r}: no {'/'.join(SUFFIXES)} files found")
         sets[name] = files
         logger.info("%s: %d videos found from %s", name, len(files), spec)
 
@@ -204,15 +117,13 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         result = run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (RuntimeError, ValueError, OSError) as err:
+    except (RuntimeError, ValueError, OSError) as err:  # a video that cannot be decoded or is short, a detector error
         print(f"error: {err}", file=sys.stderr)
         return 1
 

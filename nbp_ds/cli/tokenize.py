@@ -1,8 +1,8 @@
 """Tokenize a video dataset into WebDataset token shards (one sample per clip).
 
-    python tools/tokenize_videos.py --videos UCF-101/ --out shards/ucf101 --tokenizer runs/tok \\
+    nbp-tokenize --videos UCF-101/ --out shards/ucf101 --tokenizer runs/tok \\
         --frames 17 --resolution 128 --fps 8 --clips-per-video 2 --workers 8 --device cuda
-    python tools/tokenize_videos.py --videos list.csv --out shards/x --tokenizer random:tiny --frames 9 --resolution 32
+    nbp-tokenize --videos list.csv --out shards/x --tokenizer random:tiny --frames 9 --resolution 32
 
 --videos is a folder (class sub-folders become labels, as in UCF-101), a CSV `path,label`, or a text
 file with one path per line (unlabelled). Labels map to ids in OUT/classes.json (sorted names, or the
@@ -15,7 +15,7 @@ listed with the reason in OUT/failures.jsonl (failures-tNNN.jsonl for array task
 Under a Slurm array job (see slurm/tokenize.sbatch) the task count and index come from
 SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID: task i writes only shard-tIII-*.tar. Interrupted? Run the
 same command again: finished shards are kept, unfinished ones redone; no clip is lost or duplicated.
-Check the result with `python tools/inspect_shards.py OUT`.
+Check the result with `nbp-inspect-shards OUT`.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nbp_ds.cli import command
+from nbp_ds.errors import UsageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, help="folder of videos (class sub-folders), CSV path,label, or list")
     p.add_argument("--out", required=True, help="output folder for shard-*.tar, classes.json, failures.jsonl")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (tools/train_tokenizer.py) or random:<preset>")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (nbp-train-tokenizer) or random:<preset>")
     p.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
     p.add_argument("--resolution", type=int, default=128, help="square clip side in pixels (default 128)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to (default 8)")
@@ -52,26 +52,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from nbp_ds.tokenizer.dataset_listing import ListingError
     from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
 
     for name in ("frames", "resolution", "clips_per_video", "shard_size", "batch_size", "num_shards"):
         if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     opts = TokenizeOptions(
         videos=args.videos, out=args.out, tokenizer=args.tokenizer, frames=args.frames, resolution=args.resolution,
         fps=args.fps, clips_per_video=args.clips_per_video, shard_size=args.shard_size, workers=args.workers,
         batch_size=args.batch_size, device=args.device, num_shards=args.num_shards, shard_index=args.shard_index,
         classes=args.classes, progress=not args.no_progress)
-    try:
-        summary = tokenize_dataset(opts)
-    except (ListingError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = tokenize_dataset(opts)
     print(summary.line())
     if summary.failures:
         print(f"{len(summary.failures)} video(s) skipped, reasons in {args.out}/failures*.jsonl")

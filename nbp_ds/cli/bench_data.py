@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Data-path throughput: the shard loader (samples/s with 1 and 4 workers) and tokenization (clips/s).
 
-    python tools/bench_data.py                        # loader on 5x16x16 shards + small-preset tokenization
-    python tools/bench_data.py --samples 50000 --workers 1 4 8 --skip-tokenize
+    nbp-bench-data                        # loader on 5x16x16 shards + small-preset tokenization
+    nbp-bench-data --samples 50000 --workers 1 4 8 --skip-tokenize
 
 The loader must feed far more than a GPU consumes: a 700M model at 50% MFU on an H100 trains on roughly
 100k tokens/s = 80 clips of 1280 tokens per second per GPU, about 640 per 8-GPU node; the target is
@@ -21,7 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nbp_ds.cli import command
 
 
 def bench_loader(folder: Path, grid: tuple[int, int, int], samples: int, workers: int, batch: int) -> float:
@@ -53,6 +52,7 @@ def bench_tokenize(tmp: Path, preset: str, videos: int, frames: int, resolution:
     return summary.clips, summary.seconds
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", default="5,16,16", help="token grid T,H,W of the shards (default the paper's)")

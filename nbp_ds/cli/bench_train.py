@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Training throughput of one device: tokens/s, step time, MFU and peak memory, per attention backend.
 
 One process runs the model's own training step (forward with the chunked loss, backward, AdamW) on random
 tokens of the config's grid, so the figures are the model's compute ceiling on this device; the
 DeepSpeed trainer reports the same figures for real runs (TensorBoard: tokens_per_s, mfu, step_time).
 
-    python tools/bench_train.py --config tiny                               # CPU, fp32
-    python tools/bench_train.py --config ucf101-700m --device cuda --dtype bf16 --attention flex sdpa \\
+    nbp-bench-train --config tiny                               # CPU, fp32
+    nbp-bench-train --config ucf101-700m --device cuda --dtype bf16 --attention flex sdpa \\
         --micro-batch 8 model.checkpoint_activations=false
 
 MFU = model FLOPs per token (6 x non-embedding params + attention, as nbp_ds.model reports) x tokens/s /
@@ -18,9 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nbp_ds.cli import command
 
 
 def measure(args: argparse.Namespace, backend: str, device, peak: float | None) -> tuple:
@@ -63,6 +61,7 @@ def measure(args: argparse.Namespace, backend: str, device, peak: float | None) 
             f"{tok_s:,.0f}", "-" if mfu is None else f"{100 * mfu:.1f}%", "-" if mem is None else f"{mem:.1f}")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="run config name or YAML (default tiny)")
@@ -105,6 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from nbp_ds.cli import run_main
-
-    run_main(main)
+    sys.exit(main())

@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Sample videos from a trained NBP model.
 
-    python tools/sample.py --weights runs/x/export.safetensors --tokenizer runs/tok/tokenizer --out samples/
-    python tools/sample.py --weights runs/x --tokenizer TOK --label 3 --num 8 --cfg-scale 2 --top-p 0.9
-    python tools/sample.py --weights runs/k600 --tokenizer TOK --context clip.mp4 --num 4
+    nbp-sample --weights runs/x/export.safetensors --tokenizer runs/tok/tokenizer --out samples/
+    nbp-sample --weights runs/x --tokenizer TOK --label 3 --num 8 --cfg-scale 2 --top-p 0.9
+    nbp-sample --weights runs/k600 --tokenizer TOK --context clip.mp4 --num 4
 
---weights is an exported .safetensors file (tools/export_weights.py) or a training output folder /
+--weights is an exported .safetensors file (nbp-export) or a training output folder /
 DeepSpeed checkpoint folder (consolidated in memory). Writes one mp4 per sample, grid.png (a row of
 frames per sample), tokens.npy (+ labels.npy), and prints forward passes and frames per second.
 Everything that can be checked is checked before any sampling starts: the weights and the tokenizer
@@ -25,20 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nbp_ds.cli import command
+from nbp_ds.errors import UsageError
+
 log = logging.getLogger("sample")
-
-
-class SampleError(SystemExit):
-    """A problem found before sampling; the message names the file, flag or value."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="exported .safetensors, or a training output / checkpoint folder")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (tools/train_tokenizer.py) or random:<preset>")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (nbp-train-tokenizer) or random:<preset>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=1, help="samples per label (or in all, for unconditional models)")
     p.add_argument("--label", type=int, action="append",
@@ -57,67 +52,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_everything(args: argparse.Namespace):
-    """Load and cross-check weights, tokenizer, labels and context; raise SampleError before any work."""
+    """Load and cross-check weights, tokenizer, labels and context; raise UsageError before any work."""
     from nbp_ds.tokenizer import load_tokenizer
     from nbp_ds.train.export import load_exported
 
     weights = Path(args.weights)
     if not weights.exists():
-        raise SampleError(f"--weights {weights}: no such file or folder")
+        raise UsageError(f"--weights {weights}: no such file or folder")
     try:
         model, cfg = load_exported(weights, device=args.device)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
-        raise SampleError(f"--weights {weights}: cannot load ({exc})") from exc
+        raise UsageError(f"--weights {weights}: cannot load ({exc})") from exc
     try:
         tokenizer = load_tokenizer(args.tokenizer, device=args.device)
     except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
-        raise SampleError(f"--tokenizer {args.tokenizer}: cannot load ({exc})") from exc
+        raise UsageError(f"--tokenizer {args.tokenizer}: cannot load ({exc})") from exc
     lay = model.layout
     if tokenizer.codebook_size != cfg.model.vocab_size:
-        raise SampleError(f"--tokenizer {args.tokenizer} has {tokenizer.codebook_size} codes but the model was "
-                          f"trained on model.vocab_size={cfg.model.vocab_size}")
+        raise UsageError(f"--tokenizer {args.tokenizer} has {tokenizer.codebook_size} codes but the model was "
+                         f"trained on model.vocab_size={cfg.model.vocab_size}")
     for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
         if value < 1:
-            raise SampleError(f"{name} must be >= 1, got {value}")
+            raise UsageError(f"{name} must be >= 1, got {value}")
     if lay.condition == "class":
         labels = args.label if args.label is not None else list(range(lay.num_classes))
-        bad = [v for v in labels if not 0 <= v < lay.num_classes]
-        if bad:
-            raise SampleError(f"--label {bad[0]} is out of range: the model has {lay.num_classes} classes "
-                              f"(0..{lay.num_classes - 1})")
+        try:
+            lay.check_labels(torch.tensor(labels))
+        except ValueError as exc:
+            raise UsageError(f"--label: {exc}") from exc
     else:
         if args.label is not None or args.cfg_scale is not None:
-            raise SampleError(f"--label/--cfg-scale need a class-conditional model; this one has "
-                              f"layout.condition={lay.condition}")
+            raise UsageError(f"--label/--cfg-scale need a class-conditional model; this one has "
+                             f"layout.condition={lay.condition}")
         labels = [None]
     context = None
     if lay.condition == "frames":
         if not args.context:
-            raise SampleError(f"this model predicts frames after {lay.context_frames} given latent frames: "
-                              f"pass --context VIDEO")
+            raise UsageError(f"this model predicts frames after {lay.context_frames} given latent frames: "
+                             f"pass --context VIDEO")
         context = encode_context(Path(args.context), tokenizer, lay)
     elif args.context:
-        raise SampleError(f"--context is for frame-prediction models; this one has layout.condition={lay.condition}")
+        raise UsageError(f"--context is for frame-prediction models; this one has layout.condition={lay.condition}")
     return model, cfg, tokenizer, labels, context
 
 
 def encode_context(path: Path, tokenizer, layout) -> torch.Tensor:
+    """The first latent frames of a video, as the frame-prediction model's context [1, c, H, W]."""
     from nbp_ds.tokenizer.video_io import VideoError, read_clips
 
-    t, h, _ = layout.grid
-    frames = next(n for n in range(1, 4096) if tokenizer.latent_shape(n, 8, 8)[0] == t)
-    resolution = next(r for r in range(8, 4096, 8) if tokenizer.latent_shape(frames, r, r)[1] == h)
+    frames, height, width = tokenizer.clip_shape(layout.grid)
     try:
-        clip = read_clips(path, frames=frames, fps=8.0, resolution=resolution, clips=1)[0]
+        clip = read_clips(path, frames=frames, fps=8.0, resolution=height, clips=1)[0]
     except VideoError as exc:
-        raise SampleError(f"--context {path}: {exc}") from exc
-    with torch.no_grad():
-        tokens = tokenizer.encode(torch.from_numpy(clip).unsqueeze(0).to(tokenizer_device(tokenizer)))
+        raise UsageError(f"--context {path}: {exc}") from exc
+    tokens = tokenizer.encode(torch.from_numpy(clip).unsqueeze(0))
     return tokens[:, : layout.context_frames].cpu()
-
-
-def tokenizer_device(tokenizer) -> torch.device:
-    return next(tokenizer.parameters()).device
 
 
 def class_names(args: argparse.Namespace) -> dict[int, str]:
@@ -129,7 +118,8 @@ def class_names(args: argparse.Namespace) -> dict[int, str]:
     return {}
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str] | None = None) -> int | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     model, cfg, tokenizer, labels, context = load_everything(args)
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                                      seed=args.seed + len(all_tokens))
             passes, gen_seconds = stats["forward_passes"], gen_seconds + stats["seconds"]
             with torch.no_grad():
-                frames = tokenizer.decode(tokens.to(tokenizer_device(tokenizer))).cpu().numpy()
+                frames = tokenizer.decode(tokens.to(tokenizer.device)).cpu().numpy()
             for i in range(n):
                 prefix = "sample" if label is None else names.get(label, f"class{label}")
                 stem = f"{prefix}_{done + i:03d}"
@@ -164,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = np.concatenate(all_tokens)
     videos = np.concatenate(videos)
     np.save(out / "tokens.npy", tokens)
-    np.save(out / "videos.npy", videos)  # decoded frames, before mp4 compression (tools/check_class_consistency.py)
+    np.save(out / "videos.npy", videos)  # decoded frames, before mp4 compression (nbp-check-consistency)
     np.save(out / "labels.npy", np.array(all_labels))
     save_png(out / "grid.png", frame_grid(videos))
     total = time.perf_counter() - began

@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Generation speed: next-block (1x1x16, plain and hybrid) vs next-token (1x1x1) prediction.
 
 Three models of the same size on the same token grid (the paper's 5x16x16 = 1280 tokens by
 default), random weights (speed does not depend on them), KV-cache decoding with sampling:
 
-    python tools/bench_generate.py                                  # a small model, CPU-friendly
-    python tools/bench_generate.py --config ucf101-700m --device cuda --dtype bf16 --batch-size 8
+    nbp-bench-generate                                  # a small model, CPU-friendly
+    nbp-bench-generate --config ucf101-700m --device cuda --dtype bf16 --batch-size 8
 
 Prints forward passes, seconds per video, frames per second (video frames, 17 per 5 latent
 frames) and the NTP/NBP wall-clock ratio (the paper reports 11x for its 700M model).
@@ -14,10 +13,12 @@ frames) and the NTP/NBP wall-clock ratio (the paper reports 11x for its 700M mod
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
+from nbp_ds.cli import command
 from nbp_ds.config import load_config
 from nbp_ds.generate import generate
 from nbp_ds.model import build_model
@@ -57,7 +58,8 @@ def bench(cfg_overrides: list[str], config: str, device: str, dtype: torch.dtype
     return {"passes": stats["forward_passes"], "seconds": best, "grid": cfg.layout.grid}
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="ucf101-700m",
                         help="run config whose layout/model to use (default ucf101-700m, shrunk unless --full-size)")
@@ -90,6 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from nbp_ds.cli import run_main
-
-    run_main(main)
+    sys.exit(main())

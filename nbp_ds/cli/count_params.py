@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Print the parameter counts of the paper's model presets (or of any run config).
 
-    python tools/count_params.py                     # the 700M, 1.2B and 3B presets
-    python tools/count_params.py --config tiny model.n_layer=4
+    nbp-count-params                     # the 700M, 1.2B and 3B presets
+    nbp-count-params --config tiny model.n_layer=4
 
 Models are built on the meta device, so even 3B costs no memory.
 """
@@ -10,9 +9,11 @@ Models are built on the meta device, so even 3B costs no memory.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
+from nbp_ds.cli import command
 from nbp_ds.config import load_config
 from nbp_ds.model import PAPER_PRESETS, PRESET_CONFIGS, build_model
 
@@ -28,7 +29,8 @@ def measure(config: str, overrides: list[str]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a run config name or YAML path (default: the paper's presets)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for --config")
@@ -43,6 +45,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from nbp_ds.cli import run_main
-
-    run_main(main)
+    sys.exit(main())

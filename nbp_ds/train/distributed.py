@@ -1,0 +1,104 @@
+"""The process group and the collectives the trainers use.
+
+Every collective in nbp_ds goes through this module, which puts its tensors on the device the backend
+communicates from: the current CUDA device for NCCL (NCCL reduces only CUDA tensors; a CPU tensor
+fails with "No backend type associated with device type cpu"), the CPU for gloo. Scalars are packed
+into one float64 tensor so a training step costs one reduction, not one per figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nbp_ds.train.launch import DistEnv, export_for_torch
+
+OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def backend_for(device: torch.device) -> str:
+    """The torch.distributed backend for processes computing on ``device``."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(env: DistEnv, device: torch.device) -> None:
+    """Join the job's process group (env:// rendezvous from the launcher's variables); a no-op when
+    already joined. A single process gets a group of one over an in-memory store (no port to bind, so
+    single-process runs never collide), and the code paths stay the same."""
+    if dist.is_initialized():
+        return
+    export_for_torch(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.world_size == 1:
+        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def collective_device() -> torch.device:
+    """The device whose tensors the current backend reduces: CUDA for NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: Sequence[float] | torch.Tensor, op: str = "sum",
+               device: torch.device | None = None) -> torch.Tensor:
+    """Reduce numbers over all processes: a float64 tensor on ``device`` (default: the backend's own), so
+    the caller never chooses a device NCCL cannot use. Tensors on the device are not copied to the host,
+    so calling this inside a step does not synchronize with it."""
+    device = collective_device() if device is None else device
+    tensor = torch.as_tensor(values, dtype=torch.float64).to(device)
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=OPS[op])
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process' ``obj``, in rank order (pickled; for small records such as set-up reports)."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Leave the group in step with the others (a barrier, then teardown). Without it a rank that exits
+    first can tear down gloo's threads under a peer, which then aborts although the work is done."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
+_control: dist.ProcessGroup | None = None
+
+
+def control_all_reduce(values: Sequence[float], op: str = "max") -> torch.Tensor:
+    """Reduce host-side flags (a stop signal, a skipped step) without touching the GPU: over a gloo group
+    on the CPU when the main backend is NCCL, so agreeing on "stop now" every step never waits for the
+    GPU to finish its queued work (a device tensor read back on the host would)."""
+    global _control
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    if world_size() == 1:
+        return tensor
+    if dist.get_backend() == "gloo":
+        dist.all_reduce(tensor, op=OPS[op])
+        return tensor
+    if _control is None:
+        _control = dist.new_group(backend="gloo")  # collective: every rank reaches the first call together
+    dist.all_reduce(tensor, op=OPS[op], group=_control)
+    return tensor

@@ -1,0 +1,57 @@
+"""Building what trains: the model (under ``deepspeed.zero.Init`` for ZeRO-3, directly on its device),
+its parameter groups, the LR schedule and the DeepSpeed engine around them."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from nbp_ds.config import RunConfig
+from nbp_ds.model import NBPModel, build_model
+from nbp_ds.train.ds_config import zero_stage
+from nbp_ds.train.schedule import lr_factor
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (embedding, projections, head), not on norm gains (ZeRO-3 aware: a
+    partitioned parameter's shape is its ``ds_shape``)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device, rank: int):
+    """(engine, model): the model built on ``device`` with identical initial weights on every rank, then a
+    different random stream per rank (class dropout), wrapped by ``deepspeed.initialize``."""
+    import deepspeed
+
+    from nbp_ds.train.distributed import backend_for
+
+    # DeepSpeed's communication layer wraps the process group nbp_ds.train.distributed already joined
+    deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False)
+    tr = cfg.train
+    seed_everything(tr.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
+        model: NBPModel = build_model(cfg, device=device)
+    if tr.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    seed_everything(tr.seed + 1 + rank)
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, tr.steps, tr.warmup_steps, tr.min_lr_ratio))
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tr.weight_decay),
+                                           config=ds_config, lr_scheduler=schedule)
+    return engine, model

@@ -1,0 +1,42 @@
+"""The one seam through which a caller acts inside the training loop.
+
+The trainer calls these methods at fixed points; the base class does nothing. A subclass is named in
+the run config, ``train.hooks=package.module:MyHooks`` (imported and made with no arguments in every
+rank), or passed as ``Trainer(cfg, hooks=MyHooks())``: a user's profiler or custom logging, and the test
+suite's fault injection (``tests/faults.py``: a poisoned loss, slowed steps, a rank that stalls in the
+middle of a checkpoint). Production code never reads test switches itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from nbp_ds.config import ConfigError
+
+
+class TrainerHooks:
+    def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss of a micro-batch of step ``step`` (1-based), before backward; return what to use."""
+        return loss
+
+    def on_step_end(self, step: int) -> None:
+        """Step ``step`` has been applied (or skipped) and counted."""
+
+    def on_checkpoint_written(self, tag: str, rank: int) -> None:
+        """This rank has written its part of checkpoint ``tag``; ``latest`` has not moved yet."""
+
+
+def load_hooks(spec: str | None) -> TrainerHooks:
+    """The hooks ``train.hooks`` names ("module:Class"), or the do-nothing base."""
+    if not spec:
+        return TrainerHooks()
+    module_name, _, class_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"train.hooks={spec!r}: cannot import it as module:Class ({exc})") from exc
+    if not (isinstance(cls, type) and issubclass(cls, TrainerHooks)):
+        raise ConfigError(f"train.hooks={spec!r} is not a subclass of nbp_ds.train.hooks.TrainerHooks")
+    return cls()
