@@ -261,6 +261,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; a float field takes it as the number it spells
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
     if hint is int and isinstance(value, bool):

@@ -1,0 +1,190 @@
+"""The trainer's parts on their own: LR schedule, DeepSpeed config completion, checkpoint compatibility,
+collectives' devices, trainer state, hooks, and the checkpoint manager's files (no DeepSpeed needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from nbp_ds.config import ConfigError, load_config
+from nbp_ds.train import distributed
+from nbp_ds.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointRef,
+    check_compatible,
+    find_checkpoint,
+    read_latest,
+)
+from nbp_ds.train.ds_config import build_ds_config
+from nbp_ds.train.hooks import TrainerHooks, load_hooks
+from nbp_ds.train.schedule import lr_factor
+from nbp_ds.train.state import TrainState
+
+
+# ---- LR schedule -----------------------------------------------------------------------------------
+def test_lr_factor_warmup_cosine_and_floor():
+    # warmup 4 of 14 steps: (s+1)/4, then cosine from 1 down to the 0.1 floor over the remaining 10 steps
+    assert [lr_factor(s, 14, 4, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 14, 4, 0.1) == pytest.approx(1.0)
+    assert lr_factor(9, 14, 4, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # = 0.55
+    assert lr_factor(9, 14, 4, 0.1) == pytest.approx(0.55)
+    assert lr_factor(14, 14, 4, 0.1) == pytest.approx(0.1)
+    assert lr_factor(1000, 14, 4, 0.1) == pytest.approx(0.1)  # past the end: stays at the floor
+    assert lr_factor(0, 10, 0, 0.0) == pytest.approx(1.0)  # no warmup starts at the peak
+
+
+# ---- DeepSpeed config completion ---------------------------------------------------------------------
+def test_ds_config_takes_batch_clipping_precision_and_optimizer_from_the_run_config():
+    cfg = load_config("tiny", ["train.micro_batch=3", "train.grad_accum=2", "train.grad_clip=0.5",
+                               "train.precision=bf16", "train.lr=2e-4", "train.weight_decay=0.1"])
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 3 * 2 * 4
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.1
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+def test_ds_config_refuses_a_json_that_disagrees_with_the_run_config(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu.*7.*train.micro_batch"):
+        build_ds_config(load_config("tiny", [f"deepspeed.config={bad}"]), world_size=1)
+    bad.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(ConfigError, match="scheduler"):
+        build_ds_config(load_config("tiny", [f"deepspeed.config={bad}"]), world_size=1)
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_ds_config(load_config("tiny", [f"deepspeed.config={bad}"]), world_size=1)
+    with pytest.raises(ConfigError, match="nowhere.json"):
+        build_ds_config(load_config("tiny", ["deepspeed.config=nowhere.json"]), world_size=1)
+
+
+# ---- checkpoint compatibility --------------------------------------------------------------------------
+def test_check_compatible_names_every_differing_shape_key():
+    cfg = load_config("tiny")
+    saved = cfg.to_dict()
+    check_compatible(saved, cfg, "ckpt")  # identical: fine
+    saved["train"]["lr"] = 1.0  # optimisation settings may change on resume
+    check_compatible(saved, cfg, "ckpt")
+    saved["model"]["d_model"] = 128
+    saved["layout"]["block"] = [1, 2, 2]
+    with pytest.raises(ConfigError) as info:
+        check_compatible(saved, cfg, "ckpt")
+    assert "model.d_model: checkpoint 128, run 64" in str(info.value)
+    assert "layout.block: checkpoint [1, 2, 2], run [1, 1, 4]" in str(info.value)
+
+
+# ---- collectives -------------------------------------------------------------------------------------------
+def test_reductions_make_their_tensors_on_the_device_they_are_given():
+    # no process group here: the helper still returns a tensor on the requested device, so the trainer's
+    # metric and validation sums are on the backend's device (NCCL takes CUDA tensors only)
+    assert not torch.distributed.is_initialized()
+    for device in (torch.device("cpu"), torch.device("meta")):
+        out = distributed.all_reduce([1.0, 2.0], device=device)
+        assert out.device == device and out.dtype == torch.float64
+    assert distributed.all_reduce([3.0]).device == torch.device("cpu")  # gloo / no group: the CPU
+    assert distributed.control_all_reduce([1.0]).device == torch.device("cpu")
+
+
+def test_collective_device_follows_the_backend(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
+
+
+# ---- trainer state and hooks ----------------------------------------------------------------------------------
+def test_train_state_round_trips_and_refuses_unknown_keys():
+    state = TrainState(step=7, batches=21, bad_steps=1, world_size=2)
+    other = TrainState()
+    other.load_state_dict(state.state_dict())
+    assert other == state
+    with pytest.raises(KeyError, match="epoch"):
+        other.load_state_dict({"epoch": 3})
+
+
+class CountingHooks(TrainerHooks):
+    pass
+
+
+def test_hooks_load_by_name_and_refuse_what_is_not_hooks():
+    assert type(load_hooks(None)) is TrainerHooks
+    assert type(load_hooks(f"{__name__}:CountingHooks")) is CountingHooks
+    with pytest.raises(ConfigError, match="train.hooks='no.such.module:X'"):
+        load_hooks("no.such.module:X")
+    with pytest.raises(ConfigError, match="not a subclass"):
+        load_hooks("json:JSONDecoder")
+
+
+# ---- checkpoint manager (one process; the 2-rank ordering test is in test_train_deepspeed.py) ----------------
+def write_part(folder: Path, tag: str) -> None:
+    (folder / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+
+
+def test_save_moves_latest_and_keeps_exactly_keep_last(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, rank=0)
+    assert manager.latest() is None
+    for step in (10, 20, 30, 40):
+        ref = manager.save(step, write_part)
+        assert read_latest(manager.folder) == ref.tag == f"step{step:08d}"
+        assert (ref.path / "rank00000_rng.pt").is_file()
+    assert sorted(p.name for p in manager.folder.iterdir() if p.is_dir()) == ["step00000030", "step00000040"]
+    assert not list(manager.folder.glob(".*"))  # no temporaries left
+
+
+def test_pruning_never_deletes_the_checkpoint_latest_names(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1, rank=0)
+    for step in (1, 2, 3):
+        manager.save(step, write_part)
+    # a run resumed from an older checkpoint: 'latest' names step 1 again while newer tags exist
+    (tmp_path / "step00000001").mkdir()
+    (tmp_path / "latest").write_text("step00000001")
+    manager._prune()
+    # the newest keep_last (step 3) stay, and so does the one 'latest' names, though it is older
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step00000001", "step00000003"]
+    assert read_latest(tmp_path) == "step00000001"
+
+
+def test_a_dangling_latest_is_refused_with_both_names(tmp_path):
+    (tmp_path / "latest").write_text("step00000500")
+    with pytest.raises(CheckpointError, match=r"latest names checkpoint 'step00000500'.*does not exist"):
+        read_latest(tmp_path)
+    with pytest.raises(CheckpointError, match="step00000500"):
+        find_checkpoint(tmp_path)
+
+
+def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=3, rank=0)
+    manager.save(5, write_part)
+    manager.save(6, write_part)
+    expected = CheckpointRef(tmp_path / "run" / "checkpoints", "step00000006")
+    assert find_checkpoint(tmp_path / "run") == expected
+    assert find_checkpoint(tmp_path / "run" / "checkpoints") == expected
+    assert find_checkpoint(tmp_path / "run" / "checkpoints" / "step00000005").tag == "step00000005"
+    assert find_checkpoint(tmp_path / "run", tag="step00000005").step == 5
+    with pytest.raises(CheckpointError, match="no checkpoint here"):
+        find_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="step00000009"):
+        find_checkpoint(tmp_path / "run", tag="step00000009")
+
+
+def test_a_failed_write_leaves_latest_where_it_was(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
+    manager.save(1, write_part)
+
+    def crash(folder: Path, tag: str) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        manager.save(2, crash)
+    assert read_latest(tmp_path) == "step00000001"
+    assert os.listdir(tmp_path / "step00000001")
