@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import (
+    GRID,
     kill_group,
     make_shards,
     run,
@@ -17,8 +21,11 @@ from train_helpers import (
     step_counts,
     step_losses,
     train_cmd,
+    wait_for,
     wait_for_latest,
 )
+
+from nbp_ds.data import TokenShardWriter
 
 pytestmark = pytest.mark.slow
 
@@ -140,20 +147,62 @@ def test_save_killed_halfway_keeps_previous_latest(shards, tmp_path):
     wait_for_latest(out, "step00000005", proc)
     kill_group(proc, signal.SIGKILL)
     proc.wait(timeout=60)
-    # the next save hangs after writing its shards and before 'latest' moves; kill it there
-    proc = start(train_cmd(out, shards, *steps), tmp_path / "log2", faults={"stall_ranks": "all"})
-    import time
-
-    deadline = time.time() + 120
-    while not list((out / "checkpoints").glob("step00000010/*optim_states.pt")) and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)
+    # the next save stops on every rank after writing its part and before 'latest' moves; kill it there
+    marker = tmp_path / "stalled"
+    proc = start(train_cmd(out, shards, *steps), tmp_path / "log2",
+                 faults={"stall_ranks": "all", "stall_at": "step00000010", "stall_marker": str(marker)})
+    wait_for(lambda: all(Path(f"{marker}.rank{r}").exists() for r in (0, 1)), proc, "both ranks stalled")
+    assert list((out / "checkpoints").glob("step00000010/*optim_states.pt"))  # the shards are really written
     kill_group(proc, signal.SIGKILL)
     proc.wait(timeout=60)
     assert (out / "checkpoints" / "latest").read_text() == "step00000005"
     result = run(train_cmd(out, shards, *steps))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "resumed from" in result.stderr and "step00000005" in result.stderr
+
+
+def test_latest_moves_only_after_every_rank_has_written(shards, tmp_path):
+    """Rank 1 stalls after writing its part of step 10's checkpoint; rank 0 finishes its part and must wait at
+    the barrier: while rank 1 is stalled, 'latest' still names step 5. Released, the run ends at step 10."""
+    out, marker, release = tmp_path / "out", tmp_path / "stalled", tmp_path / "release"
+    proc = start(train_cmd(out, shards, "train.steps=10", "train.save_every=5", "train.eval_every=0"),
+                 tmp_path / "log", faults={"stall_ranks": [1], "stall_at": "step00000010",
+                                           "stall_marker": str(marker), "release_file": str(release)})
+    rank0_done = out / "checkpoints" / "step00000010" / "rank00000_rng.pt"  # rank 0's last file of the save
+    wait_for(lambda: Path(f"{marker}.rank1").exists() and rank0_done.exists(), proc, "rank 1 stalled")
+    time.sleep(2.0)  # ample time for rank 0 to move 'latest', were it not waiting for rank 1
+    assert (out / "checkpoints" / "latest").read_text() == "step00000005"
+    release.touch()
+    assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step00000010"
+
+
+def test_validation_counts_every_sample_once_with_uneven_ranks(tmp_path):
+    """Validation shards of 40, 40 and 8 samples: rank 0 reads 48, rank 1 reads 40. val/loss must be the mean
+    over all 88 samples, computed independently here from the exported weights in one process."""
+    shards = tmp_path / "shards"
+    make_shards(shards, train=80, val=0)
+    rng = np.random.default_rng(5)
+    with TokenShardWriter(shards / "val", maxcount=40) as writer:
+        for i in range(88):
+            writer.write(f"v{i:04d}", rng.integers(0, 64, GRID), i % 4, {})
+    out = tmp_path / "out"
+    result = run(train_cmd(out, shards, "train.steps=2", "train.eval_every=2", "train.save_every=2",
+                           "data.val_batches=0"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    logged = [json.loads(line)["val/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "val/loss" in line]
+    from nbp_ds.data import build_loader
+    from nbp_ds.train.export import load_exported
+
+    model, cfg = load_exported(out)
+    losses = []
+    with torch.no_grad():
+        for batch in build_loader(shards / "val", grid=GRID, batch_size=8, mode="val", num_workers=0):
+            losses += [model.loss({"tokens": t[None], "label": y[None]})[0].item()
+                       for t, y in zip(batch["tokens"], batch["label"], strict=True)]
+    assert len(losses) == 88  # every sample has the same number of targets: the mean of per-sample losses
+    assert logged[-1] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(shards, tmp_path):

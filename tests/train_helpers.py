@@ -67,16 +67,20 @@ def start(cmd: list[str], log: Path, faults: dict | None = None, **extra_env: st
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    """Poll ``condition()`` until true; fail if the launch exits first or the time runs out."""
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before: {what}")
+        if time.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
 def wait_for_latest(out_dir: Path, tag: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     latest = out_dir / "checkpoints" / "latest"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if latest.is_file() and latest.read_text().strip() == tag:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited ({proc.returncode}) before checkpoint {tag}")
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint {tag} within {timeout} s")
+    wait_for(lambda: latest.is_file() and latest.read_text().strip() == tag, proc, f"checkpoint {tag}", timeout)
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
