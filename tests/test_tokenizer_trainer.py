@@ -1,0 +1,56 @@
+"""Tokenizer training (nbp-train-tokenizer) end to end on real videos: the run folder's contents, a clean
+refusal of a bad preset, and an exact resume from the checkpoint manager's latest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from video_fixtures import dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def train(videos: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nbp_ds.cli.train_tokenizer", "--videos", str(videos), "--out", str(out),
+           "--preset", "tiny", "--frames", "9", "--resolution", "32", "--batch-size", "2", "--workers", "1",
+           "--log-every", "1", "--image-every", "1000", "--warmup", "1", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+
+
+def test_trains_writes_its_outputs_and_resumes_exactly(tmp_path):
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    out = tmp_path / "run"
+    first = train(videos, out, "--steps", "4", "--save-every", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step00000004"
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 4 and report["val_psnr"] > 0 and report["preset"] == "tiny"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and list((out / "tb").glob("events.out.tfevents.*"))
+    straight = load_file(out / "tokenizer" / "tokenizer.safetensors")
+    clips_failed = json.loads((out / "clips_train.failures.json").read_text())
+    assert sorted(Path(f["video"]).name for f in clips_failed) == ["broken.mp4", "short.mp4"]
+
+    # as if the run had died after step 2's checkpoint: resuming must give the very same weights
+    shutil.rmtree(out / "checkpoints" / "step00000004")
+    shutil.rmtree(out / "tokenizer")
+    (out / "checkpoints" / "latest").write_text("step00000002")
+    again = train(videos, out, "--steps", "4", "--save-every", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "step00000002" in again.stderr
+    resumed = load_file(out / "tokenizer" / "tokenizer.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all((resumed[k] == straight[k]).all() for k in straight), "resumed weights differ from the straight run"
+
+    bad = train(videos, tmp_path / "other", "--preset", "huge", "--steps", "1")
+    assert bad.returncode == 2 and "--preset 'huge'" in bad.stderr
+    wrong = train(videos, out, "--preset", "small", "--steps", "5")  # the run folder holds a 'tiny' tokenizer
+    assert wrong.returncode == 2 and "'tiny' tokenizer, not --preset small" in wrong.stderr
