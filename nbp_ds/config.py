@@ -97,7 +97,7 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    config: str = "ds_configs/zero3.json"
+    config: str = "zero3"  # a shipped DeepSpeed JSON (zero2, zero3, zero3_offload) or a path to one
 
 
 @dataclass

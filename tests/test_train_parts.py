@@ -188,3 +188,15 @@ def test_a_failed_write_leaves_latest_where_it_was(tmp_path):
         manager.save(2, crash)
     assert read_latest(tmp_path) == "step00000001"
     assert os.listdir(tmp_path / "step00000001")
+
+
+def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout: the JSONs are package data
+    for spec in ("zero3", "zero3.json", "ds_configs/zero3.json"):
+        assert build_ds_config(load_config("tiny", [f"deepspeed.config={spec}"]), 1)["zero_optimization"]["stage"] == 3
+    assert build_ds_config(load_config("tiny", ["deepspeed.config=zero2"]), 1)["zero_optimization"]["stage"] == 2
+    own = tmp_path / "zero3.json"  # a file of the user's wins over the shipped one of the same name
+    own.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert build_ds_config(load_config("tiny", ["deepspeed.config=zero3.json"]), 1)["zero_optimization"]["stage"] == 1
+    with pytest.raises(ConfigError, match="zero9.*zero2, zero3, zero3_offload"):
+        build_ds_config(load_config("tiny", ["deepspeed.config=zero9"]), 1)

@@ -14,15 +14,27 @@ from typing import Any
 
 from nbp_ds.config import ConfigError, RunConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
-def resolve_path(path: str) -> Path:
-    """A DeepSpeed JSON path, relative to the working directory or to the nbp_ds checkout."""
-    for candidate in (Path(path), REPO_ROOT / path):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"deepspeed.config={path!r}: no such file (looked in {Path.cwd()} and {REPO_ROOT})")
+def available_ds_configs() -> list[str]:
+    """Names of the DeepSpeed configs shipped with the package (zero2, zero3, zero3_offload)."""
+    return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+
+
+def resolve_path(spec: str) -> Path:
+    """``deepspeed.config``: a JSON file path, or the name of a shipped config (``zero3``; the older
+    ``ds_configs/zero3.json`` form names it too)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    # a bare name (zero3, zero3.json), or the checkout-relative form of earlier versions (ds_configs/zero3.json)
+    if path.parent in (Path("."), Path("ds_configs")) and path.suffix in ("", ".json"):
+        shipped = DS_CONFIG_DIR / f"{path.stem}.json"
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"deepspeed.config={spec!r}: no such file, and not a shipped config "
+                      f"({', '.join(available_ds_configs())})")
 
 
 def load_ds_json(path: str) -> dict[str, Any]:
