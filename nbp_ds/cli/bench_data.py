@@ -40,14 +40,15 @@ def bench_loader(folder: Path, grid: tuple[int, int, int], samples: int, workers
 
 def bench_tokenize(tmp: Path, preset: str, videos: int, frames: int, resolution: int, workers: int) -> tuple:
     from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
+    from nbp_ds.tokenizer.video_io import ClipSpec
 
     src = tmp / "videos"
     src.mkdir()
     for i in range(videos):
         subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=8",
                         "-t", str(frames / 8 + 0.5), str(src / f"v{i:03d}.mp4")], check=True)
-    opts = TokenizeOptions(videos=str(src), out=str(tmp / "tok"), tokenizer=f"random:{preset}", frames=frames,
-                           resolution=resolution, fps=8, workers=workers, batch_size=8, progress=False)
+    opts = TokenizeOptions(videos=str(src), out=str(tmp / "tok"), tokenizer=f"random:{preset}",
+                           clip=ClipSpec(frames, resolution, 8.0), workers=workers, batch_size=8, progress=False)
     summary = tokenize_dataset(opts)
     return summary.clips, summary.seconds
 

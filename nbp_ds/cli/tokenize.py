@@ -27,6 +27,7 @@ import sys
 
 from nbp_ds.cli import command
 from nbp_ds.errors import UsageError
+from nbp_ds.tokenizer.video_io import add_clip_arguments, clip_from_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,10 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--videos", required=True, help="folder of videos (class sub-folders), CSV path,label, or list")
     p.add_argument("--out", required=True, help="output folder for shard-*.tar, classes.json, failures.jsonl")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (nbp-train-tokenizer) or random:<preset>")
-    p.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
-    p.add_argument("--resolution", type=int, default=128, help="square clip side in pixels (default 128)")
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to (default 8)")
-    p.add_argument("--clips-per-video", type=int, default=1, help="evenly spaced clips per video (default 1)")
+    add_clip_arguments(p)
     p.add_argument("--shard-size", type=int, default=1000, help="about this many clips per shard (default 1000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="video decoding processes; 0 decodes inline (default min(8, cores))")
@@ -58,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
 
-    for name in ("frames", "resolution", "clips_per_video", "shard_size", "batch_size", "num_shards"):
+    clip = clip_from_arguments(args)
+    for name in ("shard_size", "batch_size", "num_shards"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     opts = TokenizeOptions(
-        videos=args.videos, out=args.out, tokenizer=args.tokenizer, frames=args.frames, resolution=args.resolution,
-        fps=args.fps, clips_per_video=args.clips_per_video, shard_size=args.shard_size, workers=args.workers,
+        videos=args.videos, out=args.out, tokenizer=args.tokenizer, clip=clip, shard_size=args.shard_size,
+        workers=args.workers,
         batch_size=args.batch_size, device=args.device, num_shards=args.num_shards, shard_index=args.shard_index,
         classes=args.classes, progress=not args.no_progress)
     summary = tokenize_dataset(opts)

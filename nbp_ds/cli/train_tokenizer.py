@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from nbp_ds.cli import command
+from nbp_ds.tokenizer.video_io import add_clip_arguments, clip_from_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,10 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-videos", help="held-out videos for the PSNR report (default: 5%% of the training clips)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--preset", default="tiny", help="architecture: tiny, small or paper (default tiny)")
-    p.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
-    p.add_argument("--resolution", type=int, default=128, help="square clip side (default 128)")
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate (default 8)")
-    p.add_argument("--clips-per-video", type=int, default=1, help="clips decoded per video (default 1)")
+    add_clip_arguments(p)
     p.add_argument("--max-videos", type=int, help="use at most this many videos (quick runs)")
     p.add_argument("--steps", type=int, default=10000, help="optimizer steps (default 10000)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per process per step (default 8)")
@@ -63,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     from nbp_ds.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
-    report = train_tokenizer(TokenizerTrainConfig(**vars(args)))
+    clip = clip_from_arguments(args)
+    fields = {k: v for k, v in vars(args).items() if k not in ("frames", "resolution", "fps", "clips_per_video")}
+    report = train_tokenizer(TokenizerTrainConfig(clip=clip, **fields))
     if report is not None:
         print(f"tokenizer saved to {Path(args.out) / 'tokenizer'} (version {report['version']}); held-out "
               f"reconstruction PSNR {report['val_psnr']:.2f} dB over {report['val_clips']} clips, codebook use "

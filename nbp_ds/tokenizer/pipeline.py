@@ -23,27 +23,27 @@ from nbp_ds.data.writer import TokenShardWriter
 from nbp_ds.errors import UsageError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_videos, sample_key
-from nbp_ds.tokenizer.video_io import ClipTooShort, VideoError, read_clips_with_times
+from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TokenizeOptions:
+    # what: the videos, their labels, the clips and the tokenizer
     videos: str
     out: str
     tokenizer: str
-    frames: int = 17
-    resolution: int = 128
-    fps: float = 8.0
-    clips_per_video: int = 1
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    classes: str | None = None
+    # how the output is split: shards of about shard_size clips; array task shard_index of num_shards
     shard_size: int = 1000
+    num_shards: int = 1
+    shard_index: int = 0
+    # how it runs
     workers: int = 4
     batch_size: int = 16
     device: str = "cpu"
-    num_shards: int = 1
-    shard_index: int = 0
-    classes: str | None = None
     progress: bool = True
 
 
@@ -61,11 +61,11 @@ class TokenizeSummary:
                 f"{self.skipped_groups} shard(s) already done; {rate:.1f} clips/s")
 
 
-def _decode(args: tuple[VideoEntry, int, float, int, int]) -> tuple[VideoEntry, list, dict | None]:
+def _decode(args: tuple[VideoEntry, ClipSpec]) -> tuple[VideoEntry, list, dict | None]:
     """Pool worker: one video -> its clips, or a failure record. Never raises: a bad video is listed."""
-    entry, frames, fps, resolution, clips = args
+    entry, clip = args
     try:
-        return entry, read_clips_with_times(entry.path, frames, fps, resolution, clips), None
+        return entry, clip.read(entry.path), None
     except ClipTooShort as exc:
         return entry, [], {"video": entry.rel, "reason": "too_short", "detail": exc.reason}
     except VideoError as exc:
@@ -79,7 +79,7 @@ def task_groups(entries: list[VideoEntry], opts: TokenizeOptions) -> list[list[V
     if not 0 <= opts.shard_index < opts.num_shards:
         raise UsageError(f"--shard-index {opts.shard_index} is outside 0..{opts.num_shards - 1} (--num-shards)")
     mine = entries[opts.shard_index::opts.num_shards]
-    per_group = max(1, opts.shard_size // max(1, opts.clips_per_video))
+    per_group = max(1, opts.shard_size // max(1, opts.clip.per_video))
     return [mine[i:i + per_group] for i in range(0, len(mine), per_group)]
 
 
@@ -102,7 +102,8 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
     if classes is not None:
         write_text_atomic(out / "classes.json", json.dumps(classes, indent=1, sort_keys=True) + "\n")
     tokenizer = load_tokenizer(opts.tokenizer, device=opts.device)
-    grid = tokenizer.latent_shape(opts.frames, opts.resolution, opts.resolution)  # checks the clip shape
+    clip = opts.clip
+    grid = tokenizer.latent_shape(clip.frames, clip.resolution, clip.resolution)  # checks the clip shape
     for stale in out.glob(f".shard-t{opts.shard_index:03d}-*.tar.tmp*"):  # from an interrupted (killed) run
         stale.unlink()
 
@@ -115,13 +116,12 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
             summary.skipped_groups += 1
         else:
             pending.append((g, group))
-    log.info("task %d/%d: %d videos in %d shard(s), %d to do; tokenizer %s (%s), %d codes, clips %dx%dx%d -> %s",
+    log.info("task %d/%d: %d videos in %d shard(s), %d to do; tokenizer %s (%s), %d codes, clips %s -> %s",
              opts.shard_index, opts.num_shards, sum(len(g) for g in groups), len(groups), len(pending),
-             tokenizer.name, tokenizer.version, tokenizer.codebook_size, opts.frames, opts.resolution,
-             opts.resolution, grid)
-    meta_common = {"fps": opts.fps, "frames": opts.frames, "resolution": opts.resolution,
+             tokenizer.name, tokenizer.version, tokenizer.codebook_size, clip.describe(), grid)
+    meta_common = {"fps": clip.fps, "frames": clip.frames, "resolution": clip.resolution,
                    "tokenizer": tokenizer.name, "tokenizer_version": tokenizer.version}
-    jobs = [(e, opts.frames, opts.fps, opts.resolution, opts.clips_per_video) for _, grp in pending for e in grp]
+    jobs = [(e, clip) for _, grp in pending for e in grp]
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), unit="video", disable=not opts.progress, desc=f"tokenize t{opts.shard_index:03d}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.tokenizer.video_io import ClipSpec
 from nbp_ds.train import distributed, launch
 from nbp_ds.train.checkpoint import CheckpointManager, CheckpointRef
 from nbp_ds.train.engine import seed_everything
@@ -41,12 +42,9 @@ class TokenizerTrainConfig:
 
     videos: str
     out: str
+    clip: ClipSpec = field(default_factory=ClipSpec)
     val_videos: str | None = None
     preset: str = "tiny"
-    frames: int = 17
-    resolution: int = 128
-    fps: float = 8.0
-    clips_per_video: int = 1
     max_videos: int | None = None
     steps: int = 10000
     batch_size: int = 8
@@ -84,7 +82,7 @@ class TokenizerTrainer:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.model = build_tokenizer(cfg.preset, seed=cfg.seed).to(self.device)
-        self.model.check_clip_shape(cfg.frames, cfg.resolution, cfg.resolution)
+        self.model.check_clip_shape(cfg.clip.frames, cfg.clip.resolution, cfg.clip.resolution)
         self.clips, self.val = self._load_clips()
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-4)
@@ -107,7 +105,7 @@ class TokenizerTrainer:
         from nbp_ds.tokenizer.training import cached_clips
 
         c = self.cfg
-        args = (c.frames, c.fps, c.resolution, c.clips_per_video, c.workers, c.max_videos)
+        args = (c.clip, c.workers, c.max_videos)
         if self.rank == 0:
             cached_clips(c.videos, self.out / "clips_train.npy", *args)
             if c.val_videos:
@@ -210,8 +208,7 @@ class TokenizerTrainer:
         folder = self.model.save(self.out / "tokenizer")
         report = held_out_report(self.model, self.val, self.device)
         report.update({"preset": self.cfg.preset, "version": self.model.version, "steps": self.step,
-                       "train_clips": len(self.clips), "clip": [self.cfg.frames, self.cfg.resolution,
-                                                                self.cfg.resolution]})
+                       "train_clips": len(self.clips), "clip": dataclasses.asdict(self.cfg.clip)})
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=1) + "\n")
         self._log_reconstructions()
         log.info("tokenizer saved to %s (version %s)", folder, self.model.version)

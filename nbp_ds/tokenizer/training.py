@@ -14,32 +14,32 @@ from torch import nn
 
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import ListingError, list_videos
-from nbp_ds.tokenizer.video_io import ClipTooShort, VideoError, read_clips
+from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
 
 log = logging.getLogger(__name__)
 
 
-def _decode_one(args: tuple) -> tuple[str, list[np.ndarray], str | None]:
-    path, frames, fps, resolution, clips = args
+def _decode_one(args: tuple[Path, ClipSpec]) -> tuple[str, list[np.ndarray], str | None]:
+    path, clip = args
     try:
-        return str(path), read_clips(path, frames, fps, resolution, clips), None
+        return str(path), [frames for _, frames in clip.read(path)], None
     except (ClipTooShort, VideoError) as exc:
         return str(path), [], exc.reason
 
 
-def cached_clips(videos: str | Path, cache: Path, frames: int, fps: float, resolution: int, clips_per_video: int,
-                 workers: int, max_videos: int | None = None) -> np.ndarray:
+def cached_clips(videos: str | Path, cache: Path, clip: ClipSpec, workers: int,
+                 max_videos: int | None = None) -> np.ndarray:
     """All clips of a video folder as one uint8 array [N, frames, R, R, 3], decoded once into `cache`
     (a .npy, memory-mapped on later calls); failed videos are logged and listed in `cache`.failures.json."""
     from tqdm import tqdm
 
-    params = {"videos": str(Path(videos).resolve()), "frames": frames, "fps": fps, "resolution": resolution,
-              "clips_per_video": clips_per_video, "max_videos": max_videos}
+    params = {"videos": str(Path(videos).resolve()), "frames": clip.frames, "fps": clip.fps,
+              "resolution": clip.resolution, "clips_per_video": clip.per_video, "max_videos": max_videos}
     meta = cache.with_suffix(".json")
     if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == params:
         return np.load(cache, mmap_mode="r")
     entries = list_videos(videos)[:max_videos]
-    jobs = [(e.path, frames, fps, resolution, clips_per_video) for e in entries]
+    jobs = [(e.path, clip) for e in entries]
     clips, failures = [], []
     with mp.get_context("spawn").Pool(max(1, workers)) as pool:
         for path, got, reason in tqdm(pool.imap(_decode_one, jobs, chunksize=4), total=len(jobs), unit="video",
@@ -49,8 +49,8 @@ def cached_clips(videos: str | Path, cache: Path, frames: int, fps: float, resol
                 failures.append({"video": path, "reason": reason})
                 log.warning("skipped %s: %s", path, reason)
     if not clips:
-        raise ListingError(f"--videos {videos}: no usable clips of {frames} frames at {fps:g} fps in {len(jobs)} "
-                           f"videos (reasons: {sorted({f['reason'] for f in failures})})")
+        raise ListingError(f"--videos {videos}: no usable clips ({clip.describe()}) in {len(jobs)} videos "
+                           f"(reasons: {sorted({f['reason'] for f in failures})})")
     array = np.stack(clips)
     with atomic_output(cache, suffix=".npy") as tmp:
         np.save(tmp, array)

@@ -34,6 +34,47 @@ class ClipTooShort(VideoError):
 
 
 @dataclass(frozen=True)
+class ClipSpec:
+    """How videos are cut into clips for a tokenizer: ``per_video`` evenly spaced clips of ``frames`` frames
+    at ``fps``, short side scaled to ``resolution`` and center-cropped to a square."""
+
+    frames: int = 17
+    resolution: int = 128
+    fps: float = 8.0
+    per_video: int = 1
+
+    def read(self, path: str | Path) -> list[tuple[float, np.ndarray]]:
+        """The clips of one video with their start times (see read_clips_with_times)."""
+        return read_clips_with_times(path, self.frames, self.fps, self.resolution, self.per_video)
+
+    def describe(self) -> str:
+        return f"{self.frames}x{self.resolution}x{self.resolution} at {self.fps:g} fps"
+
+
+def add_clip_arguments(parser, default_frames: int = 17, default_resolution: int = 128) -> None:
+    """The command-line flags of a ClipSpec (--frames, --resolution, --fps, --clips-per-video)."""
+    parser.add_argument("--frames", type=int, default=default_frames,
+                        help=f"frames per clip, 1 + 4k (default {default_frames})")
+    parser.add_argument("--resolution", type=int, default=default_resolution,
+                        help=f"square clip side in pixels (default {default_resolution})")
+    parser.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to (default 8)")
+    parser.add_argument("--clips-per-video", type=int, default=1, help="evenly spaced clips per video (default 1)")
+
+
+def clip_from_arguments(args) -> ClipSpec:
+    """The ClipSpec of parsed add_clip_arguments flags, refused by name when a value cannot work."""
+    from nbp_ds.errors import UsageError
+
+    for flag, value in (("--frames", args.frames), ("--resolution", args.resolution),
+                        ("--clips-per-video", args.clips_per_video)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.fps <= 0:
+        raise UsageError(f"--fps must be > 0, got {args.fps}")
+    return ClipSpec(args.frames, args.resolution, args.fps, args.clips_per_video)
+
+
+@dataclass(frozen=True)
 class VideoInfo:
     width: int
     height: int
