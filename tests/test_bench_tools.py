@@ -44,3 +44,13 @@ def test_bench_data_measures_the_loader_and_tokenization():
 def test_bench_tools_name_a_bad_config_key():
     result = run_tool("-m", "nbp_ds.cli.bench_train", "--config", "tiny", "model.n_hed=3")
     assert result.returncode == 2 and "model.n_hed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gpu_check_lists_its_steps_and_refuses_to_run_without_a_gpu():
+    listed = run_tool("-m", "nbp_ds.cli.gpu_check", "--list")
+    assert listed.returncode == 0
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert {"gpu-tests", "train-700m", "generate-700m", "3b-offload"} <= set(names)
+    assert run_tool("-m", "nbp_ds.cli.gpu_check", "--only", "nope").stderr.startswith("error: no step 'nope'")
+    result = run_tool("-m", "nbp_ds.cli.gpu_check", "--out", "/tmp/nbp-gpu-check-test")
+    assert result.returncode == 2 and "no CUDA device" in result.stderr
