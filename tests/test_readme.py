@@ -1,0 +1,100 @@
+"""The READMEs' commands are true: every program they run exists, every flag they pass is one its --help
+lists, every run-config override is a valid key and value, and every script or file they name is there."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nbp_ds.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+READMES = [ROOT / "README.md", ROOT / "slurm" / "README.md"]
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """Commands of the ```bash blocks: continuation lines joined, comments and blank lines dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split(" #")[0].strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def invocations(command: str) -> list[list[str]]:
+    """The program invocations in one shell line (split at &&, ;, |), environment assignments removed."""
+    found = []
+    for part in re.split(r"&&|;|\|", command):
+        words = shlex.split(part.replace("$(", "").replace(")", ""), posix=True)
+        while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+            words = words[1:]
+        if words:
+            found.append(words)
+    return found
+
+
+@functools.cache
+def help_text(module: str) -> str:
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, f"{module} --help failed: {result.stderr[-2000:]}"
+    return result.stdout
+
+
+def console_scripts() -> dict[str, str]:
+    """nbp-* command -> its module, from pyproject.toml."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return {m[0]: m[1] for m in re.findall(r'^(nbp-[\w-]+)\s*=\s*"([\w.]+):main"', section, flags=re.M)}
+
+
+def module_of(words: list[str]) -> tuple[str | None, list[str]]:
+    """(python module the invocation runs, its arguments), or (None, []) for other programs."""
+    scripts = console_scripts()
+    if words[0] in scripts:
+        return scripts[words[0]], words[1:]
+    if "-m" in words and words[0] in ("python", "python3", "torchrun", "srun", "deepspeed"):
+        i = words.index("-m")
+        return words[i + 1], words[i + 2:]
+    if words[0] == "torchrun" and "-m" not in words:
+        return None, []
+    return None, []
+
+
+ALL = [(readme.name, command) for readme in READMES for command in shell_commands(readme.read_text())]
+
+
+def test_the_readmes_have_commands():
+    assert len(ALL) > 15
+
+
+@pytest.mark.parametrize("where, command", ALL, ids=[f"{w}:{c[:60]}" for w, c in ALL])
+def test_readme_command(where, command):
+    for words in invocations(command):
+        program = words[0]
+        if program.startswith("nbp-"):
+            assert program in console_scripts(), f"{program} is not a console script in pyproject.toml"
+        module, args = module_of(words)
+        if module is not None and module.startswith("nbp_ds"):
+            text = help_text(module)
+            for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+                assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{module} has no {flag}"
+            if module in ("nbp_ds.train", "nbp_ds.cli.train") and "--config" in args:
+                config = args[args.index("--config") + 1]
+                overrides = [a for a in args if re.fullmatch(r"[a-z_]+\.[a-z_.]+=.*", a)]
+                load_config(config, overrides)  # unknown keys and bad values are refused by name
+        if program in ("bash", "sbatch", "source"):
+            scripts = [w for w in words[1:] if w.endswith((".sh", ".sbatch"))]
+            for script in scripts:
+                assert (ROOT / script).is_file(), f"{script} does not exist"
+        if program == "make":
+            targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
+            assert all(t in targets for t in words[1:] if not t.startswith("-")), f"make {words[1:]}"
