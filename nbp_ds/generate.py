@@ -12,8 +12,10 @@ import time
 
 import torch
 
-from nbp_ds.layout import SOURCE_BOV, SOURCE_CLASS, SOURCE_PLACEHOLDER
 from nbp_ds.model.transformer import NBPModel
+
+# the NBP paper's sampling for its reported FVD (the authors' evaluation scripts): no classifier-free guidance
+PAPER_SAMPLING = {"temperature": 1.0, "top_k": 16000, "top_p": 0.9, "cfg_scale": None}
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -115,13 +117,15 @@ def generate(
     if layout.condition == "class":
         labels = _as_labels(label, batch_size, layout.num_classes, device)
         guided = cfg_scale is not None and cfg_scale != 1.0
+        if guided and not layout.has_null_class:
+            raise ValueError("cfg_scale= needs a null class, and a model conditioned on class text prefixes "
+                             "(layout.class_prefixes) has none: sample without classifier-free guidance")
         if guided:  # second half of the rows runs unconditionally (null class)
             labels = torch.cat([labels, torch.full_like(labels, layout.null_class)])
     elif label is not None or (cfg_scale is not None and cfg_scale != 1.0):
         raise ValueError(f"label= and cfg_scale= need a class-conditional model; condition={layout.condition!r}")
 
     rows = labels.shape[0] if labels is not None else batch_size
-    source = torch.as_tensor(layout.input_source, device=device)
     target = torch.as_tensor(layout.target_index, device=device)
     was_training = model.training
     model.eval()
@@ -129,13 +133,8 @@ def generate(
     began = time.perf_counter()
     try:
         for step in layout.generation_steps:
-            src = source[step.start:step.end]
             video = tokens if rows == batch_size else tokens.repeat(2, 1)
-            ids = video[:, src.clamp(min=0)].clone()
-            ids[:, src == SOURCE_BOV] = layout.bov_token
-            ids[:, src == SOURCE_PLACEHOLDER] = layout.placeholder_token
-            if labels is not None:
-                ids[:, src == SOURCE_CLASS] = layout.class_token(labels).unsqueeze(1)
+            ids = layout.input_ids_between(video, labels, step.start, step.end)
             hidden = model(ids, start=step.start, cache=cache)
             read = torch.as_tensor(step.read, device=device)
             logits = model.head(hidden[:, read - step.start]).float()
