@@ -265,4 +265,8 @@ class NBPModel(nn.Module):
 
 def build_model(cfg: RunConfig) -> NBPModel:
     """Build the model a run config describes (call under deepspeed.zero.Init for ZeRO-3)."""
+    if cfg.model.arch == "gpt2":  # the NBP authors' released architecture (nbp_ds.model.gpt2)
+        from nbp_ds.model.gpt2 import GPT2Model
+
+        return GPT2Model(cfg)
     return NBPModel(cfg)
