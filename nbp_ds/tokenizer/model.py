@@ -309,9 +309,15 @@ def build_tokenizer(preset: str, seed: int = 0) -> VideoTokenizer:
 
 
 def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> VideoTokenizer:
-    """`random:<preset>[:seed]` for an untrained one, else a folder written by `VideoTokenizer.save`
-    (or a tools/train_tokenizer.py run folder, which holds it as `tokenizer/`). Returned in eval mode."""
+    """`random:<preset>[:seed]` for an untrained one, `official:PATH` for a tokenizer the NBP authors released
+    (magvit2_*.pt or its .safetensors copy; nbp_ds.tokenizer.official.OfficialTokenizer, same interface), else
+    a folder written by `VideoTokenizer.save` (or a tools/train_tokenizer.py run folder, which holds it as
+    `tokenizer/`). Returned in eval mode."""
     spec = str(spec)
+    if spec.startswith("official:"):
+        from nbp_ds.tokenizer.official import load_official_tokenizer
+
+        return load_official_tokenizer(spec.removeprefix("official:"), device=device)
     if spec.startswith("random:"):
         _, preset, *seed = spec.split(":")
         tokenizer = build_tokenizer(preset, int(seed[0]) if seed else 0)
@@ -323,8 +329,8 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> Vide
             folder = folder / "tokenizer"
         if not (folder / "config.json").is_file() or not (folder / "tokenizer.safetensors").is_file():
             raise FileNotFoundError(f"tokenizer {spec}: expected a folder with config.json and tokenizer.safetensors "
-                                    f"(written by tools/train_tokenizer.py), or random:<preset> with presets "
-                                    f"{', '.join(PRESETS)}")
+                                    f"(written by tools/train_tokenizer.py), official:PATH (a released magvit2_*.pt) "
+                                    f"or random:<preset> with presets {', '.join(PRESETS)}")
         try:
             cfg = TokenizerConfig(**json.loads((folder / "config.json").read_text()))
         except (TypeError, ValueError) as exc:
