@@ -21,6 +21,7 @@ from nbp_ds.model import build_model
 from nbp_ds.train import launch
 from nbp_ds.train.checkpoint import CheckpointManager, check_compatible, peek_client_config, read_latest
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
+from nbp_ds.train.init_weights import load_initial_weights
 from nbp_ds.train.metrics import MetricsLogger, console_line, memory_gib, peak_tflops
 from nbp_ds.train.schedule import lr_factor
 from nbp_ds.train.stop import stop_request
@@ -84,6 +85,8 @@ class Trainer:
         stage = zero_stage(self.ds_config)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=stage == 3):
             model = build_model(cfg)
+        if tr.init_from and not self.resume_from:  # fine-tuning: start from exported (e.g. converted) weights
+            load_initial_weights(model, tr.init_from, cfg)
         if tr.activation_checkpointing:
             model.enable_activation_checkpointing()
         self._seed(tr.seed + 1 + self.rank)
