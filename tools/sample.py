@@ -4,6 +4,8 @@
     python tools/sample.py --weights runs/x/export.safetensors --tokenizer runs/tok/tokenizer --out samples/
     python tools/sample.py --weights runs/x --tokenizer TOK --label 3 --num 8 --cfg-scale 2 --top-p 0.9
     python tools/sample.py --weights runs/k600 --tokenizer TOK --context clip.mp4 --num 4
+    python tools/sample.py --weights converted/ucf_700m.safetensors --tokenizer official:magvit2_ucf.pt \
+        --paper-sampling --out samples/    # a converted release (tools/convert_official.py)
 
 --weights is an exported .safetensors file (tools/export_weights.py) or a training output folder /
 DeepSpeed checkpoint folder (consolidated in memory). Writes one mp4 per sample, grid.png (a row of
@@ -38,7 +40,9 @@ class SampleError(SystemExit):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="exported .safetensors, or a training output / checkpoint folder")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (tools/train_tokenizer.py) or random:<preset>")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder (tools/train_tokenizer.py), official:PATH (a released magvit2_*.pt) "
+                        "or random:<preset>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=1, help="samples per label (or in all, for unconditional models)")
     p.add_argument("--label", type=int, action="append",
@@ -48,12 +52,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (class models)")
+    p.add_argument("--paper-sampling", action="store_true",
+                   help="the NBP paper's settings for its FVD: temperature 1, top-k 16000, top-p 0.9, no CFG "
+                        "(flags given explicitly still win)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="videos generated together")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4 files")
     p.add_argument("--classes", help="classes.json (name -> id) to name the files; default: looked up beside --weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.paper_sampling:  # the paper's values become the defaults, so flags given explicitly still win
+        from nbp_ds.generate import PAPER_SAMPLING
+
+        p.set_defaults(**PAPER_SAMPLING)
+        args = p.parse_args(argv)
+    return args
 
 
 def load_everything(args: argparse.Namespace):
@@ -105,8 +118,8 @@ def encode_context(path: Path, tokenizer, layout) -> torch.Tensor:
     from nbp_ds.tokenizer.video_io import VideoError, read_clips
 
     t, h, _ = layout.grid
-    frames = next(n for n in range(1, 4096) if tokenizer.latent_shape(n, 8, 8)[0] == t)
-    resolution = next(r for r in range(8, 4096, 8) if tokenizer.latent_shape(frames, r, r)[1] == h)
+    frames = next(n for n in range(1, 4096) if _latent_shape(tokenizer, n, 8)[0] == t)
+    resolution = next(r for r in range(8, 4096, 8) if _latent_shape(tokenizer, frames, r)[1] == h)
     try:
         clip = read_clips(path, frames=frames, fps=8.0, resolution=resolution, clips=1)[0]
     except VideoError as exc:
@@ -114,6 +127,14 @@ def encode_context(path: Path, tokenizer, layout) -> torch.Tensor:
     with torch.no_grad():
         tokens = tokenizer.encode(torch.from_numpy(clip).unsqueeze(0).to(tokenizer_device(tokenizer)))
     return tokens[:, : layout.context_frames].cpu()
+
+
+def _latent_shape(tokenizer, frames: int, size: int) -> tuple[int, int, int]:
+    """The tokenizer's grid for a clip, (0, 0, 0) for a clip shape it does not take (1 + 4k frames only)."""
+    try:
+        return tokenizer.latent_shape(frames, size, size)
+    except ValueError:
+        return (0, 0, 0)
 
 
 def tokenizer_device(tokenizer) -> torch.device:

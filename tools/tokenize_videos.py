@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, help="folder of videos (class sub-folders), CSV path,label, or list")
     p.add_argument("--out", required=True, help="output folder for shard-*.tar, classes.json, failures.jsonl")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (tools/train_tokenizer.py) or random:<preset>")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder (tools/train_tokenizer.py), official:PATH (a released magvit2_*.pt) "
+                        "or random:<preset>")
     p.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
     p.add_argument("--resolution", type=int, default=128, help="square clip side in pixels (default 128)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to (default 8)")
