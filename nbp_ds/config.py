@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -273,6 +274,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
     if hint is int and isinstance(value, bool):
@@ -280,6 +283,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if not isinstance(value, hint):
         raise ConfigError(f"config key {key}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _require(ok: bool, message: str) -> None:
