@@ -11,7 +11,6 @@ the key and the value.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import types
 import typing
@@ -188,12 +187,9 @@ def _load_yaml_tree(name_or_path: str, seen: tuple[Path, ...]) -> tuple[dict[str
     if path in seen:
         raise ConfigError(f"config {str(path)!r} includes itself through 'base'")
     try:
-        # a .json (the run config an export writes beside its weights) is read as JSON: YAML 1.1 would take
-        # exponent floats such as 1e-05 for strings
-        data = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
-    except (yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: "
-                          f"{exc}") from exc
+        data = yaml.safe_load(path.read_text()) or {}  # also the .json an export writes: JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     base = data.pop("base", None)
