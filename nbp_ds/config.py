@@ -11,6 +11,7 @@ the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,19 +40,27 @@ class LayoutConfig:
     num_classes: int = 0  # for condition=class
     context_frames: int = 0  # latent frames given, for condition=frames
     loss_on_context: bool = False  # also train on the given context frames
+    bov: bool = True  # false: no BOV block, the input starts at video block 0 (condition=frames only; official K600)
+    # condition=class by text: one list of text token ids per class (the prefix that class sees) instead of a
+    # single class token; the ids lie in [0, text_vocab_size). Written by nbp-convert-official (UCF-101).
+    class_prefixes: list[list[int]] = field(default_factory=list)
+    text_vocab_size: int = 0  # size of the text vocabulary class_prefixes use
+    token_ids: str = "nbp_ds"  # nbp_ds | official: how tokens map to embedding rows (see nbp_ds.layout)
 
 
 @dataclass
 class ModelConfig:
-    """A LLaMA-style decoder (RMSNorm, SwiGLU, no biases, 3D rotary positions)."""
+    """A LLaMA-style decoder (RMSNorm, SwiGLU, no biases, 3D rotary positions), or with ``arch: gpt2`` the
+    NBP authors' GPT-2-style one (LayerNorm, GELU MLP, biases, learned absolute positions; nbp_ds.model.gpt2)."""
 
+    arch: str = "llama"  # llama | gpt2
     n_layer: int = 24
     d_model: int = 1536
     n_head: int = 16
     vocab_size: int = 64000  # video codes; special tokens are added on top
-    ffn_dim: int | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to 256
+    ffn_dim: int | None = None  # MLP hidden width; None = 8/3 * d_model rounded up to 256 (llama), 4 * d_model (gpt2)
     rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-6  # the released gpt2 models use LayerNorm's 1e-5
     init_std: float = 0.02
     attention: str = "auto"  # auto | sdpa | flex | flash
     class_dropout: float = 0.1  # label -> null class during training, for classifier-free guidance
@@ -91,6 +100,7 @@ class TrainConfig:
     sample_every: int = 0  # log sample videos to TensorBoard every N steps (0 = never)
     sample_tokenizer: str | None = None  # tokenizer used to decode logged samples
     max_bad_steps: int = 5  # stop after this many NaN/Inf losses in a row
+    init_from: str | None = None  # exported .safetensors whose weights start a new run (fine-tuning); not on resume
     peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
     hooks: str | None = None  # "module:Class", a nbp_ds.train.hooks.TrainerHooks subclass (profiling, custom logs)
 
@@ -123,6 +133,8 @@ class RunConfig:
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
 CONDITIONS = ("none", "class", "frames")
+ARCHS = ("llama", "gpt2")
+TOKEN_ID_SCHEMES = ("nbp_ds", "official")
 
 
 def available_configs() -> list[str]:
@@ -160,7 +172,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def _resolve_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         return path
@@ -178,7 +190,7 @@ def _load_yaml_tree(name_or_path: str, seen: tuple[Path, ...]) -> tuple[dict[str
     if path in seen:
         raise ConfigError(f"config {str(path)!r} includes itself through 'base'")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text()) or {}  # also the .json an export writes: JSON is YAML
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -261,12 +273,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):
-        # YAML 1.1 reads 3e-4 (no dot) as a string; a float field takes it as the number it spells
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float and isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
     if hint is int and isinstance(value, bool):
@@ -274,6 +282,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if not isinstance(value, hint):
         raise ConfigError(f"config key {key}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -310,12 +321,15 @@ def validate(cfg: RunConfig) -> None:
     if lay.hybrid:
         _require(n_blocks >= 2, f"layout.hybrid=true needs at least 2 blocks, got {n_blocks} "
                                 f"(grid {lay.grid}, block {lay.block})")
+    _validate_token_layout(cfg)
+    _require(mod.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {mod.arch!r}")
     _require(mod.n_layer > 0, f"model.n_layer must be positive, got {mod.n_layer}")
     _require(mod.n_head > 0 and mod.d_model % mod.n_head == 0,
              f"model.n_head={mod.n_head} does not divide model.d_model={mod.d_model}")
     head_dim = mod.d_model // max(mod.n_head, 1)
-    _require(head_dim % 2 == 0 and head_dim >= 6,
-             f"model.d_model / model.n_head = {head_dim} must be even and >= 6 for 3D rotary positions")
+    if mod.arch == "llama":
+        _require(head_dim % 2 == 0 and head_dim >= 6,
+                 f"model.d_model / model.n_head = {head_dim} must be even and >= 6 for 3D rotary positions")
     _require(mod.vocab_size > 1, f"model.vocab_size must be > 1, got {mod.vocab_size}")
     _require(mod.attention in ATTENTION_BACKENDS,
              f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {mod.attention!r}")
@@ -333,3 +347,38 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(tr.keep_last >= 1, f"train.keep_last must be >= 1, got {tr.keep_last}")
     _require(tr.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
+
+
+def _validate_token_layout(cfg: RunConfig) -> None:
+    """The options that describe the NBP authors' released sequences: no BOV, text prefixes, their token ids."""
+    lay = cfg.layout
+    if not lay.bov:
+        _require(lay.condition == "frames", f"layout.bov=false needs layout.condition=frames (the given context "
+                                            f"frames start the sequence), got {lay.condition!r}")
+    if lay.class_prefixes:
+        _require(lay.condition == "class", f"layout.class_prefixes need layout.condition=class, got {lay.condition!r}")
+        _require(len(lay.class_prefixes) == lay.num_classes,
+                 f"layout.class_prefixes has {len(lay.class_prefixes)} entries for layout.num_classes="
+                 f"{lay.num_classes}: one prefix per class")
+        lengths = sorted({len(p) for p in lay.class_prefixes})
+        _require(lengths[0] > 0 and len(lengths) == 1,
+                 f"layout.class_prefixes must all have the same positive length, got lengths {lengths}")
+        _require(lay.text_vocab_size > 0, "layout.class_prefixes need layout.text_vocab_size > 0")
+        bad = [(i, t) for i, p in enumerate(lay.class_prefixes) for t in p if not 0 <= t < lay.text_vocab_size]
+        if bad:
+            raise ConfigError(f"layout.class_prefixes[{bad[0][0]}] holds token id {bad[0][1]}, outside "
+                              f"[0, layout.text_vocab_size={lay.text_vocab_size})")
+        # a text prefix has no null class to drop labels to (classifier-free guidance)
+        _require(cfg.model.class_dropout == 0.0,
+                 f"model.class_dropout={cfg.model.class_dropout} needs a null class, which layout.class_prefixes "
+                 f"do not have: set model.class_dropout=0")
+    else:
+        _require(lay.text_vocab_size == 0,
+                 f"layout.text_vocab_size={lay.text_vocab_size} is only used with layout.class_prefixes")
+    _require(lay.token_ids in TOKEN_ID_SCHEMES,
+             f"layout.token_ids must be one of {', '.join(TOKEN_ID_SCHEMES)}, got {lay.token_ids!r}")
+    if lay.token_ids == "official":
+        ucf = lay.condition == "class" and bool(lay.class_prefixes) and lay.hybrid and lay.bov
+        k600 = lay.condition == "frames" and not lay.bov
+        _require(ucf or k600, "layout.token_ids=official describes the released sequences only: class prefixes with "
+                              "hybrid=true (UCF-101) or condition=frames with bov=false (Kinetics-600)")

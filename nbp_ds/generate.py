@@ -15,6 +15,9 @@ import torch
 from nbp_ds.layout import Layout
 from nbp_ds.model.transformer import NBPModel
 
+# the NBP paper's sampling for its reported FVD (the authors' evaluation scripts): no classifier-free guidance
+PAPER_SAMPLING = {"temperature": 1.0, "top_k": 16000, "top_p": 0.9, "cfg_scale": None}
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Mask logits [..., V] outside the top-k and/or the nucleus of mass top_p with -inf."""
@@ -112,6 +115,9 @@ def generate(
     if layout.condition == "class":
         labels = _as_labels(label, batch_size, layout, device)
         guided = cfg_scale is not None and cfg_scale != 1.0
+        if guided and not layout.has_null_class:
+            raise ValueError("cfg_scale= needs a null class, and a model conditioned on class text prefixes "
+                             "(layout.class_prefixes) has none: sample without classifier-free guidance")
         if guided:  # second half of the rows runs unconditionally (null class)
             labels = torch.cat([labels, torch.full_like(labels, layout.null_class)])
     elif label is not None or (cfg_scale is not None and cfg_scale != 1.0):

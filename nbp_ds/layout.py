@@ -20,6 +20,17 @@ conditions.
 
 Rotary positions: each input position carries the (t, h, w) of the token it *predicts*, so the BOV
 block sits where video block 0 sits and relative offsets are the same at every generation step.
+
+The NBP authors' released sequences (nbp-convert-official) need three more options:
+
+* ``bov=False`` (frame prediction, their Kinetics-600 models): no BOV block; the input is video blocks
+  0..n-2 and block 0 has no predicting position (``to_raster`` fills it with NaN).
+* ``class_prefixes``: the condition of class c is a fixed list of text token ids (their UCF-101 models:
+  the class name through the Llama-2 tokenizer, 8 tokens), one prefix block seen by every position.
+* ``token_ids``: how tokens map to embedding rows. ``nbp_ds``: video codes 0..V-1, BOV V, placeholder
+  V+1, then class tokens (or text ids). ``official`` (the authors' order): BOV 0, the L-1 placeholders
+  1..L-1 (each its own id, hybrid only), text ids + L, video codes after the text vocabulary; without a
+  BOV (Kinetics-600) video codes are the ids themselves.
 """
 
 from __future__ import annotations
@@ -57,6 +68,10 @@ class Layout:
     num_classes: int = 0
     context_frames: int = 0
     loss_on_context: bool = False
+    bov: bool = True
+    class_prefixes: tuple[tuple[int, ...], ...] = ()
+    text_vocab_size: int = 0
+    token_ids: str = "nbp_ds"
 
     @classmethod
     def from_config(cls, layout: LayoutConfig, vocab_size: int) -> Layout:
@@ -64,7 +79,9 @@ class Layout:
             grid=tuple(layout.grid), block=tuple(layout.block), vocab_size=vocab_size, hybrid=layout.hybrid,
             condition=layout.condition, num_classes=layout.num_classes,
             context_frames=layout.context_frames if layout.condition == "frames" else 0,
-            loss_on_context=layout.loss_on_context,
+            loss_on_context=layout.loss_on_context, bov=layout.bov,
+            class_prefixes=tuple(tuple(p) for p in layout.class_prefixes), text_vocab_size=layout.text_vocab_size,
+            token_ids=layout.token_ids,
         )
 
     # ---- sizes and special tokens -------------------------------------------------------------
@@ -84,20 +101,49 @@ class Layout:
 
     @property
     def prefix_len(self) -> int:
-        """Condition tokens before the BOV block (a class token, or none)."""
+        """Condition tokens before the BOV block (a class token, a class's text prefix, or none)."""
+        if self.class_prefixes:
+            return len(self.class_prefixes[0])
         return 1 if self.condition == "class" else 0
 
     @property
     def seq_len(self) -> int:
-        return self.prefix_len + self.num_video_tokens
+        return len(self.block_ids)
+
+    @property
+    def official_ids(self) -> bool:
+        return self.token_ids == "official"
+
+    @property
+    def num_special_tokens(self) -> int:
+        """Ids before text and video in the authors' order: BOV, and the L-1 placeholders of a hybrid layout."""
+        if not self.bov:
+            return 0
+        return self.block_size if self.hybrid else 1
 
     @property
     def bov_token(self) -> int:
-        return self.vocab_size
+        return 0 if self.official_ids else self.vocab_size
 
     @property
     def placeholder_token(self) -> int:
-        return self.vocab_size + 1
+        """Id of the (first) placeholder; with official ids the i-th placeholder is placeholder_token + i."""
+        return 1 if self.official_ids else self.vocab_size + 1
+
+    @property
+    def text_token_offset(self) -> int:
+        """Embedding row of text id 0 (class_prefixes)."""
+        return self.num_special_tokens if self.official_ids else self.vocab_size + 2
+
+    @property
+    def video_token_offset(self) -> int:
+        """Embedding row of video code 0."""
+        return self.num_special_tokens + self.text_vocab_size if self.official_ids else 0
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether label num_classes (unconditional, for classifier-free guidance) exists: not with text prefixes."""
+        return self.condition == "class" and not self.class_prefixes
 
     @property
     def null_class(self) -> int:
@@ -109,7 +155,11 @@ class Layout:
 
     @property
     def embedding_size(self) -> int:
-        """Rows of the input embedding: video codes, BOV, placeholder, classes + null class."""
+        """Rows of the input embedding: video codes, BOV, placeholder(s), classes + null class or text ids."""
+        if self.official_ids:
+            return self.video_token_offset + self.vocab_size
+        if self.class_prefixes:
+            return self.vocab_size + 2 + self.text_vocab_size
         extra = self.num_classes + 1 if self.condition == "class" else 0
         return self.vocab_size + 2 + extra
 
@@ -129,7 +179,10 @@ class Layout:
         source: list[int] = [SOURCE_CLASS] * self.prefix_len
         target: list[int] = [-1] * self.prefix_len
         block_id: list[int] = [0] * self.prefix_len
-        if self.hybrid:
+        if not self.bov:
+            # the given context starts the sequence: video block 0 is an input only, nothing predicts it
+            first_plain, next_id = 0, 1
+        elif self.hybrid:
             # BOV token, then tokens x0..x(L-2) of block 0, each its own block: next-token prediction
             source += [SOURCE_BOV] + [int(order[i]) for i in range(size - 1)]
             target += [int(order[i]) for i in range(size)]
@@ -190,6 +243,17 @@ class Layout:
             mask &= ~self.context_mask[np.maximum(tgt, 0)]
         return mask
 
+    @cached_property
+    def special_ids(self) -> np.ndarray:
+        """Per input position: the token id of a BOV or placeholder position, -1 elsewhere."""
+        source = self.input_source
+        ids = np.full(len(source), -1, dtype=np.int64)
+        ids[source == SOURCE_BOV] = self.bov_token
+        placeholders = np.nonzero(source == SOURCE_PLACEHOLDER)[0]
+        ordinal = np.arange(len(placeholders)) if self.official_ids else 0  # the authors number them 1..L-1
+        ids[placeholders] = self.placeholder_token + ordinal
+        return ids
+
     def allowed(self) -> torch.Tensor:
         """Dense [S, S] boolean attention rule: q sees k iff block_id(k) <= block_id(q)."""
         ids = torch.from_numpy(self.block_ids)
@@ -233,13 +297,21 @@ class Layout:
         table = self._device_tables(flat.device)
         end = self.seq_len if end is None else end
         source, special = table["source"][start:end], table["special"][start:end]
-        ids = flat.gather(1, source.clamp(min=0).expand(flat.shape[0], -1))
-        ids = torch.where(special >= 0, special, ids)
-        if self.condition == "class":
+        video = flat.gather(1, source.clamp(min=0).expand(flat.shape[0], -1)) + self.video_token_offset
+        ids = torch.where(special >= 0, special, video)
+        if start < self.prefix_len:
             if label is None:
                 raise ValueError("this layout is class-conditional: the batch needs a 'label' tensor")
-            ids = torch.where(source == SOURCE_CLASS, self.class_token(label.to(flat.device)).unsqueeze(1), ids)
+            stop = min(end, self.prefix_len)
+            ids[:, : stop - start] = self.condition_ids(label.to(flat.device))[:, start:stop]
         return ids
+        return ids
+
+    def condition_ids(self, label: torch.Tensor) -> torch.Tensor:
+        """Labels [B] -> the ids of the condition prefix [B, prefix_len]: a class token or the class's text."""
+        if not self.class_prefixes:
+            return self.class_token(label).unsqueeze(1)
+        return self._device_tables(label.device)["class_prefixes"][label] + self.text_token_offset
 
     def targets(self, tokens: torch.Tensor) -> torch.Tensor:
         """Video tokens [B, T, H, W] -> target per input position [B, S], -100 where nothing counts."""
@@ -252,20 +324,36 @@ class Layout:
         """Input positions whose targets count in the loss, as an index tensor on ``device``."""
         return self._device_tables(device)["loss_rows"]
 
+    def to_raster(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] values per input position -> [B, N, ...] per predicted raster token.
+
+        A token no position predicts (video block 0 of a layout without BOV) gets NaN.
+        """
+        rows = self._device_tables(per_position.device)["to_raster"]
+        if self.predicts_every_token:
+            return per_position[:, rows]
+        out = per_position.new_full((per_position.shape[0], self.num_video_tokens, *per_position.shape[2:]),
+                                    float("nan"))
+        predicted = rows >= 0
+        out[:, predicted] = per_position[:, rows[predicted]]
+        return out
+
+    @cached_property
+    def predicts_every_token(self) -> bool:
+        return bool(np.all(self._raster_rows >= 0))
+
     def _device_tables(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The index tables as tensors on ``device``, made once per device."""
         key = str(device)
         if key not in self._table_cache:
-            source = torch.as_tensor(self.input_source)
-            special = torch.full_like(source, -1)
-            special[source == SOURCE_BOV] = self.bov_token
-            special[source == SOURCE_PLACEHOLDER] = self.placeholder_token
             self._table_cache[key] = {
-                "source": source.to(device), "special": special.to(device),
+                "source": torch.as_tensor(self.input_source).to(device),
+                "special": torch.as_tensor(self.special_ids).to(device),
                 "target": torch.as_tensor(self.target_index).to(device),
                 "loss_mask": torch.as_tensor(self.loss_mask).to(device),
                 "loss_rows": torch.as_tensor(np.nonzero(self.loss_mask)[0]).to(device),
                 "to_raster": torch.as_tensor(self._raster_rows).to(device),
+                "class_prefixes": torch.as_tensor(self.class_prefixes or [[]], dtype=torch.long).to(device),
             }
         return self._table_cache[key]
 
@@ -275,16 +363,12 @@ class Layout:
 
     @cached_property
     def _raster_rows(self) -> np.ndarray:
-        """For each raster token, the input position that predicts it."""
+        """For each raster token, the input position that predicts it (-1: none does)."""
         tgt = self.target_index
         rows = np.nonzero(tgt >= 0)[0]
-        inverse = np.empty(self.num_video_tokens, dtype=np.int64)
+        inverse = np.full(self.num_video_tokens, -1, dtype=np.int64)
         inverse[tgt[rows]] = rows
         return inverse
-
-    def to_raster(self, per_position: torch.Tensor) -> torch.Tensor:
-        """[B, S, ...] values per input position -> [B, N, ...] per predicted raster token."""
-        return per_position[:, self._device_tables(per_position.device)["to_raster"]]
 
     # ---- generation -----------------------------------------------------------------------------
     @cached_property

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 # DeepSpeed picks its accelerator at import: tests run it on CPU with gloo unless told otherwise.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles its CPU communication extension on first use into TORCH_EXTENSIONS_DIR; one folder per
+# environment, so checkouts with different venvs side by side do not rebuild it for each other
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_launches():
+    """A test that fails while a training launch runs must not leave it running (and holding the CPUs)."""
+    yield
+    from train_helpers import kill_leftover_launches
+
+    kill_leftover_launches()
 
 
 def pytest_collection_modifyitems(config, items):

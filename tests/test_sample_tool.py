@@ -1,4 +1,4 @@
-"""tools/sample.py: refuses bad input before any work; writes mp4s, grid, tokens and decoded frames."""
+"""nbp-sample: refuses bad input before any work; writes mp4s, grid, tokens and decoded frames."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_export(path: Path, *overrides: str) -> Path:
-    """A file in tools/export_weights.py's format, from an untrained model (sampling speed and plumbing only)."""
+    """A file in nbp-export's format, from an untrained model (sampling speed and plumbing only)."""
     cfg = load_config("quickstart", ["model.n_layer=1", "model.d_model=32", "model.n_head=2", *overrides])
     torch.manual_seed(0)
     state = {k: v.contiguous() for k, v in build_model(cfg).state_dict().items()}

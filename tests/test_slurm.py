@@ -146,7 +146,7 @@ def make_videos(folder: Path) -> list[str]:
 
 def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
     if not (ROOT / "tools" / "tokenize_videos.py").is_file():
-        pytest.skip("tools/tokenize_videos.py does not exist yet")
+        pytest.skip("nbp-tokenize does not exist yet")
     if not shutil.which("ffmpeg"):
         pytest.skip("ffmpeg is not installed (needed to make the test videos)")
     from nbp_ds.data.loader import iter_tar_samples
@@ -165,7 +165,7 @@ def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
     check_log = tmp_path / "inspect.log"
     path = f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"
     check = slurm_cluster.sbatch([f"--dependency=afterok:{job}", "--gpus-per-node=0", f"--output={check_log}",
-                                  "--wrap", f"python tools/inspect_shards.py {out}"],
+                                  "--wrap", f"nbp-inspect-shards {out}"],
                                  env={**env, "PATH": path}, cwd=ROOT)
     slurm_cluster.wait_done(job, timeout=240)
     logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in tmp_path.glob("tok-*.log"))

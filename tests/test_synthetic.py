@@ -166,7 +166,7 @@ def test_checker_tool_on_ground_truth_mp4s(synthetic_videos, tmp_path):
 
 @needs_ffmpeg
 def test_checker_tool_on_sampler_style_folder(synthetic_videos, tmp_path):
-    """Files named <class>_<NNN>.mp4 in one folder (tools/sample.py's output), labels from the names."""
+    """Files named <class>_<NNN>.mp4 in one folder (nbp-sample's output), labels from the names."""
     samples = tmp_path / "samples"
     samples.mkdir()
     for path in sorted((synthetic_videos / "train").rglob("*_0000.mp4")):

@@ -1,4 +1,4 @@
-"""Videos -> tools/tokenize_videos.py -> shards -> loader, end to end with real ffmpeg and real tar files."""
+"""Videos -> nbp-tokenize -> shards -> loader, end to end with real ffmpeg and real tar files."""
 
 from __future__ import annotations
 

@@ -60,11 +60,25 @@ def run(cmd: list[str], timeout: float = 300, faults: dict | None = None,
                           timeout=timeout)
 
 
+_launched: list[subprocess.Popen] = []
+
+
 def start(cmd: list[str], log: Path, faults: dict | None = None, **extra_env: str) -> subprocess.Popen:
-    """Start a launch in its own process group, so the whole group can be signalled or killed."""
+    """Start a launch in its own process group, so the whole group can be signalled or killed. Whatever a test
+    leaves running (it failed before killing it) is killed after the test (conftest's kill_leftover_launches)."""
     cmd, fault_env = with_faults(cmd, faults)
-    return subprocess.Popen(cmd, env=env(**fault_env, **extra_env), cwd=ROOT, stdout=open(log, "w"),
+    proc = subprocess.Popen(cmd, env=env(**fault_env, **extra_env), cwd=ROOT, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+    _launched.append(proc)
+    return proc
+
+
+def kill_leftover_launches() -> None:
+    while _launched:
+        proc = _launched.pop()
+        if proc.poll() is None:
+            kill_group(proc, signal.SIGKILL)
+            proc.wait(timeout=60)
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:

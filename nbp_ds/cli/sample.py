@@ -3,6 +3,8 @@
     nbp-sample --weights runs/x/export.safetensors --tokenizer runs/tok/tokenizer --out samples/
     nbp-sample --weights runs/x --tokenizer TOK --label 3 --num 8 --cfg-scale 2 --top-p 0.9
     nbp-sample --weights runs/k600 --tokenizer TOK --context clip.mp4 --num 4
+    nbp-sample --weights converted/ucf_700m.safetensors --tokenizer official:magvit2_ucf.pt \
+        --paper-sampling --out samples/    # a converted release (nbp-convert-official)
 
 --weights is an exported .safetensors file (nbp-export) or a training output folder /
 DeepSpeed checkpoint folder (consolidated in memory). Writes one mp4 per sample, grid.png (a row of
@@ -33,7 +35,9 @@ log = logging.getLogger("sample")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="exported .safetensors, or a training output / checkpoint folder")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (nbp-train-tokenizer) or random:<preset>")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder (nbp-train-tokenizer), official:PATH (a released magvit2_*.pt) "
+                        "or random:<preset>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=1, help="samples per label (or in all, for unconditional models)")
     p.add_argument("--label", type=int, action="append",
@@ -43,12 +47,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (class models)")
+    p.add_argument("--paper-sampling", action="store_true",
+                   help="the NBP paper's settings for its FVD: temperature 1, top-k 16000, top-p 0.9, no CFG "
+                        "(flags given explicitly still win)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="videos generated together")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4 files")
     p.add_argument("--classes", help="classes.json (name -> id) to name the files; default: looked up beside --weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.paper_sampling:  # the paper's values become the defaults, so flags given explicitly still win
+        from nbp_ds.generate import PAPER_SAMPLING
+
+        p.set_defaults(**PAPER_SAMPLING)
+        args = p.parse_args(argv)
+    return args
 
 
 def load_everything(args: argparse.Namespace):

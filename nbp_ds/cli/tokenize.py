@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, help="folder of videos (class sub-folders), CSV path,label, or list")
     p.add_argument("--out", required=True, help="output folder for shard-*.tar, classes.json, failures.jsonl")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (nbp-train-tokenizer) or random:<preset>")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder (nbp-train-tokenizer), official:PATH (a released magvit2_*.pt) "
+                        "or random:<preset>")
     add_clip_arguments(p)
     p.add_argument("--shard-size", type=int, default=1000, help="about this many clips per shard (default 1000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),

@@ -122,7 +122,11 @@ class TransformerLayer(nn.Module):
 
 
 class NBPModel(nn.Module):
-    """Semi-autoregressive video transformer; the layout decides NBP, NTP or hybrid."""
+    """Semi-autoregressive video transformer; the layout decides NBP, NTP or hybrid.
+
+    This class holds the batch-level surface (``loss``, ``logits``, KV caches, labels) and builds the
+    project's LLaMA-style layers; another architecture over the same surface overrides ``build_layers`` and
+    ``forward`` (``nbp_ds.model.gpt2``)."""
 
     def __init__(self, m: ModelConfig, layout: Layout):
         super().__init__()
@@ -130,24 +134,26 @@ class NBPModel(nn.Module):
         self.n_layer, self.d_model, self.n_head = m.n_layer, m.d_model, m.n_head
         self.head_dim = m.d_model // m.n_head
         self.vocab_size = m.vocab_size
-        self.ffn_dim = m.ffn_dim or default_ffn_dim(m.d_model)
         self.class_dropout = m.class_dropout
         self.loss_chunk = m.loss_chunk
-        self.backend = DeviceBackend(m.attention, layout)
-        out_std = m.init_std / math.sqrt(2 * m.n_layer)  # residual branches scaled (GPT-2 / LLaMA practice)
+        self.backend = DeviceBackend(m.attention, layout)  # shared by every attention layer
+        self._checkpoint_fn: Callable | None = None
+        self.build_layers(m, out_std=m.init_std / math.sqrt(2 * m.n_layer))  # residual branches scaled (GPT-2)
 
+    def build_layers(self, m: ModelConfig, out_std: float) -> None:
+        """Embedding, layers, final norm, output layer and rotary tables (LLaMA-style)."""
+        layout = self.layout
+        self.ffn_dim = m.ffn_dim or default_ffn_dim(m.d_model)
         self.embed = Embedding(layout.embedding_size, m.d_model, m.init_std)
         self.layers = nn.ModuleList(TransformerLayer(m, self.ffn_dim, out_std, self.backend, i)
                                     for i in range(m.n_layer))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
         self.head = Linear(m.d_model, m.vocab_size, m.init_std)
-
         # on the device the model is being built on (torch.device context), like the weights
         here = self.norm.weight.device
         angles = rope_angles(torch.from_numpy(layout.positions).to(here), self.head_dim, m.rope_theta)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self._checkpoint_fn: Callable | None = None
 
     # ---- building blocks ------------------------------------------------------------------------
     def enable_activation_checkpointing(self, checkpoint_fn: Callable | None = None) -> None:
@@ -252,11 +258,16 @@ class NBPModel(nn.Module):
 
 
 def build_model(cfg: RunConfig, device: torch.device | str | None = None) -> NBPModel:
-    """Build the model a run config describes, with its weights made and initialized directly on ``device``
-    (default: torch's default device; never a full-size copy on the CPU first). Under
-    ``deepspeed.zero.Init`` (ZeRO-3) every constructor's parameters are partitioned as they are made."""
+    """Build the model a run config describes (``model.arch``: the project's LLaMA-style NBPModel, or the NBP
+    authors' GPT-2-style one), with its weights made and initialized directly on ``device`` (default: torch's
+    default device; never a full-size copy on the CPU first). Under ``deepspeed.zero.Init`` (ZeRO-3) every
+    constructor's parameters are partitioned as they are made."""
     layout = Layout.from_config(cfg.layout, cfg.model.vocab_size)
+    if cfg.model.arch == "gpt2":  # the NBP authors' released architecture (nbp_ds.model.gpt2)
+        from nbp_ds.model.gpt2 import GPT2Model as model_class
+    else:
+        model_class = NBPModel
     if device is None:
-        return NBPModel(cfg.model, layout)
+        return model_class(cfg.model, layout)
     with torch.device(device):
-        return NBPModel(cfg.model, layout)
+        return model_class(cfg.model, layout)

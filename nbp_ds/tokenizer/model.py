@@ -18,18 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.tokenizer.base import TokenizerError, TokenizerNotFound, VideoTokenizerBase
 from nbp_ds.tokenizer.fsq import FSQ
-
-
-class TokenizerError(UsageError, ValueError):
-    """A tokenizer that cannot be loaded, or a clip shape it cannot take; the message names it."""
-
-
-class TokenizerNotFound(TokenizerError, FileNotFoundError):
-    """No tokenizer where one was named."""
-
 
 TEMPORAL_STAGES = 2  # two 2x temporal downsamplings: 1 + 4k frames -> 1 + k latent frames
 
@@ -212,12 +203,13 @@ def depth_to_space(x: torch.Tensor, p: int) -> torch.Tensor:
     return y.reshape(b, t, c // (p * p), h * p, w * p).transpose(1, 2)
 
 
-class VideoTokenizer(nn.Module):
+class VideoTokenizer(VideoTokenizerBase):
     """Video <-> discrete tokens. `encode(uint8 [B,N,H,W,3]) -> long [B,T',H',W']`, `decode` the reverse."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.config = cfg
+        self.temporal_factor, self.spatial_factor = cfg.temporal_factor, cfg.spatial_factor
         self.fsq = FSQ(cfg.levels)
         self.encoder = Encoder(cfg, self.fsq.dim)
         self.decoder = Decoder(cfg, self.fsq.dim)
@@ -234,30 +226,6 @@ class VideoTokenizer(nn.Module):
     @property
     def codebook_size(self) -> int:
         return self.fsq.codebook_size
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """The token grid (T', H', W') for a clip of `frames` x `height` x `width`."""
-        self.check_clip_shape(frames, height, width)
-        s, f = self.config.spatial_factor, self.config.temporal_factor
-        return 1 + (frames - 1) // f, height // s, width // s
-
-    def clip_shape(self, grid: tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
-        """The clip (frames, height, width) that encodes to the token grid (T', H', W'): latent_shape's inverse."""
-        t, h, w = grid
-        s, f = self.config.spatial_factor, self.config.temporal_factor
-        return 1 + (t - 1) * f, h * s, w * s
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def check_clip_shape(self, frames: int, height: int, width: int) -> None:
-        s, f = self.config.spatial_factor, self.config.temporal_factor
-        if frames < 1 or (frames - 1) % f:
-            raise TokenizerError(f"tokenizer '{self.name}': clips need 1 + {f}k frames (1, {1 + f}, {1 + 2 * f}, ...), "
-                             f"got {frames}")
-        if height % s or width % s:
-            raise TokenizerError(f"tokenizer '{self.name}': frame size must be a multiple of {s}, got {height}x{width}")
 
     # ---- float paths (training) -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,9 +294,15 @@ def build_tokenizer(preset: str, seed: int = 0) -> VideoTokenizer:
 
 
 def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> VideoTokenizer:
-    """`random:<preset>[:seed]` for an untrained one, else a folder written by `VideoTokenizer.save`
-    (or a nbp-train-tokenizer run folder, which holds it as `tokenizer/`). Returned in eval mode."""
+    """`random:<preset>[:seed]` for an untrained one, `official:PATH` for a tokenizer the NBP authors released
+    (magvit2_*.pt or its .safetensors copy; nbp_ds.tokenizer.official.OfficialTokenizer, same interface), else
+    a folder written by `VideoTokenizer.save` (or a nbp-train-tokenizer run folder, which holds it as
+    `tokenizer/`). Returned in eval mode."""
     spec = str(spec)
+    if spec.startswith("official:"):
+        from nbp_ds.tokenizer.official import load_official_tokenizer
+
+        return load_official_tokenizer(spec.removeprefix("official:"), device=device)
     if spec.startswith("random:"):
         _, preset, *seed = spec.split(":")
         tokenizer = build_tokenizer(preset, int(seed[0]) if seed else 0)
@@ -340,8 +314,8 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> Vide
             folder = folder / "tokenizer"
         if not (folder / "config.json").is_file() or not (folder / "tokenizer.safetensors").is_file():
             raise TokenizerNotFound(f"tokenizer {spec}: expected a folder with config.json and tokenizer.safetensors "
-                                    f"(written by nbp-train-tokenizer), or random:<preset> with presets "
-                                    f"{', '.join(PRESETS)}")
+                                    f"(written by nbp-train-tokenizer), official:PATH (a released magvit2_*.pt) "
+                                    f"or random:<preset> with presets {', '.join(PRESETS)}")
         try:
             cfg = TokenizerConfig(**json.loads((folder / "config.json").read_text()))
         except (TypeError, ValueError) as exc:

@@ -39,8 +39,9 @@ SHAPE_KEYS = {"layout": ("grid", "block", "hybrid", "condition", "num_classes", 
               "model": ("n_layer", "d_model", "n_head", "vocab_size", "ffn_dim")}
 
 
-class CheckpointError(UsageError, FileNotFoundError):
-    """A path that does not hold the checkpoint it should; the message names it and what is missing."""
+class CheckpointError(UsageError, ValueError):
+    """A path that does not hold the checkpoint or weights file it should (missing, dangling, another model's,
+    or unreadable without more trust); the message names it and what is wrong."""
 
 
 @dataclass(frozen=True)

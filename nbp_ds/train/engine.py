@@ -12,6 +12,7 @@ import torch
 from nbp_ds.config import RunConfig
 from nbp_ds.model import NBPModel, build_model
 from nbp_ds.train.ds_config import zero_stage
+from nbp_ds.train.init_weights import load_initial_weights
 from nbp_ds.train.schedule import lr_factor
 
 
@@ -31,9 +32,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device, rank: int):
-    """(engine, model): the model built on ``device`` with identical initial weights on every rank, then a
-    different random stream per rank (class dropout), wrapped by ``deepspeed.initialize``."""
+def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device, rank: int,
+                 init_from: str | None = None):
+    """(engine, model): the model built on ``device`` with identical initial weights on every rank (or the
+    weights of the export ``init_from``, for fine-tuning), then a different random stream per rank (class
+    dropout), wrapped by ``deepspeed.initialize``."""
     import deepspeed
 
     from nbp_ds.train.distributed import backend_for
@@ -44,6 +47,8 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     seed_everything(tr.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
         model: NBPModel = build_model(cfg, device=device)
+    if init_from:
+        load_initial_weights(model, init_from, cfg)
     if tr.activation_checkpointing:
         model.enable_activation_checkpointing()
     seed_everything(tr.seed + 1 + rank)

@@ -32,9 +32,15 @@ def consolidate(path: str | Path, tag: str | None = None) -> tuple[dict[str, tor
 
 def export(path: str | Path, out: str | Path, dtype: str = "fp32", tag: str | None = None) -> Path:
     """Write ``out`` (.safetensors) and ``out`` with .json (the run config)."""
+    state, cfg = consolidate(path, tag)
+    return save_export(state, cfg, out, dtype)
+
+
+def save_export(state: dict[str, torch.Tensor], cfg: RunConfig, out: str | Path, dtype: str = "fp32") -> Path:
+    """Write a full state dict as ``out`` (.safetensors, the run config in its metadata) and ``out`` with
+    .json (the run config), the format ``load_exported`` reads."""
     from safetensors.torch import save_file
 
-    state, cfg = consolidate(path, tag)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     state = {k: v.to(torch_dtype) for k, v in state.items()}
     out = Path(out)

@@ -60,7 +60,8 @@ class Trainer:
         distributed.init_process_group(self.env, self.device)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop_request()
-        self.engine, self.model = build_engine(cfg, self.ds_config, self.device, self.rank)
+        self.engine, self.model = build_engine(cfg, self.ds_config, self.device, self.rank,
+                                               init_from=None if self.resume_from else cfg.train.init_from)
         self.layout = self.model.layout
         self.state = TrainState(world_size=self.world)
         if self.resume_from:

@@ -1,0 +1,146 @@
+"""The GPT-2-style decoder of the NBP authors' released generators (``model.arch: gpt2``).
+
+Pre-LayerNorm blocks (LayerNorm with bias), learned absolute position embeddings added to the token
+embeddings (position = index in the sequence), separate query / key / value / output projections with
+biases, an exact-GELU MLP of width 4d with biases, a final LayerNorm and an untied output layer without
+bias. It runs over the same layouts, attention backends and KV cache as the LLaMA-style NBPModel, and
+keeps NBPModel's batch-level surface (``loss``, ``logits``, ``new_cache``, labels, activation
+checkpointing): only the layers differ. nbp-convert-official turns the released ``.ckpt`` files
+into this model's weights; the layout options ``bov``, ``class_prefixes`` and ``token_ids=official``
+reproduce their sequences and attention masks (see nbp_ds.layout).
+
+The released output layer has a row for every input id (BOV, placeholders, text and video); ``head``
+returns the logits of the video codes only, so that sampling, ``logits`` and the loss live in code space.
+
+Weights are initialized inside each leaf module's constructor (ZeRO-3 partitions a module's parameters
+as soon as its constructor returns).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nbp_ds.config import ModelConfig
+from nbp_ds.model.attention import DeviceBackend
+from nbp_ds.model.transformer import Embedding, KVCache, NBPModel
+
+
+class BiasedLinear(nn.Linear):
+    """Linear layer with bias: weight N(0, std), bias 0, set in its own constructor (ZeRO-3 safe)."""
+
+    def __init__(self, d_in: int, d_out: int, std: float):
+        object.__setattr__(self, "_init_std", std)
+        super().__init__(d_in, d_out, bias=True)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self._init_std)
+        nn.init.zeros_(self.bias)
+
+
+class TokenAndPositionEmbedding(nn.Module):
+    """Token embedding plus a learned embedding of the sequence position."""
+
+    def __init__(self, num_tokens: int, num_positions: int, dim: int, std: float):
+        super().__init__()
+        self.tokens = Embedding(num_tokens, dim, std)
+        self.positions = Embedding(num_positions, dim, std)
+
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        where = torch.arange(start, start + ids.shape[1], device=ids.device)
+        return self.tokens(ids) + self.positions(where)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, std: float, out_std: float, backend: DeviceBackend, index: int):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.query = BiasedLinear(d_model, d_model, std)
+        self.key = BiasedLinear(d_model, d_model, std)
+        self.value = BiasedLinear(d_model, d_model, std)
+        self.proj = BiasedLinear(d_model, d_model, out_std)
+        self.backend = backend  # shared by all layers; not a submodule (it holds no weights)
+        self.index = index  # this layer's slot in a KV cache
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.n_head, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if cache is None:
+            y = self.backend.full(q, k, v)
+        else:
+            end = start + n
+            cache.k[self.index, :, :, start:end] = k
+            cache.v[self.index, :, :, start:end] = v
+            y = self.backend.chunk(q, cache.k[self.index, :, :, :end], cache.v[self.index, :, :, :end], start)
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, std: float, out_std: float):
+        super().__init__()
+        self.fc = BiasedLinear(d_model, hidden, std)
+        self.proj = BiasedLinear(hidden, d_model, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))  # the exact (erf) GELU, as nn.GELU() in the released code
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, m: ModelConfig, ffn_dim: int, out_std: float, backend: DeviceBackend, index: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(m.d_model, eps=m.norm_eps)
+        self.attn = SelfAttention(m.d_model, m.n_head, m.init_std, out_std, backend, index)
+        self.ln2 = nn.LayerNorm(m.d_model, eps=m.norm_eps)
+        self.mlp = GeluMLP(m.d_model, ffn_dim, m.init_std, out_std)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, start)
+        return x + self.mlp(self.ln2(x))
+
+
+class VideoHead(nn.Module):
+    """Untied output layer over every input id (as released); returns the logits of the video codes only."""
+
+    def __init__(self, d_model: int, rows: int, video_offset: int, vocab_size: int, std: float):
+        super().__init__()
+        self.video_offset, self.vocab_size = video_offset, vocab_size
+        self.weight = nn.Parameter(torch.empty(rows, d_model))
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[self.video_offset:self.video_offset + self.vocab_size])
+
+
+class GPT2Model(NBPModel):
+    """NBP's batch-level surface over GPT-2-style layers (the architecture of the released generators)."""
+
+    def build_layers(self, m: ModelConfig, out_std: float) -> None:
+        lay = self.layout
+        self.ffn_dim = m.ffn_dim or 4 * m.d_model
+        self.embed = TokenAndPositionEmbedding(lay.embedding_size, lay.seq_len, m.d_model, m.init_std)
+        self.layers = nn.ModuleList(GPT2Block(m, self.ffn_dim, out_std, self.backend, i) for i in range(m.n_layer))
+        self.norm = nn.LayerNorm(m.d_model, eps=m.norm_eps)
+        self.head = VideoHead(m.d_model, lay.embedding_size, lay.video_token_offset, m.vocab_size, m.init_std)
+
+    def forward(self, input_ids: torch.Tensor | dict, start: int = 0, cache: KVCache | None = None):
+        """Input ids [B, n] at sequence positions [start, start + n) -> final hidden states [B, n, d]
+        (a batch dict returns ``self.loss(batch)``, as NBPModel does for DeepSpeed engines)."""
+        if isinstance(input_ids, dict):
+            return self.loss(input_ids)
+        x = self.embed(input_ids, start)
+        recompute = self._checkpoint_fn is not None and self.training and cache is None
+        for layer in self.layers:
+            x = self._checkpoint_fn(layer, x) if recompute else layer(x, cache, start)
+        return self.norm(x)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per sequence position: 6 x (layer matrices + the video rows of the head) + attention."""
+        d, n = self.d_model, self.n_layer
+        matmul_params = n * (4 * d * d + 2 * d * self.ffn_dim) + d * self.vocab_size
+        attention = 3 * 2 * 2 * d * (self.layout.seq_len / 2) * n
+        return 6 * matmul_params + attention

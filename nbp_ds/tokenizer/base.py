@@ -1,0 +1,64 @@
+"""What every video tokenizer of nbp_ds answers (the project's own, ``nbp_ds.tokenizer.model``, and the port
+of the NBP authors' released one, ``nbp_ds.tokenizer.official``): its identity, the clip shapes it takes
+and the token grid they give, its device; ``encode`` (uint8 video -> codes) and ``decode`` (the reverse).
+
+Time is causal and compressed by ``temporal_factor`` (clips of 1 + f*k frames give 1 + k latent frames: the
+first frame stands alone), space by ``spatial_factor``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nbp_ds.errors import UsageError
+
+
+class TokenizerError(UsageError, ValueError):
+    """A tokenizer that cannot be loaded, or a clip shape it cannot take; the message names it."""
+
+
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """No tokenizer where one was named."""
+
+
+class VideoTokenizerBase(nn.Module):
+    temporal_factor: int
+    spatial_factor: int
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def version(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def codebook_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_clip_shape(self, frames: int, height: int, width: int) -> None:
+        f, s = self.temporal_factor, self.spatial_factor
+        if frames < 1 or (frames - 1) % f:
+            raise TokenizerError(f"tokenizer '{self.name}': clips need 1 + {f}k frames (1, {1 + f}, {1 + 2 * f}, "
+                                 f"...), got {frames}")
+        if height % s or width % s:
+            raise TokenizerError(f"tokenizer '{self.name}': frame size must be a multiple of {s}, "
+                                 f"got {height}x{width}")
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The token grid (T', H', W') for a clip of `frames` x `height` x `width`."""
+        self.check_clip_shape(frames, height, width)
+        f, s = self.temporal_factor, self.spatial_factor
+        return 1 + (frames - 1) // f, height // s, width // s
+
+    def clip_shape(self, grid: tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
+        """The clip (frames, height, width) that encodes to the token grid (T', H', W'): latent_shape's inverse."""
+        t, h, w = grid
+        f, s = self.temporal_factor, self.spatial_factor
+        return 1 + (t - 1) * f, h * s, w * s

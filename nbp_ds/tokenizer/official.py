@@ -1,0 +1,268 @@
+"""The NBP authors' released video tokenizers (``magvit2_ucf.pt``, ``magvit2_k600.pt``): an exact port.
+
+A causal 3D CNN (MAGVIT-v2 style) with FSQ levels [8,8,8,5,5,5] (64,000 codes): RGB in [0, 1], 17 frames
+at 128x128 -> 5x16x16 latents of 6 channels. Its pieces differ from nbp_ds' own tokenizer (learned-beta
+Swish, replicate padding in space too, twice the temporal padding, depth-to-space upsampling, inputs in
+[0, 1]), so it is its own module with the same interface as ``VideoTokenizer``: ``encode`` (uint8 video ->
+code indices), ``decode``, ``latent_shape``, ``check_clip_shape``, ``codebook_size``, ``name``, ``version``.
+
+Module names follow the released files (``encoder_layers.*``, ``decoder_layers.*``; residual units hold
+``fn`` and ``residual_fn``, causal convolutions ``conv``) so their state dicts load key for key. The code
+index is nbp_ds.tokenizer.fsq.FSQ's: sum_d (code_d * half_d + half_d) * basis_d, channel 0 least
+significant, half = [4,4,4,2,2,2], basis = [1,8,64,512,2560,12800].
+
+``width`` scales every channel count (128 in the released files) so tests can build the same structure
+smaller; GroupNorm always has 32 groups, so the width must be a multiple of 32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbp_ds.official.files import CheckpointError, read_torch_file, require_matching_state
+from nbp_ds.tokenizer.base import VideoTokenizerBase
+from nbp_ds.tokenizer.fsq import FSQ
+
+log = logging.getLogger(__name__)
+
+LEVELS = [8, 8, 8, 5, 5, 5]
+GROUPS = 32
+RELEASED_WIDTH = 128
+SPATIAL_FACTOR = 8
+TEMPORAL_FACTOR = 4
+
+
+class Swish(nn.Module):
+    """x * sigmoid(beta * x) with a learned beta per channel (initialized to 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(1, channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.beta * x)
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm(32) over each frame on its own: statistics across time would leak the future into the past."""
+
+    def __init__(self, channels: int):
+        super().__init__(GROUPS, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = super().forward(x.transpose(1, 2).reshape(b * t, c, h, w))
+        return y.reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class CausalConv3d(nn.Module):
+    """A 3D convolution padded in replicate mode: k//2 on both sides in space, 2 * (k_t // 2) before the first
+    frame in time and none after, so no output frame sees a later input frame."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__()
+        self.padding = (kernel // 2,) * 4 + (2 * (kernel // 2), 0)  # (w, w, h, h, t_front, t_back)
+        self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.padding):
+            x = F.pad(x, self.padding, mode="replicate")
+        return self.conv(x)
+
+
+class ResidualUnit(nn.Module):
+    """[GroupNorm, Swish, conv, GroupNorm, Swish, conv] plus a skip that is a 1x1x1 conv when widths differ."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.fn = nn.Sequential(FrameGroupNorm(c_in), Swish(c_in), CausalConv3d(c_in, c_out),
+                                FrameGroupNorm(c_out), Swish(c_out), CausalConv3d(c_out, c_out))
+        self.residual_fn = nn.Sequential(CausalConv3d(c_in, c_out, kernel=1)) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + self.residual_fn(x)
+
+
+class DepthToSpace3d(nn.Module):
+    """[B, C * bt * bh * bw, T, H, W] -> [B, C, T * bt, H * bh, W * bw]; input channel
+    ((tb * bh + hb) * bw + wb) * C + c lands at offset (tb, hb, wb). A temporal expansion then drops its first
+    bt - 1 frames, so the first latent frame still becomes one video frame (1 + k -> 1 + bt * k)."""
+
+    def __init__(self, block: tuple[int, int, int]):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, channels, t, h, w = x.shape
+        bt, bh, bw = self.block
+        c = channels // (bt * bh * bw)
+        y = x.reshape(b, bt, bh, bw, c, t, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
+        y = y.reshape(b, c, t * bt, h * bh, w * bw)
+        return y[:, :, bt - 1:] if bt > 1 else y
+
+
+def units(c_in: int, c_out: int, count: int) -> list[nn.Module]:
+    """``count`` residual units, the first one changing the width from c_in to c_out."""
+    return [ResidualUnit(c_in if i == 0 else c_out, c_out) for i in range(count)]
+
+
+def encoder_layers(width: int, latent_dim: int) -> nn.ModuleList:
+    c1, c2, c4 = width, 2 * width, 4 * width
+    return nn.ModuleList([
+        CausalConv3d(3, c1),
+        *units(c1, c1, 4),
+        CausalConv3d(c1, c1, stride=(1, 2, 2)),
+        *units(c1, c2, 4),
+        CausalConv3d(c2, c2, stride=(2, 2, 2)),
+        *units(c2, c2, 4),
+        CausalConv3d(c2, c2, stride=(2, 2, 2)),
+        *units(c2, c4, 8),
+        FrameGroupNorm(c4), Swish(c4), nn.Conv3d(c4, latent_dim, 1),
+    ])
+
+
+def decoder_layers(width: int, latent_dim: int) -> nn.ModuleList:
+    c1, c2, c4 = width, 2 * width, 4 * width
+    return nn.ModuleList([
+        CausalConv3d(latent_dim, c4),
+        *units(c4, c4, 8),
+        CausalConv3d(c4, 8 * c4), DepthToSpace3d((2, 2, 2)),
+        *units(c4, c2, 4),
+        CausalConv3d(c2, 8 * c2), DepthToSpace3d((2, 2, 2)),
+        *units(c2, c2, 4),
+        CausalConv3d(c2, 4 * c2), DepthToSpace3d((1, 2, 2)),
+        *units(c2, c1, 4),
+        FrameGroupNorm(c1), Swish(c1), CausalConv3d(c1, 3),
+    ])
+
+
+class OfficialTokenizer(VideoTokenizerBase):
+    """Video <-> FSQ codes with the released architecture. ``encode(uint8 [B,N,H,W,3]) -> long [B,T',H',W']``."""
+
+    def __init__(self, width: int = RELEASED_WIDTH, name: str = "official", version: str = "untrained"):
+        super().__init__()
+        if width <= 0 or width % GROUPS:
+            raise ValueError(f"official tokenizer width must be a positive multiple of {GROUPS}, got {width}")
+        self.width, self._name, self._version = width, name, version
+        self.temporal_factor, self.spatial_factor = TEMPORAL_FACTOR, SPATIAL_FACTOR
+        self.fsq = FSQ(LEVELS)
+        self.encoder_layers = encoder_layers(width, self.fsq.dim)
+        self.decoder_layers = decoder_layers(width, self.fsq.dim)
+
+    # ---- identity ---------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def codebook_size(self) -> int:
+        return self.fsq.codebook_size
+
+    # ---- float paths ------------------------------------------------------------------------------
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB float [B, 3, N, H, W] in [0, 1] -> latents before quantization [B, 6, T', H', W']."""
+        for layer in self.encoder_layers:
+            x = layer(x)
+        return x
+
+    def decode_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Quantized values [B, 6, T', H', W'] in [-1, 1] -> RGB float [B, 3, N, H, W] (not clamped)."""
+        for layer in self.decoder_layers:
+            values = layer(values)
+        return values
+
+    # ---- uint8 paths (tokenizing, sampling) -------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """uint8 video [B, N, H, W, 3] -> code indices [B, T', H', W'] (long)."""
+        if video.ndim != 5 or video.shape[-1] != 3:
+            raise ValueError(f"encode expects uint8 video [B, N, H, W, 3], got shape {tuple(video.shape)}")
+        self.check_clip_shape(*video.shape[1:4])
+        x = video.to(self.device).permute(0, 4, 1, 2, 3).float() / 255.0
+        _, indices = self.fsq(self.encode_latents(x).permute(0, 2, 3, 4, 1))
+        return indices
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Code indices [B, T', H', W'] -> uint8 video [B, 1 + 4(T'-1), 8H', 8W', 3] (output clamped to [0, 1])."""
+        if tokens.ndim != 4:
+            raise ValueError(f"decode expects tokens [B, T, H, W], got shape {tuple(tokens.shape)}")
+        values = self.fsq.indices_to_values(tokens.to(self.device))
+        video = self.decode_values(values.permute(0, 4, 1, 2, 3)).clamp(0.0, 1.0)
+        return (video * 255.0).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+
+
+
+# ---- files ----------------------------------------------------------------------------------------
+def read_official_tokenizer_state(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a released ``.pt`` (``{"model_state_dict": {"module.…": tensor}}``) or of a
+    ``.safetensors`` copy (nbp-convert-official tokenizer), with the ``module.`` prefix removed."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        return load_file(str(path))
+    package = read_torch_file(path, trust_pickle=trust_pickle,
+                              how_to_trust=f"convert it once with `nbp-convert-official tokenizer {path} "
+                                           f"OUT.safetensors --trust-pickle` and load official:OUT.safetensors")
+    state = package.get("model_state_dict") if isinstance(package, dict) else None
+    if not isinstance(state, dict):
+        found = sorted(package)[:8] if isinstance(package, dict) else type(package).__name__
+        raise CheckpointError(f"{path}: not an NBP tokenizer file (expected a dict with 'model_state_dict', "
+                              f"found {found})")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_official_tokenizer(path: str | Path, device: str | torch.device = "cpu",
+                            trust_pickle: bool = False) -> OfficialTokenizer:
+    """A released tokenizer file -> OfficialTokenizer in eval mode. Keys and shapes must match exactly;
+    the width is read from the first convolution; the version is a hash of the weights."""
+    path = Path(path)
+    state = read_official_tokenizer_state(path, trust_pickle)
+    first = state.get("encoder_layers.0.conv.weight")
+    width = int(first.shape[0]) if first is not None and first.ndim == 5 else RELEASED_WIDTH
+    if width % GROUPS:
+        raise CheckpointError(f"{path}: encoder_layers.0.conv.weight has {width} output channels, not a multiple "
+                              f"of {GROUPS}: not an NBP tokenizer")
+    tokenizer = OfficialTokenizer(width, name=f"official-{path.stem}", version=state_digest(state))
+    expected = {k: v.shape for k, v in tokenizer.state_dict().items()}
+    require_matching_state(expected, state, f"{path} does not fit the NBP tokenizer (width {width})")
+    tokenizer.load_state_dict({k: v.float() for k, v in state.items()})
+    if width != RELEASED_WIDTH:
+        log.warning("%s: width %d, not the released %d", path, width, RELEASED_WIDTH)
+    return tokenizer.to(device).eval()
+
+
+def save_official_tokenizer(tokenizer: OfficialTokenizer, out: str | Path) -> Path:
+    """Write the weights as .safetensors (readable without pickle); load it back with ``official:OUT``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp), metadata={"nbp_ds_official_tokenizer": tokenizer.name})
+    tmp.replace(out)
+    return out
+
+
+def state_digest(state: dict[str, torch.Tensor], length: int = 12) -> str:
+    """First ``length`` hex digits of a SHA-256 over the keys and fp32 values (the tokenizer version written
+    into shards): the same for a released .pt and its .safetensors copy."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:length]
