@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class Trainer:
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
         total = model.num_params()
         info = {"rank": self.rank, "world_size": self.world, "zero_stage": stage, "params_total": total,
-                "params_local": local, "launcher": self.env.launcher, "device": str(self.device)}
+                "params_local": local, "launcher": self.env.launcher, "device": str(self.device),
+                "host": socket.gethostname()}
         gathered = [None] * self.world
         dist.all_gather_object(gathered, info)
         if self.rank == 0:
