@@ -84,14 +84,13 @@ def _namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Does the process run (a zombie, dead but not yet reaped by its parent, does not)?"""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _owner_pid(name: str) -> int | None:
@@ -111,7 +110,7 @@ def _remove_namespace(netns: str) -> None:
         except ProcessLookupError:
             pass
     deadline = time.time() + 10
-    while any(_alive(int(p)) for p in pids) and time.time() < deadline:
+    while any(alive(int(p)) for p in pids) and time.time() < deadline:
         time.sleep(0.05)
     if netns in _namespaces():
         _ip("netns", "delete", netns)
@@ -123,7 +122,7 @@ def remove_leftovers() -> list[str]:
     names = set(_namespaces())
     if NETNS_ETC.is_dir():
         names |= {p.name for p in NETNS_ETC.iterdir()}
-    stale = sorted(n for n in names if (pid := _owner_pid(n)) is not None and not _alive(pid))
+    stale = sorted(n for n in names if (pid := _owner_pid(n)) is not None and not alive(pid))
     for name in stale:
         _remove_namespace(name)
     _remove_empty_netns_etc()
