@@ -196,3 +196,8 @@ def export_for_torch(dist_env: DistEnv) -> None:
                        "LOCAL_RANK": str(dist_env.local_rank), "MASTER_ADDR": dist_env.master_addr,
                        "MASTER_PORT": str(dist_env.master_port)})
     choose_gloo_interface(dist_env)
+
+
+def hostname() -> str:
+    """This machine's short host name (what Slurm node lists use)."""
+    return socket.gethostname().split(".")[0]

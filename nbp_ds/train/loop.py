@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -137,7 +136,7 @@ class Trainer:
         total = model.num_params()
         info = {"rank": self.rank, "world_size": self.world, "zero_stage": stage, "params_total": total,
                 "params_local": local, "launcher": self.env.launcher, "device": str(self.device),
-                "host": socket.gethostname()}
+                "host": launch.hostname()}
         gathered = [None] * self.world
         dist.all_gather_object(gathered, info)
         if self.rank == 0:
