@@ -11,7 +11,7 @@ The hosts hang off a bridge in a namespace of their own (a "switch"), each throu
 bind-mounted over /etc/hosts (as ``ip netns exec`` would) and the host's name as hostname. The file
 system is shared, which is what a cluster's shared storage is to its nodes.
 
-Everything is named after this process' pid (``nbptest<pid>-...``), so parallel runs do not meet, and
+Everything is named after this process' pid (``nbptest<pid>-<n>-...``), so parallel runs do not meet, and
 ``start`` first removes what a crashed earlier run left behind (namespaces whose pid is gone, with
 any process still inside them, and their hosts files). Needs root and iproute2; :func:`unavailable`
 says why not otherwise.
@@ -19,6 +19,7 @@ says why not otherwise.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -94,7 +95,7 @@ def alive(pid: int) -> bool:
 
 
 def _owner_pid(name: str) -> int | None:
-    """The pid a namespace or hosts folder of ours is named after (nbptest<pid>-<host>), else None."""
+    """The pid a namespace or hosts folder of ours is named after (nbptest<pid>-<n>-<host>), else None."""
     head = name.split("-", 1)[0]
     digits = head[len(PREFIX):]
     return int(digits) if name.startswith(PREFIX) and digits.isdigit() else None
@@ -136,13 +137,16 @@ def _remove_empty_netns_etc() -> None:
         pass
 
 
+_instances = itertools.count()
+
+
 class VirtualHosts:
     """``count`` hosts named node1..nodeN on a private network, torn down by :meth:`stop`."""
 
     def __init__(self, count: int):
         if not 1 <= count <= 250:
             raise ValueError(f"count={count}: between 1 and 250 hosts")
-        tag = f"{PREFIX}{os.getpid()}"
+        tag = f"{PREFIX}{os.getpid()}-{next(_instances)}"  # several networks in one process keep apart
         self.switch = f"{tag}-switch"
         self.hosts = [Host(f"node{i}", f"{SUBNET}.{i}", f"{tag}-node{i}") for i in range(1, count + 1)]
 
