@@ -42,6 +42,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
 # a management network): name the high-speed one, or exclude with a caret ("^docker0,lo").
 # export NCCL_SOCKET_IFNAME=ib0
 #
+# The same for gloo (CPU runs, NBP_CPU=1). Unset, the trainer picks the interface that routes to
+# the job's other nodes (and logs it); set it to choose yourself.
+# export GLOO_SOCKET_IFNAME=eth0
+#
 # Set to 1 on clusters without a working InfiniBand / RoCE fabric, so NCCL falls back to TCP
 # sockets instead of failing (or hanging) while initialising IB verbs.
 # export NCCL_IB_DISABLE=1
