@@ -37,10 +37,18 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Tokens [...] drawn from probs [..., V] (unnormalised is fine) by uniforms u [...] in [0, 1)."""
+    """Tokens [...] drawn from probs [..., V] (unnormalised is fine) by uniforms u [...] in [0, 1).
+
+    Token i owns the draws in [cdf(i-1), cdf(i)), so a token of probability 0 owns none: the search takes
+    the first token whose cdf *exceeds* the draw (a left-side search would give token 0 at u = 0 even when
+    the filters removed it).
+    """
     cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u.unsqueeze(-1).to(cdf.dtype) * cdf[..., -1:]).squeeze(-1) \
-        .clamp_(max=probs.shape[-1] - 1)
+    found = torch.searchsorted(cdf, u.unsqueeze(-1).to(cdf.dtype) * cdf[..., -1:], right=True).squeeze(-1)
+    # a draw that rounds up to the total (u just below 1 cast to a coarser dtype) finds no token: it belongs
+    # to the last token with mass, not to trailing zeros
+    last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(found, last_with_mass)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
