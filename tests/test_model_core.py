@@ -90,12 +90,12 @@ def rotate_3d(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.T
             freqs.append(theta ** (-2 * j / size))
             axis.append(a)
     angle = positions[:, axis].double() * torch.tensor(freqs, dtype=torch.float64)  # [S, D/2]
-    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2:].double()) * torch.polar(torch.ones_like(angle),
-                                                                                           angle)
+    rotation = torch.polar(torch.ones_like(angle), angle)  # e^(i angle)
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2:].double()) * rotation
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
-def reference_causal_logits(model, batch) -> torch.Tensor:
+def reference_causal_logits(model, batch, theta: float) -> torch.Tensor:
     """A plain causal next-token model with the same weights: [class] BOV x0 .. x(N-2), is_causal attention,
     and its own rotary embedding (rotate_3d), so that a wrong rotation in the package cannot hide here."""
     lay = model.layout
@@ -106,7 +106,6 @@ def reference_causal_logits(model, batch) -> torch.Tensor:
     raster = torch.arange(n)  # input j + 1 predicts raster token j and carries its (t, h, w) on the 3x4x4 grid
     pos = torch.stack([raster // 16, (raster // 4) % 4, raster % 4], 1)
     pos = torch.cat([torch.tensor([[-1, 0, 0]]), pos])  # the class token, one frame before the video
-    theta = model.run_config.model.rope_theta
     x = model.embed(ids)
     for layer in model.layers:
         a = layer.attn
@@ -125,7 +124,7 @@ def test_block_1x1x1_is_next_token_prediction():
     batch = batch_for(cfg)
     with torch.no_grad():
         ours = model.logits(batch)
-        ref = reference_causal_logits(model, batch)
+        ref = reference_causal_logits(model, batch, cfg.model.rope_theta)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
