@@ -34,6 +34,26 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)`` (scale 1 gives cond, 0 gives uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Tokens [...] drawn from probs [..., V] (unnormalised is fine) by uniforms u [...] in [0, 1).
+
+    Token i owns the draws in [cdf(i-1), cdf(i)), so a token of probability 0 owns none: the search takes
+    the first token whose cdf *exceeds* the draw (a left-side search would give token 0 at u = 0 even when
+    the filters removed it).
+    """
+    cdf = probs.cumsum(-1)
+    found = torch.searchsorted(cdf, u.unsqueeze(-1).to(cdf.dtype) * cdf[..., -1:], right=True).squeeze(-1)
+    # a draw that rounds up to the total (u just below 1 cast to a coarser dtype) finds no token: it belongs
+    # to the last token with mass, not to trailing zeros
+    last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(found, last_with_mass)
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                   generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, n, V] -> tokens [B, n]; temperature 0 means greedy."""
@@ -41,9 +61,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, t
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
     # inverse-CDF sampling: one uniform per token (torch.multinomial is ~20x slower on CPU at 64k codes)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(*probs.shape[:-1], 1, device=probs.device, generator=generator, dtype=cdf.dtype)
-    return torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    u = torch.rand(probs.shape[:-1], device=probs.device, generator=generator, dtype=probs.dtype)
+    return inverse_cdf(probs, u)
 
 
 def _as_labels(label, batch_size: int, layout: Layout, device: torch.device) -> torch.Tensor:
@@ -137,8 +156,7 @@ def generate(
             read = torch.as_tensor(step.read, device=device)
             logits = model.head(hidden[:, read - step.start]).float()
             if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_scale * (cond - uncond)
+                logits = guided_logits(*logits.chunk(2), cfg_scale)
             tokens[:, target[read]] = sample_tokens(logits, temperature, top_k, top_p, generator)
     finally:
         model.train(was_training)

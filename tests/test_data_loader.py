@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -153,3 +154,19 @@ def test_corrupt_members_and_truncated_tar_are_skipped_and_counted(tmp_path):
     # and the good member of the corrupt shard (all ones)
     assert sorted(ids) == sorted(list(range(10)) + list(range(5)) + [1])
     assert stats["samples"] == len(ids)
+
+
+def test_a_bad_member_is_warned_about_once_per_slot_but_counted_every_epoch(tmp_path, caplog):
+    """The endless train stream meets the same bad members every epoch: one warning each, every skip counted."""
+    corrupt_shard(tmp_path / "only.tar")  # per epoch: badnpy (corrupt), wrongshape (bad shape), good
+    # one in-process slot (so the log is captured here); batches of one, a shuffle buffer of one, so that
+    # decoding sees the shard's stored order: after the k-th batch, k epochs of both bad members were skipped
+    loader = build_loader(tmp_path, grid=GRID, batch_size=1, mode="train", num_workers=0, shuffle_buffer=1)
+    with caplog.at_level(logging.WARNING, logger="nbp_ds.data.loader"):
+        batches = [b for _, b in zip(range(5), loader, strict=False)]  # range first: no 6th batch is read
+    assert len(batches) == 5 and all(int(b["tokens"].min()) == 1 for b in batches)  # the good one, 5 times
+    stats = loader.stats()
+    assert stats["corrupt"] == 5 and stats["bad_shape"] == 5
+    skips = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert sum("badnpy" in m for m in skips) == 1, skips
+    assert sum("wrongshape" in m for m in skips) == 1, skips

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from nbp_ds.config import ConfigError, load_config
 from nbp_ds.layout import Layout
 from nbp_ds.model import AttentionUnavailable, build_model
-from nbp_ds.model.rope import apply_rope
 
 LAYOUTS = {
     "nbp-class": ["layout.block=[1,1,4]"],
@@ -78,26 +77,41 @@ def test_hybrid_first_block_is_token_by_token():
     assert len(lay.generation_steps) == size + lay.num_blocks - 1
 
 
-def reference_causal_logits(model, batch) -> torch.Tensor:
-    """A plain causal next-token model with the same weights: [class] BOV x0 .. x(N-2), is_causal attention."""
+def rotate_3d(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """3D RoPE written independently of nbp_ds.model.rope, as complex multiplication: x [B, H, S, D] at
+    positions [S, 3] (t, h, w). Coordinates i and i + D/2 form a complex number; the first D/2 angles
+    belong to t, h, w in turn, h and w getting 2 * (D // 6) dimensions each and t the rest, each part
+    with frequencies theta^(-2j / its size)."""
+    d = x.shape[-1]
+    spatial = 2 * (d // 6)
+    freqs, axis = [], []
+    for a, size in enumerate((d - 2 * spatial, spatial, spatial)):
+        for j in range(size // 2):
+            freqs.append(theta ** (-2 * j / size))
+            axis.append(a)
+    angle = positions[:, axis].double() * torch.tensor(freqs, dtype=torch.float64)  # [S, D/2]
+    rotation = torch.polar(torch.ones_like(angle), angle)  # e^(i angle)
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2:].double()) * rotation
+    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
+
+
+def reference_causal_logits(model, batch, theta: float) -> torch.Tensor:
+    """A plain causal next-token model with the same weights: [class] BOV x0 .. x(N-2), is_causal attention,
+    and its own rotary embedding (rotate_3d), so that a wrong rotation in the package cannot hide here."""
     lay = model.layout
     flat = batch["tokens"].view(batch["tokens"].shape[0], -1)
     b, n = flat.shape
     cls = lay.class_token(batch["label"]).unsqueeze(1)
     ids = torch.cat([cls, torch.full((b, 1), lay.bov_token), flat[:, :-1]], dim=1)
-    raster = torch.arange(n)
+    raster = torch.arange(n)  # input j + 1 predicts raster token j and carries its (t, h, w) on the 3x4x4 grid
     pos = torch.stack([raster // 16, (raster // 4) % 4, raster % 4], 1)
-    pos = torch.cat([torch.tensor([[-1, 0, 0]]), pos])
-    from nbp_ds.model.rope import rope_angles
-
-    ang = rope_angles(pos, model.head_dim, model.config.rope_theta)
-    cos, sin = ang.cos(), ang.sin()
+    pos = torch.cat([torch.tensor([[-1, 0, 0]]), pos])  # the class token, one frame before the video
     x = model.embed(ids)
     for layer in model.layers:
         a = layer.attn
         h = layer.attn_norm(x)
         q, k, v = a.qkv(h).view(b, n + 1, 3, a.n_head, a.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
+        y = F.scaled_dot_product_attention(rotate_3d(q, pos, theta), rotate_3d(k, pos, theta), v, is_causal=True)
         x = x + a.out(y.transpose(1, 2).reshape(b, n + 1, -1))
         x = x + layer.mlp(layer.mlp_norm(x))
     return model.head(model.norm(x))[:, 1:]  # drop the class token's output
@@ -110,18 +124,19 @@ def test_block_1x1x1_is_next_token_prediction():
     batch = batch_for(cfg)
     with torch.no_grad():
         ours = model.logits(batch)
-        ref = reference_causal_logits(model, batch)
+        ref = reference_causal_logits(model, batch, cfg.model.rope_theta)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["nbp-class", "hybrid", "nbp-3d-blocks"])
 def test_flex_forward_equals_sdpa(name):
     model, cfg = make(name)
+    flex, _ = make(name, "model.attention=flex")  # same seed: the same weights, another backend
+    assert flex.backend.on(torch.device("cpu")).name == "flex"
     batch = batch_for(cfg)
     with torch.no_grad():
         ref = model.logits(batch)
-        model.attention_name = "flex"
-        out = model.logits(batch)
+        out = flex.logits(batch)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 

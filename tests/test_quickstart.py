@@ -9,10 +9,39 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from nbp_ds.eval.consistency import classify_clip
+from nbp_ds.eval.synthetic import CLASSES, parse_class
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+
+
+def check_consistency_report(report: dict, samples: Path, classes: dict[str, int]) -> None:
+    """The class check's report describes the sampled videos: one record per video, every class named once
+    with its own id, each verdict the checker's reading of the saved frames (videos.npy, in labels.npy's
+    order), and every rate the share of its records. (How well the checker reads a video is tested on
+    videos with known answers in test_synthetic.py; a model trained for 6 steps shows no class.)"""
+    records = report["videos"]
+    assert report["count"] == len(records) == 12
+    assert sorted(r["class"] for r in records) == sorted(CLASSES)
+    assert all(classes[r["class"]] == r["label"] for r in records)
+    frames, labels = np.load(samples / "videos.npy"), np.load(samples / "labels.npy")
+    assert [r["label"] for r in records] == labels.tolist()
+    for record, clip in zip(records, frames, strict=True):
+        assert (record["shape"], record["direction"]) == classify_clip(clip), record
+        assert record["correct"] == ((record["shape"], record["direction"]) == parse_class(record["class"]))
+    shape_hits = sum(r["shape"] == parse_class(r["class"])[0] for r in records)
+    direction_hits = sum(r["direction"] == parse_class(r["class"])[1] for r in records)
+    assert report["overall_rate"] == pytest.approx(sum(r["correct"] for r in records) / 12)
+    assert report["shape_rate"] == pytest.approx(shape_hits / 12)
+    assert report["direction_rate"] == pytest.approx(direction_hits / 12)
+    assert sorted(report["per_class"]) == sorted(CLASSES)
+    for r in records:
+        stats = report["per_class"][r["class"]]
+        assert stats["count"] == 1 and stats["overall_rate"] == float(r["correct"])
 
 
 def test_quickstart_end_to_end_and_reuse(tmp_path):
@@ -26,8 +55,9 @@ def test_quickstart_end_to_end_and_reuse(tmp_path):
     samples = out / "samples"
     assert len(list(samples.glob("*.mp4"))) == 12  # one per class
     assert (samples / "grid.png").stat().st_size > 0
-    report = json.loads((samples / "consistency.json").read_text())
-    assert 0.0 <= report["overall_rate"] <= 1.0 and report["count"] == 12
+    assert sorted(p.stem.rsplit("_", 1)[0] for p in samples.glob("*.mp4")) == sorted(CLASSES)
+    check_consistency_report(json.loads((samples / "consistency.json").read_text()), samples,
+                             json.loads((out / "shards" / "train" / "classes.json").read_text()))
     assert list((out / "train" / "tb").glob("events.out.tfevents.*"))
     assert (out / "train" / "finished").is_file()
     tok_report = json.loads((out / "tokenizer" / "report.json").read_text())

@@ -95,6 +95,32 @@ def test_checker_reads_rendered_clips():
     assert mapped["overall_rate"] == report["overall_rate"]
 
 
+def test_checker_scores_wrong_labels_as_wrong():
+    """The same well-drawn clips under wrong labels: a wrong direction or a wrong shape must fail that part of
+    the check and the overall verdict, and the report's records and rates must say so consistently."""
+    clips, labels = rendered(per_class=3, seed=1)
+    opposite = {"right": "left", "left": "right", "down": "up", "up": "down"}
+    next_shape = {shape: SHAPES[(i + 1) % len(SHAPES)] for i, shape in enumerate(SHAPES)}
+    truth = [parse_class(CLASSES[label]) for label in labels]
+    wrong_direction = [CLASSES.index(f"{shape}_{opposite[direction]}") for shape, direction in truth]
+    wrong_shape = [CLASSES.index(f"{next_shape[shape]}_{direction}") for shape, direction in truth]
+    for wrong, right_part in ((wrong_direction, "shape"), (wrong_shape, "direction")):
+        report = consistency_report(clips, wrong, CLASSES)
+        wrong_part = "direction" if right_part == "shape" else "shape"
+        assert report["overall_rate"] <= 0.05, format_report(report)
+        assert report[f"{wrong_part}_rate"] <= 0.05, format_report(report)
+        assert report[f"{right_part}_rate"] >= 0.95, format_report(report)
+        records = report["videos"]
+        assert [r["label"] for r in records] == wrong and [r["class"] for r in records] == [CLASSES[i] for i in wrong]
+        assert report["overall_rate"] == sum(r["correct"] for r in records) / len(records)
+        for name, stats in report["per_class"].items():
+            mine = [r for r in records if r["class"] == name]
+            assert stats["count"] == len(mine) == 3
+            assert stats["overall_rate"] == sum(r["correct"] for r in mine) / 3
+            # what the clips labelled `name` were read as: mostly their true class, never `name` itself
+            assert name not in stats["predicted"] and sum(stats["predicted"].values()) == 3
+
+
 def test_analyze_clip_details():
     clip = render_clip("triangle", "left", 9, 32, np.random.default_rng(3))
     result = analyze_clip(clip)

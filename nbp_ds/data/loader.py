@@ -169,13 +169,20 @@ class _SlotDataset(IterableDataset):
         else:
             samples, skip = self._val_samples(slot, nslots, counts), 0
         tokens, labels, keys = [], [], []
+        # the endless train stream meets the same bad member every epoch: warn once per (shard, key) in
+        # this slot, count every time
+        warned: set[tuple[str, str]] = set()
         for sample in samples:
             try:
                 t, label, _ = decode_sample(sample, self.grid)
             except SampleError as exc:
                 kind = "bad_shape" if "layout.grid" in str(exc) else "corrupt"
                 counts[kind] += 1
-                log.warning("skipping a sample of %s: %s", sample.get("__shard__"), exc)
+                where = (str(sample.get("__shard__")), str(sample.get("__key__")))
+                if where not in warned:
+                    warned.add(where)
+                    log.warning("skipping a sample of %s: %s (warned once; every skip is counted in stats)",
+                                where[0], exc)
                 continue
             tokens.append(t)
             labels.append(label)
