@@ -103,6 +103,9 @@ class TrainConfig:
     init_from: str | None = None  # exported .safetensors whose weights start a new run (fine-tuning); not on resume
     peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
     hooks: str | None = None  # "module:Class", a nbp_ds.train.hooks.TrainerHooks subclass (profiling, custom logs)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = none; e.g. 0.9999); nbp-export --ema
+    wandb: bool = False  # also log to Weights & Biases (pip install 'nbp_ds[wandb]'; WANDB_MODE=offline works)
+    wandb_project: str = "nbp_ds"
 
 
 @dataclass
@@ -347,6 +350,7 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(tr.keep_last >= 1, f"train.keep_last must be >= 1, got {tr.keep_last}")
     _require(tr.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
+    _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
 
 
 def _validate_token_layout(cfg: RunConfig) -> None:

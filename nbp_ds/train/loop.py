@@ -4,6 +4,7 @@ and graceful stops, nothing else."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -22,6 +23,7 @@ from nbp_ds.train.checkpoint import (
     peek_client_config,
 )
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
+from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
@@ -50,6 +52,9 @@ class Trainer:
         except FileNotFoundError as exc:
             raise ConfigError(f"data: {exc}") from exc
         self.ds_config = build_ds_config(cfg, self.world)
+        if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
+                              "or set train.wandb=false")
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_last, self.rank)
         self.resume_from = find_checkpoint(resume) if resume else self.checkpoints.latest()
         if self.resume_from and (saved := peek_client_config(self.resume_from)) is not None:
@@ -63,10 +68,13 @@ class Trainer:
         self.engine, self.model = build_engine(cfg, self.ds_config, self.device, self.rank,
                                                init_from=None if self.resume_from else cfg.train.init_from)
         self.layout = self.model.layout
+        self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank) if cfg.train.ema > 0 else None
         self.state = TrainState(world_size=self.world)
         if self.resume_from:
             self._load(self.resume_from)
-        self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0)
+        self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0,
+                                     wandb_project=cfg.train.wandb_project if cfg.train.wandb else None,
+                                     config=cfg.to_dict())
         self.peak = peak_tflops(cfg.train.peak_tflops, self.device)
         self._report_setup()
 
@@ -123,6 +131,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             meter.add_micro_batch(loss, metrics["acc"])
+        if self.ema is not None:
+            self.ema.update()
         meter.end_step()
 
     def _skipped_step(self, in_row: int) -> None:
@@ -165,6 +175,8 @@ class Trainer:
 
         def write(folder: Path, tag: str) -> None:
             self.engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)
+            if self.ema is not None:
+                self.ema.save(folder / tag)
             self.hooks.on_checkpoint_written(tag, self.rank)
 
         ref = self.checkpoints.save(self.state.step, write)
@@ -178,6 +190,9 @@ class Trainer:
         if client is None:
             raise FileNotFoundError(f"checkpoint {ref.path} could not be loaded")
         self.state.load_state_dict(client["train_state"])
+        if self.ema is not None and not self.ema.load(ref.path):
+            log.warning("%s holds no moving average of the weights: train.ema starts from the current weights",
+                        ref.path)
         if not self.checkpoints.restore_rng(ref) or self.state.world_size != self.world:
             log.warning("resuming with %d processes instead of %d: the data stream and RNG streams restart "
                         "differently", self.world, self.state.world_size)
