@@ -117,11 +117,12 @@ def test_block_1x1x1_is_next_token_prediction():
 @pytest.mark.parametrize("name", ["nbp-class", "hybrid", "nbp-3d-blocks"])
 def test_flex_forward_equals_sdpa(name):
     model, cfg = make(name)
+    flex, _ = make(name, "model.attention=flex")  # the same seed: the same weights
     batch = batch_for(cfg)
     with torch.no_grad():
         ref = model.logits(batch)
-        model.attention_name = "flex"
-        out = model.logits(batch)
+        out = flex.logits(batch)
+    assert flex.backend.on(torch.device("cpu")).name == "flex"
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
