@@ -113,3 +113,17 @@ def test_a_gpu_profile_sees_every_part_of_the_step(tmp_path):
     for category in ("matmul", "attention", "norm/rope/activation", "loss/head", "optimizer"):
         assert shares.ms[category] > 0, (category, shares.table())
     assert sum(shares.ms.values()) == pytest.approx(shares.step_ms, rel=0.05), shares.table()
+
+
+def test_training_batches_arrive_pinned(tmp_path):
+    """A batch copied to the GPU from pageable memory synchronises the host with the GPU's queue; the loader
+    pins batches on a GPU machine so the trainer's non-blocking copy does not."""
+    from train_helpers import make_shards
+
+    from nbp_ds.data import build_loader
+
+    make_shards(tmp_path, train=16, val=4)
+    loader = build_loader(tmp_path / "train", grid=(3, 4, 4), batch_size=4, mode="train", num_workers=1)
+    batch = next(iter(loader))
+    assert batch["tokens"].is_pinned() and batch["label"].is_pinned()
+
