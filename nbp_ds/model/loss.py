@@ -34,8 +34,9 @@ def loss_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
     lse = torch.logsumexp(x, dim=-1)
     target_logit = x.gather(1, targets.unsqueeze(1)).squeeze(1)
     correct = (x.argmax(dim=-1) == targets).sum()
-    grad = torch.exp(x - lse.unsqueeze(1))
-    grad = grad - torch.nn.functional.one_hot(targets, x.shape[1]).to(grad.dtype)
+    grad = torch.exp(x - lse.unsqueeze(1))  # softmax
+    # minus one at each row's target, in place (a one-hot matrix would be another [n, V] tensor when eager)
+    grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(target_logit, -1.0).unsqueeze(1))
     return (lse - target_logit).sum(), correct, grad.to(logits.dtype)
 
 
