@@ -63,6 +63,8 @@ class ModelConfig:
     norm_eps: float = 1e-6  # the released gpt2 models use LayerNorm's 1e-5
     init_std: float = 0.02
     attention: str = "auto"  # auto | sdpa | flex | flash
+    compile: bool | str = "auto"  # torch.compile each transformer layer and the loss kernel; auto = on CUDA only
+    flex_kernel_options: Any = None  # FlexAttention kernel options, e.g. {BLOCK_M: 128} (see nbp-bench-attention)
     class_dropout: float = 0.1  # label -> null class during training, for classifier-free guidance
     loss_chunk: int = 4096  # positions per output-layer + loss chunk: bounds logits memory (B*S*vocab floats)
 
@@ -92,7 +94,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = "none"  # none | full | selective (keep matmul outputs); true = full
     save_every: int = 500
     keep_last: int = 3
     eval_every: int = 500
@@ -135,6 +137,13 @@ class RunConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
+CHECKPOINTING_MODES = ("none", "full", "selective")
+# FlexAttention kernel options a run config may set (torch.nn.attention.flex_attention.FlexKernelOptions; each
+# may carry a fwd_ or bwd_ prefix to apply to one pass only)
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": int, "BLOCK_N": int, "BLOCK_M1": int, "BLOCK_N1": int, "BLOCK_M2": int,
+                       "BLOCK_N2": int, "num_warps": int, "num_stages": int, "PRESCALE_QK": bool,
+                       "ROWS_GUARANTEED_SAFE": bool, "BLOCKS_ARE_CONTIGUOUS": bool, "WRITE_DQ": bool,
+                       "USE_TMA": bool, "BACKEND": str}
 CONDITIONS = ("none", "class", "frames")
 ARCHS = ("llama", "gpt2")
 TOKEN_ID_SCHEMES = ("nbp_ds", "official")
@@ -290,6 +299,32 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 _YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def checkpointing_mode(value: bool | str) -> str:
+    """train.activation_checkpointing as one of CHECKPOINTING_MODES (true and false, as older configs say,
+    mean full and none)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in CHECKPOINTING_MODES:
+        raise ConfigError(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING_MODES)} "
+                          f"(or true / false), got {value!r}")
+    return value
+
+
+def _check_flex_options(options: Any) -> None:
+    _require(isinstance(options, dict), f"model.flex_kernel_options must be a mapping such as "
+                                        f"{{BLOCK_M: 128, BLOCK_N: 64}}, got {options!r}")
+    for key, value in options.items():
+        base = str(key).removeprefix("fwd_").removeprefix("bwd_")
+        _require(base in FLEX_KERNEL_OPTIONS, f"model.flex_kernel_options: unknown option {key!r}; known: "
+                                              f"{', '.join(FLEX_KERNEL_OPTIONS)} (each may start with fwd_ or bwd_)")
+        kind = FLEX_KERNEL_OPTIONS[base]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        _require(ok, f"model.flex_kernel_options.{key} must be {kind.__name__}, got {value!r}")
+        if base.startswith("BLOCK_"):
+            _require(value >= 16 and value & (value - 1) == 0,
+                     f"model.flex_kernel_options.{key} must be a power of two >= 16, got {value}")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -338,6 +373,10 @@ def validate(cfg: RunConfig) -> None:
              f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {mod.attention!r}")
     _require(0.0 <= mod.class_dropout < 1.0, f"model.class_dropout must be in [0, 1), got {mod.class_dropout}")
     _require(mod.loss_chunk > 0, f"model.loss_chunk must be positive, got {mod.loss_chunk}")
+    _require(mod.compile in (True, False, "auto"), f"model.compile must be auto, true or false, got {mod.compile!r}")
+    if mod.flex_kernel_options is not None:
+        _check_flex_options(mod.flex_kernel_options)
+    checkpointing_mode(tr.activation_checkpointing)
     _require(tr.steps > 0, f"train.steps must be positive, got {tr.steps}")
     _require(tr.micro_batch > 0, f"train.micro_batch must be positive, got {tr.micro_batch}")
     _require(tr.grad_accum > 0, f"train.grad_accum must be positive, got {tr.grad_accum}")

@@ -228,8 +228,11 @@ class TokenLoader:
         # a private generator: otherwise every new iterator draws its worker base seed from the global torch
         # RNG, and a resumed run (which creates its iterator after restoring that RNG) would drift from the
         # straight run (class dropout and sampling use the global RNG); our streams are seeded explicitly
+        # pinned batches on a GPU machine: a copy from pageable memory makes the host wait for the GPU's queue
+        # (CUDA syncs the stream before it), which would stall every training step at its first micro-batch
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(self.dataset.seed), **kwargs)
+                            generator=torch.Generator().manual_seed(self.dataset.seed),
+                            pin_memory=torch.cuda.is_available(), **kwargs)
         for item in loader:
             self._stats.update(item.pop("_counts"))
             if item.pop("_stats_only", False):
