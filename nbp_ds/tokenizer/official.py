@@ -190,7 +190,6 @@ class OfficialTokenizer(VideoTokenizerBase):
         return (video * 255.0).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
 
 
-
 # ---- files ----------------------------------------------------------------------------------------
 def read_official_tokenizer_state(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of a released ``.pt`` (``{"model_state_dict": {"module.…": tensor}}``) or of a
