@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nbp_ds.data.schema import SampleError, decode_sample
+from nbp_ds.data.schema import SampleError, WrongShape, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class _SlotDataset(IterableDataset):
             try:
                 t, label, _ = decode_sample(sample, self.grid)
             except SampleError as exc:
-                kind = "bad_shape" if "layout.grid" in str(exc) else "corrupt"
+                kind = "bad_shape" if isinstance(exc, WrongShape) else "corrupt"
                 counts[kind] += 1
                 where = (str(sample.get("__shard__")), str(sample.get("__key__")))
                 if where not in warned:
