@@ -137,3 +137,30 @@ def test_another_number_of_slots_finishes_the_epoch_without_repeats_or_gaps(tmp_
             assert y[: len(p)] == p
             seen += p
     assert sorted(seen) == list(range(96)) + list(range(1000, 1040))
+
+
+def test_restore_takes_the_saved_position_or_reads_an_old_checkpoint_again(tmp_path, caplog):
+    """What the trainer calls on resume (nbp_ds.data.resume.restore): this rank's record when its layout
+    fits; the stream read again to the batch a checkpoint without records names; afresh, with a warning,
+    when the shards changed or nothing was saved."""
+    from nbp_ds.data.resume import restore
+
+    write_shards(tmp_path / "a", 40, per_shard=5)
+    kwargs = dict(grid=GRID, batch_size=3, mode="train", num_workers=2, seed=2, shuffle_buffer=4)
+    straight = ids_of(take(build_loader(tmp_path / "a", **kwargs), 12))
+    first = build_loader(tmp_path / "a", **kwargs)
+    take(first, 5)
+    state = saved(first)
+    loader = build_loader(tmp_path / "a", **kwargs)
+    assert restore(loader, state, lambda: [state]).startswith("continues at batch 5")
+    assert ids_of(take(loader, 7)) == straight[15:]
+    loader = build_loader(tmp_path / "a", **kwargs)
+    assert restore(loader, None, lambda: [], replay_batches=5).startswith("reads the stream again up to batch 5")
+    assert ids_of(take(loader, 7)) == straight[15:]
+    write_shards(tmp_path / "b", 40, per_shard=5)
+    for own, what in ((state, "the training shards changed"), (None, "no saved position")):
+        loader = build_loader(tmp_path / "b", **kwargs)
+        with caplog.at_level("WARNING"):
+            assert restore(loader, own, lambda: []).endswith(what)
+        assert ids_of(take(loader, 4)) == straight[:12]  # the same ids: b holds a copy of a
+    assert "starts afresh" in caplog.text

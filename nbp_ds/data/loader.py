@@ -69,9 +69,11 @@ class _SlotDataset(IterableDataset):
         # batches r, r+n, ...): rotate the roles so that each worker continues the right stream
         role = (worker + self.consumed) % self.roles
         slot, nslots = self.rank * self.roles + role, self.world_size * self.roles
-        if len(self.sources) == 1 and len(self.sources[0].shards) < nslots and slot == 0:
-            log.warning("%d shards for %d loader slots (ranks x workers): every slot resamples all shards with its "
-                        "own seed; write more shards for disjoint reading", len(self.sources[0].shards), nslots)
+        for source in self.sources if slot == 0 else ():
+            if len(source.shards) < nslots:
+                log.warning("source %r: %d shards for %d loader slots (ranks x workers): every slot resamples all "
+                            "its shards with its own seed; write more shards for disjoint reading", source.name,
+                            len(source.shards), nslots)
         stream = SlotStream(self.sources, slot, nslots, self.seed, self.shuffle_buffer, self.policy, report)
         state = self.slot_states[role]
         if state is not None:

@@ -12,6 +12,7 @@ name up to the first dot of its file name is the key), numbers them (the *ordina
 the shard) and survives failures: a shard that cannot be opened or breaks mid-stream is read again from
 its start, up to ``retries`` more times with a doubling pause, skipping the samples already yielded, so
 a retry neither repeats nor drops one; then it is given up, counted (``failed_shards``) and named.
+(``curl``, which webdataset reads http(s) with, first retries transient HTTP errors itself.)
 
 Starting inside a shard (a resumed stream) seeks: a local uncompressed tar is indexed once (its member
 headers only) and opened at the sample's byte offset; any other shard is read from its start and the
