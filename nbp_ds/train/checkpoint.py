@@ -221,10 +221,11 @@ class CheckpointManager:
 UNIVERSAL = "universal"  # the converted copy's folder inside a tag folder (DeepSpeed's tag for loading it)
 
 
-def saved_world_size(ref: CheckpointRef) -> int | None:
-    """How many data-parallel processes wrote ``ref``: the trainer's recorded world size, else the count of
-    DeepSpeed's per-rank optimizer files; None when neither says."""
-    client = peek_client_state(ref) or {}
+def saved_world_size(ref: CheckpointRef, client: dict | None = None) -> int | None:
+    """How many data-parallel processes wrote ``ref``: the trainer's recorded world size (from ``client``,
+    :func:`peek_client_state`'s result, read when not given), else the count of DeepSpeed's per-rank
+    optimizer files; None when neither says."""
+    client = (peek_client_state(ref) if client is None else client) or {}
     recorded = (client.get("train_state") or {}).get("world_size")
     if recorded:
         return int(recorded)

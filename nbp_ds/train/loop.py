@@ -21,7 +21,7 @@ from nbp_ds.train.checkpoint import (
     CheckpointRef,
     check_compatible,
     find_checkpoint,
-    peek_client_config,
+    peek_client_state,
     saved_world_size,
     universal_checkpoint,
     with_universal_load,
@@ -60,9 +60,12 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.world)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_last, self.rank)
         self.resume_from = find_checkpoint(resume) if resume else self.checkpoints.latest()
-        if self.resume_from and (saved := peek_client_config(self.resume_from)) is not None:
-            check_compatible(saved, cfg, str(self.resume_from.path))
-        self.saved_world = saved_world_size(self.resume_from) if self.resume_from else None
+        self.saved_world = None
+        if self.resume_from:
+            client = peek_client_state(self.resume_from)  # read once: with ZeRO-2 it holds the whole model
+            if client is not None and client.get("config") is not None:
+                check_compatible(client["config"], cfg, str(self.resume_from.path))
+            self.saved_world = saved_world_size(self.resume_from, client)
         if universal is None:  # ZeRO's optimizer partitions fit only the world size that saved them
             universal = self.saved_world not in (None, self.world) and zero_stage(self.ds_config) > 0
         self.universal = bool(universal and self.resume_from)
@@ -168,7 +171,7 @@ class Trainer:
         cfg = self.cfg
         loader = build_loader(self.val_shards, grid=cfg.layout.grid, batch_size=cfg.train.micro_batch, mode="val",
                               rank=self.rank, world_size=self.world, num_workers=min(cfg.data.num_workers, 1),
-                              seed=cfg.train.seed)
+                              seed=cfg.train.seed, retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff)
         placeholder = {"tokens": torch.zeros(1, *cfg.layout.grid, dtype=torch.long),
                        "label": torch.zeros(1, dtype=torch.long)}
         self.engine.eval()
