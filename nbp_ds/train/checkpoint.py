@@ -268,7 +268,9 @@ def _convert_to_universal(tag_folder: Path, target: Path) -> None:
     with open(log_file, "w") as out:
         result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                                  "--input_folder", str(tag_folder), "--output_folder", str(tmp),
-                                 "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)],
+                                 "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),
+                                 # ZeRO-1/2: the parallelism record Megatron writes, empty for plain data parallel
+                                 "--inject_missing_state"],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
         tail = log_file.read_text()[-2000:]

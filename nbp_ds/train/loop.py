@@ -292,9 +292,9 @@ class Trainer:
 
 
 def restore_group_hyperparameters(optimizer, weight_decay: float) -> None:
-    """Undo what a universal load does to the parameter groups: DeepSpeed gives every group the first
-    group's hyper-parameters, so norm gains (group 1, no weight decay; nbp_ds.train.engine.param_groups)
-    would be decayed from then on."""
+    """Undo what a universal load does to the parameter groups under ZeRO-3: DeepSpeed gives every group the
+    first group's hyper-parameters, so norm gains (group 1, no weight decay; nbp_ds.train.engine.param_groups)
+    would be decayed from then on. (ZeRO-1/2 keep each group's own; setting them again changes nothing.)"""
     groups = optimizer.param_groups
     if len(groups) == 2:
         groups[0]["weight_decay"], groups[1]["weight_decay"] = weight_decay, 0.0
