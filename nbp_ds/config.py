@@ -71,13 +71,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Token shards (a folder, a brace pattern or a list of .tar files)."""
+    """Token shards: local paths (a folder, a brace pattern, a glob, a list of .tar files), ``pipe:`` commands
+    or http(s) URLs; ``train`` may also be a mixture, a list of ``{shards, weight, name}`` entries
+    (nbp_ds.data.sources)."""
 
     train: Any = None
     val: Any = None
     num_workers: int = 2
     shuffle_buffer: int = 1000
     val_batches: int = 8  # validation batches per evaluation (0 = the whole validation set)
+    retries: int = 3  # a shard that fails to open or breaks mid-stream is read again this many times, then skipped
+    retry_backoff: float = 1.0  # seconds before the first retry of a shard; doubled for each further one
 
 
 @dataclass
@@ -390,6 +394,61 @@ def validate(cfg: RunConfig) -> None:
     _require(tr.keep_last >= 1, f"train.keep_last must be >= 1, got {tr.keep_last}")
     _require(tr.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
     _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
+    _validate_data(cfg.data)
+
+
+def _validate_data(data: DataConfig) -> None:
+    check_shard_spec(data.train, "data.train", mixture_allowed=True)
+    check_shard_spec(data.val, "data.val", mixture_allowed=False)
+    _require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    _require(data.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {data.shuffle_buffer}")
+    _require(data.val_batches >= 0, f"data.val_batches must be >= 0, got {data.val_batches}")
+    _require(data.retries >= 0, f"data.retries must be >= 0, got {data.retries}")
+    _require(data.retry_backoff >= 0, f"data.retry_backoff must be >= 0, got {data.retry_backoff}")
+
+
+MIXTURE_KEYS = ("shards", "weight", "name")
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_shard_spec(value: Any, key: str, mixture_allowed: bool) -> list[dict[str, Any]] | None:
+    """Check the structure of a shard spec (``data.train``, ``data.val``) without touching any file: None
+    (unset), a string, or a list of strings are shards (returns None); a list of ``{shards, weight, name}``
+    mappings is a mixture (returned as given). Errors name the key, e.g. ``data.train[1].weight``."""
+    if value is None or isinstance(value, str):
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected shards (a path, pattern, URL or list of them)"
+                          + (" or a list of {shards, weight} entries" if mixture_allowed else "")
+                          + f", got {value!r}")
+    if all(isinstance(item, str) for item in value):
+        return None
+    if not mixture_allowed:
+        raise ConfigError(f"{key}: expected shards (a path, pattern, URL or list of them), got {value!r}; "
+                          f"mixtures with weights are for data.train only")
+    kinds = [isinstance(item, dict) for item in value]
+    if not all(kinds):
+        i = kinds.index(False)
+        raise ConfigError(f"{key}[{i}]: a mixture is a list of {{shards, weight}} mappings, got {value[i]!r}")
+    names = []
+    for i, entry in enumerate(value):
+        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+        _require(not unknown, f"unknown key {key}[{i}].{unknown[0] if unknown else ''}; "
+                              f"a mixture entry has {', '.join(MIXTURE_KEYS)}")
+        shards = entry.get("shards")
+        _require(bool(shards) and (isinstance(shards, str) or (isinstance(shards, list)
+                                                                and all(isinstance(s, str) for s in shards))),
+                 f"{key}[{i}].shards must be shards (a path, pattern, URL or list of them), got {shards!r}")
+        weight = entry.get("weight", 1.0)
+        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+                 f"{key}[{i}].weight must be a positive number, got {weight!r}")
+        name = entry.get("name") or f"source{i}"
+        _require(isinstance(name, str) and _SOURCE_NAME.fullmatch(name) is not None,
+                 f"{key}[{i}].name must be letters, digits, '_', '.' or '-' (it names data/source/<name>), "
+                 f"got {name!r}")
+        _require(name not in names, f"{key}[{i}].name {name!r} is used twice")
+        names.append(name)
+    return list(value)
 
 
 def _validate_token_layout(cfg: RunConfig) -> None:

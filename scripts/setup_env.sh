@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # webdataset reads http(s) shards through curl
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "[setup] installing system packages: ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -33,11 +33,14 @@ def test_bench_generate_counts_forward_passes_on_the_configs_grid():
     assert passes == {"NBP 1x1x4": 12, "NBP hybrid": 15, "NTP 1x1x1": 48}
 
 
-def test_bench_data_measures_the_loader_and_tokenization():
+def test_bench_data_measures_the_loader_resume_and_tokenization():
     result = run_tool("-m", "nbp_ds.cli.bench_data", "--samples", "300", "--workers", "1", "--videos", "2",
-                      "--preset", "tiny")
+                      "--preset", "tiny", "--resume-at", "640", "3200")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 worker(s):" in result.stdout and "samples/s" in result.stdout
+    resumes = [line for line in result.stdout.splitlines() if "samples seen:" in line]
+    assert len(resumes) == 2 and "640 samples seen" in resumes[0] and "3,200 samples seen" in resumes[1]
+    assert "reading the stream again" in resumes[0]
     assert "tokenize: 2 clips" in result.stdout
 
 

@@ -61,3 +61,19 @@ def test_zero3_average_matches_the_raw_weights_of_each_step(tmp_path):
     data = runs[0].read_bytes()
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert b"train/loss" in data and all(json.dumps(row["train/loss"]).encode() in data for row in logged)
+
+
+def test_an_average_saved_by_three_ranks_loads_into_two(tmp_path):
+    """A run resumed on another number of processes: each new rank takes its slice of the joined average."""
+    full = torch.arange(10, dtype=torch.float32).reshape(2, 5)
+    padded = torch.cat([full.reshape(-1), torch.zeros(2)])
+    for rank in range(3):  # saved by 3 ranks: partitions of 4
+        torch.save({"decay": 0.9, "partitioned": True, "rank": rank, "meta": {"w": {"shape": [2, 5], "numel": 10}},
+                    "average": {"w": padded[4 * rank: 4 * rank + 4].clone()}}, tmp_path / f"ema_rank{rank:05d}.pt")
+    for rank in range(2):  # now 2 ranks: partitions of 5, as ZeRO-3 would make them (ds_tensor, ds_shape)
+        module = torch.nn.Module()
+        module.w = torch.nn.Parameter(torch.empty(0))
+        module.w.ds_tensor, module.w.ds_shape, module.w.ds_numel = torch.empty(5), (2, 5), 10
+        ema = WeightsEMA(module, 0.9, rank=rank, world=2)
+        assert ema.load(tmp_path)
+        assert torch.equal(ema.average["w"], full.reshape(-1)[5 * rank: 5 * rank + 5])

@@ -8,7 +8,8 @@ average never includes the random initialization). Kept in fp32, on the device o
 * otherwise every rank holds the full parameters, and rank 0 alone keeps the average.
 
 Each rank saves what it holds in the checkpoint's tag folder (``ema_rank00000.pt``, ...); :func:`consolidate`
-joins the partitions into a full state dict (``nbp-export --ema``), which samples like the raw weights.
+joins the partitions into a full state dict (``nbp-export --ema``), which samples like the raw weights. A run
+resumed on another number of processes (or ZeRO stage) joins them and takes its own part.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def _local_view(param: torch.Tensor) -> torch.Tensor:
 
 
 class WeightsEMA:
-    def __init__(self, model: torch.nn.Module, decay: float, rank: int):
-        self.decay, self.rank = decay, rank
+    def __init__(self, model: torch.nn.Module, decay: float, rank: int, world: int = 1):
+        self.decay, self.rank, self.world = decay, rank, world
         named = list(model.named_parameters())
         self.partitioned = any(hasattr(p, "ds_tensor") for _, p in named)
         self.active = self.partitioned or rank == 0
@@ -64,11 +65,29 @@ class WeightsEMA:
 
     def load(self, tag_folder: Path) -> bool:
         """This rank's average from a checkpoint; False when it has none (saved without train.ema)."""
-        file = Path(tag_folder) / f"ema_rank{self.rank:05d}.pt"
-        if not self.active or not file.is_file():
+        tag_folder = Path(tag_folder)
+        if not self.active or not any(tag_folder.glob("ema_rank*.pt")):
             return False
-        self.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        mine = tag_folder / f"ema_rank{self.rank:05d}.pt"
+        if mine.is_file():
+            state = torch.load(mine, map_location="cpu", weights_only=True)
+            if state["partitioned"] == self.partitioned and all(
+                    state["average"][n].shape == _local_view(p).shape for n, p in self.params):
+                self.load_state_dict(state)
+                return True
+        full = consolidate(tag_folder)  # saved by another number of processes or another ZeRO stage
+        self.average = {n: self._local_part(p, full[n]) for n, p in self.params}
         return True
+
+    def _local_part(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full averaged parameter, laid out as the parameter it follows."""
+        local = _local_view(param)
+        if not self.partitioned:
+            return full.reshape(local.shape).float().to(local.device)
+        size = local.numel()  # ZeRO-3: equal flat slices of the parameter padded to size x world
+        flat = torch.zeros(size * self.world, dtype=torch.float32)
+        flat[: full.numel()] = full.reshape(-1).float()
+        return flat[self.rank * size:(self.rank + 1) * size].reshape(local.shape).to(local.device)
 
 
 def consolidate(tag_folder: Path) -> dict[str, torch.Tensor]:
