@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=96, help="training videos per class")
     p.add_argument("--val-per-class", type=int, default=4, help="held-out videos per class")
     p.add_argument("--tokenizer-steps", type=int, default=2000, help="tokenizer training steps")
+    p.add_argument("--tokenizer-lr", type=float, default=2e-3, help="tokenizer peak learning rate")
     p.add_argument("--train-steps", type=int, default=600, help="NBP training steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=1)
@@ -87,9 +88,9 @@ class Pipeline:
         self.stage("videos", 1, vars(a) | {"stage": "videos"}, [[
             py, "-m", "nbp_ds.cli.make_synthetic_videos", "--out", videos, "--per-class", a.per_class,
             "--val-per-class", a.val_per_class, "--frames", "9", "--size", "32", "--fps", "8", "--seed", "0"]])
-        self.stage("tokenizer", 2, {"steps": a.tokenizer_steps}, [[
+        self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr}, [[
             py, "-m", "nbp_ds.cli.train_tokenizer", "--videos", videos / "train", "--val-videos", videos / "val",
-            "--out", tok_run, "--preset", "tiny", *clip, "--steps", a.tokenizer_steps, "--lr", "2e-3", "--seed", "0"]])
+            "--out", tok_run, "--preset", "tiny", *clip, "--steps", a.tokenizer_steps, "--lr", a.tokenizer_lr, "--seed", "0"]])
         self.stage("shards", 3, {"per_class": a.per_class}, [
             [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
              "--tokenizer", tokenizer, *clip, "--shard-size", "200"]

@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from nbp_ds.cli import command
 
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    # DeepSpeed's ZeRO calls torch collectives that torch has deprecated; left alone, each rank prints the
+    # same two warnings at every step, burying the training log
+    for deprecated in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        warnings.filterwarnings("ignore", message=f".*{deprecated}.* is deprecated", category=FutureWarning)
     from nbp_ds.config import load_config
 
     cfg = load_config(args.config, args.overrides)
