@@ -172,11 +172,14 @@ def clear_run(out: Path) -> int:
     return deleted
 
 
-def open_run(out: Path, settings: dict) -> dict[int, dict]:
+def open_run(out: Path, settings: dict, restart: bool = False) -> dict[int, dict]:
     """Create or resume an output folder; returns the finished videos. Refuses (UsageError) a folder whose run had
-    other settings, naming each difference. Leftover temporary files of an interrupted run are removed."""
+    other settings, naming each difference, unless ``restart`` discards that run (``clear_run``). Leftover
+    temporary files of an interrupted run are removed."""
     path = out / SETTINGS_FILE
-    if path.is_file():
+    if path.is_file() and restart:
+        log.info("discarding the earlier run in %s: %d files deleted", out, clear_run(out))
+    elif path.is_file():
         previous = json.loads(path.read_text())
         changed = {k: (previous.get(k), settings.get(k)) for k in sorted(set(previous) | set(settings))
                    if previous.get(k) != settings.get(k)}
@@ -269,17 +272,17 @@ class SamplingSummary:
 def sample_to_folder(model, tokenizer, jobs: Sequence[VideoJob], out: str | Path, settings: dict, *,
                      batch_size: int, seed: int, sampling: dict, context: torch.Tensor | None = None,
                      fps: float = 8.0, mp4: bool = True, writers: int = 4, mode: str = "auto",
-                     progress: bool = True) -> SamplingSummary:
+                     restart: bool = False, progress: bool = True) -> SamplingSummary:
     """Generate every unfinished video of ``jobs`` into ``out`` (see the module docstring for the layout).
 
     ``settings`` is what identifies the run (recorded in sampling.json and compared on resume); ``sampling``
     holds generate's temperature / top_k / top_p / cfg_scale; ``context`` [1, c, H, W] conditions every video
-    of a frame-prediction model."""
+    of a frame-prediction model; ``restart`` discards an earlier run in ``out`` instead of resuming it."""
     from nbp_ds.generate import generate
     from nbp_ds.visualize import frame_grid, save_png
 
     out = Path(out)
-    finished = open_run(out, settings)
+    finished = open_run(out, settings, restart)
     todo = [b for b in batches_of(jobs, batch_size) if any(j.index not in finished for j in b)]
     if finished:
         log.info("%s: %d of %d videos already finished; %d batches to go", out, len(finished), len(jobs), len(todo))

@@ -169,20 +169,19 @@ def main(argv: list[str] | None = None) -> int | None:
     args = parse_args(argv)
     args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     model, cfg, tokenizer, labels, context = load_everything(args)
-    from nbp_ds.sampling import clear_run, plan_jobs, sample_to_folder
+    from nbp_ds.sampling import plan_jobs, sample_to_folder
 
     settings = run_settings(args, model, tokenizer, labels)
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     out = Path(args.out)
-    if args.restart and out.is_dir():
-        log.info("--restart: deleted %d files of the earlier run in %s", clear_run(out), out)
     jobs = plan_jobs(labels, args.num, class_names(args))
     began = time.perf_counter()
     summary = sample_to_folder(
         model, tokenizer, jobs, out, settings, batch_size=args.batch_size, seed=args.seed,
         sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                   "cfg_scale": args.cfg_scale},
-        context=context, fps=args.fps, mp4=not args.no_mp4, writers=args.writers, mode=args.mode)
+        context=context, fps=args.fps, mp4=not args.no_mp4, writers=args.writers, mode=args.mode,
+        restart=args.restart)
     total = time.perf_counter() - began
     done = f"{summary.skipped} finished earlier, " if summary.skipped else ""
     print(f"{len(jobs)} videos in {out} ({done}{summary.videos} made now): {summary.forward_passes} forward passes "
