@@ -15,7 +15,6 @@ layout's block-causal rule; slots not written yet belong to later blocks and are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -74,19 +73,16 @@ class DecodePlan:
         shapes = list(rows)
         self.groups = [self._group(shape, rows[shape]) for shape in shapes]
         self.steps = tuple(PlannedStep(start, end, shapes.index(shape), row) for start, end, shape, row in order)
+        # block id per cache slot; padding slots get an id above every query's, so they are never visible
+        ids = np.full(self.cache_len, np.iinfo(np.int64).max, dtype=np.int64)
+        ids[: layout.seq_len] = layout.block_ids
+        self.block_ids = torch.from_numpy(ids).to(device)
 
     def _group(self, shape: StepShape, rows: list[tuple[list[int], list[int], list[int]]]) -> StepGroup:
         def table(i: int) -> torch.Tensor:
             return torch.tensor([r[i] for r in rows], dtype=torch.long).to(self.device)
 
         return StepGroup(shape, table(0), table(1), table(2))
-
-    @cached_property
-    def block_ids(self) -> torch.Tensor:
-        """Block id per cache slot [cache_len]; padding slots get an id above every query's, so never visible."""
-        ids = np.full(self.cache_len, np.iinfo(np.int64).max, dtype=np.int64)
-        ids[: self.layout.seq_len] = self.layout.block_ids
-        return torch.from_numpy(ids).to(self.device)
 
     def attention_mask(self, positions: torch.Tensor, kv: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask [n, kv] for queries at ``positions``: 0 where the layout's rule lets the query see the slot
