@@ -63,19 +63,25 @@ class ModelConfig:
     norm_eps: float = 1e-6  # the released gpt2 models use LayerNorm's 1e-5
     init_std: float = 0.02
     attention: str = "auto"  # auto | sdpa | flex | flash
+    compile: bool | str = "auto"  # torch.compile each transformer layer and the loss kernel; auto = on CUDA only
+    flex_kernel_options: Any = None  # FlexAttention kernel options, e.g. {BLOCK_M: 128} (see nbp-bench-attention)
     class_dropout: float = 0.1  # label -> null class during training, for classifier-free guidance
     loss_chunk: int = 4096  # positions per output-layer + loss chunk: bounds logits memory (B*S*vocab floats)
 
 
 @dataclass
 class DataConfig:
-    """Token shards (a folder, a brace pattern or a list of .tar files)."""
+    """Token shards: local paths (a folder, a brace pattern, a glob, a list of .tar files), ``pipe:`` commands
+    or http(s) URLs; ``train`` may also be a mixture, a list of ``{shards, weight, name}`` entries
+    (nbp_ds.data.sources)."""
 
     train: Any = None
     val: Any = None
     num_workers: int = 2
     shuffle_buffer: int = 1000
     val_batches: int = 8  # validation batches per evaluation (0 = the whole validation set)
+    retries: int = 3  # a shard that fails to open or breaks mid-stream is read again this many times, then skipped
+    retry_backoff: float = 1.0  # seconds before the first retry of a shard; doubled for each further one
 
 
 @dataclass
@@ -92,7 +98,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = "none"  # none | full | selective (keep matmul outputs); true = full
     save_every: int = 500
     keep_last: int = 3
     eval_every: int = 500
@@ -103,6 +109,9 @@ class TrainConfig:
     init_from: str | None = None  # exported .safetensors whose weights start a new run (fine-tuning); not on resume
     peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
     hooks: str | None = None  # "module:Class", a nbp_ds.train.hooks.TrainerHooks subclass (profiling, custom logs)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = none; e.g. 0.9999); nbp-export --ema
+    wandb: bool = False  # also log to Weights & Biases (pip install 'nbp_ds[wandb]'; WANDB_MODE=offline works)
+    wandb_project: str = "nbp_ds"
 
 
 @dataclass
@@ -132,6 +141,13 @@ class RunConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
+CHECKPOINTING_MODES = ("none", "full", "selective")
+# FlexAttention kernel options a run config may set (torch.nn.attention.flex_attention.FlexKernelOptions; each
+# may carry a fwd_ or bwd_ prefix to apply to one pass only)
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": int, "BLOCK_N": int, "BLOCK_M1": int, "BLOCK_N1": int, "BLOCK_M2": int,
+                       "BLOCK_N2": int, "num_warps": int, "num_stages": int, "PRESCALE_QK": bool,
+                       "ROWS_GUARANTEED_SAFE": bool, "BLOCKS_ARE_CONTIGUOUS": bool, "WRITE_DQ": bool,
+                       "USE_TMA": bool, "BACKEND": str}
 CONDITIONS = ("none", "class", "frames")
 ARCHS = ("llama", "gpt2")
 TOKEN_ID_SCHEMES = ("nbp_ds", "official")
@@ -287,6 +303,32 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 _YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def checkpointing_mode(value: bool | str) -> str:
+    """train.activation_checkpointing as one of CHECKPOINTING_MODES (true and false, as older configs say,
+    mean full and none)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in CHECKPOINTING_MODES:
+        raise ConfigError(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING_MODES)} "
+                          f"(or true / false), got {value!r}")
+    return value
+
+
+def _check_flex_options(options: Any) -> None:
+    _require(isinstance(options, dict), f"model.flex_kernel_options must be a mapping such as "
+                                        f"{{BLOCK_M: 128, BLOCK_N: 64}}, got {options!r}")
+    for key, value in options.items():
+        base = str(key).removeprefix("fwd_").removeprefix("bwd_")
+        _require(base in FLEX_KERNEL_OPTIONS, f"model.flex_kernel_options: unknown option {key!r}; known: "
+                                              f"{', '.join(FLEX_KERNEL_OPTIONS)} (each may start with fwd_ or bwd_)")
+        kind = FLEX_KERNEL_OPTIONS[base]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        _require(ok, f"model.flex_kernel_options.{key} must be {kind.__name__}, got {value!r}")
+        if base.startswith("BLOCK_"):
+            _require(value >= 16 and value & (value - 1) == 0,
+                     f"model.flex_kernel_options.{key} must be a power of two >= 16, got {value}")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -335,6 +377,10 @@ def validate(cfg: RunConfig) -> None:
              f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {mod.attention!r}")
     _require(0.0 <= mod.class_dropout < 1.0, f"model.class_dropout must be in [0, 1), got {mod.class_dropout}")
     _require(mod.loss_chunk > 0, f"model.loss_chunk must be positive, got {mod.loss_chunk}")
+    _require(mod.compile in (True, False, "auto"), f"model.compile must be auto, true or false, got {mod.compile!r}")
+    if mod.flex_kernel_options is not None:
+        _check_flex_options(mod.flex_kernel_options)
+    checkpointing_mode(tr.activation_checkpointing)
     _require(tr.steps > 0, f"train.steps must be positive, got {tr.steps}")
     _require(tr.micro_batch > 0, f"train.micro_batch must be positive, got {tr.micro_batch}")
     _require(tr.grad_accum > 0, f"train.grad_accum must be positive, got {tr.grad_accum}")
@@ -347,6 +393,62 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(tr.keep_last >= 1, f"train.keep_last must be >= 1, got {tr.keep_last}")
     _require(tr.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
+    _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
+    _validate_data(cfg.data)
+
+
+def _validate_data(data: DataConfig) -> None:
+    check_shard_spec(data.train, "data.train", mixture_allowed=True)
+    check_shard_spec(data.val, "data.val", mixture_allowed=False)
+    _require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    _require(data.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {data.shuffle_buffer}")
+    _require(data.val_batches >= 0, f"data.val_batches must be >= 0, got {data.val_batches}")
+    _require(data.retries >= 0, f"data.retries must be >= 0, got {data.retries}")
+    _require(data.retry_backoff >= 0, f"data.retry_backoff must be >= 0, got {data.retry_backoff}")
+
+
+MIXTURE_KEYS = ("shards", "weight", "name")
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_shard_spec(value: Any, key: str, mixture_allowed: bool) -> list[dict[str, Any]] | None:
+    """Check the structure of a shard spec (``data.train``, ``data.val``) without touching any file: None
+    (unset), a string, or a list of strings are shards (returns None); a list of ``{shards, weight, name}``
+    mappings is a mixture (returned as given). Errors name the key, e.g. ``data.train[1].weight``."""
+    if value is None or isinstance(value, str):
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected shards (a path, pattern, URL or list of them)"
+                          + (" or a list of {shards, weight} entries" if mixture_allowed else "")
+                          + f", got {value!r}")
+    if all(isinstance(item, str) for item in value):
+        return None
+    if not mixture_allowed:
+        raise ConfigError(f"{key}: expected shards (a path, pattern, URL or list of them), got {value!r}; "
+                          f"mixtures with weights are for data.train only")
+    kinds = [isinstance(item, dict) for item in value]
+    if not all(kinds):
+        i = kinds.index(False)
+        raise ConfigError(f"{key}[{i}]: a mixture is a list of {{shards, weight}} mappings, got {value[i]!r}")
+    names = []
+    for i, entry in enumerate(value):
+        unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+        _require(not unknown, f"unknown key {key}[{i}].{unknown[0] if unknown else ''}; "
+                              f"a mixture entry has {', '.join(MIXTURE_KEYS)}")
+        shards = entry.get("shards")
+        _require(bool(shards) and (isinstance(shards, str) or (isinstance(shards, list)
+                                                                and all(isinstance(s, str) for s in shards))),
+                 f"{key}[{i}].shards must be shards (a path, pattern, URL or list of them), got {shards!r}")
+        weight = entry.get("weight", 1.0)
+        _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+                 f"{key}[{i}].weight must be a positive number, got {weight!r}")
+        name = entry.get("name") or f"source{i}"
+        _require(isinstance(name, str) and _SOURCE_NAME.fullmatch(name) is not None,
+                 f"{key}[{i}].name must be letters, digits, '_', '.' or '-' (it names data/source/<name>), "
+                 f"got {name!r}")
+        _require(name not in names, f"{key}[{i}].name {name!r} is used twice")
+        names.append(name)
+    return list(value)
 
 
 def _validate_token_layout(cfg: RunConfig) -> None:

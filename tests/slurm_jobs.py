@@ -23,7 +23,8 @@ def submit_train(cluster: SlurmCluster, tmp_path: Path, shards: tuple[Path, Path
     return (job id, run folder, job log)."""
     train, val = shards
     log = tmp_path / f"{name}.log"
-    job = cluster.sbatch([f"--job-name={name}", *layout, NO_GPU, f"--output={log}", script,
+    # the script's defaults ask for a GPU node's cores; these test nodes declare two
+    job = cluster.sbatch([f"--job-name={name}", "--cpus-per-task=1", *layout, NO_GPU, f"--output={log}", script,
                           f"data.train={train}", f"data.val={val}", *overrides],
                          env={**CPU_ENV, "NBP_RUNS": str(tmp_path / "runs"), **env}, cwd=cwd)
     return job, tmp_path / "runs" / name, log

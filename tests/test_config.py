@@ -25,3 +25,29 @@ def test_overrides_parse_as_users_type_them():
 def test_bad_overrides_are_refused_by_name(override, named):
     with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
         load_config("tiny", [override])
+
+
+def test_data_train_takes_urls_pipes_and_mixtures_from_the_command_line():
+    cfg = load_config("tiny", ["data.train=https://h/t-{000..009}.tar::pipe:cat /x/y.tar", "data.retries=5"])
+    assert cfg.data.train == "https://h/t-{000..009}.tar::pipe:cat /x/y.tar" and cfg.data.retries == 5
+    cfg = load_config("tiny", ['data.train=[{shards: "https://h/a-{0..3}.tar", weight: 0.7, name: web},'
+                               ' {shards: [a.tar, b.tar], weight: 3}]'])
+    assert cfg.data.train == [{"shards": "https://h/a-{0..3}.tar", "weight": 0.7, "name": "web"},
+                              {"shards": ["a.tar", "b.tar"], "weight": 3}]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("data.train=[{shards: a.tar, weight: 0}]", r"data.train\[0\].weight"),
+    ("data.train=[{shards: a.tar}, {weight: 1}]", r"data.train\[1\].shards"),
+    ("data.train=[{shards: a.tar, wieght: 1}]", r"data.train\[0\].wieght"),
+    ("data.train=[{shards: a.tar, name: x}, {shards: b.tar, name: x}]", r"data.train\[1\].name 'x' is used twice"),
+    ("data.train=[{shards: a.tar, name: 'a/b'}]", r"data.train\[0\].name"),
+    ("data.train={shards: a.tar}", "data.train: expected shards"),
+    ("data.val=[{shards: a.tar, weight: 1}]", "mixtures with weights are for data.train only"),
+    ("data.retries=-1", "data.retries"),
+    ("data.retry_backoff=-0.5", "data.retry_backoff"),
+    ("data.shuffle_buffer=0", "data.shuffle_buffer"),
+])
+def test_bad_data_settings_are_refused_by_name(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config("tiny", [override])

@@ -93,7 +93,10 @@ def test_readme_command(where, command):
                 if not (ROOT / config).is_file() and config not in available_configs():
                     config = "tiny"  # a file the user makes first (a converted model's config): check the keys
                 overrides = [a for a in args if re.fullmatch(r"[a-z_]+\.[a-z_.]+=.*", a)]
-                load_config(config, overrides)  # unknown keys and bad values are refused by name
+                cfg = load_config(config, [o for o in overrides if not o.endswith("=...")])  # refuses bad keys
+                for placeholder in (o[:-4] for o in overrides if o.endswith("=...")):  # key=... in prose
+                    section, _, key = placeholder.partition(".")
+                    assert key in cfg.to_dict().get(section, {}), f"no config key {placeholder}"
         if program in ("bash", "sbatch", "source"):
             scripts = [w for w in words[1:] if w.endswith((".sh", ".sbatch"))]
             for script in scripts:

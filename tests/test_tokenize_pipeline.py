@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from video_fixtures import dataset
+from video_fixtures import dataset, ffmpeg, lavfi_video
 
 from nbp_ds.data import build_loader
 
@@ -67,6 +67,24 @@ def test_failures_are_listed_with_reasons(tokenized):
     rows = [json.loads(line) for line in (tokenized / "failures.jsonl").read_text().splitlines()]
     assert {(r["video"], r["reason"]) for r in rows} == {("class0/broken.mp4", "unreadable"),
                                                           ("class1/short.mp4", "too_short")}
+
+
+def test_every_file_is_accounted_for(tmp_path):
+    """A video, an audio-only .m4a, a .txt and a broken .mp4: one clip, and the three others named with why."""
+    folder = tmp_path / "mixed"
+    lavfi_video(folder / "good.mp4")
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440", "-t", "2", str(folder / "song.m4a"))
+    (folder / "notes.txt").write_text("shot list")
+    (folder / "broken.mp4").write_bytes(b"not a video at all")
+    out = tmp_path / "out"
+    result = tokenize(folder, out, "--workers", "0", "--clips-per-video", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 videos -> 1 clips, 1 failed, 2 other file(s) not taken" in result.stdout, result.stdout
+    rows = {json.loads(line)["video"]: json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()}
+    assert {name: row["reason"] for name, row in rows.items()} == {
+        "song.m4a": "not_a_video", "notes.txt": "not_a_video", "broken.mp4": "unreadable"}
+    assert ".m4a is not a video file type" in rows["song.m4a"]["detail"]
+    assert len(keys_from_loader(out, ranks=1, workers=0)) == 1
 
 
 def test_inspect_shards_reports(tokenized, tmp_path):

@@ -120,6 +120,7 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
     result = run(train_cmd(interrupted, shards, *steps))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "resumed from" in result.stderr + result.stdout
+    assert "data stream continues at batch 12 of this rank (seeks" in result.stderr  # the saved state, no replay
     a, b = step_losses(straight), step_losses(interrupted)
     assert [b[s] for s in range(13, 25)] == [a[s] for s in range(13, 25)]
 

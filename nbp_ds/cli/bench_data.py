@@ -1,11 +1,16 @@
-"""Data-path throughput: the shard loader (samples/s with 1 and 4 workers) and tokenization (clips/s).
+"""Data-path throughput: the shard loader (samples/s with 1 and 4 workers), the time a resumed loader takes
+to deliver its first batch at 10k and 1M samples seen, and tokenization (clips/s).
 
-    nbp-bench-data                        # loader on 5x16x16 shards + small-preset tokenization
+    nbp-bench-data                        # loader on 5x16x16 shards, resume, small-preset tokenization
     nbp-bench-data --samples 50000 --workers 1 4 8 --skip-tokenize
+    nbp-bench-data --resume-at 10000 100000 1000000 --skip-tokenize
 
 The loader must feed far more than a GPU consumes: a 700M model at 50% MFU on an H100 trains on roughly
 100k tokens/s = 80 clips of 1280 tokens per second per GPU, about 640 per 8-GPU node; the target is
-2,000 samples/s per node from local disk. Everything is made in a temporary folder: synthetic token
+2,000 samples/s per node from local disk. Resuming seeks to the saved position (nbp_ds.data.resume), so
+its time should not grow with the samples seen; reading the stream again up to that point (what a resume
+cost before loaders kept a state) is measured next to it at the first position. Reaching 1M samples seen
+means reading them once (minutes on a laptop). Everything is made in a temporary folder: synthetic token
 shards in the paper's shape, and test videos from ffmpeg's lavfi sources.
 """
 
@@ -38,6 +43,40 @@ def bench_loader(folder: Path, grid: tuple[int, int, int], samples: int, workers
     return seen / (time.perf_counter() - began)
 
 
+def bench_resume(folder: Path, grid: tuple[int, int, int], seen: list[int], workers: int, batch: int,
+                 replay_first: bool = True) -> list[tuple[int, float, float, float | None]]:
+    """For each number of samples seen: (samples, seconds to reach it, seconds from a saved state to the
+    first batch of a new loader, seconds for the same by reading the stream again up to there)."""
+    import json
+
+    from nbp_ds.data import build_loader
+
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    kwargs = dict(grid=grid, batch_size=batch, mode="train", num_workers=workers, seed=0, shuffle_buffer=1000)
+    loader = build_loader(folder, **kwargs)
+    it, done, results = iter(loader), 0, []
+    began = time.perf_counter()
+    for target in sorted(seen):
+        while done * batch < target:
+            next(it)
+            done += 1
+        reached = time.perf_counter() - began
+        state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint keeps it
+        start = time.perf_counter()
+        resumed = build_loader(folder, **kwargs)
+        resumed.load_state_dict(state)
+        next(iter(resumed))
+        seek = time.perf_counter() - start
+        replay = None
+        if replay_first and not results:
+            start = time.perf_counter()
+            next(iter(build_loader(folder, start_batch=done, **kwargs)))
+            replay = time.perf_counter() - start
+        results.append((done * batch, reached, seek, replay))
+        began = time.perf_counter() - reached  # the resume measurements do not count as reaching
+    return results
+
+
 def bench_tokenize(tmp: Path, preset: str, videos: int, frames: int, resolution: int, workers: int) -> tuple:
     from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
     from nbp_ds.tokenizer.video_io import ClipSpec
@@ -62,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--preset", default="small", help="tokenizer preset for the tokenization figure")
     p.add_argument("--videos", type=int, default=16, help="test videos to tokenize")
+    p.add_argument("--resume-at", type=int, nargs="*", default=[10_000, 1_000_000],
+                   help="samples seen at which to measure a resume (default 10000 1000000; none: skip)")
     p.add_argument("--skip-tokenize", action="store_true")
     args = p.parse_intermixed_args(argv)
     import numpy as np
@@ -82,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         for w in args.workers:
             rate = bench_loader(tmp / "shards", grid, args.samples, w, args.batch_size)
             print(f"  {w} worker(s): {rate:,.0f} samples/s ({rate * np.prod(grid):,.0f} tokens/s)")
+        if args.resume_at:
+            w = max(args.workers)
+            print(f"resume: a new loader ({w} worker(s)) from a saved state to its first batch")
+            for seen, reached, seek, replay in bench_resume(tmp / "shards", grid, args.resume_at, w, args.batch_size):
+                line = f"  at {seen:>9,} samples seen: {seek:6.2f} s (reached in {reached:.0f} s)"
+                if replay is not None:
+                    line += f"; reading the stream again to there instead: {replay:.2f} s"
+                print(line)
         if not args.skip_tokenize:
             frames, resolution = 17, 128
             clips, seconds = bench_tokenize(tmp, args.preset, args.videos, frames, resolution,

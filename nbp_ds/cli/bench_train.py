@@ -1,105 +1,131 @@
-"""Training throughput of one device: tokens/s, step time, MFU and peak memory, per attention backend.
+"""Training throughput of one device: step time, tokens/s, MFU and peak memory, per attention backend and
+micro-batch; with --profile, a profiler trace and the share of the step per category.
 
-One process runs the model's own training step (forward with the chunked loss, backward, AdamW) on random
-tokens of the config's grid, so the figures are the model's compute ceiling on this device; the
-DeepSpeed trainer reports the same figures for real runs (TensorBoard: tokens_per_s, mfu, step_time).
+One process runs the model's own training step (forward with the fused head + loss, backward, gradient
+clipping, AdamW) on random tokens of the config's grid, in the trainer's precision, so the figures are the
+model's compute ceiling on this device; the DeepSpeed trainer reports the same figures for real runs
+(TensorBoard: perf/tokens_per_s, perf/mfu, perf/step_time). Run-config overrides choose what is measured:
+model.compile=true|false (default auto: on for CUDA), train.activation_checkpointing=none|full|selective,
+model.loss_chunk, model.flex_kernel_options.
 
-    nbp-bench-train --config tiny                               # CPU, fp32
-    nbp-bench-train --config ucf101-700m --device cuda --dtype bf16 --attention flex sdpa \\
-        --micro-batch 8 model.checkpoint_activations=false
+    nbp-bench-train --config tiny                                            # CPU, fp32
+    nbp-bench-train --config ucf101-700m --device cuda --micro-batch 8 16 32 # bf16, compiled, attention auto
+    nbp-bench-train --config ucf101-700m --device cuda --micro-batch 8 --profile runs/profile
+    nbp-bench-train --config ucf101-700m --device cuda --dtype autocast model.compile=false --attention flex
 
-MFU = model FLOPs per token (6 x non-embedding params + attention, as nbp_ds.model reports) x tokens/s /
-the device's dense bf16 peak (looked up from its name, or --peak-tflops).
+--dtype: bf16 = bf16 weights and activations with fp32 master weights and Adam states (what the trainer runs
+with train.precision=bf16; the default on a GPU); autocast = fp32 weights under torch.autocast; fp32.
+MFU = model FLOPs per token (6 x non-embedding params + attention, as nbp_ds.model reports) x tokens/s / the
+device's dense bf16 peak (looked up from its name, or --peak-tflops).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
-import time
+from pathlib import Path
 
 from nbp_ds.cli import command
 
+HEADER = ("attention", "compile", "ckpt", "batch", "tokens/step", "step ms", "tokens/s", "MFU", "peak GiB")
 
-def measure(args: argparse.Namespace, backend: str, device, peak: float | None) -> tuple:
-    """One table row: a few warm-up steps, then the median step time of the model's own training step."""
+
+def measure(args: argparse.Namespace, backend: str, batch_size: int, device, peak: float | None):
+    """One table row (and, with --profile, the step's time by category)."""
     import torch
 
     from nbp_ds.config import load_config
-    from nbp_ds.model import build_model
+    from nbp_ds.perf.profile import profile_steps, step_shares
+    from nbp_ds.perf.timing import median, time_repeats
+    from nbp_ds.perf.train_step import build_training, make_step, random_batch
 
     cfg = load_config(args.config, [*args.overrides, f"model.attention={backend}"])
-    batch_size = args.micro_batch or cfg.train.micro_batch
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    grid = cfg.layout.grid
-    batch = {"tokens": torch.randint(0, cfg.model.vocab_size, (batch_size, *grid), device=device),
-             "label": torch.randint(0, max(1, cfg.layout.num_classes), (batch_size,), device=device)}
+    model, optimizer, autocast = build_training(cfg, device, args.dtype)
+    step = make_step(model, optimizer, autocast, random_batch(cfg, batch_size, device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            loss, _ = model.loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step = sorted(times)[len(times) // 2]  # the median: robust to a stray slow step
+    seconds = median(time_repeats(step, args.steps, args.warmup, device))
     tokens = batch_size * model.layout.seq_len
-    tok_s = tokens / step
+    tok_s = tokens / seconds
     mfu = model.flops_per_token() * tok_s / (peak * 1e12) if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return (backend, f"{model.num_params() / 1e6:.1f}M", batch_size, tokens, f"{step * 1e3:.1f}",
-            f"{tok_s:,.0f}", "-" if mfu is None else f"{100 * mfu:.1f}%", "-" if mem is None else f"{mem:.1f}")
+    name = model.backend.on(device).name
+    row = (name if backend == name else f"{backend}->{name}", "on" if model.execution.compiled else "off",
+           model.execution.checkpointing, batch_size, tokens, f"{seconds * 1e3:.1f}", f"{tok_s:,.0f}",
+           "-" if mfu is None else f"{100 * mfu:.1f}%", "-" if mem is None else f"{mem:.1f}")
+    report = None
+    if args.profile:
+        folder = Path(args.profile) / f"{backend}-mb{batch_size}"
+        prof, trace = profile_steps(step, folder, args.profile_steps, device)
+        shares = step_shares(prof.events(), device)
+        report = f"{backend}, micro-batch {batch_size}: trace {trace}\n{shares.table()}"
+    return row, report
+
+
+def _release(device) -> None:
+    import torch
+
+    gc.collect()
+    torch._dynamo.reset()  # each row compiles its own model; earlier graphs would count as recompilations
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="run config name or YAML (default tiny)")
-    p.add_argument("--attention", nargs="+", default=["sdpa"], help="backends to compare: sdpa flex flash")
+    p.add_argument("--attention", nargs="+", default=["auto"], help="backends to compare: auto sdpa flex flash "
+                                                                     "(default auto: the model's own choice)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, fp32 master weights")
-    p.add_argument("--micro-batch", type=int, help="sequences per step (default: the config's train.micro_batch)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "autocast"],
+                   help="bf16 = the trainer's bf16 (bf16 weights, fp32 master weights); autocast = fp32 weights "
+                        "under torch.autocast; fp32 (default: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--micro-batch", type=int, nargs="+",
+                   help="sequences per step, one row each (default: the config's train.micro_batch)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: looked up on GPUs)")
+    p.add_argument("--profile", metavar="DIR", help="also profile each row: a trace under DIR/<attention>-mb<N>/ "
+                                                    "(Perfetto, or tensorboard --logdir DIR) and the step's time "
+                                                    "by category")
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per row (default 3)")
     p.add_argument("overrides", nargs="*", help="key=value run-config overrides")
     args = p.parse_intermixed_args(argv)
 
     import torch
 
+    from nbp_ds.config import load_config
     from nbp_ds.model.attention import AttentionUnavailable
     from nbp_ds.train.metrics import peak_tflops
 
     device = torch.device(args.device)
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    cfg = load_config(args.config, args.overrides)  # bad keys are refused before anything is built
     peak = peak_tflops(args.peak_tflops, device)
-    rows, notes = [], []
+    rows, notes, reports = [], [], []
     for backend in args.attention:
-        try:
-            rows.append(measure(args, backend, device, peak))
-        except AttentionUnavailable as exc:  # e.g. flex has no backward on CPU: say so, measure the rest
-            rows.append((backend, *["-"] * 7))
-            notes.append(f"{backend}: {exc}")
-        except torch.OutOfMemoryError:
-            rows.append((backend, *["-"] * 6, "OOM"))
-            notes.append(f"{backend}: out of memory at micro-batch {args.micro_batch or 'of the config'}")
-            torch.cuda.empty_cache()
-    header = ("attention", "params", "batch", "tokens/step", "step ms", "tokens/s", "MFU", "peak GiB")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for batch_size in args.micro_batch or [cfg.train.micro_batch]:
+            try:
+                row, report = measure(args, backend, batch_size, device, peak)
+                rows.append(row)
+                reports += [report] if report else []
+            except AttentionUnavailable as exc:  # e.g. flex has no backward on CPU: say so, measure the rest
+                rows.append((backend, *["-"] * 2, batch_size, *["-"] * 5))
+                notes.append(f"{backend}: {exc}")
+            except torch.OutOfMemoryError:
+                rows.append((backend, *["-"] * 2, batch_size, *["-"] * 4, "OOM"))
+                notes.append(f"{backend}: out of memory at micro-batch {batch_size}")
+            _release(device)
+    widths = [max(len(str(r[i])) for r in [HEADER, *rows]) for i in range(len(HEADER))]
     print(f"{args.config} on {device} ({args.dtype})" + (f", peak {peak:g} TFLOP/s" if peak else ", no MFU on CPU"))
-    for r in [header, *rows]:
+    for r in [HEADER, *rows]:
         print("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)))
-    for note in notes:
+    for note in dict.fromkeys(notes):  # once each, in order
         print(f"not measured: {note}")
+    for report in reports:
+        print(report)
     return 0 if len(notes) < len(rows) else 1
 
 

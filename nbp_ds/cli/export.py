@@ -2,6 +2,7 @@
 
     nbp-export runs/ucf101-700m runs/ucf101-700m/export.safetensors
     nbp-export runs/x/checkpoints OUT.safetensors --tag step00010000 --dtype bf16
+    nbp-export runs/ucf101-700m runs/ucf101-700m/ema.safetensors --ema      (train.ema > 0: the averaged weights)
 
 CHECKPOINT is a training output folder, its checkpoints/ folder, or one tag folder; by default the
 tag that 'latest' names. Writes OUT (weights + the run config as metadata) and OUT with .json.
@@ -24,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output .safetensors file")
     parser.add_argument("--tag", help="checkpoint tag (default: the one 'latest' names)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the moving average of the weights (a run trained with train.ema > 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from nbp_ds.train.export import export
 
-    out = export(args.checkpoint, args.out, dtype=args.dtype, tag=args.tag)
+    out = export(args.checkpoint, args.out, dtype=args.dtype, tag=args.tag, ema=args.ema)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

@@ -3,9 +3,15 @@
     nbp-inspect-shards shards/ucf101                     # a folder of *.tar
     nbp-inspect-shards 'shards/ucf101/shard-t{000..003}-{000000..000009}.tar'
     nbp-inspect-shards shards/ucf101 --json report.json --expect-grid 5,16,16
+    nbp-inspect-shards 'https://host/ucf101/shard-{000000..000099}.tar'
+    nbp-inspect-shards 'pipe:aws s3 cp s3://bucket/ucf101/shard-{000000..000099}.tar -'
 
-Exit status: 0 when every sample is readable, unique and of one shape (and of --expect-grid when
-given); 1 otherwise (so a Slurm dependency job can check the union of an array job's shards).
+Shards are named as data.train names them: paths, brace patterns, globs, folders, http(s) URLs and
+pipe: commands (see nbp_ds/data/shards.py). A shard that cannot be read is retried (--retries), then
+counted as failed and named.
+
+Exit status: 0 when every shard and sample is readable, unique and of one shape (and of --expect-grid
+when given); 1 otherwise (so a Slurm dependency job can check the union of an array job's shards).
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ from nbp_ds.cli import command
 from nbp_ds.errors import UsageError
 
 
-def inspect(spec: str | list[str]) -> dict:
+def inspect(spec: str | list[str], retries: int = 3, retry_backoff: float = 1.0) -> dict:
     """One pass over the shards -> a report dict (see main for the fields)."""
     import numpy as np
     from tqdm import tqdm
 
-    from nbp_ds.data import SampleError, decode_sample, expand_shards, iter_tar_samples
+    from nbp_ds.data import DataReport, RetryPolicy, SampleError, decode_sample, expand_shards, read_shard
 
     shards = expand_shards(spec)
+    reader = DataReport(cap=10)
+    policy = RetryPolicy(retries, retry_backoff)
     counts: Counter = Counter()
     shapes: Counter = Counter()
     labels: Counter = Counter()
@@ -37,7 +45,7 @@ def inspect(spec: str | list[str]) -> dict:
     low, high, corrupt_examples = None, None, []
     for shard in tqdm(shards, unit="shard", disable=len(shards) < 5, file=sys.stderr):
         n = 0
-        for sample in iter_tar_samples(shard, counts):
+        for _, sample in read_shard(shard, policy=policy, report=reader):
             try:
                 tokens, label, meta = decode_sample(sample)
             except SampleError as exc:
@@ -57,7 +65,8 @@ def inspect(spec: str | list[str]) -> dict:
     return {
         "shards": len(shards), "samples": sum(per_shard.values()), "unique_keys": len(keys),
         "duplicate_keys": len(duplicates), "duplicate_examples": sorted(duplicates)[:10],
-        "corrupt_members": counts["corrupt"], "corrupt_shards": counts["corrupt_shards"],
+        "corrupt_members": counts["corrupt"], "failed_shards": reader.counts["failed_shards"],
+        "shard_retries": reader.counts["shard_retries"], "failed_examples": reader.problems,
         "corrupt_examples": corrupt_examples, "shapes": dict(shapes), "token_min": low, "token_max": high,
         "labels": {str(k): v for k, v in sorted(labels.items())}, "tokenizers": dict(tokenizers),
         "samples_per_shard": {"min": min(per_shard.values(), default=0), "max": max(per_shard.values(), default=0)},
@@ -67,12 +76,18 @@ def inspect(spec: str | list[str]) -> dict:
 @command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("shards", nargs="+", help="folders, brace patterns, globs or tar files")
+    p.add_argument("shards", nargs="+", help="folders, brace patterns, globs, tar files, http(s) URLs or pipe: "
+                                              "commands")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.add_argument("--expect-grid", help="T,H,W every sample must have, e.g. 5,16,16")
+    p.add_argument("--retries", type=int, default=3, help="times a shard that fails is read again (default 3)")
+    p.add_argument("--retry-backoff", type=float, default=1.0,
+                   help="seconds before the first retry, doubled for each further one (default 1)")
     args = p.parse_args(argv)
+    if args.retries < 0 or args.retry_backoff < 0:
+        raise UsageError("--retries and --retry-backoff must be >= 0")
     try:
-        report = inspect(args.shards)
+        report = inspect(args.shards, args.retries, args.retry_backoff)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from exc
     print(f"shards           {report['shards']}  ({report['samples_per_shard']['min']}.."
@@ -82,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shapes           {report['shapes']}")
     print(f"token range      [{report['token_min']}, {report['token_max']}]")
     print(f"tokenizers       {report['tokenizers']}")
-    print(f"corrupt          {report['corrupt_members']} member(s), {report['corrupt_shards']} truncated shard(s)")
+    print(f"corrupt          {report['corrupt_members']} member(s)")
     for line in report["corrupt_examples"]:
+        print(f"  {line}")
+    print(f"failed shards    {report['failed_shards']} (unreadable or broken after their retries; "
+          f"{report['shard_retries']} retries in all)")
+    for line in report["failed_examples"]:
         print(f"  {line}")
     hist = report["labels"]
     if hist:
@@ -93,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:>6} {count:7d} {'#' * max(1, round(40 * count / peak))}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    ok = report["duplicate_keys"] == 0 and report["corrupt_members"] == 0 and report["corrupt_shards"] == 0
+    ok = report["duplicate_keys"] == 0 and report["corrupt_members"] == 0 and report["failed_shards"] == 0
     ok = ok and len(report["shapes"]) <= 1
     if args.expect_grid:
         want = args.expect_grid.replace(",", "x")

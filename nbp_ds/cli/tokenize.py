@@ -10,7 +10,8 @@ mapping of --classes / a classes.json inside the --videos folder, so train and v
 
 Each video gives up to --clips-per-video clips of --frames frames at --fps, short side scaled to
 --resolution and center-cropped. Videos that cannot be used (unreadable, too short) are skipped and
-listed with the reason in OUT/failures.jsonl (failures-tNNN.jsonl for array tasks).
+listed with the reason in OUT/failures.jsonl (failures-tNNN.jsonl for array tasks), and so are the files of the
+folder that are not videos (reason not_a_video), so that every file is accounted for.
 
 Under a Slurm array job (see slurm/tokenize.sbatch) the task count and index come from
 SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID: task i writes only shard-tIII-*.tar. Interrupted? Run the
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         classes=args.classes, progress=not args.no_progress)
     summary = tokenize_dataset(opts)
     print(summary.line())
-    if summary.failures:
-        print(f"{len(summary.failures)} video(s) skipped, reasons in {args.out}/failures*.jsonl")
+    if summary.failures or summary.not_videos:
+        print(f"{len(summary.failures)} video(s) skipped and {len(summary.not_videos)} other file(s) not taken, "
+              f"each named with the reason in {args.out}/failures*.jsonl")
     return 0
 
 

@@ -7,7 +7,10 @@
 
 --config is a shipped config name (tiny, quickstart, ucf101-700m, ucf101-1.2b, ucf101-3b, k600-700m)
 or a YAML file; key=value arguments override it (values are YAML: train.lr=3e-4, layout.block=[1,1,16]).
-A run whose train.out_dir holds a checkpoint resumes from it; --resume PATH resumes from another.
+A run whose train.out_dir holds a checkpoint resumes from it; --resume PATH resumes from another. The
+data stream continues where it stopped (seeking, nothing trained on is read again). A checkpoint saved by
+another number of processes is converted once into DeepSpeed's universal format (into its tag folder,
+<tag>/universal) and loaded from there; --universal does so whatever the number.
 SIGTERM or SIGUSR1 saves a checkpoint at the next step boundary and exits 0.
 On CPU set DS_ACCELERATOR=cpu (DeepSpeed then uses gloo).
 """
@@ -28,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="run config name or YAML path")
     parser.add_argument("--resume", help="checkpoint to resume from: a run folder, its checkpoints/ folder or a tag "
                                          "folder (default: train.out_dir's own latest)")
+    parser.add_argument("--universal", action="store_true", default=None,
+                        help="load the checkpoint through DeepSpeed's universal format, converting it once into "
+                             "<tag>/universal (default: only when it was saved by another number of processes)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank",
                         help="set by the deepspeed launcher; LOCAL_RANK in the environment wins")
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from nbp_ds.train.loop import train
 
-    return train(cfg, resume=args.resume)
+    return train(cfg, resume=args.resume, universal=args.universal)
 
 
 if __name__ == "__main__":

@@ -1,205 +1,168 @@
 """Reading token shards for training and validation.
 
-Every (rank, DataLoader worker) pair is a *slot*; slot s of W reads its own part of the shards.
+Every (rank, DataLoader worker role) pair is a *slot*; slot s of N reads its own part of the shards
+(nbp_ds.data.shards addresses and reads them, local or remote, with retries).
 
-* ``train``: an endless, deterministic stream. Each slot walks its shards in a fresh seeded order
-  every epoch, through a seeded shuffle buffer, so the stream depends only on (seed, rank,
-  world_size, num_workers). ``start_batch=k`` reproduces batches k, k+1, ... of a fresh loader
-  exactly, which is what makes a resumed run continue where it stopped (the skipped samples are
-  read and validated, not trained on).
+* ``train``: an endless, deterministic stream (nbp_ds.data.stream): each slot walks its shards of every
+  source in a fresh seeded order every epoch, draws the source of each sample by the mixture weights,
+  and mixes them through a seeded shuffle buffer, so the stream depends only on (sources, seed, rank,
+  world_size, num_workers, shuffle buffer). :meth:`TokenLoader.state_dict` is where the stream is, small
+  and saved with every checkpoint; :meth:`TokenLoader.load_state_dict` continues from it by seeking, not by
+  reading again what was trained on (nbp_ds.data.resume: the record, and how it continues on another
+  number of ranks or workers).
 * ``val``: one deterministic pass in which every sample is yielded exactly once across all slots;
-  shards are divided among slots, or, when there are fewer shards than slots, samples are divided
-  by their running index. The last partial batch is kept.
+  shards are divided among slots, or, when there are fewer shards than slots, the samples of every shard
+  are (sample ordinal + shard index modulo the slot count). The last partial batch is kept.
 
-A corrupt member (bad npy bytes, missing tokens, unreadable cls/json), a sample of the wrong shape
-and a truncated tar file are skipped, counted and logged, never fatal; ``TokenLoader.stats()`` sums
-the counts of all workers for what has been yielded.
+A corrupt member (bad npy bytes, missing tokens, unreadable cls/json), a sample of the wrong shape and
+a shard that cannot be read (after its retries) are skipped, counted and logged, never fatal;
+:meth:`TokenLoader.stats` sums the counts of all workers for what has been consumed, and
+:attr:`TokenLoader.problems` names the first of them.
 """
 
 from __future__ import annotations
 
-import glob
+import copy
 import logging
-import os
-import random
-import tarfile
-from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nbp_ds.data.schema import SampleError, decode_sample
+from nbp_ds.data.report import COUNTERS, DataReport
+from nbp_ds.data.resume import FORMAT, same_layout, to_json
+from nbp_ds.data.schema import SampleError, WrongShape, decode_sample
+from nbp_ds.data.shards import RetryPolicy, read_shard
+from nbp_ds.data.sources import Source, as_sources, fingerprint
+from nbp_ds.data.stream import SlotStream
 
 log = logging.getLogger(__name__)
 
 
-def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """A folder (its *.tar files, sorted), a brace pattern, a glob, a file, or a list of those."""
-    if spec is None or spec == "" or spec == []:
-        raise FileNotFoundError("no shards given (set data.train / data.val to a folder, pattern or list)")
-    if isinstance(spec, (list, tuple)):
-        return [path for item in spec for path in expand_shards(item)]
-    spec = str(spec)
-    if os.path.isdir(spec):
-        found = sorted(str(p) for p in Path(spec).glob("*.tar") if not p.name.startswith("."))  # not temporaries
-        if not found:
-            raise FileNotFoundError(f"shard folder {spec!r} holds no .tar files")
-        return found
-    if "{" in spec:
-        import braceexpand
-
-        paths = list(braceexpand.braceexpand(spec))
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"shard pattern {spec!r}: {len(missing)} of {len(paths)} files missing, "
-                                    f"first {missing[0]!r}")
-        return paths
-    if any(ch in spec for ch in "*?["):
-        found = sorted(glob.glob(spec))
-        if not found:
-            raise FileNotFoundError(f"shard pattern {spec!r} matches no file")
-        return found
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"shard {spec!r} does not exist")
-    return [spec]
-
-
-def iter_tar_samples(path: str, counts: Counter) -> Iterator[dict]:
-    """Samples of one tar file in stored order, members grouped by key (WebDataset convention:
-    the name up to the first dot of the file name). A truncated or unreadable tar ends the shard
-    early and is counted as ``corrupt_shards``."""
-    current: dict | None = None
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                key = f"{folder}/{stem}" if folder else stem
-                if not dot:
-                    continue
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__shard__": path}
-                current[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        counts["corrupt_shards"] += 1
-        log.warning("shard %s is truncated or unreadable after %s (%s); the rest of it is skipped",
-                    path, current["__key__"] if current else "the start", exc)
-        current = None  # the last sample may be incomplete
-    if current is not None:
-        yield current
-
-
 class _SlotDataset(IterableDataset):
-    def __init__(self, shards: list[str], grid, batch_size: int, mode: str, rank: int, world_size: int,
-                 num_workers: int, seed: int, shuffle_buffer: int, start_batch: int):
-        self.shards, self.grid, self.batch_size, self.mode = shards, tuple(grid), batch_size, mode
-        self.rank, self.world_size, self.workers = rank, world_size, max(num_workers, 1)
-        self.seed, self.shuffle_buffer, self.start_batch = seed, shuffle_buffer, start_batch
-        self.with_keys = False
+    """What one DataLoader worker runs: its slot's batches, each carrying the counts since the last one
+    and (train) the slot's state after it."""
 
-    # ---- sample streams -------------------------------------------------------------------------
-    def _train_samples(self, slot: int, nslots: int, counts: Counter) -> Iterator[dict]:
-        if len(self.shards) >= nslots:
-            own = self.shards[slot::nslots]
-        else:
-            own = list(self.shards)
-            if slot == 0:
-                log.warning("%d shards for %d loader slots (ranks x workers): every slot resamples all shards "
-                            "with its own seed; write more shards for disjoint reading", len(self.shards), nslots)
-        epoch = 0
-        while True:
-            order = list(own)
-            random.Random(f"order-{self.seed}-{slot}-{epoch}").shuffle(order)
-            produced = 0
-            for path in order:
-                for sample in iter_tar_samples(path, counts):
-                    produced += 1
-                    yield sample
-            if produced == 0:
-                raise RuntimeError(f"loader slot {slot}: none of its {len(own)} shards yields a sample "
-                                   f"(first {own[0]!r})")
-            epoch += 1
+    def __init__(self, sources: list[Source], grid, batch_size: int, mode: str, rank: int, world_size: int,
+                 num_workers: int, seed: int, shuffle_buffer: int, policy: RetryPolicy, with_keys: bool):
+        self.sources, self.grid, self.batch_size, self.mode = sources, tuple(grid), batch_size, mode
+        self.rank, self.world_size, self.roles = rank, world_size, max(num_workers, 1)
+        self.seed, self.shuffle_buffer, self.policy, self.with_keys = seed, shuffle_buffer, policy, with_keys
+        # set by TokenLoader before each iteration: batches consumed so far, and each role's saved state
+        self.consumed = 0
+        self.slot_states: list[dict | None] = [None] * self.roles
 
-    def _shuffled(self, samples: Iterator[dict], slot: int) -> Iterator[dict]:
-        rng = random.Random(f"buffer-{self.seed}-{slot}")
-        buffer: list[dict] = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _val_samples(self, slot: int, nslots: int, counts: Counter) -> Iterator[dict]:
-        if len(self.shards) >= nslots:
-            for path in self.shards[slot::nslots]:
-                yield from iter_tar_samples(path, counts)
-            return
-        index = 0  # fewer shards than slots: divide samples by running index
-        for path in self.shards:
-            for sample in iter_tar_samples(path, counts):
-                if index % nslots == slot:
-                    yield sample
-                index += 1
-
-    # ---- batches --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        report = DataReport()
         if self.mode == "train":
-            # a resumed DataLoader asks worker 0 first, but batch start_batch came from worker
-            # start_batch % n: rotate the roles so that each worker continues the right stream
-            worker = (worker + self.start_batch) % self.workers
-        slot, nslots = self.rank * self.workers + worker, self.world_size * self.workers
-        counts: Counter = Counter()
-        if self.mode == "train":
-            samples = self._shuffled(self._train_samples(slot, nslots, counts), slot)
-            # the DataLoader hands out worker batches round-robin: worker w made batches w, w+n, ...
-            skip = max(0, (self.start_batch - worker + self.workers - 1) // self.workers)
+            yield from self._train_batches(worker, report)
         else:
-            samples, skip = self._val_samples(slot, nslots, counts), 0
-        tokens, labels, keys = [], [], []
-        # the endless train stream meets the same bad member every epoch: warn once per (shard, key) in
-        # this slot, count every time
-        warned: set[tuple[str, str]] = set()
-        for sample in samples:
-            try:
-                t, label, _ = decode_sample(sample, self.grid)
-            except SampleError as exc:
-                kind = "bad_shape" if "layout.grid" in str(exc) else "corrupt"
-                counts[kind] += 1
-                where = (str(sample.get("__shard__")), str(sample.get("__key__")))
-                if where not in warned:
-                    warned.add(where)
-                    log.warning("skipping a sample of %s: %s (warned once; every skip is counted in stats)",
-                                where[0], exc)
+            yield from self._val_batches(worker, report)
+
+    # ---- train -------------------------------------------------------------------------------------
+    def _train_batches(self, worker: int, report: DataReport) -> Iterator[dict]:
+        # the DataLoader asks worker 0 first, but batch `consumed` is role consumed % n's turn (role r made
+        # batches r, r+n, ...): rotate the roles so that each worker continues the right stream
+        role = (worker + self.consumed) % self.roles
+        slot, nslots = self.rank * self.roles + role, self.world_size * self.roles
+        for source in self.sources if slot == 0 else ():
+            if len(source.shards) < nslots:
+                log.warning("source %r: %d shards for %d loader slots (ranks x workers): every slot resamples all "
+                            "its shards with its own seed; write more shards for disjoint reading", source.name,
+                            len(source.shards), nslots)
+        stream = SlotStream(self.sources, slot, nslots, self.seed, self.shuffle_buffer, self.policy, report)
+        state = self.slot_states[role]
+        if state is not None:
+            stream.load_state_dict(state)
+            skip = 0
+        else:
+            # batches this role made among the first `consumed`: zero, unless an old checkpoint (saved without
+            # a loader state) is continued by reading its stream again up to where it was
+            skip = max(0, -(-(self.consumed - role) // self.roles))
+        batch = _Batch(self.with_keys)
+        while True:
+            if not batch.add(stream.next_sample(), self.grid, self.sources, report):
                 continue
-            tokens.append(t)
-            labels.append(label)
-            keys.append(sample["__key__"])
-            if len(tokens) == self.batch_size:
-                if skip > 0:  # already trained on before the restart; its skips were reported then
-                    skip -= 1
-                    counts.clear()
-                else:
-                    batch = _collate(tokens, labels, keys if self.with_keys else None, counts)
-                    counts.clear()  # the same Counter: the tar readers keep adding to it
-                    yield batch
-                tokens, labels, keys = [], [], []
-        if tokens:
-            yield _collate(tokens, labels, keys if self.with_keys else None, counts)
-        elif counts:
-            yield {"_counts": dict(counts), "_stats_only": True}
+            if len(batch) < self.batch_size:
+                continue
+            if skip > 0:  # trained on before the restart; its problems were reported then
+                skip -= 1
+                report.take()
+                batch = _Batch(self.with_keys)
+                continue
+            yield batch.collate(report, (role, stream.state_dict()))
+            batch = _Batch(self.with_keys)
+
+    # ---- val ---------------------------------------------------------------------------------------
+    def _val_batches(self, worker: int, report: DataReport) -> Iterator[dict]:
+        slot, nslots = self.rank * self.roles + worker, self.world_size * self.roles
+        shards = [url for source in self.sources for url in source.shards]
+        batch = _Batch(self.with_keys)
+        for sample in self._val_samples(shards, slot, nslots, report):
+            sample["__source__"] = 0
+            if batch.add(sample, self.grid, None, report) and len(batch) == self.batch_size:
+                yield batch.collate(report)
+                batch = _Batch(self.with_keys)
+        if len(batch):
+            yield batch.collate(report)
+        else:
+            counts, problems = report.take()
+            if counts or problems:
+                yield {"_counts": counts, "_problems": problems, "_stats_only": True}
+
+    def _val_samples(self, shards: list[str], slot: int, nslots: int, report: DataReport) -> Iterator[dict]:
+        if len(shards) >= nslots:
+            for url in shards[slot::nslots]:
+                for _, sample in read_shard(url, policy=self.policy, report=report):
+                    yield sample
+            return
+        for index, url in enumerate(shards):  # fewer shards than slots: divide every shard's samples
+            for ordinal, sample in read_shard(url, policy=self.policy, report=report):
+                if (ordinal + index) % nslots == slot:
+                    yield sample
+
+
+class _Batch:
+    """Decoded samples gathered into one batch."""
+
+    def __init__(self, with_keys: bool):
+        self.tokens: list[np.ndarray] = []
+        self.labels: list[int] = []
+        self.keys: list[str] | None = [] if with_keys else None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, sample: dict, grid, sources: list[Source] | None, report: DataReport) -> bool:
+        """Decode and keep ``sample``; False (counted and reported) when it cannot be used."""
+        try:
+            tokens, label, _ = decode_sample(sample, grid)
+        except SampleError as exc:
+            kind = "bad_shape" if isinstance(exc, WrongShape) else "corrupt"
+            shard = str(sample.get("__shard__"))
+            report.problem(kind, f"{shard}: {exc}", place=(shard, str(sample.get("__key__"))))
+            return False
+        self.tokens.append(tokens)
+        self.labels.append(label)
+        if self.keys is not None:
+            self.keys.append(sample["__key__"])
+        if sources is not None:
+            report.counts[f"source/{sources[sample['__source__']].name}"] += 1
+        return True
+
+    def collate(self, report: DataReport, state: tuple[int, dict] | None = None) -> dict:
+        counts, problems = report.take()
+        batch = {"tokens": torch.from_numpy(np.stack(self.tokens)),
+                 "label": torch.tensor(self.labels, dtype=torch.long), "_counts": counts, "_problems": problems}
+        if self.keys is not None:
+            batch["key"] = self.keys
+        if state is not None:
+            batch["_state"] = state
+        return batch
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -207,57 +170,110 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _collate(tokens: list[np.ndarray], labels: list[int], keys: list[str] | None, counts: Counter) -> dict:
-    batch = {"tokens": torch.from_numpy(np.stack(tokens)), "label": torch.tensor(labels, dtype=torch.long),
-             "_counts": dict(counts)}
-    if keys is not None:
-        batch["key"] = keys
-    return batch
-
-
 class TokenLoader:
     """Iterable of batches ``{"tokens": LongTensor[B,T,H,W], "label": LongTensor[B]}`` (label -1 when
-    unlabelled); see the module docstring for the train / val semantics."""
+    unlabelled); see the module docstring for the train / val semantics. A train loader is stateful: a new
+    iteration continues after the last batch consumed, and :meth:`state_dict` / :meth:`load_state_dict`
+    carry that across processes."""
 
     def __init__(self, dataset: _SlotDataset, num_workers: int):
         self.dataset, self.num_workers = dataset, num_workers
-        self._stats: Counter = Counter()
+        self.report = DataReport()
+        self.consumed = 0
 
     def __iter__(self) -> Iterator[dict]:
+        dataset = copy.copy(self.dataset)
+        dataset.consumed, dataset.slot_states = self.consumed, list(self.dataset.slot_states)
         kwargs = {"prefetch_factor": 4} if self.num_workers > 0 else {}
         # a private generator: otherwise every new iterator draws its worker base seed from the global torch
         # RNG, and a resumed run (which creates its iterator after restoring that RNG) would drift from the
         # straight run (class dropout and sampling use the global RNG); our streams are seeded explicitly
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(self.dataset.seed), **kwargs)
+        # pinned batches on a GPU machine: a copy from pageable memory makes the host wait for the GPU's queue
+        # (CUDA syncs the stream before it), which would stall every training step at its first micro-batch
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.dataset.seed),
+                            pin_memory=torch.cuda.is_available(), **kwargs)
         for item in loader:
-            self._stats.update(item.pop("_counts"))
+            self.report.add(item.pop("_counts"), item.pop("_problems"))
             if item.pop("_stats_only", False):
                 continue
-            self._stats["samples"] += item["tokens"].shape[0]
-            self._stats["batches"] += 1
+            if "_state" in item:
+                role, state = item.pop("_state")
+                self.dataset.slot_states[role] = state
+            self.report.counts["samples"] += item["tokens"].shape[0]
+            self.report.counts["batches"] += 1
+            self.consumed += 1
             yield item
 
-    def stats(self) -> dict:
-        """{"samples", "batches", "corrupt", "bad_shape", "corrupt_shards"} yielded/seen so far."""
-        return {key: self._stats.get(key, 0) for key in ("samples", "batches", "corrupt", "bad_shape",
-                                                         "corrupt_shards")}
+    def stats(self) -> dict[str, int]:
+        """The counters of what has been consumed so far (and, restored, before): every name of
+        :data:`~nbp_ds.data.report.COUNTERS` and ``source/<name>`` for each training source, in a fixed order
+        (the same on every rank, so they can be reduced together)."""
+        names = list(COUNTERS)
+        if self.dataset.mode == "train":
+            names += [f"source/{s.name}" for s in self.dataset.sources]
+        return {key: int(self.report.counts.get(key, 0)) for key in names}
+
+    @property
+    def sources(self) -> list[Source]:
+        return self.dataset.sources
+
+    @property
+    def problems(self) -> list[str]:
+        """The first problems met (corrupt members, shards given up), one line each naming the shard."""
+        return list(self.report.problems)
+
+    # ---- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's stream position as a JSON-ready record (nbp_ds.data.resume)."""
+        ds = self.dataset
+        return {"format": FORMAT, "rank": ds.rank, "world_size": ds.world_size, "num_workers": ds.roles,
+                "shuffle_buffer": ds.shuffle_buffer, "seed": ds.seed, "fingerprint": fingerprint(ds.sources),
+                "batches": self.consumed, "slots": to_json(ds.slot_states), "stats": dict(self.report.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Continue from ``state``, this rank's record of the same layout (or one :func:`~nbp_ds.data.resume.reshard`
+        made). The counters always continue; the stream position only when the sources are the same shards
+        as when it was saved (returns whether it did; otherwise the stream starts afresh, with a warning)."""
+        ds = self.dataset
+        if state.get("format") != FORMAT:
+            raise ValueError(f"loader state format {state.get('format')!r}, this version reads {FORMAT}")
+        if state["rank"] != ds.rank or not same_layout(state, ds.world_size, ds.roles, ds.shuffle_buffer):
+            raise ValueError(f"loader state of rank {state['rank']} of {state['world_size']} x {state['num_workers']} "
+                             f"workers (buffer {state['shuffle_buffer']}) given to rank {ds.rank} of {ds.world_size} "
+                             f"x {ds.roles} (buffer {ds.shuffle_buffer}): reshard it first (nbp_ds.data.resume)")
+        self.report.counts.update(state.get("stats", {}))
+        if state["fingerprint"] != fingerprint(ds.sources):
+            log.warning("the training shards differ from those of the saved data position: the data stream starts "
+                        "afresh (samples already trained on may come again)")
+            return False
+        if state["seed"] != ds.seed:
+            log.warning("train.seed changed from %s to %s: the saved data position is kept, later epochs follow "
+                        "the new seed", state["seed"], ds.seed)
+        self.consumed = state["batches"]
+        ds.slot_states = list(state["slots"])
+        return True
 
 
 def build_loader(spec, *, grid, batch_size: int, mode: str, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, start_batch: int = 0,
-                 with_keys: bool = False) -> TokenLoader:
-    """A loader over token shards; ``mode`` is ``train`` (endless, shuffled, resumable at
-    ``start_batch``) or ``val`` (one exact pass). ``with_keys`` adds each batch's sample keys as
-    ``batch["key"]`` (a list of str), for checks and evaluation."""
+                 with_keys: bool = False, retries: int = 3, retry_backoff: float = 1.0) -> TokenLoader:
+    """A loader over token shards; ``spec`` is a ``data.train`` / ``data.val`` value (shards or, for train,
+    a mixture) or a list of :class:`~nbp_ds.data.sources.Source`. ``mode`` is ``train`` (endless,
+    shuffled, stateful) or ``val`` (one exact pass). ``start_batch`` continues a train stream saved
+    without a loader state (older checkpoints) by reading it again up to that batch. ``with_keys`` adds
+    each batch's sample keys as ``batch["key"]`` (a list of str). A shard that fails is read again up to
+    ``retries`` times, the first after ``retry_backoff`` seconds."""
     if mode not in ("train", "val"):
         raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    shards = expand_shards(spec)
-    dataset = _SlotDataset(shards, grid, batch_size, mode, rank, world_size, num_workers, seed,
-                           max(shuffle_buffer, 1), start_batch if mode == "train" else 0)
-    dataset.with_keys = with_keys
-    return TokenLoader(dataset, num_workers)
+    sources = as_sources(spec)
+    dataset = _SlotDataset(sources, grid, batch_size, mode, rank, world_size, num_workers, seed,
+                           max(shuffle_buffer, 1), RetryPolicy(retries, retry_backoff), with_keys)
+    loader = TokenLoader(dataset, num_workers)
+    if mode == "train":
+        loader.consumed = start_batch
+    return loader

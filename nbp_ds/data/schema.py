@@ -16,6 +16,10 @@ class SampleError(ValueError):
     """A shard member that cannot be used; the message names the key and what is wrong."""
 
 
+class WrongShape(SampleError):
+    """A readable sample whose token grid is not the run's layout.grid (another tokenizer or clip size)."""
+
+
 def encode_sample(key: str, tokens: np.ndarray, label: int | None, meta: dict) -> dict:
     """Build the WebDataset dict of one clip (bytes values, ready for a TarWriter)."""
     tokens = np.asarray(tokens)
@@ -46,7 +50,7 @@ def decode_sample(sample: dict, grid: tuple[int, int, int] | None = None) -> tup
     if tokens.dtype not in (np.uint16, np.int32, np.int64, np.uint8):
         raise SampleError(f"sample {key!r}: tokens.npy has dtype {tokens.dtype}, expected uint16 or int32")
     if grid is not None and tuple(tokens.shape) != tuple(grid):
-        raise SampleError(f"sample {key!r}: tokens shape {tuple(tokens.shape)} != layout.grid {tuple(grid)}")
+        raise WrongShape(f"sample {key!r}: tokens shape {tuple(tokens.shape)} != layout.grid {tuple(grid)}")
     label = -1
     if "cls" in sample:
         try:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from nbp_ds.config import ModelConfig
 from nbp_ds.model.attention import DeviceBackend
-from nbp_ds.model.transformer import DecodeWindow, Embedding, KVCache, NBPModel
+from nbp_ds.model.transformer import DecodeWindow, Embedding, KVCache, NBPModel, SequenceLayer, logits_or_loss
 
 
 class BiasedLinear(nn.Linear):
@@ -90,7 +90,9 @@ class GeluMLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))  # the exact (erf) GELU, as nn.GELU() in the released code
 
 
-class GPT2Block(nn.Module):
+class GPT2Block(SequenceLayer):
+    """Pre-LayerNorm attention + GELU MLP; no positional arguments (positions are in the embedding)."""
+
     def __init__(self, m: ModelConfig, ffn_dim: int, out_std: float, backend: DeviceBackend, index: int):
         super().__init__()
         self.ln1 = nn.LayerNorm(m.d_model, eps=m.norm_eps)
@@ -98,13 +100,16 @@ class GPT2Block(nn.Module):
         self.ln2 = nn.LayerNorm(m.d_model, eps=m.norm_eps)
         self.mlp = GeluMLP(m.d_model, ffn_dim, m.init_std, out_std)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int | DecodeWindow = 0) -> torch.Tensor:
+    def block(self, x: torch.Tensor, cache: KVCache | None = None, start: int | DecodeWindow = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, start)
         return x + self.mlp(self.ln2(x))
 
 
 class VideoHead(nn.Module):
-    """Untied output layer over every input id (as released); returns the logits of the video codes only."""
+    """Untied output layer over every input id (as released); its logits and loss are those of the video codes
+    only (the rows video_offset .. video_offset + vocab_size)."""
+
+    compiled = False  # the loss' elementwise kernel compiled (set with the model's layer execution)
 
     def __init__(self, d_model: int, rows: int, video_offset: int, vocab_size: int, std: float):
         super().__init__()
@@ -112,8 +117,9 @@ class VideoHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(rows, d_model))
         nn.init.normal_(self.weight, mean=0.0, std=std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight[self.video_offset:self.video_offset + self.vocab_size])
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunk: int = 4096):
+        video = self.weight[self.video_offset:self.video_offset + self.vocab_size]
+        return logits_or_loss(x, video, targets, chunk, self.compiled)
 
 
 class GPT2Model(NBPModel):
@@ -127,16 +133,9 @@ class GPT2Model(NBPModel):
         self.norm = nn.LayerNorm(m.d_model, eps=m.norm_eps)
         self.head = VideoHead(m.d_model, lay.embedding_size, lay.video_token_offset, m.vocab_size, m.init_std)
 
-    def forward(self, input_ids: torch.Tensor | dict, start: int | DecodeWindow = 0, cache: KVCache | None = None):
-        """Input ids [B, n] at sequence positions [start, start + n) (or a DecodeWindow's positions) -> final
-        hidden states [B, n, d] (a batch dict returns ``self.loss(batch)``, as NBPModel does for DeepSpeed)."""
-        if isinstance(input_ids, dict):
-            return self.loss(input_ids)
-        x = self.embed(input_ids, start)
-        recompute = self._checkpoint_fn is not None and self.training and cache is None
-        for layer in self.layers:
-            x = self._checkpoint_fn(layer, x) if recompute else layer(x, cache, start)
-        return self.norm(x)
+    def embed_positions(self, input_ids: torch.Tensor, start: int | DecodeWindow) -> tuple[torch.Tensor, tuple]:
+        """Token plus learned position embeddings; the layers take no positional arguments."""
+        return self.embed(input_ids, start), ()
 
     def flops_per_token(self) -> float:
         """Training FLOPs per sequence position: 6 x (layer matrices + the video rows of the head) + attention."""

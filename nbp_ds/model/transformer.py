@@ -9,18 +9,17 @@ returns; initializing afterwards would touch empty shards).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from nbp_ds.config import ModelConfig, RunConfig
 from nbp_ds.layout import Layout
 from nbp_ds.model.attention import DeviceBackend
+from nbp_ds.model.execution import LayerExecution, compile_enabled
+from nbp_ds.model.loss import linear_cross_entropy
 from nbp_ds.model.rope import apply_rope, rope_angles
 
 
@@ -38,6 +37,31 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self._init_std)
+
+
+class OutputHead(Linear):
+    """The output layer. ``head(hidden)`` gives logits (decoding); ``head(hidden, targets, chunk)`` gives
+    (summed cross-entropy, correct argmax count) through the fused, chunked head + loss of nbp_ds.model.loss,
+    never holding more than one chunk of logits. Both go through the module call, so DeepSpeed ZeRO-3 gathers
+    the weight for either."""
+
+    compiled = False  # the loss' elementwise kernel compiled (set with the model's layer execution)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, chunk: int = 4096):
+        return logits_or_loss(hidden, self.weight, targets, chunk, self.compiled)
+
+
+def logits_or_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None, chunk: int,
+                   compiled: bool):
+    """An output layer's work: logits ``hidden @ weight.T`` (targets None), else (summed cross-entropy, correct
+    argmax count) through the fused, chunked head + loss (nbp_ds.model.loss)."""
+    if targets is None:
+        return F.linear(hidden, weight)
+    device = hidden.device.type
+    # the compute dtype: autocast's where it is on (its weight cast, made explicit), else the weight's own
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(device, enabled=False):
+        return linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, chunk, compiled)
 
 
 class Embedding(nn.Embedding):
@@ -135,7 +159,25 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class TransformerLayer(nn.Module):
+class SequenceLayer(nn.Module):
+    """A transformer layer whose whole-sequence pass runs as ``execution`` says (checkpointed, compiled:
+    nbp_ds.model.execution) inside this module's call; decoding with a cache runs eagerly. Subclasses define
+    ``block(x, *positions, cache=None, start=0)``."""
+
+    execution = LayerExecution()
+
+    def forward(self, x: torch.Tensor, *positions: torch.Tensor, cache: KVCache | None = None,
+                start: int | DecodeWindow = 0) -> torch.Tensor:
+        if cache is not None:
+            return self.block(x, *positions, cache=cache, start=start)
+        with_backward = self.training and torch.is_grad_enabled()
+        run = self.execution.training if with_backward else self.execution.inference
+        return run(self, x, *positions)
+
+
+class TransformerLayer(SequenceLayer):
+    """Pre-norm attention + SwiGLU block (LLaMA-style)."""
+
     def __init__(self, m: ModelConfig, ffn_dim: int, out_std: float, backend: DeviceBackend, index: int):
         super().__init__()
         self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
@@ -143,8 +185,8 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(m.d_model, m.norm_eps)
         self.mlp = SwiGLU(m.d_model, ffn_dim, m.init_std, out_std)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                start: int | DecodeWindow = 0) -> torch.Tensor:
+    def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+              start: int | DecodeWindow = 0) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -152,9 +194,9 @@ class TransformerLayer(nn.Module):
 class NBPModel(nn.Module):
     """Semi-autoregressive video transformer; the layout decides NBP, NTP or hybrid.
 
-    This class holds the batch-level surface (``loss``, ``logits``, KV caches, labels) and builds the
-    project's LLaMA-style layers; another architecture over the same surface overrides ``build_layers`` and
-    ``forward`` (``nbp_ds.model.gpt2``)."""
+    This class holds the batch-level surface (``loss``, ``logits``, KV caches, labels, how layers execute)
+    and builds the project's LLaMA-style layers; another architecture over the same surface overrides
+    ``build_layers`` and ``embed_positions`` (``nbp_ds.model.gpt2``)."""
 
     def __init__(self, m: ModelConfig, layout: Layout):
         super().__init__()
@@ -164,9 +206,9 @@ class NBPModel(nn.Module):
         self.vocab_size = m.vocab_size
         self.class_dropout = m.class_dropout
         self.loss_chunk = m.loss_chunk
-        self.backend = DeviceBackend(m.attention, layout)  # shared by every attention layer
-        self._checkpoint_fn: Callable | None = None
+        self.backend = DeviceBackend(m.attention, layout, self.head_dim, m.flex_kernel_options)  # shared by layers
         self.build_layers(m, out_std=m.init_std / math.sqrt(2 * m.n_layer))  # residual branches scaled (GPT-2)
+        self.execution = LayerExecution()
 
     def build_layers(self, m: ModelConfig, out_std: float) -> None:
         """Embedding, layers, final norm, output layer and rotary tables (LLaMA-style)."""
@@ -176,18 +218,39 @@ class NBPModel(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(m, self.ffn_dim, out_std, self.backend, i)
                                     for i in range(m.n_layer))
         self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.head = Linear(m.d_model, m.vocab_size, m.init_std)
+        self.head = OutputHead(m.d_model, m.vocab_size, m.init_std)
         # on the device the model is being built on (torch.device context), like the weights
         here = self.norm.weight.device
         angles = rope_angles(torch.from_numpy(layout.positions).to(here), self.head_dim, m.rope_theta)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
+    def embed_positions(self, input_ids: torch.Tensor, start: int | DecodeWindow) -> tuple[torch.Tensor, tuple]:
+        """(token embeddings, the positional arguments every layer takes): here the rotary tables' rows (picked on
+        the device for a DecodeWindow: static decoding)."""
+        if isinstance(start, DecodeWindow):
+            return self.embed(input_ids), (self.rope_cos.index_select(0, start.positions),
+                                           self.rope_sin.index_select(0, start.positions))
+        n = input_ids.shape[1]
+        return self.embed(input_ids), (self.rope_cos[start:start + n], self.rope_sin[start:start + n])
+
     # ---- building blocks ------------------------------------------------------------------------
-    def enable_activation_checkpointing(self, checkpoint_fn: Callable | None = None) -> None:
-        """Recompute each layer's activations in backward (pass deepspeed.checkpointing.checkpoint
-        under DeepSpeed; torch's non-reentrant checkpoint by default)."""
-        self._checkpoint_fn = checkpoint_fn or partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    def set_execution(self, execution: LayerExecution) -> None:
+        """How every layer runs a whole sequence (activation checkpointing, compilation) and whether the loss
+        kernel is compiled; see nbp_ds.model.execution."""
+        self.execution = execution
+        for layer in self.layers:
+            layer.execution = execution
+        self.head.compiled = execution.compiled
+
+    def enable_activation_checkpointing(self, mode: bool | str = "full") -> None:
+        """Recompute activations in backward: ``full`` (each layer from its input) or ``selective`` (keep the
+        matmul and attention outputs, recompute the elementwise work); ``none`` turns it off."""
+        self.set_execution(LayerExecution.from_settings(mode, self.execution.compiled))
+
+    def compile_layers(self, enabled: bool = True) -> None:
+        """Compile each layer's sequence pass (and the loss kernel) with torch.compile; see execution."""
+        self.set_execution(LayerExecution(self.execution.checkpointing, enabled))
 
     def forward(self, input_ids: torch.Tensor | dict, start: int | DecodeWindow = 0, cache: KVCache | None = None):
         """Input ids [B, n] at sequence positions [start, start + n) -> final hidden states [B, n, d].
@@ -198,15 +261,10 @@ class NBPModel(nn.Module):
         """
         if isinstance(input_ids, dict):
             return self.loss(input_ids)
-        x = self.embed(input_ids)
-        n = input_ids.shape[1]
-        if isinstance(start, DecodeWindow):
-            cos, sin = self.rope_cos.index_select(0, start.positions), self.rope_sin.index_select(0, start.positions)
-        else:
-            cos, sin = self.rope_cos[start:start + n], self.rope_sin[start:start + n]
-        recompute = self._checkpoint_fn is not None and self.training and cache is None
+        x, positions = self.embed_positions(input_ids, start)
+        self.backend.on(x.device)  # masks made here, eagerly, so compiled layers only look them up
         for layer in self.layers:
-            x = self._checkpoint_fn(layer, x, cos, sin) if recompute else layer(x, cos, sin, cache, start)
+            x = layer(x, *positions, cache=cache, start=start)
         return self.norm(x)
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
@@ -244,23 +302,10 @@ class NBPModel(nn.Module):
         rows = self.layout.loss_rows(ids.device)
         hidden = self.forward(ids).index_select(1, rows).reshape(-1, self.d_model)
         targets = self.layout.targets(tokens).index_select(1, rows).reshape(-1)
-        n = targets.numel()
-        if n <= self.loss_chunk:
-            loss_sum, correct = self._head_loss(hidden, targets)
-        else:
-            # never hold all B x S x vocab logits: each chunk's logits are recomputed in backward
-            loss_sum, correct = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.long)
-            for lo in range(0, n, self.loss_chunk):
-                part = torch.utils.checkpoint.checkpoint(self._head_loss, hidden[lo:lo + self.loss_chunk],
-                                                         targets[lo:lo + self.loss_chunk], use_reentrant=False)
-                loss_sum, correct = loss_sum + part[0], correct + part[1]
+        n = targets.numel()  # from shapes: no host synchronisation
+        # the fused head + cross-entropy, model.loss_chunk rows at a time (never all B x S x vocab logits)
+        loss_sum, correct = self.head(hidden, targets, self.loss_chunk)
         return loss_sum / n, {"acc": correct.float() / n, "tokens": n}
-
-    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed cross-entropy, number of correct argmax predictions) of hidden rows [n, d]."""
-        logits = self.head(hidden).float()
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-        return loss_sum, (logits.detach().argmax(-1) == targets).sum()
 
     def logits(self, batch: dict) -> torch.Tensor:
         """[B, T*H*W, vocab]: logits[:, j] predicts video token j (raster order t, h, w)."""
@@ -293,13 +338,18 @@ def build_model(cfg: RunConfig, device: torch.device | str | None = None) -> NBP
     """Build the model a run config describes (``model.arch``: the project's LLaMA-style NBPModel, or the NBP
     authors' GPT-2-style one), with its weights made and initialized directly on ``device`` (default: torch's
     default device; never a full-size copy on the CPU first). Under ``deepspeed.zero.Init`` (ZeRO-3) every
-    constructor's parameters are partitioned as they are made."""
+    constructor's parameters are partitioned as they are made. ``model.compile`` decides whether the layers
+    are compiled (auto: on a CUDA device); activation checkpointing is the trainer's choice
+    (``model.enable_activation_checkpointing``)."""
     layout = Layout.from_config(cfg.layout, cfg.model.vocab_size)
     if cfg.model.arch == "gpt2":  # the NBP authors' released architecture (nbp_ds.model.gpt2)
         from nbp_ds.model.gpt2 import GPT2Model as model_class
     else:
         model_class = NBPModel
     if device is None:
-        return model_class(cfg.model, layout)
-    with torch.device(device):
-        return model_class(cfg.model, layout)
+        model = model_class(cfg.model, layout)
+    else:
+        with torch.device(device):
+            model = model_class(cfg.model, layout)
+    model.compile_layers(compile_enabled(cfg.model.compile, device))
+    return model

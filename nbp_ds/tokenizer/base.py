@@ -57,6 +57,32 @@ class VideoTokenizerBase(nn.Module):
         f, s = self.temporal_factor, self.spatial_factor
         return 1 + (frames - 1) // f, height // s, width // s
 
+    # ---- uint8 paths (tokenizing, sampling) -------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """uint8 video [B, N, H, W, 3] -> code indices [B, T', H', W'] (long)."""
+        if video.ndim != 5 or video.shape[-1] != 3:
+            raise ValueError(f"encode expects uint8 video [B, N, H, W, 3], got shape {tuple(video.shape)}")
+        self.check_clip_shape(*video.shape[1:4])
+        _, indices = self.fsq(self.video_to_latents(video.to(self.device)).permute(0, 2, 3, 4, 1))
+        return indices
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Code indices [B, T', H', W'] -> uint8 video [B, 1 + f(T'-1), s H', s W', 3]."""
+        if tokens.ndim != 4:
+            raise ValueError(f"decode expects tokens [B, T, H, W], got shape {tuple(tokens.shape)}")
+        values = self.fsq.indices_to_values(tokens.to(self.device))
+        return self.latents_to_video(values.permute(0, 4, 1, 2, 3))
+
+    def video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
+        """uint8 video [B, N, H, W, 3] on the device -> latents before quantization [B, C, T', H', W']."""
+        raise NotImplementedError
+
+    def latents_to_video(self, values: torch.Tensor) -> torch.Tensor:
+        """Quantized values [B, C, T', H', W'] -> uint8 video [B, N, H, W, 3]."""
+        raise NotImplementedError
+
     def clip_shape(self, grid: tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
         """The clip (frames, height, width) that encodes to the token grid (T', H', W'): latent_shape's inverse."""
         t, h, w = grid

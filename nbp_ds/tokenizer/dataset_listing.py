@@ -29,16 +29,45 @@ class ListingError(UsageError, ValueError):
     """The --videos argument or a classes file cannot be used; the message names it."""
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What a dataset source holds: its videos, and (for a folder) the files that are not videos, which are not
+    taken but reported so that every file is accounted for."""
+
+    videos: list[VideoEntry]
+    not_videos: list[str]  # paths relative to the folder, sorted
+
+    def not_video_records(self, task: int = 0, tasks: int = 1) -> list[dict]:
+        """This array task's share of the files not taken, as failure records (reason ``not_a_video``)."""
+        return [{"video": rel, "reason": "not_a_video",
+                 "detail": f"{Path(rel).suffix or 'no extension'} is not a video file type "
+                           f"({', '.join(VIDEO_SUFFIXES)})"} for rel in self.not_videos[task::tasks]]
+
+
 def list_videos(source: str | Path) -> list[VideoEntry]:
     """All videos of a folder, CSV or text list, sorted by relative path (the order every array task shares)."""
+    return list_dataset(source).videos
+
+
+def list_dataset(source: str | Path) -> Listing:
+    """The videos of a folder, CSV or text list, sorted by relative path (the order every array task shares),
+    and for a folder the other files in it (hidden files and its classes.json aside)."""
     source = Path(source)
+    not_videos: list[str] = []
     if source.is_dir():
-        entries = [VideoEntry(p, p.relative_to(source).as_posix(),
-                              p.relative_to(source).parts[0] if len(p.relative_to(source).parts) > 1 else None)
-                   for p in source.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
-                   and not p.name.startswith(".")]  # hidden: editors' and writers' temporaries
+        entries = []
+        for p in source.rglob("*"):
+            rel = p.relative_to(source)
+            if not p.is_file() or p.name.startswith(".") or rel.as_posix() == "classes.json":
+                continue  # hidden: editors' and writers' temporaries; classes.json: the class ids, read apart
+            if p.suffix.lower() in VIDEO_SUFFIXES:
+                entries.append(VideoEntry(p, rel.as_posix(), rel.parts[0] if len(rel.parts) > 1 else None))
+            else:
+                not_videos.append(rel.as_posix())
         if not entries:
-            raise ListingError(f"--videos {source}: no video files ({', '.join(VIDEO_SUFFIXES)}) in the folder")
+            raise ListingError(f"--videos {source}: no video files ({', '.join(VIDEO_SUFFIXES)}) in the folder"
+                               + (f"; it holds {len(not_videos)} other file(s), e.g. {sorted(not_videos)[0]}"
+                                  if not_videos else ""))
     elif source.is_file() and source.suffix.lower() == ".csv":
         entries = _from_csv(source)
     elif source.is_file():
@@ -53,7 +82,7 @@ def list_videos(source: str | Path) -> list[VideoEntry]:
         if key in seen and seen[key] != e.rel:
             raise ListingError(f"videos {seen[key]} and {e.rel} map to the same sample key {key!r}; rename one")
         seen[key] = e.rel
-    return entries
+    return Listing(entries, sorted(not_videos))
 
 
 def _entry(root: Path, text: str, label: str | None) -> VideoEntry:

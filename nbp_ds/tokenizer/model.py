@@ -235,23 +235,11 @@ class VideoTokenizer(VideoTokenizerBase):
         return self.decoder(values.permute(0, 4, 1, 2, 3).to(x.dtype)), indices
 
     # ---- uint8 paths (tokenizing, sampling) -------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """uint8 video [B, N, H, W, 3] -> token ids [B, T', H', W'] (long)."""
-        if video.ndim != 5 or video.shape[-1] != 3:
-            raise ValueError(f"encode expects uint8 video [B, N, H, W, 3], got shape {tuple(video.shape)}")
-        self.check_clip_shape(*video.shape[1:4])
-        x = to_float(video.to(self.device))
-        _, indices = self.fsq(self.encoder(x).permute(0, 2, 3, 4, 1))
-        return indices
+    def video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
+        return self.encoder(to_float(video))
 
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """token ids [B, T', H', W'] -> uint8 video [B, 1 + 4(T'-1), H'*s, W'*s, 3]."""
-        if tokens.ndim != 4:
-            raise ValueError(f"decode expects tokens [B, T, H, W], got shape {tuple(tokens.shape)}")
-        values = self.fsq.indices_to_values(tokens.to(self.device))
-        return to_uint8(self.decoder(values.permute(0, 4, 1, 2, 3)))
+    def latents_to_video(self, values: torch.Tensor) -> torch.Tensor:
+        return to_uint8(self.decoder(values))
 
     # ---- files ------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:

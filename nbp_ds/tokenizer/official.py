@@ -181,26 +181,13 @@ class OfficialTokenizer(VideoTokenizerBase):
             values = layer(values)
         return values
 
-    # ---- uint8 paths (tokenizing, sampling) -------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """uint8 video [B, N, H, W, 3] -> code indices [B, T', H', W'] (long)."""
-        if video.ndim != 5 or video.shape[-1] != 3:
-            raise ValueError(f"encode expects uint8 video [B, N, H, W, 3], got shape {tuple(video.shape)}")
-        self.check_clip_shape(*video.shape[1:4])
-        x = video.to(self.device).permute(0, 4, 1, 2, 3).float() / 255.0
-        _, indices = self.fsq(self.encode_latents(x).permute(0, 2, 3, 4, 1))
-        return indices
+    # ---- uint8 paths (tokenizing, sampling): RGB in [0, 1], as released ----------------------------
+    def video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
+        return self.encode_latents(video.permute(0, 4, 1, 2, 3).float() / 255.0)
 
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Code indices [B, T', H', W'] -> uint8 video [B, 1 + 4(T'-1), 8H', 8W', 3] (output clamped to [0, 1])."""
-        if tokens.ndim != 4:
-            raise ValueError(f"decode expects tokens [B, T, H, W], got shape {tuple(tokens.shape)}")
-        values = self.fsq.indices_to_values(tokens.to(self.device))
-        video = self.decode_values(values.permute(0, 4, 1, 2, 3)).clamp(0.0, 1.0)
+    def latents_to_video(self, values: torch.Tensor) -> torch.Tensor:
+        video = self.decode_values(values).clamp(0.0, 1.0)  # the released decoder's output is clamped to [0, 1]
         return (video * 255.0).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
-
 
 
 # ---- files ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from nbp_ds.data.writer import TokenShardWriter
 from nbp_ds.errors import UsageError
 from nbp_ds.files import write_text_atomic
-from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_videos, sample_key
+from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_dataset, sample_key
 from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class TokenizeOptions:
 class TokenizeSummary:
     videos: int = 0
     clips: int = 0
+    not_videos: list[dict] = field(default_factory=list)  # files of the folder that are not videos
     failures: list[dict] = field(default_factory=list)
     skipped_groups: int = 0
     seconds: float = 0.0
@@ -58,6 +59,7 @@ class TokenizeSummary:
     def line(self) -> str:
         rate = self.clips / self.seconds if self.seconds else 0.0
         return (f"{self.videos} videos -> {self.clips} clips, {len(self.failures)} failed, "
+                f"{len(self.not_videos)} other file(s) not taken (not videos), "
                 f"{self.skipped_groups} shard(s) already done; {rate:.1f} clips/s")
 
 
@@ -95,7 +97,8 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
     out = Path(opts.out)
     manifests = out / "manifests"
     manifests.mkdir(parents=True, exist_ok=True)
-    entries = list_videos(opts.videos)
+    listing = list_dataset(opts.videos)
+    entries = listing.videos
     classes_file = opts.classes or (Path(opts.videos) / "classes.json"
                                     if (Path(opts.videos) / "classes.json").is_file() else None)
     classes = class_ids(entries, classes_file)
@@ -156,7 +159,10 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
             summary.clips += record["clips"]
             summary.failures += record["failures"]
     bar.close()
-    _write_failures(out, opts)
+    summary.not_videos = listing.not_video_records(opts.shard_index, opts.num_shards)
+    for record in summary.not_videos:
+        log.warning("not taken: %s (%s)", record["video"], record["detail"])
+    _write_failures(out, opts, summary.not_videos)
     summary.seconds = time.perf_counter() - began
     return summary
 
@@ -171,10 +177,11 @@ def _encode_and_write(tokenizer, batch: list, writer: TokenShardWriter) -> int:
     return len(batch)
 
 
-def _write_failures(out: Path, opts: TokenizeOptions) -> None:
-    """failures.jsonl (one task) or failures-tNNN.jsonl (array tasks): every failed video of this task's
-    shards, including those of earlier interrupted runs, rebuilt from the manifests."""
-    rows = []
+def _write_failures(out: Path, opts: TokenizeOptions, not_videos: list[dict]) -> None:
+    """failures.jsonl (one task) or failures-tNNN.jsonl (array tasks): this task's share of the files that are
+    not videos, then every failed video of this task's shards, including those of earlier interrupted runs,
+    rebuilt from the manifests."""
+    rows = list(not_videos)
     for manifest in sorted((out / "manifests").glob(f"shard-t{opts.shard_index:03d}-*.json")):
         rows += json.loads(manifest.read_text())["failures"]
     name = "failures.jsonl" if opts.num_shards == 1 else f"failures-t{opts.shard_index:03d}.jsonl"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.tokenizer.dataset_listing import ListingError, list_videos
+from nbp_ds.tokenizer.dataset_listing import ListingError, list_dataset
 from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,10 @@ def cached_clips(videos: str | Path, cache: Path, clip: ClipSpec, workers: int,
     meta = cache.with_suffix(".json")
     if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == params:
         return np.load(cache, mmap_mode="r")
-    entries = list_videos(videos)[:max_videos]
+    listing = list_dataset(videos)
+    entries = listing.videos[:max_videos]
     jobs = [(e.path, clip) for e in entries]
-    clips, failures = [], []
+    clips, failures = [], listing.not_video_records()
     with mp.get_context("spawn").Pool(max(1, workers)) as pool:
         for path, got, reason in tqdm(pool.imap(_decode_one, jobs, chunksize=4), total=len(jobs), unit="video",
                                       desc=f"decode {Path(videos).name}"):

@@ -129,7 +129,11 @@ def decode_video(path: str | Path, fps: float | None = None, resolution: int | N
     ``resolution`` and center-cropped to a square (None: the stored size, not rotated by display metadata),
     the first ``max_frames`` only (None: all; decoding stops there)."""
     ffmpeg = _ffmpeg()
-    info = probe_video(path)  # a clear error for missing files and non-videos before decoding
+    if not Path(path).is_file():
+        raise VideoError(path, "no such file")
+    # the stored size needs the probe; a target size does not, and one ffmpeg process per video instead of
+    # two is what tokenizing a large dataset pays (the probe still explains a failure below)
+    info = probe_video(path) if resolution is None else None
     # at the stored size, frames must not be turned by rotation metadata: the probe reports the coded size
     stream = ffmpeg.input(str(path), **({"noautorotate": None} if resolution is None else {})).video
     if fps is not None:
@@ -138,12 +142,13 @@ def decode_video(path: str | Path, fps: float | None = None, resolution: int | N
         # scale so that the short side is `resolution` (the long side overshoots), then crop the center
         stream = (stream.filter("scale", resolution, resolution, force_original_aspect_ratio="increase", flags="area")
                   .filter("crop", resolution, resolution))
-    height, width = (resolution, resolution) if resolution is not None else (info.height, info.width)
+    height, width = (resolution, resolution) if info is None else (info.height, info.width)
     limit = {"frames:v": max_frames} if max_frames is not None else {}
     try:
         out, _ = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", **limit).run(
             capture_stdout=True, capture_stderr=True, quiet=True)
     except ffmpeg.Error as exc:
+        probe_video(path)  # not a video, or no video stream: the probe names what is wrong
         raise VideoError(path, f"ffmpeg could not decode it ({_last_line(exc.stderr)})") from exc
     frame_bytes = height * width * 3
     if len(out) % frame_bytes:

@@ -3,19 +3,30 @@
 A checkpoints folder holds one tag folder per save (``step00001000``) and a ``latest`` file naming the
 last complete one. :class:`CheckpointManager` runs a save in the order that keeps ``latest`` true:
 every rank writes its part of the tag folder (the caller's writer: DeepSpeed's sharded states, or a
-state dict) and its own RNG state, then all ranks meet at a barrier, and only then does rank 0 move
-``latest`` (atomically) and delete tags beyond ``keep_last``, never the one ``latest`` names. A process
-killed at any point leaves ``latest`` naming a complete checkpoint.
+state dict), its own RNG state and its own small state record (the data loader's position,
+``rankNNNNN_data.json``), then all ranks meet at a barrier, and only then does rank 0 move ``latest``
+(atomically) and delete tags beyond ``keep_last``, never the one ``latest`` names. A process killed at
+any point leaves ``latest`` naming a complete checkpoint.
 
 :func:`find_checkpoint` is the one way to go from what a user names (a run folder, its checkpoints
 folder, a tag folder) to a checkpoint: resuming, exporting and sampling all use it.
+
+**Another number of processes.** A ZeRO checkpoint's optimizer state is partitioned for the world size
+that saved it. :func:`universal_checkpoint` converts a tag folder once into DeepSpeed's *universal*
+format (``ds_to_universal``: every parameter's fp32 weights and Adam moments whole, in
+``<tag>/universal/zero/<name>/``), which an engine of any world size loads with
+``"checkpoint": {"load_universal": true}`` in its DeepSpeed config (:func:`with_universal_load`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,13 +108,19 @@ def _looks_like_tag(path: Path) -> bool:
     return any(path.glob("*model_states.pt")) or (path / "state.pt").is_file()
 
 
-def peek_client_config(ref: CheckpointRef) -> dict | None:
-    """The run config stored with a DeepSpeed checkpoint (rank 0's model-states file), without DeepSpeed."""
+def peek_client_state(ref: CheckpointRef) -> dict | None:
+    """What DeepSpeed's rank-0 model-states file holds besides the model (the trainer's client state: run
+    config, train state), read without DeepSpeed; None when the checkpoint has no such file."""
     files = sorted(ref.path.glob("*mp_rank_00_model_states.pt"))
     if not files:
         return None
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return state.get("config")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
+
+
+def peek_client_config(ref: CheckpointRef) -> dict | None:
+    """The run config stored with a DeepSpeed checkpoint (rank 0's model-states file), without DeepSpeed."""
+    state = peek_client_state(ref)
+    return None if state is None else state.get("config")
 
 
 def check_compatible(saved: dict, cfg: RunConfig, where: str) -> None:
@@ -134,6 +151,10 @@ def _rng_file(ref: CheckpointRef, rank: int) -> Path:
     return ref.path / f"rank{rank:05d}_rng.pt"
 
 
+def _rank_state_file(ref: CheckpointRef, rank: int) -> Path:
+    return ref.path / f"rank{rank:05d}_data.json"
+
+
 Writer = Callable[[Path, str], None]
 
 
@@ -149,14 +170,17 @@ class CheckpointManager:
         tag = read_latest(self.folder)
         return CheckpointRef(self.folder, tag) if tag else None
 
-    def save(self, step: int, write: Writer) -> CheckpointRef:
-        """Every rank calls this: ``write(folder, tag)`` writes this rank's part, then ``latest`` moves."""
+    def save(self, step: int, write: Writer, rank_state: dict[str, Any] | None = None) -> CheckpointRef:
+        """Every rank calls this: ``write(folder, tag)`` writes this rank's part (and ``rank_state``, a small
+        JSON-ready record of this rank's own, is kept next to it), then ``latest`` moves."""
         ref = CheckpointRef(self.folder, tag_for(step))
         began = time.time()
         ref.path.mkdir(parents=True, exist_ok=True)
         write(self.folder, ref.tag)
         with atomic_output(_rng_file(ref, self.rank)) as tmp:
             torch.save(rng_state(), tmp)
+        if rank_state is not None:
+            write_text_atomic(_rank_state_file(ref, self.rank), json.dumps(rank_state))
         distributed.barrier()  # every rank's part is on disk before 'latest' may name it
         if self.rank == 0:
             write_text_atomic(self.folder / LATEST, ref.tag)
@@ -174,9 +198,90 @@ class CheckpointManager:
         set_rng_state(torch.load(file, weights_only=False))
         return True
 
+    @staticmethod
+    def rank_state(ref: CheckpointRef, rank: int) -> dict[str, Any] | None:
+        """The record rank ``rank`` kept with checkpoint ``ref`` (None: it kept none)."""
+        file = _rank_state_file(ref, rank)
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    @staticmethod
+    def rank_states(ref: CheckpointRef) -> list[dict[str, Any]]:
+        """The records of every rank that kept one, in rank order."""
+        return [json.loads(f.read_text()) for f in sorted(ref.path.glob("rank*_data.json"))]
+
     def _prune(self) -> None:
         tags = sorted(p.name for p in self.folder.glob(f"{TAG_PREFIX}*") if p.is_dir())
         latest = read_latest(self.folder)
         for old in tags[: max(len(tags) - self.keep_last, 0)]:
             if old != latest:
                 shutil.rmtree(self.folder / old, ignore_errors=True)
+
+
+# ---- universal checkpoints: resuming on another number of processes ---------------------------------
+UNIVERSAL = "universal"  # the converted copy's folder inside a tag folder (DeepSpeed's tag for loading it)
+
+
+def saved_world_size(ref: CheckpointRef, client: dict | None = None) -> int | None:
+    """How many data-parallel processes wrote ``ref``: the trainer's recorded world size (from ``client``,
+    :func:`peek_client_state`'s result, read when not given), else the count of DeepSpeed's per-rank
+    optimizer files; None when neither says."""
+    client = (peek_client_state(ref) if client is None else client) or {}
+    recorded = (client.get("train_state") or {}).get("world_size")
+    if recorded:
+        return int(recorded)
+    optim = list(ref.path.glob("*zero_pp_rank_*_optim_states.pt")) or list(ref.path.glob("*_optim_states.pt"))
+    return len(optim) or None
+
+
+def universal_checkpoint(ref: CheckpointRef, rank: int, poll_s: float = 1.0) -> CheckpointRef:
+    """``ref`` in DeepSpeed's universal format, as the ref to load (folder = the tag folder, tag
+    ``universal``). Converted once: rank 0 runs ``ds_to_universal`` into a temporary folder and renames it
+    into place; the other ranks wait for that folder (polling the file system, so a long conversion never
+    meets a collective's timeout) and fail with rank 0's message if the conversion failed."""
+    target, failed = ref.path / UNIVERSAL, ref.path / f"{UNIVERSAL}.failed"
+    done = CheckpointRef(ref.path, UNIVERSAL)
+    if rank == 0 and not target.is_dir():
+        failed.unlink(missing_ok=True)
+        try:
+            _convert_to_universal(ref.path, target)
+        except Exception as exc:
+            write_text_atomic(failed, f"{exc}\n")
+            raise
+    while not target.is_dir():
+        if failed.is_file():
+            raise CheckpointError(f"converting {ref.path} to a universal checkpoint failed on rank 0: "
+                                  f"{failed.read_text().strip()}")
+        time.sleep(poll_s)
+    return done
+
+
+def _convert_to_universal(tag_folder: Path, target: Path) -> None:
+    """DeepSpeed's converter in a process of its own (it forks workers, which a process holding a process
+    group should not), its output kept in ``universal.log`` next to the result."""
+    tmp = target.with_name(f"{UNIVERSAL}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted conversion left
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    log_file = tag_folder / f"{UNIVERSAL}.log"
+    began = time.time()
+    log.info("converting %s to a universal checkpoint (DeepSpeed's ds_to_universal, %d workers) ...", tag_folder,
+             workers)
+    with open(log_file, "w") as out:
+        result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                 "--input_folder", str(tag_folder), "--output_folder", str(tmp),
+                                 "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),
+                                 # ZeRO-1/2: the parallelism record Megatron writes, empty for plain data parallel
+                                 "--inject_missing_state"],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        tail = log_file.read_text()[-2000:]
+        raise CheckpointError(f"ds_to_universal could not convert {tag_folder} (exit {result.returncode}); the end "
+                              f"of {log_file}:\n{tail}")
+    os.replace(tmp, target)
+    # ds_to_universal names its output folder in <tag>/latest_universal: name the folder's final place
+    write_text_atomic(tag_folder / "latest_universal", UNIVERSAL)
+    log.info("universal checkpoint %s written in %.1f s", target, time.time() - began)
+
+
+def with_universal_load(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config whose engine loads universal checkpoints."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}

@@ -11,6 +11,7 @@ import torch
 
 from nbp_ds.config import RunConfig
 from nbp_ds.model import NBPModel, build_model
+from nbp_ds.model.transformer import SequenceLayer
 from nbp_ds.train.ds_config import zero_stage
 from nbp_ds.train.init_weights import load_initial_weights
 from nbp_ds.train.schedule import lr_factor
@@ -45,12 +46,17 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False)
     tr = cfg.train
     seed_everything(tr.seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
-        model: NBPModel = build_model(cfg, device=device)
+    stage3 = zero_stage(ds_config) == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
+        model: NBPModel = build_model(cfg, device=device)  # compiled layers where model.compile says so
     if init_from:
         load_initial_weights(model, init_from, cfg)
-    if tr.activation_checkpointing:
-        model.enable_activation_checkpointing()
+    model.enable_activation_checkpointing(tr.activation_checkpointing)
+    if stage3:
+        # ZeRO-3 gathers a leaf module's parameters in one hook on the module's own call and puts no hooks
+        # inside it: a transformer layer is then one region without hooks, which its compiled code needs
+        # (hooks inside would break the graph), and a layer's weights come in one gather instead of seven
+        deepspeed.utils.set_z3_leaf_modules(model, [SequenceLayer])
     seed_everything(tr.seed + 1 + rank)
 
     def schedule(optimizer):

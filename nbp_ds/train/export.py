@@ -18,21 +18,28 @@ from nbp_ds.train.checkpoint import CheckpointError, find_checkpoint, peek_clien
 log = logging.getLogger(__name__)
 
 
-def consolidate(path: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], RunConfig]:
-    """Full fp32 state dict and run config of a checkpoint, gathered from every rank's shards."""
+def consolidate(path: str | Path, tag: str | None = None, ema: bool = False
+                ) -> tuple[dict[str, torch.Tensor], RunConfig]:
+    """Full fp32 state dict and run config of a checkpoint, gathered from every rank's shards: the trained
+    weights, or with ``ema`` their moving average (train.ema)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from nbp_ds.train.ema import consolidate as consolidate_ema
 
     ref = find_checkpoint(path, tag)
     config = peek_client_config(ref)
     if config is None:
         raise CheckpointError(f"{ref.path}: no run config in the checkpoint's client state (not an nbp_ds run?)")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ref.folder), tag=ref.tag)
+    if ema:
+        state = consolidate_ema(ref.path)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ref.folder), tag=ref.tag)
     return {k: v.contiguous() for k, v in state.items()}, RunConfig.from_dict(config, source=str(ref.path))
 
 
-def export(path: str | Path, out: str | Path, dtype: str = "fp32", tag: str | None = None) -> Path:
-    """Write ``out`` (.safetensors) and ``out`` with .json (the run config)."""
-    state, cfg = consolidate(path, tag)
+def export(path: str | Path, out: str | Path, dtype: str = "fp32", tag: str | None = None, ema: bool = False) -> Path:
+    """Write ``out`` (.safetensors) and ``out`` with .json (the run config); ``ema``: the moving average."""
+    state, cfg = consolidate(path, tag, ema=ema)
     return save_export(state, cfg, out, dtype)
 
 
@@ -50,9 +57,10 @@ def save_export(state: dict[str, torch.Tensor], cfg: RunConfig, out: str | Path,
     return out
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[NBPModel, RunConfig]:
-    """An exported .safetensors file, or a checkpoint folder (consolidated in memory) -> (model, cfg),
-    the model in eval mode, in fp32."""
+def load_exported(path: str | Path, device: str | torch.device = "cpu", ema: bool = False
+                  ) -> tuple[NBPModel, RunConfig]:
+    """An exported .safetensors file, or a checkpoint folder (consolidated in memory; with ``ema`` the moving
+    average of its weights) -> (model, cfg), the model in eval mode, in fp32."""
     path = Path(path)
     if path.is_file():
         from safetensors import safe_open
@@ -65,7 +73,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
         cfg = RunConfig.from_dict(json.loads(meta["nbp_ds_config"]), source=str(path))
         state = load_file(str(path), device=str(device))
     else:
-        state, cfg = consolidate(path)
+        state, cfg = consolidate(path, ema=ema)
     model = build_model(cfg, device=device)  # made where it runs: no full-size copy on the CPU first
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

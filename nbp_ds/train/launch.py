@@ -33,7 +33,7 @@ class DistEnv:
     local_rank: int  # the process' index on its own host (SLURM_LOCALID), which picks its GPU
     master_addr: str
     master_port: int
-    launcher: str  # torchrun | srun | single
+    launcher: str  # torchrun | deepspeed | srun | single
     hosts: tuple[str, ...] = ()  # srun: the step's hosts, in Slurm's order (the first is the master)
     host: str = ""  # srun: the host this process runs on (SLURMD_NODENAME)
 
@@ -113,8 +113,10 @@ def detect(env: dict | None = None) -> DistEnv:
         world = _int(env, "WORLD_SIZE")
         if world > 1 and "MASTER_ADDR" not in env:
             raise LaunchError(f"WORLD_SIZE={world} but MASTER_ADDR is not set")
+        # the deepspeed launcher's workers also carry CROSS_RANK / CROSS_SIZE; torchrun's, TORCHELASTIC_RUN_ID
+        launcher = "deepspeed" if "CROSS_RANK" in env and "TORCHELASTIC_RUN_ID" not in env else "torchrun"
         return DistEnv(_int(env, "RANK"), world, _int(env, "LOCAL_RANK", 0), env.get("MASTER_ADDR", "127.0.0.1"),
-                       _int(env, "MASTER_PORT", 29500), "torchrun")
+                       _int(env, "MASTER_PORT", 29500), launcher)
     ntasks = _int(env, "SLURM_NTASKS", _int(env, "SLURM_NPROCS", 1))
     if "SLURM_PROCID" in env and ntasks > 1:
         # the step's hosts, not the allocation's: `srun -N1` inside a two-node job runs on one of them

@@ -4,6 +4,7 @@ and graceful stops, nothing else."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import torch
 
 from nbp_ds.config import ConfigError, RunConfig
-from nbp_ds.data import build_loader, expand_shards, to_device
+from nbp_ds.data import DataReport, build_loader, expand_shards, parse_sources, to_device
+from nbp_ds.data.report import summarize
+from nbp_ds.data.resume import restore
 from nbp_ds.files import write_text_atomic
 from nbp_ds.train import distributed, launch
 from nbp_ds.train.checkpoint import (
@@ -19,9 +22,13 @@ from nbp_ds.train.checkpoint import (
     CheckpointRef,
     check_compatible,
     find_checkpoint,
-    peek_client_config,
+    peek_client_state,
+    saved_world_size,
+    universal_checkpoint,
+    with_universal_load,
 )
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
+from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
@@ -35,9 +42,12 @@ FINISHED = "finished"  # the marker slurm/train.sbatch reads to decide whether t
 
 
 class Trainer:
-    """One training run of ``cfg`` in this process (one rank of the job)."""
+    """One training run of ``cfg`` in this process (one rank of the job). ``resume`` names a checkpoint to
+    continue (default: the run folder's latest); ``universal`` loads it through DeepSpeed's universal format
+    (None: when it was saved by another number of processes)."""
 
-    def __init__(self, cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None = None):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None = None,
+                 universal: bool | None = None):
         self.cfg, self.hooks = cfg, hooks or load_hooks(cfg.train.hooks)
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
@@ -45,28 +55,45 @@ class Trainer:
 
         # everything that can be wrong is found before the first collective or the model build
         try:
-            self.train_shards = expand_shards(cfg.data.train)
+            self.train_sources = parse_sources(cfg.data.train)
             self.val_shards = expand_shards(cfg.data.val) if cfg.data.val else None
         except FileNotFoundError as exc:
             raise ConfigError(f"data: {exc}") from exc
         self.ds_config = build_ds_config(cfg, self.world)
+        if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
+                              "or set train.wandb=false")
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_last, self.rank)
         self.resume_from = find_checkpoint(resume) if resume else self.checkpoints.latest()
-        if self.resume_from and (saved := peek_client_config(self.resume_from)) is not None:
-            check_compatible(saved, cfg, str(self.resume_from.path))
+        self.saved_world = None
+        if self.resume_from:
+            client = peek_client_state(self.resume_from)  # read once: with ZeRO-2 it holds the whole model
+            if client is not None and client.get("config") is not None:
+                check_compatible(client["config"], cfg, str(self.resume_from.path))
+            self.saved_world = saved_world_size(self.resume_from, client)
+        if universal is None:  # ZeRO's optimizer partitions fit only the world size that saved them
+            universal = self.saved_world not in (None, self.world) and zero_stage(self.ds_config) > 0
+        self.universal = bool(universal and self.resume_from)
 
         self.device = (torch.device("cuda", self.env.local_rank) if torch.cuda.is_available()
                        else torch.device("cpu"))
         distributed.init_process_group(self.env, self.device)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop_request()
+        if self.universal:
+            self.load_from = universal_checkpoint(self.resume_from, self.rank)
+            self.ds_config = with_universal_load(self.ds_config)
         self.engine, self.model = build_engine(cfg, self.ds_config, self.device, self.rank,
                                                init_from=None if self.resume_from else cfg.train.init_from)
         self.layout = self.model.layout
+        self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.state = TrainState(world_size=self.world)
+        self.val_report = DataReport()  # what validation met, for the end-of-run summary
         if self.resume_from:
             self._load(self.resume_from)
-        self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0)
+        self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0,
+                                     wandb_project=cfg.train.wandb_project if cfg.train.wandb else None,
+                                     config=cfg.to_dict())
         self.peak = peak_tflops(cfg.train.peak_tflops, self.device)
         self._report_setup()
 
@@ -98,12 +125,14 @@ class Trainer:
                 self.log_samples()
             if stop:
                 self.save()
+                self._report_data()
                 self._log0("stopped by signal at step %d; a restart resumes from here", state.step)
                 return 0
             if _due(state.step, tr.save_every):
                 self.save()
         if not _due(state.step, tr.save_every):
             self.save()
+        self._report_data()
         if self.rank == 0:
             write_text_atomic(self.out_dir / FINISHED, json.dumps({"step": state.step}) + "\n")
         self._log0("finished %d steps; checkpoints in %s", state.step, self.checkpoints.folder)
@@ -123,6 +152,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             meter.add_micro_batch(loss, metrics["acc"])
+        if self.ema is not None:
+            self.ema.update()
         meter.end_step()
 
     def _skipped_step(self, in_row: int) -> None:
@@ -150,39 +181,54 @@ class Trainer:
         cfg = self.cfg
         loader = build_loader(self.val_shards, grid=cfg.layout.grid, batch_size=cfg.train.micro_batch, mode="val",
                               rank=self.rank, world_size=self.world, num_workers=min(cfg.data.num_workers, 1),
-                              seed=cfg.train.seed)
+                              seed=cfg.train.seed, retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff)
         placeholder = {"tokens": torch.zeros(1, *cfg.layout.grid, dtype=torch.long),
                        "label": torch.zeros(1, dtype=torch.long)}
         self.engine.eval()
         loss, batches = evaluate(self.engine, loader, placeholder, self.device, cfg.data.val_batches)
         self.engine.train()
+        self.val_report.add(dict(loader.report.counts), loader.problems)
         self.metrics.scalars(self.state.step, {"val/loss": loss, "val/batches": batches})
         self._log0("step %d: val/loss %.4f (%d batches on rank 0)", self.state.step, loss, batches)
         return loss
 
     def save(self) -> CheckpointRef:
+        """A checkpoint of everything: DeepSpeed's engine (model, optimizer, LR schedule) with the trainer's
+        state and config as client state, and per rank its RNG streams and the data loader's position."""
         client = {"train_state": self.state.state_dict(), "config": self.cfg.to_dict()}
 
         def write(folder: Path, tag: str) -> None:
             self.engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)
+            if self.ema is not None:
+                self.ema.save(folder / tag)
             self.hooks.on_checkpoint_written(tag, self.rank)
 
-        ref = self.checkpoints.save(self.state.step, write)
+        loader = getattr(self, "loader", None)
+        ref = self.checkpoints.save(self.state.step, write, rank_state=loader.state_dict() if loader else None)
         self.metrics.flush()
         return ref
 
     def _load(self, ref: CheckpointRef) -> None:
-        """Model, optimizer, LR schedule, trainer state and this rank's RNG streams as they were at ``ref``."""
-        _, client = self.engine.load_checkpoint(str(ref.folder), tag=ref.tag, load_optimizer_states=True,
+        """Model, optimizer, LR schedule, trainer state and this rank's RNG streams as they were at ``ref``
+        (through its universal copy when the world size changed)."""
+        source = self.load_from if self.universal else ref
+        _, client = self.engine.load_checkpoint(str(source.folder), tag=source.tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
         if client is None:
-            raise FileNotFoundError(f"checkpoint {ref.path} could not be loaded")
+            raise FileNotFoundError(f"checkpoint {source.path} could not be loaded")
+        if self.universal:
+            restore_group_hyperparameters(self.engine.optimizer, self.cfg.train.weight_decay)
         self.state.load_state_dict(client["train_state"])
-        if not self.checkpoints.restore_rng(ref) or self.state.world_size != self.world:
-            log.warning("resuming with %d processes instead of %d: the data stream and RNG streams restart "
-                        "differently", self.world, self.state.world_size)
+        if self.ema is not None and not self.ema.load(ref.path):
+            log.warning("%s holds no moving average of the weights: train.ema starts from the current weights",
+                        ref.path)
+        if not self.checkpoints.restore_rng(ref):
+            log.warning("rank %d: the checkpoint holds no RNG state for this rank (saved by %d processes): its "
+                        "random streams (class dropout) start from the seed", self.rank, self.state.world_size)
         self.state.world_size = self.world
-        self._log0("resumed from %s at step %d", ref.path, self.state.step)
+        how = (f" through its universal copy (saved by {self.saved_world} processes, now {self.world})"
+               if self.universal else "")
+        self._log0("resumed from %s at step %d%s", ref.path, self.state.step, how)
 
     @torch.no_grad()
     def log_samples(self) -> None:
@@ -213,10 +259,28 @@ class Trainer:
 
     # ---- set-up and tear-down ---------------------------------------------------------------------
     def _train_loader(self):
+        """The training stream, where the checkpoint left it (nbp_ds.data.resume.restore)."""
         cfg, tr = self.cfg, self.cfg.train
-        return build_loader(self.train_shards, grid=cfg.layout.grid, batch_size=tr.micro_batch, mode="train",
-                            rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers, seed=tr.seed,
-                            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=self.state.batches)
+        loader = build_loader(self.train_sources, grid=cfg.layout.grid, batch_size=tr.micro_batch, mode="train",
+                              rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers, seed=tr.seed,
+                              shuffle_buffer=cfg.data.shuffle_buffer, retries=cfg.data.retries,
+                              retry_backoff=cfg.data.retry_backoff)
+        if self.resume_from:
+            ref = self.resume_from
+            replay = self.state.batches if self.saved_world == self.world else None
+            how = restore(loader, self.checkpoints.rank_state(ref, self.rank),
+                          lambda: self.checkpoints.rank_states(ref), replay_batches=replay)
+            self._log0("data stream %s", how)
+        return loader
+
+    def _report_data(self) -> None:
+        """The data problems of every rank (training and validation), summed and named in rank 0's log."""
+        loader = getattr(self, "loader", None)
+        mine = [(loader.stats(), loader.problems)] if loader else []
+        mine.append((dict(self.val_report.counts), [f"validation {p}" for p in self.val_report.problems]))
+        gathered = distributed.all_gather_object(mine)
+        if self.rank == 0 and (summary := summarize([item for rank in gathered for item in rank])):
+            log.warning(summary)
 
     def _report_setup(self) -> None:
         model = self.model
@@ -244,9 +308,19 @@ class Trainer:
         distributed.leave_process_group()
 
 
-def train(cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None = None) -> int:
+def restore_group_hyperparameters(optimizer, weight_decay: float) -> None:
+    """Undo what a universal load does to the parameter groups under ZeRO-3: DeepSpeed gives every group the
+    first group's hyper-parameters, so norm gains (group 1, no weight decay; nbp_ds.train.engine.param_groups)
+    would be decayed from then on. (ZeRO-1/2 keep each group's own; setting them again changes nothing.)"""
+    groups = optimizer.param_groups
+    if len(groups) == 2:
+        groups[0]["weight_decay"], groups[1]["weight_decay"] = weight_decay, 0.0
+
+
+def train(cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None = None,
+          universal: bool | None = None) -> int:
     """Run a whole training job in this process (one rank); the exit status."""
-    trainer = Trainer(cfg, resume=resume, hooks=hooks)
+    trainer = Trainer(cfg, resume=resume, hooks=hooks, universal=universal)
     status = trainer.run()
     trainer.close()  # only after a normal return: a failed rank would leave the others in the barrier
     return status

@@ -16,6 +16,7 @@ import json
 import logging
 import resource
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nbp_ds.config import ConfigError
+from nbp_ds.files import write_text_atomic
 from nbp_ds.train import distributed
 
 log = logging.getLogger("nbp_ds.train")
@@ -104,15 +107,23 @@ class StepMeter:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, enabled: bool):
+    """TensorBoard (``tb/``), ``metrics.jsonl`` and, with a ``wandb_project``, Weights & Biases; rank 0 only.
+
+    The W&B run id is kept in ``wandb_id`` in the output folder, so a resumed run continues the same W&B run.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, wandb_project: str | None = None, config: dict | None = None):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
+        self.wandb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out_dir / "tb"))
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
+            if wandb_project:
+                self.wandb = _wandb_run(out_dir, wandb_project, config or {})
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if not self.enabled:
@@ -122,6 +133,8 @@ class MetricsLogger:
             self.writer.add_scalar(key, value, step)
         self.jsonl.write(json.dumps({"step": step, **kept}) + "\n")
         self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(kept, step=step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.enabled:
@@ -130,6 +143,10 @@ class MetricsLogger:
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         if self.enabled:
             self.writer.add_image(tag, image, step, dataformats="HWC")
+            if self.wandb is not None:
+                import wandb
+
+                self.wandb.log({tag: wandb.Image(image)}, step=step)
 
     def flush(self) -> None:
         if self.enabled:
@@ -139,6 +156,21 @@ class MetricsLogger:
         if self.enabled and not self.jsonl.closed:
             self.writer.close()
             self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _wandb_run(out_dir: Path, project: str, config: dict):
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
+                          "or set train.wandb=false") from exc
+    id_file = out_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    write_text_atomic(id_file, run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", name=out_dir.name, dir=str(out_dir),
+                      config=config)
 
 
 def format_duration(seconds: float) -> str:
