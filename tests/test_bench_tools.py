@@ -45,9 +45,10 @@ def test_bench_generate_counts_forward_passes_on_the_configs_grid():
     passes = {"NBP 1x1x4": 12, "NBP hybrid": 15, "NTP 1x1x1": 48}
     assert {key: int(fields[0]) for key, fields in rows.items()} == {(n, b): p for n, p in passes.items()
                                                                      for b in (1, 2)}
-    for fields in rows.values():  # s/video, frames/s, videos/s agree (9 frames per video)
+    for fields in rows.values():  # s/video, frames/s, videos/s agree (9 frames per video), up to their printed digits
         per_video, fps, vps = map(float, fields[1:4])
-        assert fps == pytest.approx(9 / per_video, rel=0.02) and vps == pytest.approx(1 / per_video, rel=0.02)
+        assert fps == pytest.approx(9 / per_video, rel=0.01, abs=0.051)
+        assert vps == pytest.approx(1 / per_video, rel=0.01, abs=0.0051)
     assert "decoder eager; bandwidth floor:" in result.stdout and "ms per pass" in result.stdout
     assert result.stdout.splitlines()[-1].startswith("NTP/NBP wall clock: batch 1: NBP 1x1x4 ")
 
