@@ -64,8 +64,10 @@ class StaticDecoder:
         self.keys = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.step_row = torch.zeros(1, dtype=torch.long, device=self.device)
         self._model = weakref.ref(model)
-        # the layout copies its index tables to a device at their first use: let that be now, not in a pass
+        # the layout's index tables and the attention backend's masks are copied to a device at their first use:
+        # let that be now, not in a pass
         layout.input_ids_at(self.tokens, self.plan.groups[0].positions[0], self.condition)
+        model.backend.on(self.device)
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         if graphs:
             self._capture()
