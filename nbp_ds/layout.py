@@ -305,6 +305,25 @@ class Layout:
             stop = min(end, self.prefix_len)
             ids[:, : stop - start] = self.condition_ids(label.to(flat.device))[:, start:stop]
         return ids
+
+    def input_ids_at(self, tokens: torch.Tensor, positions: torch.Tensor,
+                     condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Model input ids [B, n] at the sequence positions ``positions`` (LongTensor [n] on the tokens' device).
+
+        ``input_ids`` for positions given as a tensor rather than a range: one decoding pass of a fixed
+        shape then serves every generation step of that shape (the static decoder of nbp_ds.generate, which
+        CUDA graphs replay). ``condition`` is ``condition_ids(label)`` [B, prefix_len], made once per video
+        batch, and is needed when the layout has a condition prefix. No host synchronisation."""
+        flat = tokens.reshape(tokens.shape[0], -1)
+        table = self._device_tables(flat.device)
+        source, special = table["source"][positions], table["special"][positions]
+        video = flat.gather(1, source.clamp(min=0).expand(flat.shape[0], -1)) + self.video_token_offset
+        ids = torch.where(special >= 0, special, video)
+        if self.prefix_len:
+            if condition is None:
+                raise ValueError("this layout has a condition prefix: pass condition=layout.condition_ids(label)")
+            prefix = condition.gather(1, positions.clamp(max=self.prefix_len - 1).expand(flat.shape[0], -1))
+            ids = torch.where(positions < self.prefix_len, prefix, ids)
         return ids
 
     def condition_ids(self, label: torch.Tensor) -> torch.Tensor:

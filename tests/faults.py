@@ -62,8 +62,24 @@ def tokenize_slowly(decode_sleep: float, argv: list[str]) -> int:
     return tokenize.main(argv)
 
 
-if __name__ == "__main__":  # python tests/faults.py tokenize SECONDS NBP-TOKENIZE-ARGS...
+def sample_slowly(write_sleep: float, argv: list[str]) -> int:
+    """``nbp-sample argv`` with each video's writing slowed down, so a test can kill the run midway."""
+    from nbp_ds import sampling
+    from nbp_ds.cli import sample
+
+    write = sampling.VideoWriter._write
+
+    def slow(self, *args):
+        time.sleep(write_sleep)
+        return write(self, *args)
+
+    sampling.VideoWriter._write = slow
+    return sample.main(argv)
+
+
+if __name__ == "__main__":  # python tests/faults.py tokenize|sample SECONDS PROGRAM-ARGS...
     import sys
 
-    assert sys.argv[1] == "tokenize", "usage: faults.py tokenize SECONDS ARGS..."
-    sys.exit(tokenize_slowly(float(sys.argv[2]), sys.argv[3:]))
+    slowed = {"tokenize": tokenize_slowly, "sample": sample_slowly}
+    assert sys.argv[1] in slowed, "usage: faults.py tokenize|sample SECONDS ARGS..."
+    sys.exit(slowed[sys.argv[1]](float(sys.argv[2]), sys.argv[3:]))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,14 +25,42 @@ def test_bench_train_reports_an_unavailable_backend_and_measures_the_rest():
     assert "not measured: flex" in result.stdout and "no backward pass on CPU" in result.stdout
 
 
+def bench_rows(stdout: str) -> dict[tuple[str, int], list[str]]:
+    """(variant, batch) -> the row's fields, for the table rows of nbp-bench-generate."""
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith(("NBP", "NTP")) and not line.startswith("NTP/NBP"):
+            fields = line.split()
+            rows[fields[0] + " " + fields[1], int(fields[2])] = fields[3:]
+    return rows
+
+
 def test_bench_generate_counts_forward_passes_on_the_configs_grid():
-    result = run_tool("-m", "nbp_ds.cli.bench_generate", "--config", "tiny", "--repeats", "1")
+    result = run_tool("-m", "nbp_ds.cli.bench_generate", "--config", "tiny", "--repeats", "1", "--batch-sizes", "1",
+                      "2", "--sampling", "plain")
     assert result.returncode == 0, result.stderr[-3000:]
-    passes = {line.split()[0] + " " + line.split()[1]: int(line.split()[2])
-              for line in result.stdout.splitlines() if line.startswith(("NBP", "NTP"))}
+    rows = bench_rows(result.stdout)
     # tiny: a 3x4x4 grid and a class token; NBP takes one row of 4 per pass, hybrid goes token by token
     # through the first block (4 + 3 = L + n - 1 passes with L = 12 blocks and n = 4)
-    assert passes == {"NBP 1x1x4": 12, "NBP hybrid": 15, "NTP 1x1x1": 48}
+    passes = {"NBP 1x1x4": 12, "NBP hybrid": 15, "NTP 1x1x1": 48}
+    assert {key: int(fields[0]) for key, fields in rows.items()} == {(n, b): p for n, p in passes.items()
+                                                                     for b in (1, 2)}
+    for fields in rows.values():  # s/video, frames/s, videos/s agree (9 frames per video), up to their printed digits
+        per_video, fps, vps = map(float, fields[1:4])
+        assert fps == pytest.approx(9 / per_video, rel=0.01, abs=0.051)
+        assert vps == pytest.approx(1 / per_video, rel=0.01, abs=0.0051)
+    assert "decoder eager; bandwidth floor:" in result.stdout and "ms per pass" in result.stdout
+    assert result.stdout.splitlines()[-1].startswith("NTP/NBP wall clock: batch 1: NBP 1x1x4 ")
+
+
+def test_bench_generate_estimates_long_decodes_at_large_batches_and_says_so():
+    result = run_tool("-m", "nbp_ds.cli.bench_generate", "--config", "tiny", "--repeats", "1", "--batch-sizes", "1",
+                      "32", "--sampling", "greedy", "--mode", "static", "--estimate-passes", "20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = bench_rows(result.stdout)
+    assert "decoder static;" in result.stdout
+    assert " ".join(rows["NTP 1x1x1", 32][-6:]) == "estimated from 20 of 48 passes"
+    assert not any("estimated" in f for key, fields in rows.items() if key != ("NTP 1x1x1", 32) for f in fields)
 
 
 def test_bench_data_measures_the_loader_resume_and_tokenization():

@@ -14,6 +14,7 @@ import pytest
 
 from nbp_ds.eval.consistency import classify_clip
 from nbp_ds.eval.synthetic import CLASSES, parse_class
+from nbp_ds.sampling import recorded_videos
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -21,15 +22,16 @@ pytestmark = pytest.mark.slow
 
 def check_consistency_report(report: dict, samples: Path, classes: dict[str, int]) -> None:
     """The class check's report describes the sampled videos: one record per video, every class named once
-    with its own id, each verdict the checker's reading of the saved frames (videos.npy, in labels.npy's
-    order), and every rate the share of its records. (How well the checker reads a video is tested on
-    videos with known answers in test_synthetic.py; a model trained for 6 steps shows no class.)"""
+    with its own id, each verdict the checker's reading of the saved frames (frames/<stem>.npy, in the
+    sampler's record order), and every rate the share of its records. (How well the checker reads a video is
+    tested on videos with known answers in test_synthetic.py; a model trained for 6 steps shows no class.)"""
     records = report["videos"]
     assert report["count"] == len(records) == 12
     assert sorted(r["class"] for r in records) == sorted(CLASSES)
     assert all(classes[r["class"]] == r["label"] for r in records)
-    frames, labels = np.load(samples / "videos.npy"), np.load(samples / "labels.npy")
-    assert [r["label"] for r in records] == labels.tolist()
+    sampled = recorded_videos(samples)
+    frames, labels = [np.load(r["frames_path"]) for r in sampled], [r["label"] for r in sampled]
+    assert [r["label"] for r in records] == labels
     for record, clip in zip(records, frames, strict=True):
         assert (record["shape"], record["direction"]) == classify_clip(clip), record
         assert record["correct"] == ((record["shape"], record["direction"]) == parse_class(record["class"]))

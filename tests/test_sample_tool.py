@@ -1,10 +1,14 @@
-"""nbp-sample: refuses bad input before any work; writes mp4s, grid, tokens and decoded frames."""
+"""nbp-sample: refuses bad input before any work; writes per-video mp4s, decoded frames, tokens and a record line,
+and a preview grid; an interrupted run (SIGKILL) resumes to exactly what an uninterrupted run gives."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +45,115 @@ def assets(tmp_path_factory):
     return write_export(tmp / "w.safetensors"), tmp / "tok", tmp
 
 
-def test_samples_every_class(assets):
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "videos.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sampled(assets):
+    """Two videos each of classes 0 and 5, in batches of 3: (output folder, the command's result, its arguments)."""
     weights, tok, tmp = assets
     out = tmp / "out"
-    result = sample("--weights", str(weights), "--tokenizer", str(tok), "--out", str(out), "--label", "0",
-                    "--label", "5", "--num", "2", "--classes", str(tmp / "classes.json"), "--top-k", "8")
+    args = ["--weights", str(weights), "--tokenizer", str(tok), "--out", str(out), "--label", "0", "--label", "5",
+            "--num", "2", "--classes", str(tmp / "classes.json"), "--top-k", "8", "--batch-size", "3"]
+    return out, sample(*args), args
+
+
+def test_samples_every_class(sampled):
+    out, result, args = sampled
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.glob("*.mp4")) == ["c0_000.mp4", "c0_001.mp4", "c5_000.mp4", "c5_001.mp4"]
-    assert np.load(out / "tokens.npy").shape == (4, 3, 8, 8)
-    assert np.load(out / "videos.npy").shape == (4, 9, 32, 32, 3)
-    assert list(np.load(out / "labels.npy")) == [0, 0, 5, 5]
+    stems = ["c0_000", "c0_001", "c5_000", "c5_001"]
+    assert sorted(p.name for p in out.glob("*.mp4")) == [f"{s}.mp4" for s in stems]
+    rows = sorted(records(out), key=lambda r: r["index"])
+    assert [(r["index"], r["stem"], r["label"]) for r in rows] == [(0, "c0_000", 0), (1, "c0_001", 0),
+                                                                   (2, "c5_000", 5), (3, "c5_001", 5)]
+    for row in rows:
+        assert np.load(out / row["tokens"]).shape == (3, 8, 8)
+        frames = np.load(out / row["frames"])
+        assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
+        assert row["mp4"] == f"{row['stem']}.mp4"
     assert (out / "grid.png").stat().st_size > 0
+    assert json.loads((out / "sampling.json").read_text())["labels"] == [0, 5]
     assert "24 forward passes per video" in result.stdout  # 3x8x8 tokens in rows of 8: 24 blocks
+    again = sample(*args)
+    assert again.returncode == 0 and "4 finished earlier, 0 made now" in again.stdout
+    changed = sample(*[("9" if a == "8" else a) for a in args])  # --top-k 9
+    assert changed.returncode == 2 and "top_k: 8 -> 9" in changed.stderr
+
+
+def test_fvd_and_the_class_check_read_the_record(sampled, tmp_path):
+    """nbp-eval-fvd takes one input per recorded video (its decoded frames, not the mp4 and the tokens beside
+    them); nbp-check-consistency reads the frames with the labels the record gives them."""
+    from test_fvd import _save_detector  # the suite's stand-in for StyleGAN-V's I3D detector
+
+    from nbp_ds.eval.synthetic import CLASSES, parse_class, render_clip
+    from nbp_ds.sampling import RecordLog, VideoJob, VideoWriter
+
+    out = sampled[0]
+    i3d = _save_detector(tmp_path / "i3d.pt", 32)
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.eval_fvd", "--real", str(out / "frames"), "--fake",
+                             str(out), "--i3d", str(i3d), "--num-frames", "8", "--device", "cpu", "--json",
+                             str(tmp_path / "fvd.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "fvd.json").read_text())
+    assert report["num_fake"] == report["num_real"] == 4 and abs(report["fvd"]) < 1e-3  # the same four videos
+
+    # ground-truth clips of the synthetic classes, written by the sampler's writer in a shuffled order
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    log = RecordLog(truth / "videos.jsonl")
+    writer = VideoWriter(truth, log, fps=8.0, mp4=False, workers=2, max_pending=4)
+    order = np.random.default_rng(0).permutation(len(CLASSES))
+    for index, label in enumerate(order.tolist()):
+        clip = render_clip(*parse_class(CLASSES[label]), 9, 32, np.random.default_rng([1, label]))
+        writer.submit(VideoJob(index, label, f"{CLASSES[label]}_000"), np.zeros((3, 8, 8)), clip)
+    writer.close()
+    log.close()
+    (truth / "classes.json").write_text(json.dumps({name: i for i, name in enumerate(CLASSES)}))
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.check_consistency", str(truth), "--json",
+                             str(tmp_path / "c.json"), "--min-rate", "0.95"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["count"] == 12 and report["source"].endswith("videos.jsonl")
+    assert [r["label"] for r in report["videos"]] == order.tolist()
+
+
+def test_resumes_after_sigkill_to_the_uninterrupted_output(assets, tmp_path):
+    """A run killed midway, then run again, holds exactly the videos of a run never interrupted: each recorded
+    once, the ones finished before the kill left alone, every token and frame the same."""
+    weights, tok, _ = assets
+    args = ["--weights", str(weights), "--tokenizer", str(tok), "--label", "1", "--label", "2", "--label", "3",
+            "--num", "3", "--batch-size", "4", "--temperature", "1.0", "--writers", "1", "--device", "cpu"]
+    whole = tmp_path / "whole"
+    assert sample(*args, "--out", str(whole)).returncode == 0
+    out = tmp_path / "resumed"
+    # each video's writing slowed down (tests/faults.py), so the run is surely killed midway
+    proc = subprocess.Popen([sys.executable, "tests/faults.py", "sample", "0.4", *args, "--out", str(out)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not ((out / "videos.jsonl").is_file() and len(records(out)) >= 3) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {r["index"]: r for r in records(out)}
+    assert 3 <= len(before) < 9  # really interrupted midway
+    stamps = {i: [(out / r[k]).stat().st_mtime_ns for k in ("frames", "tokens", "mp4")] for i, r in before.items()}
+    result = sample(*args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(before)} finished earlier, {9 - len(before)} made now" in result.stdout
+    rows = records(out)
+    assert sorted(r["index"] for r in rows) == list(range(9))  # every video once: none made twice
+    for i, r in before.items():  # the videos finished before the kill were not touched again
+        assert [(out / r[k]).stat().st_mtime_ns for k in ("frames", "tokens", "mp4")] == stamps[i]
+    assert not list(out.rglob(".*.tmp*"))  # the killed run's unfinished files are gone
+    reference = {r["stem"]: r for r in records(whole)}
+    assert sorted(reference) == sorted(r["stem"] for r in rows)
+    for r in rows:
+        for kind in ("tokens", "frames"):
+            assert np.array_equal(np.load(out / r[kind]), np.load(whole / reference[r["stem"]][kind])), (r, kind)
 
 
 def test_refuses_bad_input_before_work(assets, tmp_path):
@@ -68,3 +169,8 @@ def test_refuses_bad_input_before_work(assets, tmp_path):
     result = sample("--weights", str(tmp_path / "missing.safetensors"), "--tokenizer", str(tok), "--out", "x")
     assert result.returncode != 0 and "missing.safetensors: no such file" in result.stderr
     assert not (tmp_path / "o").exists()  # nothing was written
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    result = sample("--weights", str(weights), "--tokenizer", str(tok), "--out", str(tmp_path / "busy"))
+    assert result.returncode == 2 and "is not empty and holds no sampling.json" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]

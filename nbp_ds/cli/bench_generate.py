@@ -1,13 +1,20 @@
-"""Generation speed: next-block (1x1x16, plain and hybrid) vs next-token (1x1x1) prediction.
+"""Generation speed: next-block (1x1x16, plain and hybrid) vs next-token (1x1x1) prediction, at batch 1, 8 and 32.
 
-Three models of the same size on the same token grid (the paper's 5x16x16 = 1280 tokens by
-default), random weights (speed does not depend on them), KV-cache decoding with sampling:
+Three models of the same size on the same token grid (the paper's 5x16x16 = 1280 tokens by default), random
+weights (speed does not depend on them), each built once, directly on the device, and decoded at every batch size:
 
-    nbp-bench-generate                                  # a small model, CPU-friendly
-    nbp-bench-generate --config ucf101-700m --device cuda --dtype bf16 --batch-size 8
+    nbp-bench-generate                                          # a small model, CPU-friendly
+    nbp-bench-generate --config ucf101-700m --full-size --device cuda    # the paper's 700M model (< 1 min, H100)
+    nbp-bench-generate --config tiny --batch-sizes 1 2 --mode static     # another decoder, other batches
 
-Prints forward passes, seconds per video, frames per second (video frames, 17 per 5 latent
-frames) and the NTP/NBP wall-clock ratio (the paper reports 11x for its 700M model).
+A row is printed as each (variant, batch) finishes: forward passes per video, seconds per video, frames/s
+(decoded video frames, 17 per 5 latent frames), videos/s, milliseconds per pass and the memory-bandwidth
+ceiling in frames/s (every pass reads all weights once: weight bytes / the device's measured copy bandwidth
+per pass). The NTP/NBP wall-clock ratio per batch size ends the table (the paper reports 11x and 8.89 frames/s
+for its 700M model). Sampling is the paper's (top-k 16,000, top-p 0.9, temperature 1) unless --sampling says
+otherwise. With a static or graph decoder, a variant of more passes than --estimate-passes at batch >= 32
+(next-token prediction) is timed over that many passes spread over the video and scaled to the whole video;
+its row says so.
 """
 
 from __future__ import annotations
@@ -15,13 +22,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from nbp_ds.cli import command
 from nbp_ds.config import load_config
-from nbp_ds.generate import generate
+from nbp_ds.errors import UsageError
+from nbp_ds.generate import MODES, PAPER_SAMPLING, Sampling, generate, release_decoders, resolve_mode
+from nbp_ds.generate.decode import kept_decoder
+from nbp_ds.generate.draw import video_keys
+from nbp_ds.generate.static import StaticDecoder
 from nbp_ds.model import build_model
+
+SMALL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=64000"]
+SAMPLINGS = {"paper": {k: v for k, v in PAPER_SAMPLING.items() if k != "cfg_scale"},
+             "plain": {"temperature": 1.0}, "greedy": {"temperature": 0.0}}
 
 
 def variants(width: int) -> dict[str, list[str]]:
@@ -32,30 +48,88 @@ def variants(width: int) -> dict[str, list[str]]:
             "NBP hybrid": [row, "layout.hybrid=true"],
             "NTP 1x1x1": ["layout.block=[1,1,1]", "layout.hybrid=false"]}
 
-SMALL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=64000"]
-
 
 def video_frames(latent_frames: int, temporal_compression: int) -> int:
     """Frames of the decoded video: the first latent frame is one frame, each later one several."""
     return 1 + (latent_frames - 1) * temporal_compression
 
 
-def bench(cfg_overrides: list[str], config: str, device: str, dtype: torch.dtype, batch: int, repeats: int) -> dict:
-    cfg = load_config(config, cfg_overrides)
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device=device, dtype=dtype).eval()
-    label = 0 if cfg.layout.condition == "class" else None
-    context = None
-    if cfg.layout.condition == "frames":
-        context = torch.zeros(batch, cfg.layout.context_frames, *cfg.layout.grid[1:], dtype=torch.long, device=device)
-    generate(model, batch, label=label, context=context, seed=0)  # warm-up (allocations, kernels, compile)
-    seconds = []
-    for r in range(repeats):
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second a device-to-device copy moves (each byte read once and written once)."""
+    size = (256 if device.type == "cuda" else 64) * 2**20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    repeats = 10
+    began = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * size * repeats / (time.perf_counter() - began)
+
+
+@dataclass
+class Row:
+    passes: int
+    seconds: float  # per batch (best of the timed runs, or scaled from the timed passes)
+    estimated_from: int = 0  # passes timed when the row is an estimate
+
+
+def inputs(model, batch: int) -> dict:
+    lay = model.layout
+    device = next(model.parameters()).device
+    if lay.condition == "class":
+        return {"label": torch.arange(batch) % lay.num_classes}
+    if lay.condition == "frames":
+        return {"context": torch.zeros(batch, lay.context_frames, *lay.grid[1:], dtype=torch.long, device=device)}
+    return {}
+
+
+def time_whole_videos(model, batch: int, sampling: dict, mode: str, repeats: int, budget: float) -> Row:
+    """Best wall-clock time of whole decodes after a warm-up (allocations, kernel choice, graph capture); stops
+    early once the timed runs took ``budget`` seconds (at least one run)."""
+    args = {**inputs(model, batch), **sampling, "mode": mode}
+    _, stats = generate(model, batch, seed=0, **args)
+    times: list[float] = []
+    while len(times) < repeats and (not times or sum(times) < budget):
         began = time.perf_counter()
-        _, stats = generate(model, batch, label=label, context=context, seed=r + 1)
-        seconds.append(time.perf_counter() - began)
-    best = min(seconds)
-    return {"passes": stats["forward_passes"], "seconds": best, "grid": cfg.layout.grid}
+        generate(model, batch, seed=len(times) + 1, **args)
+        times.append(time.perf_counter() - began)  # generate synchronises the device before it returns
+    return Row(stats["forward_passes"], min(times))
+
+
+def time_spread_passes(model, batch: int, sampling: dict, mode: str, timed: int) -> Row:
+    """Time ``timed`` passes spread evenly over the video (every attention length in proportion) with the static
+    decoder, and scale to all passes: a long next-token decode estimated without running all of it."""
+    lay = model.layout
+    settings = Sampling(**sampling)
+    decoder = (kept_decoder(model, batch, settings) if mode == "graph" else StaticDecoder(model, batch, settings))
+    device = decoder.device
+    label = inputs(model, batch).get("label")
+    condition = lay.condition_ids(label.to(device)) if lay.prefix_len else None
+    decoder.prepare(torch.zeros_like(decoder.tokens), condition, video_keys(0, torch.arange(batch, device=device)))
+    passes = decoder.passes
+    steps = sorted({round(i * (passes - 1) / (timed - 1)) for i in range(timed)})
+    decoder.decode(steps[: max(1, len(steps) // 8)])  # warm-up
+    synchronize(device)
+    began = time.perf_counter()
+    decoder.decode(steps)
+    synchronize(device)
+    return Row(passes, (time.perf_counter() - began) * passes / len(steps), estimated_from=len(steps))
+
+
+def print_row(name: str, batch: int, row: Row, frames: int, floor_seconds: float) -> None:
+    per_video = row.seconds / batch
+    ceiling = batch * frames / (row.passes * floor_seconds)
+    note = f"  estimated from {row.estimated_from} of {row.passes} passes" if row.estimated_from else ""
+    print(f"{name:<12} {batch:>5} {row.passes:>7} {per_video:>9.4f} {frames / per_video:>9.1f} "
+          f"{1 / per_video:>9.2f} {1000 * row.seconds / row.passes:>8.2f} {ceiling:>10.0f}{note}", flush=True)
 
 
 @command
@@ -66,29 +140,70 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument("--full-size", action="store_true", help="keep the config's model size (else 4x256)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (best is reported)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="default: 1 8 32")
+    parser.add_argument("--mode", choices=MODES, default="auto",
+                        help="decoder (default auto: CUDA graphs on a GPU, eager elsewhere)")
+    parser.add_argument("--sampling", choices=sorted(SAMPLINGS), default="paper",
+                        help="paper: top-k 16000, top-p 0.9, T 1 (default); plain: T 1; greedy: argmax")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row at most (the best is reported)")
+    parser.add_argument("--row-seconds", type=float, default=3.0,
+                        help="stop repeating a row once its timed runs took this long (default 3)")
+    parser.add_argument("--estimate-passes", type=int, default=320,
+                        help="at batch >= 32, time this many passes of a longer decode and scale (static and graph "
+                             "decoders; 0 = always whole videos)")
     parser.add_argument("--temporal-compression", type=int, default=4, help="video frames per later latent frame")
-    parser.add_argument("--attention", default="sdpa", help="model.attention for decoding (sdpa or flash)")
+    parser.add_argument("--attention", default="sdpa", help="model.attention (the eager decoder's backend)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_intermixed_args(argv)
-    dtype_name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.estimate_passes < 0:
+        raise UsageError("--batch-sizes and --repeats must be >= 1, --estimate-passes >= 0")
+    if args.estimate_passes == 1:
+        raise UsageError("--estimate-passes must be 0 (off) or >= 2")
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     base = ([] if args.full_size else SMALL) + [f"model.attention={args.attention}"] + args.overrides
+    sampling = SAMPLINGS[args.sampling]
 
     # the config's own block may not fit the variants' layouts; validate with next-token blocks first
     cfg = load_config(args.config, [*base, "layout.block=[1,1,1]", "layout.hybrid=false"])
-    rows = {}
-    for name, overrides in variants(cfg.layout.grid[2]).items():
-        rows[name] = bench(base + overrides, args.config, args.device, dtype, args.batch_size, args.repeats)
     frames = video_frames(cfg.layout.grid[0], args.temporal_compression)
-    ntp = rows["NTP 1x1x1"]["seconds"]
+    bandwidth = copy_bandwidth(device)
     print(f"config {cfg.name} ({cfg.model.n_layer} layers, width {cfg.model.d_model}), grid {cfg.layout.grid}, "
-          f"batch {args.batch_size}, {args.device} {dtype_name}, {frames} video frames per sample")
-    print(f"{'variant':<12} {'passes':>7} {'s/video':>9} {'frames/s':>9} {'NTP/this':>9}")
-    for name, r in rows.items():
-        per_video = r["seconds"] / args.batch_size
-        print(f"{name:<12} {r['passes']:>7} {per_video:>9.3f} {frames / per_video:>9.2f} {ntp / r['seconds']:>8.1f}x")
+          f"{device} {dtype_name}, sampling {args.sampling} {sampling}, {frames} video frames per sample", flush=True)
+    seconds: dict[tuple[str, int], float] = {}
+    header_done = False
+    for name, overrides in variants(cfg.layout.grid[2]).items():
+        torch.manual_seed(0)
+        model = build_model(load_config(args.config, base + overrides), device=device).to(dtype).eval()
+        try:
+            mode = resolve_mode(args.mode, model)
+        except ValueError as exc:
+            raise UsageError(f"--mode {args.mode}: {exc}") from exc
+        if not header_done:
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            floor = weight_bytes / bandwidth
+            print(f"decoder {mode}; bandwidth floor: {weight_bytes / 1e9:.3f} GB of weights / {bandwidth / 1e9:.0f} "
+                  f"GB/s measured copy bandwidth = {1000 * floor:.3f} ms per pass", flush=True)
+            print(f"{'variant':<12} {'batch':>5} {'passes':>7} {'s/video':>9} {'frames/s':>9} {'videos/s':>9} "
+                  f"{'ms/pass':>8} {'floor f/s':>10}", flush=True)
+            header_done = True
+        for batch in args.batch_sizes:
+            passes = len(model.layout.generation_steps)
+            if mode != "eager" and batch >= 32 and args.estimate_passes and passes > args.estimate_passes:
+                row = time_spread_passes(model, batch, sampling, mode, args.estimate_passes)
+            else:
+                row = time_whole_videos(model, batch, sampling, mode, args.repeats, args.row_seconds)
+            print_row(name, batch, row, frames, floor)
+            seconds[name, batch] = row.seconds
+            release_decoders(model)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    names = list(variants(cfg.layout.grid[2]))
+    ratios = [f"batch {b}: " + ", ".join(f"{n} {seconds[names[2], b] / seconds[n, b]:.1f}x" for n in names[:2])
+              for b in args.batch_sizes]
+    print("NTP/NBP wall clock: " + "; ".join(ratios), flush=True)
 
 
 if __name__ == "__main__":

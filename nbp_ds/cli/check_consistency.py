@@ -5,11 +5,13 @@
 
 Two inputs:
 
-* SAMPLES_DIR, the output of nbp-sample: every `<class name>_<NNN>.mp4` in it (not searched recursively). The
-  label comes from the file name's prefix looked up in --classes, never from file order. Files whose prefix is not
-  a class (e.g. `sample_000.mp4` of an unconditional model) are skipped with a warning. If the folder holds the
-  decoded frames as an array (`videos.npy` or `frames.npy`, uint8 [N, T, H, W, 3]) next to `labels.npy` with N
-  class ids in the same order (both written by the same loop), those are used instead: no codec in between.
+* SAMPLES_DIR, the output of nbp-sample: its record of finished videos (videos.jsonl) names each video's label
+  and decoded frames (frames/<stem>.npy, uint8 [T, H, W, 3]), which are read directly: no codec in between.
+  Without a record, every `<class name>_<NNN>.mp4` in it (not searched recursively); the label comes from the
+  file name's prefix looked up in --classes, never from file order, and files whose prefix is not a class (e.g.
+  `sample_000.mp4` of an unconditional model) are skipped with a warning. A folder holding all decoded frames as
+  one array (`videos.npy` or `frames.npy`, uint8 [N, T, H, W, 3]) next to `labels.npy` with N class ids in the
+  same order is read that way too.
 * --videos DIR, a folder of class subfolders (`DIR/<class name>/*.mp4`, as nbp-make-synthetic-videos writes):
   checks ground truth, i.e. validates the checker itself.
 
@@ -40,6 +42,7 @@ from nbp_ds.cli import command
 from nbp_ds.errors import UsageError
 from nbp_ds.eval.consistency import consistency_report, format_report
 from nbp_ds.eval.synthetic import CLASSES, parse_class
+from nbp_ds.sampling import recorded_videos
 
 log = logging.getLogger("check_class_consistency")
 ARRAY_NAMES = ("videos.npy", "frames.npy")
@@ -137,6 +140,21 @@ def saved_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
     return None
 
 
+def sampler_record(folder: Path, names: dict[int, str]) -> tuple[list[Path], list[int]] | None:
+    """(frames files, labels) of the labelled videos nbp-sample recorded in ``folder``; None without a record."""
+    records = recorded_videos(folder)
+    if records is None:
+        return None
+    labelled = [r for r in records if r["label"] is not None]
+    if len(labelled) < len(records):
+        log.warning("skipping %d recorded videos without a label (an unconditional model)",
+                    len(records) - len(labelled))
+    bad = sorted({r["label"] for r in labelled} - set(names))
+    if bad:
+        raise UsageError(f"{folder / 'videos.jsonl'}: label {bad[0]} is not in the class list")
+    return [r["frames_path"] for r in labelled], [r["label"] for r in labelled]
+
+
 def run(args: argparse.Namespace) -> dict:
     folder = Path(args.videos or args.samples)
     if not folder.is_dir():
@@ -144,8 +162,17 @@ def run(args: argparse.Namespace) -> dict:
     classes = load_classes(args.classes, folder)
     names = {i: name for name, i in classes.items()}
 
-    arrays = None if args.videos else saved_arrays(folder)
-    if arrays is not None:
+    recorded = None if args.videos else sampler_record(folder, names)
+    arrays = None if args.videos or recorded is not None else saved_arrays(folder)
+    if recorded is not None:
+        files, labels = recorded
+        if not files:
+            raise UsageError(f"{folder}: nbp-sample recorded no labelled videos here")
+        log.info("checking %d videos recorded in %s (decoded frames saved by the sampler)", len(files), folder)
+        report = consistency_report((np.load(f) for f in files), labels, classes,
+                                    ids=[str(f.relative_to(folder)) for f in files])
+        report["source"] = str(folder / "videos.jsonl")
+    elif arrays is not None:
         videos, labels, source = arrays
         bad = sorted({int(v) for v in labels} - set(names))
         if bad:

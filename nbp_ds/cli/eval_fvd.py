@@ -10,9 +10,9 @@ FVD is the Fréchet distance between Gaussians fitted to the two feature sets. P
 set ("fvd2048_16f"); with fewer clips than the 400 feature dimensions the score is biased and not comparable.
 
 Inputs are video files (.mp4, .avi, ...; decoded with ffmpeg at their own rate and size) or .npy uint8 arrays
-[T, H, W, 3] (what nbp-sample saves).
-A directory is searched recursively; a glob pattern may use '**'. Files are taken in sorted order, so
---max-videos picks a deterministic subset.
+[T, H, W, 3]. A directory is searched recursively; a glob pattern may use '**'. Files are taken in sorted order,
+so --max-videos picks a deterministic subset. An nbp-sample output folder is read through its record
+(videos.jsonl): each finished video's decoded frames (frames/<stem>.npy, no codec in between), in job order.
 
 The detector cannot be downloaded here: fetch i3d_torchscript.pt on a machine with internet and pass --i3d PATH.
 Exit status: 0 on success, 2 on bad arguments (missing detector, no videos), 1 when decoding or scoring fails.
@@ -39,6 +39,7 @@ from nbp_ds.eval.fvd import (
     iter_clips,
     missing_detector_message,
 )
+from nbp_ds.sampling import sampled_frame_files
 from nbp_ds.tokenizer.video_io import ARRAY_SUFFIXES, VIDEO_SUFFIXES, find_videos
 
 logger = logging.getLogger("eval_fvd")
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
 
     sets: dict[str, list[Path]] = {}
     for name, spec in (("real", args.real), ("fake", args.fake)):
-        files = find_videos(spec, SUFFIXES)
+        files = sampled_frame_files(spec) or find_videos(spec, SUFFIXES)
         if not files:
             raise UsageError(f"--{name} {spec!r}: no {'/'.join(SUFFIXES)} files found")
         sets[name] = files

@@ -57,7 +57,7 @@ def steps(py: str, tests: Path | None) -> list[Step]:
                                  "--dtype", "bf16", "--attention", "flex", "sdpa", "--micro-batch", "8", "--steps", "6",
                                  "--warmup", "3"], 6),
         Step("generate-700m", 90, [*bench, "nbp_ds.cli.bench_generate", "--config", "ucf101-700m", "--full-size",
-                                   "--device", "cuda", "--dtype", "bf16", "--repeats", "1"], 8),
+                                   "--device", "cuda", "--dtype", "bf16", "--repeats", "1"], 13),
         Step("3b-offload", 600, [py, "-m", "pytest", str(tests), "-m", "gpu", "-k", "3b", "-q", "-s", "-rs",
                                  "-p", "no:cacheprovider"], 4, default=False) if tests else None,
     ]

@@ -104,7 +104,7 @@ class Pipeline:
         self.stage("sample", 6, {"n": a.samples_per_class}, [[
             py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
             "--num", a.samples_per_class, "--classes", shards / "train" / "classes.json",
-            "--temperature", "1.0", "--top-k", "8", "--seed", "0"]])
+            "--temperature", "1.0", "--top-k", "8", "--seed", "0", "--restart"]])  # rerun: new weights, anew
         self.stage("check", 7, {"n": a.samples_per_class}, [[
             py, "-m", "nbp_ds.cli.check_consistency", samples, "--classes", shards / "train" / "classes.json",
             "--json", samples / "consistency.json"]])

@@ -1,17 +1,27 @@
-"""Sample videos from a trained NBP model.
+"""Sample videos from a trained NBP model, a few or thousands (FVD uses 2,048-10,000), resumably.
 
     nbp-sample --weights runs/x/export.safetensors --tokenizer runs/tok/tokenizer --out samples/
     nbp-sample --weights runs/x --tokenizer TOK --label 3 --num 8 --cfg-scale 2 --top-p 0.9
     nbp-sample --weights runs/k600 --tokenizer TOK --context clip.mp4 --num 4
     nbp-sample --weights converted/ucf_700m.safetensors --tokenizer official:magvit2_ucf.pt \
-        --paper-sampling --out samples/    # a converted release (nbp-convert-official)
+        --paper-sampling --num 100 --batch-size 32 --no-mp4 --out fvd_samples/   # 101 classes x 100 for FVD
+    nbp-eval-fvd --real REAL_VIDEOS --fake fvd_samples/ --i3d i3d_torchscript.pt
 
 --weights is an exported .safetensors file (nbp-export) or a training output folder /
-DeepSpeed checkpoint folder (consolidated in memory). Writes one mp4 per sample, grid.png (a row of
-frames per sample), tokens.npy (+ labels.npy), and prints forward passes and frames per second.
+DeepSpeed checkpoint folder (consolidated in memory); the model is built on --device and runs in --dtype.
+Batches are generated on the device and written as they come by --writers threads: per video an mp4
+(unless --no-mp4), its decoded frames frames/<stem>.npy and its tokens tokens/<stem>.npy, and a line in
+videos.jsonl once all three are in place; grid.png shows the first videos. nbp-eval-fvd and
+nbp-check-consistency read the folder. Memory stays bounded however many videos are asked for.
+
+An interrupted run (killed, preempted, out of time) continues when run again with the same arguments: finished
+videos are skipped, and every video is the one an uninterrupted run gives (video i draws from the random stream
+of (--seed, i)). Other arguments for the same --out are refused, naming what changed; --restart discards the
+folder's earlier run instead.
+
 Everything that can be checked is checked before any sampling starts: the weights and the tokenizer
 load, the tokenizer's codebook and latent grid fit the model, labels are in range, a context video is
-given exactly when the model predicts frames.
+given exactly when the model predicts frames, --out holds no other run.
 """
 
 from __future__ import annotations
@@ -23,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nbp_ds.cli import command
@@ -50,11 +59,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paper-sampling", action="store_true",
                    help="the NBP paper's settings for its FVD: temperature 1, top-k 16000, top-p 0.9, no CFG "
                         "(flags given explicitly still win)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="video i draws from the random stream of (seed, i)")
     p.add_argument("--batch-size", type=int, default=16, help="videos generated together")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4 files")
+    p.add_argument("--no-mp4", action="store_true", help="write frames and tokens only (FVD reads the frames)")
+    p.add_argument("--writers", type=int, default=4, help="threads writing videos while the next batch generates")
+    p.add_argument("--restart", action="store_true", help="discard an earlier run's output in --out and start over")
     p.add_argument("--classes", help="classes.json (name -> id) to name the files; default: looked up beside --weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--mode", choices=["auto", "graph", "static", "eager"], default="auto",
+                   help="decoder: CUDA graphs, static passes, or the eager reference (auto: graph on CUDA, "
+                        "eager elsewhere)")
     args = p.parse_args(argv)
     if args.paper_sampling:  # the paper's values become the defaults, so flags given explicitly still win
         from nbp_ds.generate import PAPER_SAMPLING
@@ -84,9 +100,13 @@ def load_everything(args: argparse.Namespace):
     if tokenizer.codebook_size != cfg.model.vocab_size:
         raise UsageError(f"--tokenizer {args.tokenizer} has {tokenizer.codebook_size} codes but the model was "
                          f"trained on model.vocab_size={cfg.model.vocab_size}")
-    for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
+    for name, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--writers", args.writers)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.mode == "graph" and not str(args.device).startswith("cuda"):
+        raise UsageError(f"--mode graph needs a CUDA device, got --device {args.device}")
     if lay.condition == "class":
         labels = args.label if args.label is not None else list(range(lay.num_classes))
         try:
@@ -131,50 +151,45 @@ def class_names(args: argparse.Namespace) -> dict[int, str]:
     return {}
 
 
+def run_settings(args: argparse.Namespace, model, tokenizer, labels: list) -> dict:
+    """What identifies a run's videos (sampling.json): a rerun with the same settings resumes it."""
+    from nbp_ds.sampling import weights_fingerprint
+
+    return {"weights": str(Path(args.weights).resolve()), "weights_fingerprint": weights_fingerprint(model),
+            "tokenizer": args.tokenizer, "tokenizer_name": tokenizer.name, "labels": labels, "num": args.num,
+            "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "cfg_scale": args.cfg_scale, "batch_size": args.batch_size, "dtype": args.dtype,
+            "context": str(Path(args.context).resolve()) if args.context else None, "fps": args.fps,
+            "mp4": not args.no_mp4}
+
+
 @command
 def main(argv: list[str] | None = None) -> int | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     model, cfg, tokenizer, labels, context = load_everything(args)
-    from nbp_ds.generate import generate
-    from nbp_ds.tokenizer.video_io import write_video
-    from nbp_ds.visualize import frame_grid, save_png
+    from nbp_ds.sampling import plan_jobs, sample_to_folder
 
+    settings = run_settings(args, model, tokenizer, labels)
+    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = class_names(args)
-    all_tokens, all_labels, videos = [], [], []
-    passes, gen_seconds, began = 0, 0.0, time.perf_counter()
-    for label in labels:
-        done = 0
-        while done < args.num:
-            n = min(args.batch_size, args.num - done)
-            ctx = context.expand(n, *context.shape[1:]).to(args.device) if context is not None else None
-            tokens, stats = generate(model, n, label=label, context=ctx, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
-                                     seed=args.seed + len(all_tokens))
-            passes, gen_seconds = stats["forward_passes"], gen_seconds + stats["seconds"]
-            with torch.no_grad():
-                frames = tokenizer.decode(tokens.to(tokenizer.device)).cpu().numpy()
-            for i in range(n):
-                prefix = "sample" if label is None else names.get(label, f"class{label}")
-                stem = f"{prefix}_{done + i:03d}"
-                write_video(frames[i], out / f"{stem}.mp4", fps=args.fps)
-            all_tokens.append(tokens.cpu().numpy())
-            all_labels += [-1 if label is None else label] * n
-            videos.append(frames)
-            done += n
-    tokens = np.concatenate(all_tokens)
-    videos = np.concatenate(videos)
-    np.save(out / "tokens.npy", tokens)
-    np.save(out / "videos.npy", videos)  # decoded frames, before mp4 compression (nbp-check-consistency)
-    np.save(out / "labels.npy", np.array(all_labels))
-    save_png(out / "grid.png", frame_grid(videos))
+    jobs = plan_jobs(labels, args.num, class_names(args))
+    began = time.perf_counter()
+    summary = sample_to_folder(
+        model, tokenizer, jobs, out, settings, batch_size=args.batch_size, seed=args.seed,
+        sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                  "cfg_scale": args.cfg_scale},
+        context=context, fps=args.fps, mp4=not args.no_mp4, writers=args.writers, mode=args.mode,
+        restart=args.restart)
     total = time.perf_counter() - began
-    frames_made = videos.shape[0] * videos.shape[1]
-    print(f"{videos.shape[0]} videos of {videos.shape[1]} frames in {out}: {passes} forward passes per video, "
-          f"{frames_made / gen_seconds:.2f} frames/s generating, {frames_made / total:.2f} frames/s with decoding "
-          f"and writing")
+    done = f"{summary.skipped} finished earlier, " if summary.skipped else ""
+    print(f"{len(jobs)} videos in {out} ({done}{summary.videos} made now): {summary.forward_passes} forward passes "
+          f"per video", end="")
+    if summary.videos:
+        print(f", {summary.frames / summary.generate_seconds:.2f} frames/s generating, "
+              f"{summary.frames / total:.2f} frames/s with decoding and writing", end="")
+    print()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Attention backends behind one interface.
 
-Every backend answers two calls:
+Every backend answers three calls:
 
 * ``full(q, k, v)``: the whole training sequence under the block-causal rule;
 * ``chunk(q, k, v, start)``: KV-cache decoding, queries at positions [start, start + n) against the
-  cached keys [0, start + n).
+  cached keys [0, start + n) (eager decoding, the reference);
+* ``masked(q, k, v, mask)``: a static decoding pass against a fixed number of cache slots under a mask
+  the pass made (shapes that do not change from step to step, for CUDA graphs).
 
 q, k, v are [B, heads, S, head_dim]. A backend is made for one device and builds what depends only on
 the layout (dense mask, BlockMask) once, in its constructor: ``full`` then touches plain attributes and
@@ -76,6 +78,12 @@ class SdpaAttention:
             # one block sees the whole cache and itself: no mask at all
             return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask()[start:end, :end])
+
+    def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A static decoding pass: queries [B, heads, n, D] against the first kv cache slots under an additive mask
+        [n, kv] that the pass made once for every layer (the same call for every backend: masks of any shape are
+        what SDPA's memory-efficient kernel takes, and it is capturable in CUDA graphs)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class FlexAttention(SdpaAttention):
@@ -253,3 +261,5 @@ class DeviceBackend:
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         return self.on(q.device).chunk(q, k, v, start)
 
+    def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.on(q.device).masked(q, k, v, mask)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from nbp_ds.config import ModelConfig
 from nbp_ds.model.attention import DeviceBackend
-from nbp_ds.model.transformer import Embedding, KVCache, NBPModel, SequenceLayer, logits_or_loss
+from nbp_ds.model.transformer import DecodeWindow, Embedding, KVCache, NBPModel, SequenceLayer, logits_or_loss
 
 
 class BiasedLinear(nn.Linear):
@@ -47,8 +47,11 @@ class TokenAndPositionEmbedding(nn.Module):
         self.tokens = Embedding(num_tokens, dim, std)
         self.positions = Embedding(num_positions, dim, std)
 
-    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        where = torch.arange(start, start + ids.shape[1], device=ids.device)
+    def forward(self, ids: torch.Tensor, start: int | DecodeWindow) -> torch.Tensor:
+        if isinstance(start, DecodeWindow):  # static decoding: the positions are a tensor on the device
+            where = start.positions
+        else:
+            where = torch.arange(start, start + ids.shape[1], device=ids.device)
         return self.tokens(ids) + self.positions(where)
 
 
@@ -67,16 +70,13 @@ class SelfAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.n_head, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int | DecodeWindow = 0) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         if cache is None:
             y = self.backend.full(q, k, v)
         else:
-            end = start + n
-            cache.k[self.index, :, :, start:end] = k
-            cache.v[self.index, :, :, start:end] = v
-            y = self.backend.chunk(q, cache.k[self.index, :, :, :end], cache.v[self.index, :, :, :end], start)
+            y = cache.attend(self.index, q, k, v, start, self.backend)
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -100,7 +100,7 @@ class GPT2Block(SequenceLayer):
         self.ln2 = nn.LayerNorm(m.d_model, eps=m.norm_eps)
         self.mlp = GeluMLP(m.d_model, ffn_dim, m.init_std, out_std)
 
-    def block(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def block(self, x: torch.Tensor, cache: KVCache | None = None, start: int | DecodeWindow = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, start)
         return x + self.mlp(self.ln2(x))
 
@@ -133,7 +133,7 @@ class GPT2Model(NBPModel):
         self.norm = nn.LayerNorm(m.d_model, eps=m.norm_eps)
         self.head = VideoHead(m.d_model, lay.embedding_size, lay.video_token_offset, m.vocab_size, m.init_std)
 
-    def embed_positions(self, input_ids: torch.Tensor, start: int) -> tuple[torch.Tensor, tuple]:
+    def embed_positions(self, input_ids: torch.Tensor, start: int | DecodeWindow) -> tuple[torch.Tensor, tuple]:
         """Token plus learned position embeddings; the layers take no positional arguments."""
         return self.embed(input_ids, start), ()
 

@@ -9,6 +9,7 @@ returns; initializing afterwards would touch empty shards).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -83,6 +84,19 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+@dataclass(frozen=True)
+class DecodeWindow:
+    """Where a static decoding pass writes and what it reads, as tensors on the device (nbp_ds.generate).
+
+    ``positions`` [n]: the sequence positions fed (rotary angles, cache slots written); ``mask`` [n, kv]: an
+    additive attention mask (0 visible, -inf not) over the first ``kv`` cache slots, made once per pass and
+    shared by every layer. Passing it as ``start`` lets one pass of a fixed shape serve every generation step
+    of that shape, which is what CUDA graphs replay."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
 class KVCache:
     """Keys and values of every layer for the whole sequence, allocated once before decoding."""
 
@@ -91,6 +105,23 @@ class KVCache:
         shape = (n_layer, batch, n_head, seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | DecodeWindow,
+               backend: DeviceBackend) -> torch.Tensor:
+        """Store a pass's keys and values [B, heads, n, D] in ``layer``'s slots and attend to the cache.
+
+        ``start`` an int: the pass feeds positions [start, start + n) and sees the keys [0, start + n) under the
+        layout's rule (eager decoding, the reference). A DecodeWindow: the pass writes at its positions and
+        reads its first ``kv`` slots through its mask (static decoding: shapes do not depend on the step)."""
+        if isinstance(start, DecodeWindow):
+            self.k[layer].index_copy_(2, start.positions, k)
+            self.v[layer].index_copy_(2, start.positions, v)
+            kv = start.mask.shape[-1]
+            return backend.masked(q, self.k[layer, :, :, :kv], self.v[layer, :, :, :kv], start.mask)
+        end = start + q.shape[-2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return backend.chunk(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], start)
 
 
 class Attention(nn.Module):
@@ -106,17 +137,14 @@ class Attention(nn.Module):
         self.index = index  # this layer's slot in a KV cache
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int | DecodeWindow = 0) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = self.backend.full(q, k, v)
         else:
-            end = start + n
-            cache.k[self.index, :, :, start:end] = k
-            cache.v[self.index, :, :, start:end] = v
-            y = self.backend.chunk(q, cache.k[self.index, :, :, :end], cache.v[self.index, :, :, :end], start)
+            y = cache.attend(self.index, q, k, v, start, self.backend)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -139,7 +167,7 @@ class SequenceLayer(nn.Module):
     execution = LayerExecution()
 
     def forward(self, x: torch.Tensor, *positions: torch.Tensor, cache: KVCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int | DecodeWindow = 0) -> torch.Tensor:
         if cache is not None:
             return self.block(x, *positions, cache=cache, start=start)
         with_backward = self.training and torch.is_grad_enabled()
@@ -158,7 +186,7 @@ class TransformerLayer(SequenceLayer):
         self.mlp = SwiGLU(m.d_model, ffn_dim, m.init_std, out_std)
 
     def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-              start: int = 0) -> torch.Tensor:
+              start: int | DecodeWindow = 0) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -197,8 +225,12 @@ class NBPModel(nn.Module):
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
-    def embed_positions(self, input_ids: torch.Tensor, start: int) -> tuple[torch.Tensor, tuple]:
-        """(token embeddings, the positional arguments every layer takes): here the rotary tables' rows."""
+    def embed_positions(self, input_ids: torch.Tensor, start: int | DecodeWindow) -> tuple[torch.Tensor, tuple]:
+        """(token embeddings, the positional arguments every layer takes): here the rotary tables' rows (picked on
+        the device for a DecodeWindow: static decoding)."""
+        if isinstance(start, DecodeWindow):
+            return self.embed(input_ids), (self.rope_cos.index_select(0, start.positions),
+                                           self.rope_sin.index_select(0, start.positions))
         n = input_ids.shape[1]
         return self.embed(input_ids), (self.rope_cos[start:start + n], self.rope_sin[start:start + n])
 
@@ -220,11 +252,12 @@ class NBPModel(nn.Module):
         """Compile each layer's sequence pass (and the loss kernel) with torch.compile; see execution."""
         self.set_execution(LayerExecution(self.execution.checkpointing, enabled))
 
-    def forward(self, input_ids: torch.Tensor | dict, start: int = 0, cache: KVCache | None = None):
+    def forward(self, input_ids: torch.Tensor | dict, start: int | DecodeWindow = 0, cache: KVCache | None = None):
         """Input ids [B, n] at sequence positions [start, start + n) -> final hidden states [B, n, d].
 
         A batch dict instead of ids returns ``self.loss(batch)``: that is how a DeepSpeed engine,
-        which only calls ``forward``, trains the model (``loss, metrics = engine(batch)``).
+        which only calls ``forward``, trains the model (``loss, metrics = engine(batch)``). With a cache,
+        ``start`` may be a DecodeWindow: the positions then come from the device (static decoding).
         """
         if isinstance(input_ids, dict):
             return self.loss(input_ids)

@@ -245,7 +245,9 @@ class Trainer:
         n = min(lay.num_classes, 4) if lay.condition == "class" else 2
         label = torch.arange(n) if lay.condition == "class" else None
         self.engine.eval()
-        tokens, _ = generate(self.engine.module, n, label=label, temperature=1.0, seed=self.state.step)
+        # static decoding, no CUDA graphs: ZeRO-3 gathers the weights at every call, and a captured decoder would
+        # hold its memory through training
+        tokens, _ = generate(self.engine.module, n, label=label, temperature=1.0, seed=self.state.step, mode="static")
         self.engine.train()
         if self.rank == 0:
             from nbp_ds.tokenizer import load_tokenizer

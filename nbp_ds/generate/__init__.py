@@ -1,0 +1,29 @@
+"""KV-cache block decoding: NBP (a block per pass), NTP (block 1x1x1) and hybrid layouts.
+
+The layout's ``generation_steps`` say what each forward pass feeds: step 0 the prefix (condition, BOV, and for
+frame prediction the given context blocks), each later step the block just sampled. A pass reads one set of
+logits per token of the block it predicts. The KV cache is allocated once for the whole sequence.
+
+* ``decode``: ``generate`` and the eager reference decoder; the modes (eager, static, graph, auto).
+* ``static``: the static decoder (fixed-shape passes, no host synchronisation, CUDA graphs).
+* ``plan``: the generation steps as device tables grouped by pass shape.
+* ``draw``: sampling on the device (temperature, top-k, top-p, guidance) from a counter-based random stream.
+"""
+
+from nbp_ds.generate.decode import MODES, generate, release_decoders, resolve_mode
+from nbp_ds.generate.draw import (
+    PAPER_SAMPLING,
+    Sampling,
+    filter_logits,
+    guided_logits,
+    inverse_cdf,
+    sample_tokens,
+    stream_uniforms,
+    video_keys,
+)
+from nbp_ds.generate.static import StaticDecoder
+
+__all__ = [
+    "MODES", "PAPER_SAMPLING", "Sampling", "StaticDecoder", "filter_logits", "generate", "guided_logits",
+    "inverse_cdf", "release_decoders", "resolve_mode", "sample_tokens", "stream_uniforms", "video_keys",
+]
