@@ -90,7 +90,8 @@ class Pipeline:
             "--val-per-class", a.val_per_class, "--frames", "9", "--size", "32", "--fps", "8", "--seed", "0"]])
         self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr}, [[
             py, "-m", "nbp_ds.cli.train_tokenizer", "--videos", videos / "train", "--val-videos", videos / "val",
-            "--out", tok_run, "--preset", "tiny", *clip, "--steps", a.tokenizer_steps, "--lr", a.tokenizer_lr, "--seed", "0"]])
+            "--out", tok_run, "--preset", "tiny", *clip, "--steps", a.tokenizer_steps, "--lr", a.tokenizer_lr,
+            "--seed", "0"]])
         self.stage("shards", 3, {"per_class": a.per_class}, [
             [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
              "--tokenizer", tokenizer, *clip, "--shard-size", "200"]
