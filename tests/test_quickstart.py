@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nbp_ds.cli import quickstart
+from nbp_ds.cli.quickstart import STAGES as STAGE_NAMES
 from nbp_ds.eval.consistency import classify_clip
 from nbp_ds.eval.synthetic import CLASSES, parse_class
 from nbp_ds.sampling import recorded_videos
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def check_consistency_report(report: dict, samples: Path, classes: dict[str, int]) -> None:
@@ -46,6 +47,14 @@ def check_consistency_report(report: dict, samples: Path, classes: dict[str, int
         assert stats["count"] == 1 and stats["overall_rate"] == float(r["correct"])
 
 
+def test_bad_override_is_refused_before_any_stage_runs(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert quickstart.main(["--out", str(out), "model.n_layr=2"]) == 2
+    assert "unknown config key 'model.n_layr'" in capsys.readouterr().err
+    assert not (out / ".done").exists() and not (out / "videos").exists()
+
+
+@pytest.mark.slow
 def test_quickstart_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "nbp_ds.cli.quickstart", "--out", str(out), "--per-class", "3", "--val-per-class", "1",
@@ -69,3 +78,17 @@ def test_quickstart_end_to_end_and_reuse(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:]
     assert second.stdout.count("done in an earlier run, reused") == 7
+    assert "total" in second.stdout and second.stdout.count("reused") >= 7 + 7  # the messages and the table
+    # A stage's inputs include every earlier stage: a new tokenizer re-tokenizes the shards and retrains the
+    # model (reusing the old shards would train on codes the new tokenizer cannot decode); the videos stay.
+    changed = [c if c != "10" else "12" for c in cmd]
+    third = subprocess.run(changed, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "[1/7] videos: done in an earlier run, reused" in third.stdout
+    for stage in ("tokenizer", "shards", "train"):  # their old outputs would be resumed, not redone
+        assert f"{stage}: its inputs changed; removing the old {out / stage}" in third.stdout, stage
+    for number, stage in enumerate(("tokenizer", "shards", "train", "export", "sample", "check"), start=2):
+        assert f"[{number}/7] {stage}: finished in" in third.stdout, stage
+    table = third.stdout[third.stdout.index("stage        time"):]
+    assert [line.split()[0] for line in table.splitlines()[1:9]] == [*STAGE_NAMES, "total"]
+    assert json.loads((out / "tokenizer" / "report.json").read_text())["steps"] == 12

@@ -8,8 +8,10 @@
   6. sample     one video per class: mp4s, a PNG grid, tokens
   7. check      does each sample show its class' shape moving in its class' direction?
 
-Every stage writes a marker when it completes; a second run reuses finished stages (delete the
-stage's folder, or pass --redo STAGE, to run it again). Each stage shows its own progress.
+Every stage writes a marker when it completes; a second run reuses finished stages whose inputs
+did not change (a stage's marker covers its own parameters and every earlier stage's, so a new
+tokenizer re-tokenizes the shards and retrains). Pass --redo STAGE to run one again. Each stage
+shows its own progress, and the run ends with a table of stage times.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from nbp_ds.cli import command
+from nbp_ds.config import load_config
 
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check")
 
@@ -31,10 +35,10 @@ STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quickstart_out", help="everything goes here (default quickstart_out/)")
-    p.add_argument("--per-class", type=int, default=96, help="training videos per class")
+    p.add_argument("--per-class", type=int, default=64, help="training videos per class")
     p.add_argument("--val-per-class", type=int, default=4, help="held-out videos per class")
-    p.add_argument("--tokenizer-steps", type=int, default=2000, help="tokenizer training steps")
-    p.add_argument("--tokenizer-lr", type=float, default=2e-3, help="tokenizer peak learning rate")
+    p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps")
+    p.add_argument("--tokenizer-lr", type=float, default=3e-3, help="tokenizer peak learning rate")
     p.add_argument("--train-steps", type=int, default=600, help="NBP training steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=1)
@@ -51,6 +55,8 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         self.python = sys.executable
         self.env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        self.upstream = ""  # digest of the stages before this one: their changes invalidate this one
+        self.timings: list[tuple[str, float | None]] = []  # (stage, seconds), None when reused
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -58,14 +64,30 @@ class Pipeline:
     def _marker(self, stage: str) -> Path:
         return self.path(".done", stage)
 
-    def stage(self, name: str, number: int, params: dict, commands: list[list[str]]) -> None:
-        """Run a stage's commands unless it already completed with the same parameters."""
-        digest = hashlib.sha256(json.dumps([params, commands], sort_keys=True, default=str).encode()).hexdigest()
+    def stage(self, name: str, number: int, params: dict, commands: list[list[str]],
+              outputs: tuple[Path, ...] = ()) -> None:
+        """Run a stage's commands unless it already completed with the same inputs (its own and upstream)."""
+        inputs = [self.upstream, params, commands]
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+        self.upstream = digest
         marker = self._marker(name)
         header = f"[{number}/{len(STAGES)}] {name}"
         if name not in self.args.redo and marker.is_file() and marker.read_text() == digest:
             print(f"{header}: done in an earlier run, reused", flush=True)
+            self.timings.append((name, None))
             return
+        if name in self.args.redo or marker.is_file():
+            # It finished before with other inputs (or --redo): start it afresh, since the trainers would
+            # otherwise resume the old run's checkpoint. A stage interrupted before finishing has no
+            # marker, keeps its outputs and resumes.
+            marker.unlink(missing_ok=True)
+            for output in outputs:
+                if output.exists():
+                    print(f"{header}: its inputs changed; removing the old {output}", flush=True)
+                    if output.is_dir():
+                        shutil.rmtree(output)
+                    else:
+                        output.unlink()
         print(f"{header}: running", flush=True)
         began = time.time()
         for cmd in commands:
@@ -76,7 +98,17 @@ class Pipeline:
                                  f"above and run again: finished stages are reused")
         marker.parent.mkdir(exist_ok=True)
         marker.write_text(digest)
-        print(f"{header}: finished in {time.time() - began:.0f} s", flush=True)
+        seconds = time.time() - began
+        self.timings.append((name, seconds))
+        print(f"{header}: finished in {seconds:.0f} s", flush=True)
+
+    def print_timings(self) -> None:
+        """The table of stage times that ends a run (where the quickstart's minutes went)."""
+        print("\nstage        time")
+        for name, seconds in self.timings:
+            print(f"  {name:<10} {'reused' if seconds is None else f'{seconds:6.0f} s':>8}")
+        total = sum(seconds or 0.0 for _, seconds in self.timings)
+        print(f"  {'total':<10} {total:6.0f} s")
 
     def run(self) -> None:
         a, py = self.args, self.python
@@ -85,22 +117,26 @@ class Pipeline:
         shards, train = self.path("shards"), self.path("train")
         export, samples = train / "export.safetensors", self.path("samples")
         clip = ["--frames", "9", "--resolution", "32", "--fps", "8"]
-        self.stage("videos", 1, vars(a) | {"stage": "videos"}, [[
+        overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"train.out_dir={train}",
+                     f"train.steps={a.train_steps}", f"train.sample_tokenizer={tokenizer}", *a.overrides]
+        # Checked before the first stage (a bad key is refused now, not after the tokenizer's minutes); the
+        # resolved config, not just its name, is the train stage's input: an edited quickstart.yaml retrains.
+        run_config = load_config(a.config, overrides).to_dict()
+        self.stage("videos", 1, {}, [[
             py, "-m", "nbp_ds.cli.make_synthetic_videos", "--out", videos, "--per-class", a.per_class,
-            "--val-per-class", a.val_per_class, "--frames", "9", "--size", "32", "--fps", "8", "--seed", "0"]])
+            "--val-per-class", a.val_per_class, "--frames", "9", "--size", "32", "--fps", "8", "--seed", "0"]],
+            outputs=(videos,))
         self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr}, [[
             py, "-m", "nbp_ds.cli.train_tokenizer", "--videos", videos / "train", "--val-videos", videos / "val",
             "--out", tok_run, "--preset", "tiny", *clip, "--steps", a.tokenizer_steps, "--lr", a.tokenizer_lr,
-            "--seed", "0"]])
-        self.stage("shards", 3, {"per_class": a.per_class}, [
+            "--seed", "0"]], outputs=(tok_run,))
+        self.stage("shards", 3, {}, [
             [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
              "--tokenizer", tokenizer, *clip, "--shard-size", "200"]
-            for split in ("train", "val")])
-        overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"train.out_dir={train}",
-                     f"train.steps={a.train_steps}", f"train.sample_tokenizer={tokenizer}", *a.overrides]
-        self.stage("train", 4, {"overrides": overrides, "nproc": a.nproc}, [[
+            for split in ("train", "val")], outputs=(shards,))
+        self.stage("train", 4, {"config": run_config, "nproc": a.nproc}, [[
             py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", a.nproc,
-            "-m", "nbp_ds.train", "--config", a.config, *overrides]])
+            "-m", "nbp_ds.train", "--config", a.config, *overrides]], outputs=(train,))
         self.stage("export", 5, {"train": str(train)}, [[py, "-m", "nbp_ds.cli.export", train, export]])
         self.stage("sample", 6, {"n": a.samples_per_class}, [[
             py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
@@ -109,6 +145,7 @@ class Pipeline:
         self.stage("check", 7, {"n": a.samples_per_class}, [[
             py, "-m", "nbp_ds.cli.check_consistency", samples, "--classes", shards / "train" / "classes.json",
             "--json", samples / "consistency.json"]])
+        self.print_timings()
         print("\nDone. Look at:")
         print(f"  sampled videos   {samples}/*.mp4")
         print(f"  frame grid       {samples / 'grid.png'}")
