@@ -20,7 +20,7 @@ test-fast: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu and not slow and not slurm"
 
 lint: setup
-	$(PY) -m ruff check nbp_ds tests
+	$(PY) -m ruff check nbp_ds tests tools
 
 gpu-check:
 	PYTHONUNBUFFERED=1 $(GPU_PY) -m nbp_ds.cli.gpu_check
