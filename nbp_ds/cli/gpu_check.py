@@ -51,8 +51,7 @@ def steps(py: str, tests: Path | None) -> list[Step]:
     found = [
         Step("gpu-tests", 260, [py, "-m", "pytest", str(tests), "-m", "gpu", "-k", "not 3b", "-q", "-rs",
                                 "-p", "no:cacheprovider"], 4) if tests else None,
-        Step("attention", 60, [*bench, "nbp_ds.cli.bench_attention", "--device", "cuda"], 14)
-        if importlib.util.find_spec("nbp_ds.cli.bench_attention") else None,
+        Step("attention", 60, [*bench, "nbp_ds.cli.bench_attention", "--device", "cuda"], 14),
         Step("train-700m", 150, [*bench, "nbp_ds.cli.bench_train", "--config", "ucf101-700m", "--device", "cuda",
                                  "--dtype", "bf16", "--attention", "flex", "sdpa", "--micro-batch", "8", "--steps", "6",
                                  "--warmup", "3"], 6),
