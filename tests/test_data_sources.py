@@ -14,10 +14,11 @@ import pytest
 from shard_server import ShardServer
 from test_data_loader import GRID, ids_of, write_shards
 from train_helpers import ROOT
+from webdataset.gopen import gopen
 
 from nbp_ds.config import ConfigError
 from nbp_ds.data import DataReport, RetryPolicy, build_loader, expand_shards, read_shard
-from nbp_ds.data.shards import sample_offsets
+from nbp_ds.data.shards import PipeReader, sample_offsets
 
 NO_WAIT = {"retries": 2, "retry_backoff": 0.0}
 
@@ -100,6 +101,25 @@ def test_a_truncated_shard_keeps_what_it_holds_and_training_goes_on(tmp_path):
     got = ids_of(first_batches(loader, 8 + kept))  # four epochs of what remains (batches of 4)
     assert len(got) == 4 * (8 + kept) and Counter(got) == {i: 4 for i in [*range(8), *range(8, 8 + kept)]}
     assert loader.stats()["failed_shards"] == 4  # once per epoch, every one counted
+
+
+def test_a_command_that_fails_after_part_of_a_shard_yields_what_it_wrote(tmp_path):
+    """A download cut midway (curl exits non-zero) on a fast network or a small shard: the command has ended
+    before the reader's first read. Every sample it wrote is still read, then its failure is counted."""
+    shard = write_shards(tmp_path, 12, per_shard=12)[0]
+    cut = Path(shard).stat().st_size // 2  # well under a pipe's buffer: the command can end unread
+    command = f"pipe:head -c {cut} {shard}; exit 3"
+    pipe = gopen(command, "rb")
+    pipe.proc.wait()  # ended before the first read
+    reader, data = PipeReader(pipe), b""
+    with pytest.raises(OSError, match="exit 3"):
+        while chunk := reader.read(1000):
+            data += chunk
+    assert data == Path(shard).read_bytes()[:cut]
+    report = DataReport()
+    got = [o for o, _ in read_shard(command, policy=RetryPolicy(retries=0), report=report)]
+    assert got == list(range(samples_before(shard, cut))) and len(got) >= 3
+    assert report.counts["failed_shards"] == 1
 
 
 @pytest.mark.parametrize("kind", ["local", "pipe"])

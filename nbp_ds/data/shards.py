@@ -227,21 +227,46 @@ def _open_at(url: str, start: int):
             stream = gopen(url, "rb")
             stream.seek(offsets[start])
             return stream, start
-    return gopen(url, "rb"), 0
+    stream = gopen(url, "rb")
+    return (PipeReader(stream) if isinstance(stream, Pipe) else stream), 0
+
+
+class PipeReader:
+    """A command's output (``pipe:``, and the http(s) URLs webdataset reads through curl), read to its end
+    before the command's exit status counts. webdataset's Pipe checks the status after every read and drops
+    the bytes of the read that sees a failure, so a download cut after a few samples yielded none of them
+    whenever the command had already exited at the first read (small shards, fast networks). Here every
+    byte the command wrote is read, and a non-zero exit raises at the end of its output."""
+
+    def __init__(self, pipe: Pipe):
+        self.pipe = pipe
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.pipe.stream.read(size)
+        if not data and size != 0:
+            self.pipe.wait_for_child()  # raises OSError naming the command and its status when it failed
+        return data
+
+    def close(self, check: bool = True) -> None:
+        """Close; ``check``: a non-zero exit status raises. Unchecked (the stream was left early), the
+        command is stopped and its status ignored (it may complain about the closed pipe)."""
+        if check:
+            self.pipe.close()
+            return
+        if self.pipe.proc.poll() is None:
+            self.pipe.proc.kill()
+        try:
+            self.pipe.close()
+        except OSError:
+            pass
 
 
 def _close(stream, check: bool) -> None:
-    """Close a shard's stream. Read to its end (``check``): a pipe's non-zero exit status raises. Left
-    early: the command is stopped and its status ignored (it may complain about the closed pipe)."""
-    if isinstance(stream, Pipe) and not check:
-        if stream.proc.poll() is None:
-            stream.proc.kill()
-        try:
-            stream.close()
-        except OSError:
-            pass
-        return
-    stream.close()
+    """Close a shard's stream; read to its end (``check``), a pipe's non-zero exit status raises."""
+    if isinstance(stream, PipeReader):
+        stream.close(check)
+    else:
+        stream.close()
 
 
 def _describe(exc: BaseException) -> str:
