@@ -3,12 +3,13 @@ what the one-node and the two-node Slurm tests submit, and how they read what th
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from pathlib import Path
 
 from tests.slurm_cluster import SlurmCluster
-from tests.train_helpers import ROOT, step_counts
+from tests.train_helpers import ROOT, step_counts, with_faults
 from tests.video_fixtures import lavfi_video
 
 # the tiny model on CPU, one thread per task; no GPU (the scripts ask for some by default)
@@ -18,15 +19,17 @@ NO_GPU = "--gpus-per-node=0"
 
 def submit_train(cluster: SlurmCluster, tmp_path: Path, shards: tuple[Path, Path], name: str, *overrides: str,
                  layout: list[str], cwd: Path = ROOT, script: str = "slurm/train.sbatch",
-                 **env: str) -> tuple[str, Path, Path]:
-    """sbatch slurm/train.sbatch on CPU with the task layout given (e.g. --nodes=2 --ntasks-per-node=1);
-    return (job id, run folder, job log)."""
+                 faults: dict | None = None, **env: str) -> tuple[str, Path, Path]:
+    """sbatch slurm/train.sbatch on CPU with the task layout given (e.g. --nodes=2 --ntasks-per-node=1) and
+    tests/faults.py's ``faults`` injected (e.g. ``{"step_sleep": 0.2}``); return (job id, run folder, job log)."""
     train, val = shards
     log = tmp_path / f"{name}.log"
+    command, fault_env = with_faults([script, f"data.train={train}", f"data.val={val}", *overrides], faults)
+    if faults:  # the trainer imports the hooks from tests/
+        fault_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     # the script's defaults ask for a GPU node's cores; these test nodes declare two
-    job = cluster.sbatch([f"--job-name={name}", "--cpus-per-task=1", *layout, NO_GPU, f"--output={log}", script,
-                          f"data.train={train}", f"data.val={val}", *overrides],
-                         env={**CPU_ENV, "NBP_RUNS": str(tmp_path / "runs"), **env}, cwd=cwd)
+    job = cluster.sbatch([f"--job-name={name}", "--cpus-per-task=1", *layout, NO_GPU, f"--output={log}", *command],
+                         env={**CPU_ENV, "NBP_RUNS": str(tmp_path / "runs"), **fault_env, **env}, cwd=cwd)
     return job, tmp_path / "runs" / name, log
 
 

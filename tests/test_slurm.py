@@ -68,7 +68,7 @@ def test_train_job_runs_to_completion(slurm_cluster, shards, tmp_path):
 def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, shards, tmp_path):
     # submitted the documented way: from the repository root with the relative script path
     job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-requeue", "train.steps=40",
-                                 layout=TWO_TASKS_ONE_NODE, NBP_TEST_STEP_SLEEP="0.2")
+                                 layout=TWO_TASKS_ONE_NODE, faults={"step_sleep": 0.2})
     wait_for_step(slurm_cluster, job, out, 10)
     # what --signal=B:USR1@300 does 300 s before the time limit: signal the batch shell only
     slurm_cluster.signal_batch(job, "USR1")
@@ -92,7 +92,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, shards, tmp_pat
 
 def test_sigterm_to_the_batch_shell_checkpoints_and_stops(slurm_cluster, shards, tmp_path):
     job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-stop", "train.steps=40",
-                                 layout=TWO_TASKS_ONE_NODE, NBP_TEST_STEP_SLEEP="0.2")
+                                 layout=TWO_TASKS_ONE_NODE, faults={"step_sleep": 0.2})
     wait_for_step(slurm_cluster, job, out, 3)
     # the batch shell only: a plain scancel also hits srun, which SIGKILLs the tasks on SIGTERM
     slurm_cluster.signal_batch(job, "TERM")

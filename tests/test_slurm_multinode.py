@@ -74,7 +74,7 @@ def test_training_runs_one_rank_on_each_host(two_nodes, shards, tmp_path):
 
 def test_sigusr1_requeues_a_two_host_job_and_resumes(two_nodes, shards, tmp_path):
     job, out, log = submit_train(two_nodes, tmp_path, shards, "nbp-2nodes-requeue", "train.steps=24",
-                                 "train.save_every=0", layout=ONE_RANK_PER_HOST, NBP_TEST_STEP_SLEEP="0.2")
+                                 "train.save_every=0", layout=ONE_RANK_PER_HOST, faults={"step_sleep": 0.2})
     wait_for_step(two_nodes, job, out, 6)
     two_nodes.signal_batch(job, "USR1")  # srun passes it to the tasks on both hosts
     two_nodes.wait_done(job, timeout=240)

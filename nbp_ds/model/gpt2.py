@@ -24,19 +24,16 @@ import torch.nn.functional as F
 
 from nbp_ds.config import ModelConfig
 from nbp_ds.model.attention import DeviceBackend
-from nbp_ds.model.transformer import DecodeWindow, Embedding, KVCache, NBPModel, SequenceLayer, logits_or_loss
-
-
-class BiasedLinear(nn.Linear):
-    """Linear layer with bias: weight N(0, std), bias 0, set in its own constructor (ZeRO-3 safe)."""
-
-    def __init__(self, d_in: int, d_out: int, std: float):
-        object.__setattr__(self, "_init_std", std)
-        super().__init__(d_in, d_out, bias=True)
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self._init_std)
-        nn.init.zeros_(self.bias)
+from nbp_ds.model.transformer import (
+    DecodeWindow,
+    Embedding,
+    KVCache,
+    Linear,
+    NBPModel,
+    SequenceLayer,
+    attend,
+    logits_or_loss,
+)
 
 
 class TokenAndPositionEmbedding(nn.Module):
@@ -59,10 +56,10 @@ class SelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, std: float, out_std: float, backend: DeviceBackend, index: int):
         super().__init__()
         self.n_head, self.head_dim = n_head, d_model // n_head
-        self.query = BiasedLinear(d_model, d_model, std)
-        self.key = BiasedLinear(d_model, d_model, std)
-        self.value = BiasedLinear(d_model, d_model, std)
-        self.proj = BiasedLinear(d_model, d_model, out_std)
+        self.query = Linear(d_model, d_model, std, bias=True)
+        self.key = Linear(d_model, d_model, std, bias=True)
+        self.value = Linear(d_model, d_model, std, bias=True)
+        self.proj = Linear(d_model, d_model, out_std, bias=True)
         self.backend = backend  # shared by all layers; not a submodule (it holds no weights)
         self.index = index  # this layer's slot in a KV cache
 
@@ -73,18 +70,15 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int | DecodeWindow = 0) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        if cache is None:
-            y = self.backend.full(q, k, v)
-        else:
-            y = cache.attend(self.index, q, k, v, start, self.backend)
+        y = attend(q, k, v, self.backend, cache, self.index, start)
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
 class GeluMLP(nn.Module):
     def __init__(self, d_model: int, hidden: int, std: float, out_std: float):
         super().__init__()
-        self.fc = BiasedLinear(d_model, hidden, std)
-        self.proj = BiasedLinear(hidden, d_model, out_std)
+        self.fc = Linear(d_model, hidden, std, bias=True)
+        self.proj = Linear(hidden, d_model, out_std, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))  # the exact (erf) GELU, as nn.GELU() in the released code

@@ -29,14 +29,16 @@ def default_ffn_dim(d_model: int) -> int:
 
 
 class Linear(nn.Linear):
-    """Bias-free linear layer initialized N(0, std) in its own constructor (ZeRO-3 safe)."""
+    """Linear layer initialized N(0, std), its bias (none by default) 0, in its own constructor (ZeRO-3 safe)."""
 
-    def __init__(self, d_in: int, d_out: int, std: float):
+    def __init__(self, d_in: int, d_out: int, std: float, bias: bool = False):
         object.__setattr__(self, "_init_std", std)
-        super().__init__(d_in, d_out, bias=False)
+        super().__init__(d_in, d_out, bias=bias)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self._init_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class OutputHead(Linear):
@@ -124,6 +126,15 @@ class KVCache:
         return backend.chunk(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], start)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: DeviceBackend, cache: KVCache | None,
+           layer: int, start: int | DecodeWindow) -> torch.Tensor:
+    """One layer's attention for q, k, v [B, heads, n, D]: over the whole sequence (training, scoring), or,
+    given a cache, through ``layer``'s slots of it (decoding; see KVCache.attend for ``start``)."""
+    if cache is None:
+        return backend.full(q, k, v)
+    return cache.attend(layer, q, k, v, start, backend)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention under the layout's block-causal rule, run by the model's backend."""
 
@@ -141,10 +152,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            y = self.backend.full(q, k, v)
-        else:
-            y = cache.attend(self.index, q, k, v, start, self.backend)
+        y = attend(q, k, v, self.backend, cache, self.index, start)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
