@@ -54,6 +54,43 @@ def test_bad_override_is_refused_before_any_stage_runs(tmp_path, capsys):
     assert not (out / ".done").exists() and not (out / "videos").exists()
 
 
+def run_stages(out: Path, first: str, second: str, fail: bool = False, redo: tuple[str, ...] = ()) -> list[str]:
+    """Two stages of a Pipeline whose commands append to a log (a stage's outputs: a folder a/ and b/);
+    return the log. ``first``/``second`` are the stages' parameters; ``fail``: the first stage's command
+    writes its output, then fails (told by a file, so that its command line, an input, stays the same)."""
+    args = quickstart.parse_args(["--out", str(out), *[f"--redo={r}" for r in redo]])
+    pipe = quickstart.Pipeline(args)
+    log, failing = out / "log", out / "fail"
+    failing.unlink(missing_ok=True)
+    if fail:
+        failing.touch()
+
+    def command(name: str) -> list[str]:
+        script = (f"import pathlib, sys; d = pathlib.Path({str(out / name)!r}); d.mkdir(exist_ok=True); "
+                  f"print(len(list(d.iterdir())), file=open({str(log)!r}, 'a')); "
+                  f"(d / str(len(list(d.iterdir())))).touch(); "
+                  f"sys.exit({name!r} == 'a' and pathlib.Path({str(failing)!r}).exists())")
+        return [sys.executable, "-c", script]
+
+    pipe.stage("videos", 1, {"p": first}, [command("a")], outputs=(out / "a",))
+    pipe.stage("tokenizer", 2, {"p": second}, [command("b")], outputs=(out / "b",))
+    return log.read_text().split() if log.exists() else []
+
+
+def test_stages_rerun_when_their_inputs_or_an_earlier_stage_change_and_resume_when_interrupted(tmp_path):
+    # each line of the log: how many outputs the stage's folder held when its command started
+    assert run_stages(tmp_path, "x", "y") == ["0", "0"]
+    assert run_stages(tmp_path, "x", "y") == ["0", "0"]  # both reused
+    assert run_stages(tmp_path, "x", "z") == ["0", "0", "0"]  # only the second, afresh (its old output removed)
+    assert run_stages(tmp_path, "w", "z") == ["0", "0", "0", "0", "0"]  # the first changed: both afresh
+    with pytest.raises(SystemExit, match="stage 'videos' failed"):
+        run_stages(tmp_path, "v", "z", fail=True)
+    # interrupted with the same inputs: it runs again over what it left (1 output), then the second afresh
+    assert run_stages(tmp_path, "v", "z")[-2:] == ["1", "0"]
+    assert run_stages(tmp_path, "v", "z", redo=("tokenizer",))[-1:] == ["0"]  # --redo: afresh
+    assert len(run_stages(tmp_path, "v", "z")) == 9  # all reused
+
+
 @pytest.mark.slow
 def test_quickstart_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "qs"

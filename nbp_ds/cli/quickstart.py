@@ -76,18 +76,20 @@ class Pipeline:
             print(f"{header}: done in an earlier run, reused", flush=True)
             self.timings.append((name, None))
             return
-        if name in self.args.redo or marker.is_file():
-            # It finished before with other inputs (or --redo): start it afresh, since the trainers would
-            # otherwise resume the old run's checkpoint. A stage interrupted before finishing has no
-            # marker, keeps its outputs and resumes.
-            marker.unlink(missing_ok=True)
+        interrupted = marker.is_file() and marker.read_text() == f"running {digest}"
+        if name in self.args.redo or (marker.is_file() and not interrupted):
+            # It ran before with other inputs (or --redo): start it afresh, since the trainers would
+            # otherwise resume the old run's checkpoint. Interrupted with these same inputs, it resumes.
+            why = "--redo" if name in self.args.redo else "its inputs changed"
             for output in outputs:
                 if output.exists():
-                    print(f"{header}: its inputs changed; removing the old {output}", flush=True)
+                    print(f"{header}: {why}; removing the old {output}", flush=True)
                     if output.is_dir():
                         shutil.rmtree(output)
                     else:
                         output.unlink()
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(f"running {digest}")
         print(f"{header}: running", flush=True)
         began = time.time()
         for cmd in commands:
@@ -96,7 +98,6 @@ class Pipeline:
             if result.returncode != 0:
                 raise SystemExit(f"quickstart stage '{name}' failed (exit {result.returncode}); fix the error "
                                  f"above and run again: finished stages are reused")
-        marker.parent.mkdir(exist_ok=True)
         marker.write_text(digest)
         seconds = time.time() - began
         self.timings.append((name, seconds))
