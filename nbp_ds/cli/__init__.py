@@ -8,6 +8,8 @@ as a single ``error: ...`` line and gives status 2; anything else keeps its trac
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -29,3 +31,14 @@ def command(main: Main) -> Callable[..., int]:
         return int(status or 0)
 
     return wrapper
+
+
+def setup_logging(ranked: bool = False, fmt: str = "%(asctime)s %(name)s: %(message)s") -> None:
+    """Log INFO to stderr. ``ranked`` (a program that runs once per process of a distributed job): each line
+    names its rank and only rank 0 logs INFO, the others WARNING and above, so the log reads as one run."""
+    if not ranked:
+        logging.basicConfig(level=logging.INFO, format=fmt)
+        return
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")

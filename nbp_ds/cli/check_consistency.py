@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 from nbp_ds.eval.consistency import consistency_report, format_report
 from nbp_ds.eval.synthetic import CLASSES, parse_class
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     report = run(args)
     print(format_report(report))

@@ -25,11 +25,10 @@ file, so use it only for files you trust.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 
 
@@ -60,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     if args.what == "generator":
         from nbp_ds.official.generator import convert_generator

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 from nbp_ds.eval.fvd import (
     DEFAULT_NUM_FRAMES,
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     try:
         result = run(args)
     except (RuntimeError, ValueError, OSError) as err:  # a video that cannot be decoded or is short, a detector error

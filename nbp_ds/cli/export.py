@@ -12,10 +12,9 @@ Load it with nbp_ds.train.export.load_exported(OUT) or nbp-sample --weights OUT.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 
 
 @command
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action="store_true",
                         help="export the moving average of the weights (a run trained with train.ema > 0)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(fmt="%(message)s")
     from nbp_ds.train.export import export
 
     out = export(args.checkpoint, args.out, dtype=args.dtype, tag=args.tag, ema=args.ema)

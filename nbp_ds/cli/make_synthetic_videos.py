@@ -21,13 +21,12 @@ name and renamed into place, so an interrupted run never leaves a truncated mp4 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 from nbp_ds.eval.synthetic import CLASSES
 from nbp_ds.eval.synthetic_dataset import write_dataset
 
@@ -60,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     out = Path(args.out).resolve()
     began = time.perf_counter()

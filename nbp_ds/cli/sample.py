@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 
 log = logging.getLogger("sample")
@@ -165,7 +165,7 @@ def run_settings(args: argparse.Namespace, model, tokenizer, labels: list) -> di
 
 @command
 def main(argv: list[str] | None = None) -> int | None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     args.dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     model, cfg, tokenizer, labels, context = load_everything(args)

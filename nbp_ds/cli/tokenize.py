@@ -22,11 +22,10 @@ Check the result with `nbp-inspect-shards OUT`.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 from nbp_ds.tokenizer.video_io import add_clip_arguments, clip_from_arguments
 
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
 

@@ -18,12 +18,11 @@ On CPU set DS_ACCELERATOR=cpu (DeepSpeed then uses gloo).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    setup_logging(ranked=True)
     # DeepSpeed's ZeRO calls torch collectives that torch has deprecated; left alone, each rank prints the
     # same two warnings at every step, burying the training log
     for deprecated in ("reduce_scatter_tensor", "all_gather_into_tensor"):

@@ -18,12 +18,11 @@ OUT/report.json with the reconstruction PSNR on the held-out clips.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
-from nbp_ds.cli import command
+from nbp_ds.cli import command, setup_logging
 from nbp_ds.tokenizer.video_io import add_clip_arguments, clip_from_arguments
 
 
@@ -56,9 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    setup_logging(ranked=True)
     from nbp_ds.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
 
     clip = clip_from_arguments(args)
