@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import relative_error
 
 from nbp_ds.config import load_config
 from nbp_ds.model import build_model
@@ -40,10 +41,6 @@ def test_equals_reference_cross_entropy_fp32(chunk):
     assert int(correct) == int(ref_correct)
     torch.testing.assert_close(d_hidden, ref_dh, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d_weight, ref_dw, rtol=1e-5, atol=1e-6)
-
-
-def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((value.float() - ref.float()).norm() / ref.float().norm())
 
 
 def test_close_to_reference_in_bf16_with_gradients_in_bf16():

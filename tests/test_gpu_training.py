@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from numerics import assert_within_bf16_error
 
 from nbp_ds.config import load_config
 from nbp_ds.perf.profile import profile_steps, step_shares
@@ -47,17 +48,6 @@ def loss_and_grads(attention: str, compile: bool, precision: str, checkpointing:
     return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
 
 
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value - reference).norm() / reference.norm().clamp_min(1e-12))
-
-
-def assert_within_bf16_error(grads: dict, bf16: dict, fp32: dict) -> None:
-    assert grads.keys() == fp32.keys()
-    for name, g in grads.items():
-        assert torch.isfinite(g).all(), name
-        allowed = 3 * relative_error(bf16[name], fp32[name]) + 1e-2
-        err = relative_error(g, fp32[name])
-        assert err <= allowed, f"{name}: gradient {err:.3g} off fp32 (allowed {allowed:.3g})"
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective"])
