@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from nbp_ds.cli import command
 from nbp_ds.config import load_config
 from nbp_ds.model import PAPER_PRESETS, PRESET_CONFIGS, build_model
@@ -20,8 +18,7 @@ from nbp_ds.model import PAPER_PRESETS, PRESET_CONFIGS, build_model
 
 def measure(config: str, overrides: list[str]) -> dict:
     cfg = load_config(config, overrides)
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = build_model(cfg, device="meta")
     return {
         "config": cfg.name, "layers": cfg.model.n_layer, "width": cfg.model.d_model, "heads": cfg.model.n_head,
         "total": model.num_params(), "non_embedding": model.num_params(exclude_embeddings=True),

@@ -195,8 +195,7 @@ def convert_weights(released: ReleasedGenerator, cfg: RunConfig) -> dict[str, to
     """The released weights under our names; every key and shape checked against the model ``cfg`` builds."""
     from nbp_ds.model import build_model
 
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
+    expected = {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
     ours_pos, theirs_pos = POSITIONS
     seq_len = expected.pop(ours_pos)[0]
     names = {official_key(k): k for k in expected}
