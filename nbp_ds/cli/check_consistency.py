@@ -42,7 +42,7 @@ from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 from nbp_ds.eval.consistency import consistency_report, format_report
 from nbp_ds.eval.synthetic import CLASSES, parse_class
-from nbp_ds.sampling import recorded_videos
+from nbp_ds.sampling import RECORDS_FILE, recorded_videos
 
 log = logging.getLogger("check_class_consistency")
 ARRAY_NAMES = ("videos.npy", "frames.npy")
@@ -151,7 +151,7 @@ def sampler_record(folder: Path, names: dict[int, str]) -> tuple[list[Path], lis
                     len(records) - len(labelled))
     bad = sorted({r["label"] for r in labelled} - set(names))
     if bad:
-        raise UsageError(f"{folder / 'videos.jsonl'}: label {bad[0]} is not in the class list")
+        raise UsageError(f"{folder / RECORDS_FILE}: label {bad[0]} is not in the class list")
     return [r["frames_path"] for r in labelled], [r["label"] for r in labelled]
 
 
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
         log.info("checking %d videos recorded in %s (decoded frames saved by the sampler)", len(files), folder)
         report = consistency_report((np.load(f) for f in files), labels, classes,
                                     ids=[str(f.relative_to(folder)) for f in files])
-        report["source"] = str(folder / "videos.jsonl")
+        report["source"] = str(folder / RECORDS_FILE)
     elif arrays is not None:
         videos, labels, source = arrays
         bad = sorted({int(v) for v in labels} - set(names))
