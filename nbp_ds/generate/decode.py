@@ -184,14 +184,14 @@ def generate(
     layout = model.layout
     param = next(model.parameters())
     device = param.device
+    scale = None if cfg_scale == 1.0 else cfg_scale  # guidance at scale 1 is the conditional model itself
     if layout.condition == "class":
-        guided = cfg_scale is not None and cfg_scale != 1.0
-        if guided and not layout.has_null_class:
+        if scale is not None and not layout.has_null_class:
             raise ValueError("cfg_scale= needs a null class, and a model conditioned on class text prefixes "
                              "(layout.class_prefixes) has none: sample without classifier-free guidance")
-    elif label is not None or (cfg_scale is not None and cfg_scale != 1.0):
+    elif label is not None or scale is not None:
         raise ValueError(f"label= and cfg_scale= need a class-conditional model; condition={layout.condition!r}")
-    sampling = Sampling(temperature, top_k, top_p, cfg_scale if cfg_scale != 1.0 else None)
+    sampling = Sampling(temperature, top_k, top_p, scale)
     mode = resolve_mode(mode, model)
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") >> 1
