@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nbp_ds.generate.draw import Sampling, draw_tokens
 from nbp_ds.generate.plan import DEFAULT_KV_BUCKET, DecodePlan
 from nbp_ds.layout import Layout
-from nbp_ds.model.transformer import DecodeWindow, KVCache, NBPModel
+from nbp_ds.model.transformer import DecodeWindow, NBPModel
 
 # cuDNN's attention has known faults under CUDA graphs with long masked key ranges; the memory-efficient kernel
 # takes any mask and captures cleanly (FlashAttention takes no mask and is skipped by SDPA on its own)
@@ -56,8 +56,7 @@ class StaticDecoder:
         self.layout, self.batch, self.sampling = layout, batch, sampling
         self.plan = plan_for(layout, str(self.device), kv_bucket)
         self.rows = 2 * batch if sampling.guided else batch  # guided: the second half runs the null class
-        self.cache = KVCache(model.n_layer, self.rows, model.n_head, self.plan.cache_len, model.head_dim,
-                             self.device, self.dtype)
+        self.cache = model.new_cache(self.rows, self.device, self.dtype, self.plan.cache_len)
         self.tokens = torch.zeros(batch, layout.num_video_tokens, dtype=torch.long, device=self.device)
         self.condition = (torch.zeros(self.rows, layout.prefix_len, dtype=torch.long, device=self.device)
                           if layout.prefix_len else None)

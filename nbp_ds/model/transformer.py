@@ -275,8 +275,9 @@ class NBPModel(nn.Module):
             x = layer(x, *positions, cache=cache, start=start)
         return self.norm(x)
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        return KVCache(self.n_layer, batch, self.n_head, self.layout.seq_len, self.head_dim, device, dtype)
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype, length: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` rows and ``length`` positions (default: the whole sequence)."""
+        return KVCache(self.n_layer, batch, self.n_head, length or self.layout.seq_len, self.head_dim, device, dtype)
 
     def drop_labels(self, label: torch.Tensor) -> torch.Tensor:
         """Replace labels by the null class at rate model.class_dropout (training only), for CFG."""
