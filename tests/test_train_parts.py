@@ -200,3 +200,14 @@ def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
     assert build_ds_config(load_config("tiny", ["deepspeed.config=zero3.json"]), 1)["zero_optimization"]["stage"] == 1
     with pytest.raises(ConfigError, match="zero9.*zero2, zero3, zero3_offload"):
         build_ds_config(load_config("tiny", ["deepspeed.config=zero9"]), 1)
+
+
+def test_each_process_computes_on_its_own_gpu_or_the_cpu():
+    from nbp_ds.train.launch import DistEnv
+
+    env = DistEnv(rank=5, world_size=8, local_rank=1, master_addr="h", master_port=1, launcher="srun")
+    auto = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
+    assert distributed.process_device(env) == auto
+    assert distributed.process_device(env, "cuda") == torch.device("cuda", 1)  # its own, not cuda:0
+    assert distributed.process_device(env, "cuda:0") == torch.device("cuda", 0)  # as named
+    assert distributed.process_device(env, "cpu") == torch.device("cpu")

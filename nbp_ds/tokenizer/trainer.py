@@ -75,7 +75,7 @@ class TokenizerTrainer:
         self.cfg = cfg
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.device = _device(cfg.device, self.env.local_rank)
+        self.device = distributed.process_device(self.env, cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         distributed.init_process_group(self.env, self.device)
@@ -242,13 +242,6 @@ def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int =
         codes |= set(idx.unique().tolist())
     return {"val_psnr": float(sum(scores) / len(scores)), "val_clips": len(scores),
             "val_codebook_used": len(codes) / model.codebook_size}
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict | None:

@@ -19,6 +19,15 @@ from nbp_ds.train.launch import DistEnv, export_for_torch
 OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
+def process_device(env: DistEnv, name: str = "auto") -> torch.device:
+    """The device this process computes on: ``auto`` is its own GPU (the launcher's local rank) when there is
+    one, else the CPU; ``cuda`` without an index is its own GPU too; anything else as named."""
+    if name == "auto":
+        return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    return torch.device("cuda", env.local_rank) if device.type == "cuda" and device.index is None else device
+
+
 def backend_for(device: torch.device) -> str:
     """The torch.distributed backend for processes computing on ``device``."""
     return "nccl" if device.type == "cuda" else "gloo"

@@ -75,8 +75,7 @@ class Trainer:
             universal = self.saved_world not in (None, self.world) and zero_stage(self.ds_config) > 0
         self.universal = bool(universal and self.resume_from)
 
-        self.device = (torch.device("cuda", self.env.local_rank) if torch.cuda.is_available()
-                       else torch.device("cpu"))
+        self.device = distributed.process_device(self.env)
         distributed.init_process_group(self.env, self.device)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop_request()
