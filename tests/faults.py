@@ -10,12 +10,16 @@ A test adds ``train.hooks=faults:FaultHooks`` to a training command (tests/ is o
     stall_at        "step00000010"   ... of this checkpoint tag only (absent: every checkpoint)
     stall_marker    "/tmp/x" ... announce the stall by creating this file (with the rank in its name)
     release_file    "/tmp/y" ... and wait until this file exists (absent: forever, until killed)
+
+Tokenization's decoding faults (decode_kill, decode_hang, decode_pids: see decode_with_faults) come from the same
+variable, in a run of ``python tests/faults.py tokenize-faults NBP-TOKENIZE-ARGS...``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -62,6 +66,41 @@ def tokenize_slowly(decode_sleep: float, argv: list[str]) -> int:
     return tokenize.main(argv)
 
 
+_unfaulted_decode = None  # the pipeline's own decoding, kept by tokenize_with_faults (decoding in this process)
+
+
+def decode_with_faults(job):
+    """The tokenizer pipeline's decoding of one video, with the decode faults of ``NBP_FAULTS`` for the videos they
+    name (paths relative to --videos). Spawned decoding workers import it by name, so the faults happen in them:
+
+        decode_kill  ["class0/v01.mp4"]  the worker kills itself with SIGKILL (as a decoder crash or the OOM killer)
+        decode_hang  ["class0/v02.mp4"]  the decoding never returns (sleeps for an hour)
+        decode_pids  "/tmp/pids"         each decoding first writes its process id to a file in this folder,
+                                         named after the video, so a test can check that no process outlived it
+    """
+    from nbp_ds.tokenizer import pipeline
+
+    entry, _ = job
+    faults = json.loads(os.environ.get("NBP_FAULTS", "{}"))
+    if faults.get("decode_pids"):
+        Path(faults["decode_pids"], entry.rel.replace("/", "__")).write_text(str(os.getpid()))
+    if entry.rel in faults.get("decode_kill", []):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if entry.rel in faults.get("decode_hang", []):
+        time.sleep(3600)
+    return (_unfaulted_decode or pipeline._decode)(job)
+
+
+def tokenize_with_faults(argv: list[str]) -> int:
+    """``nbp-tokenize argv`` with decode_with_faults decoding each video (in the workers, or inline)."""
+    global _unfaulted_decode
+    from nbp_ds.cli import tokenize
+    from nbp_ds.tokenizer import pipeline
+
+    _unfaulted_decode, pipeline._decode = pipeline._decode, decode_with_faults
+    return tokenize.main(argv)
+
+
 def sample_slowly(write_sleep: float, argv: list[str]) -> int:
     """``nbp-sample argv`` with each video's writing slowed down, so a test can kill the run midway."""
     from nbp_ds import sampling
@@ -77,9 +116,11 @@ def sample_slowly(write_sleep: float, argv: list[str]) -> int:
     return sample.main(argv)
 
 
-if __name__ == "__main__":  # python tests/faults.py tokenize|sample SECONDS PROGRAM-ARGS...
+if __name__ == "__main__":  # python tests/faults.py tokenize|sample SECONDS PROGRAM-ARGS... | tokenize-faults ARGS...
     import sys
 
+    if sys.argv[1] == "tokenize-faults":
+        sys.exit(tokenize_with_faults(sys.argv[2:]))
     slowed = {"tokenize": tokenize_slowly, "sample": sample_slowly}
     assert sys.argv[1] in slowed, "usage: faults.py tokenize|sample SECONDS ARGS..."
     sys.exit(slowed[sys.argv[1]](float(sys.argv[2]), sys.argv[3:]))
