@@ -4,7 +4,7 @@ The video list (sorted) is dealt to tasks round-robin; each task cuts its share 
 videos, and each group becomes one shard `shard-t{task:03d}-{group:06d}.tar`. A group is done when its
 manifest (`manifests/<shard>.json`: videos, clips, failures) exists, written after the shard got its
 final name; a rerun skips done groups and redoes the rest, so an interruption never duplicates or loses
-a clip. Decoding runs in worker processes (tokenizer/worker_pool.py), in order, while the tokenizer encodes
+a clip. Decoding runs in worker processes (nbp_ds/worker_pool.py), in order, while the tokenizer encodes
 batches of clips; a video whose worker dies (a decoder crash, the OOM killer) or that takes longer than
 `video_timeout` is listed as a failure (`worker_died`, `timeout`), its worker replaced, and the run goes on.
 """
@@ -26,7 +26,7 @@ from nbp_ds.errors import UsageError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_dataset, sample_key
 from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
-from nbp_ds.tokenizer.worker_pool import LostJob, ordered_map
+from nbp_ds.worker_pool import LostJob, ordered_map
 
 log = logging.getLogger(__name__)
 
