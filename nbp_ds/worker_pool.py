@@ -54,7 +54,7 @@ def ordered_map(fn: Callable, jobs: Sequence, workers: int, timeout: float, wind
     if not jobs:
         return
     ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
-    pool = [_Worker(ctx, fn) for _ in range(workers)]
+    pool = [_Worker(ctx, fn) for _ in range(min(workers, len(jobs)))]
     waiting: list[int] = []  # indices of jobs handed to the pool, not yet to a worker, in order
     finished: dict[int, object] = {}
     handed = 0

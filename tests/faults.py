@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nbp_ds.tokenizer import pipeline  # imported with this module, as a worker imports the real decoding: untimed
 from nbp_ds.train.hooks import TrainerHooks
 
 
@@ -54,7 +55,6 @@ def tokenize_slowly(decode_sleep: float, argv: list[str]) -> int:
     """``nbp-tokenize argv`` with each video's decoding slowed down, so a test can kill the run midway.
     Decoding must run in this process (``--workers 0``) for the slow-down to apply."""
     from nbp_ds.cli import tokenize
-    from nbp_ds.tokenizer import pipeline
 
     decode = pipeline._decode
 
@@ -78,8 +78,6 @@ def decode_with_faults(job):
         decode_pids  "/tmp/pids"         each decoding first writes its process id to a file in this folder,
                                          named after the video, so a test can check that no process outlived it
     """
-    from nbp_ds.tokenizer import pipeline
-
     entry, _ = job
     faults = json.loads(os.environ.get("NBP_FAULTS", "{}"))
     if faults.get("decode_pids"):
@@ -95,7 +93,6 @@ def tokenize_with_faults(argv: list[str]) -> int:
     """``nbp-tokenize argv`` with decode_with_faults decoding each video (in the workers, or inline)."""
     global _unfaulted_decode
     from nbp_ds.cli import tokenize
-    from nbp_ds.tokenizer import pipeline
 
     _unfaulted_decode, pipeline._decode = pipeline._decode, decode_with_faults
     return tokenize.main(argv)
