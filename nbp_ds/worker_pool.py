@@ -65,8 +65,8 @@ def ordered_map(fn: Callable, jobs: Sequence, workers: int, timeout: float, wind
                 handed += 1
             while index not in finished:
                 for worker in pool:
-                    if worker.ready and worker.job is None and waiting:
-                        worker.give(waiting.pop(0), jobs)
+                    if worker.ready and worker.job is None and waiting and worker.give(waiting[0], jobs):
+                        waiting.pop(0)
                 _collect(pool, finished, timeout, lambda: _Worker(ctx, fn))
             yield finished.pop(index)
     finally:
@@ -120,9 +120,17 @@ class _Worker:
         self.job: int | None = None
         self.since = 0.0
 
-    def give(self, index: int, jobs: Sequence) -> None:
-        self.conn.send((index, jobs[index]))
+    def give(self, index: int, jobs: Sequence) -> bool:
+        """Hand it a job; False when its pipe is closed (it died while idle: the job waits for another worker)."""
+        if self.closed:
+            return False
+        try:
+            self.conn.send((index, jobs[index]))
+        except OSError:
+            self.closed = True
+            return False
         self.job, self.since = index, time.monotonic()
+        return True
 
     def receive(self, finished: dict[int, object]) -> None:
         """Take every message waiting in the pipe, and notice a pipe the worker's end closed."""
