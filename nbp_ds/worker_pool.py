@@ -15,6 +15,7 @@ without saying which one killed it. Neither bounds one task's time.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -24,7 +25,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+log = logging.getLogger(__name__)
+
 _READY = "ready"  # a worker's first message: it started and can take a job
+# a killed process ends at once, unless it is in uninterruptible sleep: the run does not wait on one longer
+_DEATH_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -158,8 +163,11 @@ class _Worker:
             pass
         if self.process.exitcode is None:
             self.process.kill()
-        self.process.join()
-        self.process.close()
+        self.process.join(_DEATH_WAIT_S)
+        if self.process.exitcode is not None:
+            self.process.close()
+        else:  # in uninterruptible sleep (a read on a hard-mounted NFS): it dies when the read returns, if ever
+            log.warning("worker process %d did not end on SIGKILL; left behind", self.process.pid)
         self.conn.close()
 
 
