@@ -73,17 +73,26 @@ def decode_with_faults(job):
     """The tokenizer pipeline's decoding of one video, with the decode faults of ``NBP_FAULTS`` for the videos they
     name (paths relative to --videos). Spawned decoding workers import it by name, so the faults happen in them:
 
-        decode_kill  ["class0/v01.mp4"]  the worker kills itself with SIGKILL (as a decoder crash or the OOM killer)
-        decode_hang  ["class0/v02.mp4"]  the decoding never returns (sleeps for an hour)
-        decode_pids  "/tmp/pids"         each decoding first writes its process id to a file in this folder,
-                                         named after the video, so a test can check that no process outlived it
+        decode_kill   ["class0/v01.mp4"]  the worker kills itself with SIGKILL (as a decoder crash or the OOM killer)
+        decode_hang   ["class0/v02.mp4"]  the decoding never returns (sleeps for an hour)
+        decode_sleep  {"class0/v02.mp4": 2}  the decoding starts this many seconds late
+        decode_pids   "/tmp/pids"         each decoding first writes its process id to a file in this folder,
+                                          named after the video, so a test can check that no process outlived it
+        kill_when     ["class0/v02.mp4"]  ... and decode_kill waits until these videos are being decoded (their
+                                          decode_pids files exist), so that they are in flight when it strikes
     """
     entry, _ = job
     faults = json.loads(os.environ.get("NBP_FAULTS", "{}"))
+    pids = Path(faults.get("decode_pids", "."))
     if faults.get("decode_pids"):
-        Path(faults["decode_pids"], entry.rel.replace("/", "__")).write_text(str(os.getpid()))
+        Path(pids, entry.rel.replace("/", "__")).write_text(str(os.getpid()))
     if entry.rel in faults.get("decode_kill", []):
+        deadline = time.monotonic() + 60
+        while not all((pids / rel.replace("/", "__")).exists() for rel in faults.get("kill_when", [])):
+            assert time.monotonic() < deadline, f"{faults['kill_when']} never started decoding"
+            time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(faults.get("decode_sleep", {}).get(entry.rel, 0))
     if entry.rel in faults.get("decode_hang", []):
         time.sleep(3600)
     return (_unfaulted_decode or pipeline._decode)(job)

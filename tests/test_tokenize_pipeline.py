@@ -196,11 +196,13 @@ def test_array_tasks_write_disjoint_shards_covering_everything(videos, tokenized
 
 def test_a_worker_that_dies_loses_only_its_video(videos, tokenized, tmp_path):
     """A worker killed while decoding one video (SIGKILL, as a decoder crash or the OOM killer): that video is
-    listed as worker_died, the videos the other worker held at the time are not blamed, the run finishes, and
-    every other clip is in the shards byte for byte as in a run without the fault."""
-    out = tmp_path / "out"
-    result = tokenize(videos, out, "--workers", "2", program=WITH_FAULTS,
-                      env={"NBP_FAULTS": json.dumps({"decode_kill": ["class0/v01.mp4"]})})
+    listed as worker_died, the video the other worker held at that moment (v02, in flight by then) is not
+    blamed, the run finishes, and every other clip is in the shards byte for byte as in a run without the fault."""
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    pids.mkdir()
+    faults = {"decode_kill": ["class0/v01.mp4"], "kill_when": ["class0/v02.mp4"], "decode_pids": str(pids),
+              "decode_sleep": {"class0/v02.mp4": 2}}
+    result = tokenize(videos, out, "--workers", "2", program=WITH_FAULTS, env={"NBP_FAULTS": json.dumps(faults)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 videos -> 10 clips, 3 failed" in result.stdout, result.stdout
     rows = failures(out)
