@@ -106,6 +106,13 @@ class TrainConfig:
     sample_every: int = 0  # log sample videos to TensorBoard every N steps (0 = never)
     sample_tokenizer: str | None = None  # tokenizer used to decode logged samples
     max_bad_steps: int = 5  # stop after this many NaN/Inf losses in a row
+    # a peer that died or hangs makes every collective (and a checkpoint's agreement) raise after this long, so
+    # the job ends and is requeued; longer than the slowest save, validation or sample logging
+    collective_timeout_s: float = 1800.0
+    # the step watchdog: a rank that finishes no step for max(stall_factor x the median step time,
+    # stall_timeout_s) dumps every thread's stack and exits non-zero (stall_timeout_s=0: no watchdog)
+    stall_timeout_s: float = 600.0
+    stall_factor: float = 20.0
     init_from: str | None = None  # exported .safetensors whose weights start a new run (fine-tuning); not on resume
     peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
     hooks: str | None = None  # "module:Class", a nbp_ds.train.hooks.TrainerHooks subclass (profiling, custom logs)
@@ -393,6 +400,9 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(tr.keep_last >= 1, f"train.keep_last must be >= 1, got {tr.keep_last}")
     _require(tr.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
+    _require(tr.collective_timeout_s > 0, f"train.collective_timeout_s must be positive, got {tr.collective_timeout_s}")
+    for key in ("stall_timeout_s", "stall_factor"):
+        _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
     _validate_data(cfg.data)
 

@@ -10,10 +10,14 @@ A test adds ``train.hooks=faults:FaultHooks`` to a training command (tests/ is o
     stall_at        "step00000010"   ... of this checkpoint tag only (absent: every checkpoint)
     stall_marker    "/tmp/x" ... announce the stall by creating this file (with the rank in its name)
     release_file    "/tmp/y" ... and wait until this file exists (absent: forever, until killed)
+    enospc_ranks    [1]      on these ranks the first file DeepSpeed writes of a checkpoint fails with ENOSPC (a
+                             full disk) ...
+    enospc_at       "step00000010"   ... of this checkpoint tag only (absent: every checkpoint)
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -34,6 +38,11 @@ class FaultHooks(TrainerHooks):
     def on_step_end(self, step: int) -> None:
         if self.faults.get("step_sleep"):
             time.sleep(float(self.faults["step_sleep"]))
+
+    def on_checkpoint_file(self, path: str, rank: int) -> None:
+        tag = Path(path).parent.name
+        if rank in self.faults.get("enospc_ranks", []) and self.faults.get("enospc_at", tag) == tag:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
     def on_checkpoint_written(self, tag: str, rank: int) -> None:
         ranks = self.faults.get("stall_ranks", [])

@@ -19,7 +19,9 @@ from nbp_ds.train.checkpoint import (
 
 
 def test_every_rank_keeps_its_record_and_a_new_rank_can_read_them_all(tmp_path):
-    for rank in (1, 0):  # two ranks of one save (no process group: each barrier is a no-op)
+    # two ranks of one save (no process group: each barrier is a no-op); rank 0 first, as it clears the tag
+    # folder of an unfinished save before the others write
+    for rank in (0, 1):
         CheckpointManager(tmp_path, keep_last=2, rank=rank).save(
             7, lambda folder, tag: None, rank_state={"rank": rank, "slots": [[1, 2]]})
     ref = CheckpointRef(tmp_path, "step00000007")

@@ -17,6 +17,7 @@ from nbp_ds.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointRef,
+    CheckpointSaveError,
     check_compatible,
     find_checkpoint,
     read_latest,
@@ -184,10 +185,11 @@ def test_a_failed_write_leaves_latest_where_it_was(tmp_path):
     def crash(folder: Path, tag: str) -> None:
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointSaveError, match=r"step00000002 was not saved \(rank 0: OSError: disk full\)"):
         manager.save(2, crash)
     assert read_latest(tmp_path) == "step00000001"
     assert os.listdir(tmp_path / "step00000001")
+    assert not (tmp_path / "step00000002").exists()  # the incomplete folder is removed
 
 
 def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):

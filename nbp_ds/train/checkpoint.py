@@ -4,9 +4,16 @@ A checkpoints folder holds one tag folder per save (``step00001000``) and a ``la
 last complete one. :class:`CheckpointManager` runs a save in the order that keeps ``latest`` true:
 every rank writes its part of the tag folder (the caller's writer: DeepSpeed's sharded states, or a
 state dict), its own RNG state and its own small state record (the data loader's position,
-``rankNNNNN_data.json``), then all ranks meet at a barrier, and only then does rank 0 move ``latest``
-(atomically) and delete tags beyond ``keep_last``, never the one ``latest`` names. A process killed at
-any point leaves ``latest`` naming a complete checkpoint.
+``rankNNNNN_data.json``), then all ranks agree on how that went, and only when every rank succeeded does
+rank 0 move ``latest`` (atomically) and delete tags beyond ``keep_last``, never the one ``latest`` names.
+A process killed at any point leaves ``latest`` naming a complete checkpoint.
+
+**A failed save.** The agreement is a gathering of every rank's error (None when its part is written),
+bounded by the process group's timeout (``train.collective_timeout_s``), not a barrier: a rank whose write
+fails (a full disk) tells the others instead of leaving them waiting, and a rank that hangs makes them
+raise after the timeout. Then every rank raises :class:`CheckpointSaveError` naming the folder and each
+rank's error, rank 0 removes the incomplete tag folder, and ``latest`` still names the previous
+checkpoint, from which a restart resumes.
 
 :func:`find_checkpoint` is the one way to go from what a user names (a run folder, its checkpoints
 folder, a tag folder) to a checkpoint: resuming, exporting and sampling all use it.
@@ -48,6 +55,10 @@ TAG_PREFIX = "step"
 # the keys whose change makes a checkpoint unusable for this run
 SHAPE_KEYS = {"layout": ("grid", "block", "hybrid", "condition", "num_classes", "context_frames"),
               "model": ("n_layer", "d_model", "n_head", "vocab_size", "ffn_dim")}
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be saved on some rank (raised on every rank); ``latest`` did not move."""
 
 
 class CheckpointError(UsageError, ValueError):
@@ -172,22 +183,58 @@ class CheckpointManager:
 
     def save(self, step: int, write: Writer, rank_state: dict[str, Any] | None = None) -> CheckpointRef:
         """Every rank calls this: ``write(folder, tag)`` writes this rank's part (and ``rank_state``, a small
-        JSON-ready record of this rank's own, is kept next to it), then ``latest`` moves."""
+        JSON-ready record of this rank's own, is kept next to it), then ``latest`` moves. Raises
+        :class:`CheckpointSaveError` on every rank when any rank failed (``latest`` stays where it was)."""
         ref = CheckpointRef(self.folder, tag_for(step))
         began = time.time()
+        if self.rank == 0:
+            self._remove_leftover(ref)
+        distributed.barrier()  # nobody writes into a leftover folder before it is gone
+        self._agree(ref, _attempt(lambda: self._write_part(ref, write, rank_state)))
+        # rank 0 commits; the others wait to hear how that went (nobody runs ahead and, say, saves again)
+        self._agree(ref, _attempt(lambda: self._commit(ref)) if self.rank == 0 else None)
+        self._log0("saved checkpoint %s in %.1f s", ref.path, time.time() - began)
+        return ref
+
+    def _write_part(self, ref: CheckpointRef, write: Writer, rank_state: dict[str, Any] | None) -> None:
         ref.path.mkdir(parents=True, exist_ok=True)
         write(self.folder, ref.tag)
         with atomic_output(_rng_file(ref, self.rank)) as tmp:
             torch.save(rng_state(), tmp)
         if rank_state is not None:
             write_text_atomic(_rank_state_file(ref, self.rank), json.dumps(rank_state))
-        distributed.barrier()  # every rank's part is on disk before 'latest' may name it
+
+    def _commit(self, ref: CheckpointRef) -> None:
+        write_text_atomic(self.folder / LATEST, ref.tag)
+        self._prune()
+
+    def _agree(self, ref: CheckpointRef, error: str | None) -> None:
+        """Every rank's ``error`` (None: fine) reaches every rank; any error fails the save on all of them."""
+        try:
+            errors = distributed.all_gather_object(error)
+        except RuntimeError as exc:  # a peer died or hung past the collective timeout
+            raise CheckpointSaveError(f"checkpoint {ref.path} was not saved: not every rank finished its part "
+                                      f"(train.collective_timeout_s): {exc}") from exc
+        failed = [f"rank {rank}: {message}" for rank, message in enumerate(errors) if message]
+        if not failed:
+            return
+        previous = read_latest(self.folder)
+        if self.rank == 0 and previous != ref.tag:
+            shutil.rmtree(ref.path, ignore_errors=True)  # on a full disk this also gives the space back
+        resume = f"a restart resumes from {self.folder / previous}" if previous else "no earlier checkpoint"
+        raise CheckpointSaveError(f"checkpoint {ref.path} was not saved ({'; '.join(failed)}); 'latest' still names "
+                                  f"{previous or 'nothing'}: free the space or fix the file system, and {resume}")
+
+    def _remove_leftover(self, ref: CheckpointRef) -> None:
+        """A folder for this tag that ``latest`` does not name is what an interrupted save left: stale files
+        of it must not end up in the new checkpoint."""
+        if ref.path.is_dir() and read_latest(self.folder) != ref.tag:
+            log.warning("removing %s, left by a save that did not finish", ref.path)
+            shutil.rmtree(ref.path)
+
+    def _log0(self, *args) -> None:
         if self.rank == 0:
-            write_text_atomic(self.folder / LATEST, ref.tag)
-            self._prune()
-            log.info("saved checkpoint %s in %.1f s", ref.path, time.time() - began)
-        distributed.barrier()  # nobody runs ahead (and, say, saves again) before 'latest' moved
-        return ref
+            log.info(*args)
 
     def restore_rng(self, ref: CheckpointRef) -> bool:
         """This rank's RNG streams as they were at ``ref``; False when the checkpoint has none for this rank
@@ -215,6 +262,16 @@ class CheckpointManager:
         for old in tags[: max(len(tags) - self.keep_last, 0)]:
             if old != latest:
                 shutil.rmtree(self.folder / old, ignore_errors=True)
+
+
+def _attempt(action: Callable[[], None]) -> str | None:
+    """Run ``action``; None when it succeeded, else what went wrong, for the other ranks to read."""
+    try:
+        action()
+    except Exception as exc:  # any failure must reach the other ranks, not only OSError
+        log.error("%s: %s", type(exc).__name__, exc)
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 # ---- universal checkpoints: resuming on another number of processes ---------------------------------

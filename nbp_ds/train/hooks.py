@@ -4,7 +4,7 @@ The trainer calls these methods at fixed points; the base class does nothing. A 
 the run config, ``train.hooks=package.module:MyHooks`` (imported and made with no arguments in every
 rank), or passed as ``Trainer(cfg, hooks=MyHooks())``: a user's profiler or custom logging, and the test
 suite's fault injection (``tests/faults.py``: a poisoned loss, slowed steps, a rank that stalls in the
-middle of a checkpoint). Production code never reads test switches itself.
+middle of a checkpoint, a full disk). Production code never reads test switches itself.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ class TrainerHooks:
 
     def on_step_end(self, step: int) -> None:
         """Step ``step`` has been applied (or skipped) and counted."""
+
+    def on_checkpoint_file(self, path: str, rank: int) -> None:
+        """DeepSpeed is about to write ``path``, a file of this rank's part of a checkpoint (an ``OSError``
+        raised here fails the save as a full disk would)."""
 
     def on_checkpoint_written(self, tag: str, rank: int) -> None:
         """This rank has written its part of checkpoint ``tag``; ``latest`` has not moved yet."""

@@ -27,6 +27,7 @@ from nbp_ds.train.checkpoint import (
     universal_checkpoint,
     with_universal_load,
 )
+from nbp_ds.train.deferred_writes import defer_write_errors
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
 from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
@@ -76,7 +77,7 @@ class Trainer:
         self.universal = bool(universal and self.resume_from)
 
         self.device = distributed.process_device(self.env)
-        distributed.init_process_group(self.env, self.device)
+        distributed.init_process_group(self.env, self.device, timeout_s=cfg.train.collective_timeout_s)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop_request()
         if self.universal:
@@ -85,6 +86,7 @@ class Trainer:
         self.engine, self.model = build_engine(cfg, self.ds_config, self.device, self.rank,
                                                init_from=None if self.resume_from else cfg.train.init_from)
         self.layout = self.model.layout
+        self.ds_writes = defer_write_errors(self.engine, lambda path: self.hooks.on_checkpoint_file(path, self.rank))
         self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.state = TrainState(world_size=self.world)
         self.val_report = DataReport()  # what validation met, for the end-of-run summary
@@ -198,6 +200,7 @@ class Trainer:
 
         def write(folder: Path, tag: str) -> None:
             self.engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)
+            self.ds_writes.raise_deferred()  # now that DeepSpeed's own barriers are behind every rank
             if self.ema is not None:
                 self.ema.save(folder / tag)
             self.hooks.on_checkpoint_written(tag, self.rank)
