@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from train_helpers import make_shards, run, step_counts, train_cmd
+from train_helpers import make_shards, run, step_counts, step_losses, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +47,23 @@ def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_and_a_restart_resu
     assert "resumed from" in result.stderr and "step00000005" in result.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step00000010"
     assert sorted(step_counts(out)) == list(range(1, 11))
+
+
+def test_a_truncated_rank_file_in_latest_falls_back_to_the_previous_checkpoint(shards, tmp_path):
+    """Step 10's checkpoint loses the end of rank 1's optimizer partition after it was written. A restart must
+    name that file, resume from step 5 (not crash in DeepSpeed, not start from step 0) and train steps 6-10
+    exactly as the first time."""
+    out = tmp_path / "out"
+    steps = ["train.steps=10", "train.save_every=5", "train.eval_every=0", COLLECTIVE_TIMEOUT]
+    result = run(train_cmd(out, shards, *steps))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    first = step_losses(out)
+    bad = out / "checkpoints" / "step00000010" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+
+    result = run(train_cmd(out, shards, *steps))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert f"checkpoint {bad.parent} is damaged, not resuming from it: {bad} has" in result.stderr
+    assert "resumed from" in result.stderr and "step00000005 at step 5" in result.stderr
+    again = step_losses(out)
+    assert [again[s] for s in range(6, 11)] == [first[s] for s in range(6, 11)]

@@ -15,6 +15,12 @@ raise after the timeout. Then every rank raises :class:`CheckpointSaveError` nam
 rank's error, rank 0 removes the incomplete tag folder, and ``latest`` still names the previous
 checkpoint, from which a restart resumes.
 
+**Checked before a resume.** Every save writes ``manifest.json`` (:mod:`nbp_ds.train.manifest`: each file's
+size and hash, the step, the world size) before ``latest`` moves. :meth:`CheckpointManager.latest_intact`
+checks the checkpoint ``latest`` names against it and, when a file is missing, truncated or changed, falls
+back to the newest intact earlier one with a warning naming the file; with checkpoints but none intact it
+refuses to start rather than train from step 0 again.
+
 :func:`find_checkpoint` is the one way to go from what a user names (a run folder, its checkpoints
 folder, a tag folder) to a checkpoint: resuming, exporting and sampling all use it.
 
@@ -46,7 +52,7 @@ import torch
 from nbp_ds.config import ConfigError, RunConfig
 from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.train import distributed
+from nbp_ds.train import distributed, manifest
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +189,21 @@ class CheckpointManager:
 
     def save(self, step: int, write: Writer, rank_state: dict[str, Any] | None = None) -> CheckpointRef:
         """Every rank calls this: ``write(folder, tag)`` writes this rank's part (and ``rank_state``, a small
-        JSON-ready record of this rank's own, is kept next to it), then ``latest`` moves. Raises
-        :class:`CheckpointSaveError` on every rank when any rank failed (``latest`` stays where it was)."""
+        JSON-ready record of this rank's own, is kept next to it), the ranks hash a share of the files each
+        for the manifest, then ``latest`` moves. Raises :class:`CheckpointSaveError` on every rank when any
+        rank failed (``latest`` stays where it was)."""
         ref = CheckpointRef(self.folder, tag_for(step))
         began = time.time()
         if self.rank == 0:
             self._remove_leftover(ref)
         distributed.barrier()  # nobody writes into a leftover folder before it is gone
-        self._agree(ref, _attempt(lambda: self._write_part(ref, write, rank_state)))
+        self._agree(ref, lambda: self._write_part(ref, write, rank_state))
+        listing = self._agree(ref, lambda: manifest.list_files(ref.path) if self.rank == 0 else None)[0]
+        mine = manifest.shares(listing, distributed.world_size())[self.rank]
+        files = {name: record for hashed in self._agree(ref, lambda: manifest.hash_files(ref.path, mine))
+                 for name, record in hashed.items()}
         # rank 0 commits; the others wait to hear how that went (nobody runs ahead and, say, saves again)
-        self._agree(ref, _attempt(lambda: self._commit(ref)) if self.rank == 0 else None)
+        self._agree(ref, lambda: self._commit(ref, files, step) if self.rank == 0 else None)
         self._log0("saved checkpoint %s in %.1f s", ref.path, time.time() - began)
         return ref
 
@@ -204,20 +215,27 @@ class CheckpointManager:
         if rank_state is not None:
             write_text_atomic(_rank_state_file(ref, self.rank), json.dumps(rank_state))
 
-    def _commit(self, ref: CheckpointRef) -> None:
+    def _commit(self, ref: CheckpointRef, files: dict[str, dict[str, Any]], step: int) -> None:
+        manifest.write_manifest(ref.path, files, step, distributed.world_size())
         write_text_atomic(self.folder / LATEST, ref.tag)
         self._prune()
 
-    def _agree(self, ref: CheckpointRef, error: str | None) -> None:
-        """Every rank's ``error`` (None: fine) reaches every rank; any error fails the save on all of them."""
+    def _agree(self, ref: CheckpointRef, action: Callable[[], Any]) -> list[Any]:
+        """Run ``action`` on this rank; every rank's result, in rank order, once every rank has finished its
+        own. When any rank's action raised, every rank raises :class:`CheckpointSaveError` naming them all."""
         try:
-            errors = distributed.all_gather_object(error)
+            result, error = action(), None
+        except Exception as exc:  # any failure must reach the other ranks, not only OSError
+            log.error("%s: %s", type(exc).__name__, exc)
+            result, error = None, f"{type(exc).__name__}: {exc}"
+        try:
+            outcomes = distributed.all_gather_object((result, error))
         except RuntimeError as exc:  # a peer died or hung past the collective timeout
             raise CheckpointSaveError(f"checkpoint {ref.path} was not saved: not every rank finished its part "
                                       f"(train.collective_timeout_s): {exc}") from exc
-        failed = [f"rank {rank}: {message}" for rank, message in enumerate(errors) if message]
+        failed = [f"rank {rank}: {message}" for rank, (_, message) in enumerate(outcomes) if message]
         if not failed:
-            return
+            return [result for result, _ in outcomes]
         previous = read_latest(self.folder)
         if self.rank == 0 and previous != ref.tag:
             shutil.rmtree(ref.path, ignore_errors=True)  # on a full disk this also gives the space back
@@ -235,6 +253,55 @@ class CheckpointManager:
     def _log0(self, *args) -> None:
         if self.rank == 0:
             log.info(*args)
+
+    # ---- checking before a resume (collectives: every rank calls these) --------------------------------
+    def damage(self, ref: CheckpointRef) -> list[str]:
+        """What is wrong with ``ref`` against its manifest, each problem naming the file (empty: intact).
+        Every rank checks a share of the files; all get the whole answer."""
+        problems: list[str] = []
+        record = manifest.read_manifest(ref.path) if ref.path.is_dir() else None
+        if not ref.path.is_dir():
+            problems.append(f"{ref.path} does not exist")
+        elif record is None:
+            problems.append(f"{ref.path / manifest.MANIFEST} is missing or unreadable: the save never finished")
+        else:
+            mine = manifest.shares([(name, f["size"]) for name, f in record["files"].items()],
+                                   distributed.world_size())[self.rank]
+            try:
+                problems += manifest.check_files(ref.path, record, mine)
+            except OSError as exc:
+                problems.append(f"{exc}")
+        return sorted({p for found in distributed.all_gather_object(problems) for p in found})
+
+    def require_intact(self, ref: CheckpointRef) -> CheckpointRef:
+        """``ref`` when its files match its manifest, else a :class:`CheckpointError` naming what is wrong."""
+        if problems := self.damage(ref):
+            raise CheckpointError(f"checkpoint {ref.path} is damaged: {'; '.join(problems)}")
+        return ref
+
+    def latest_intact(self) -> CheckpointRef | None:
+        """The checkpoint to resume from: the one ``latest`` names when it is intact, else the newest intact
+        earlier one (with a warning naming what is wrong with each newer one); None when the folder holds no
+        checkpoint at all. A folder with checkpoints but none intact is an error, never a start from step 0."""
+        latest_file = self.folder / LATEST
+        latest = latest_file.read_text().strip() if latest_file.is_file() else None
+        tags = sorted((p.name for p in self.folder.glob(f"{TAG_PREFIX}*") if p.is_dir()), reverse=True)
+        candidates = [latest, *(t for t in tags if t < latest)] if latest else tags
+        damaged = []
+        for tag in candidates:
+            ref = CheckpointRef(self.folder, tag)
+            if not (problems := self.damage(ref)):
+                if damaged and self.rank == 0:
+                    log.warning("resuming from %s, the newest intact checkpoint, instead of %s", ref.path,
+                                ", ".join(damaged))
+                return ref
+            damaged.append(tag)
+            if self.rank == 0:
+                log.warning("checkpoint %s is damaged, not resuming from it: %s", ref.path, "; ".join(problems))
+        if candidates:
+            raise CheckpointError(f"{self.folder} holds checkpoints ({', '.join(candidates)}) but none is intact "
+                                  f"(see the warnings above): restore one, or move the folder away to start afresh")
+        return None
 
     def restore_rng(self, ref: CheckpointRef) -> bool:
         """This rank's RNG streams as they were at ``ref``; False when the checkpoint has none for this rank
@@ -262,16 +329,6 @@ class CheckpointManager:
         for old in tags[: max(len(tags) - self.keep_last, 0)]:
             if old != latest:
                 shutil.rmtree(self.folder / old, ignore_errors=True)
-
-
-def _attempt(action: Callable[[], None]) -> str | None:
-    """Run ``action``; None when it succeeded, else what went wrong, for the other ranks to read."""
-    try:
-        action()
-    except Exception as exc:  # any failure must reach the other ranks, not only OSError
-        log.error("%s: %s", type(exc).__name__, exc)
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 # ---- universal checkpoints: resuming on another number of processes ---------------------------------

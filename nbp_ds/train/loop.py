@@ -54,7 +54,7 @@ class Trainer:
         self.rank, self.world = self.env.rank, self.env.world_size
         self.out_dir = Path(cfg.train.out_dir)
 
-        # everything that can be wrong is found before the first collective or the model build
+        # everything that can be wrong is found before the model build, and most of it before the first collective
         try:
             self.train_sources = parse_sources(cfg.data.train)
             self.val_shards = expand_shards(cfg.data.val) if cfg.data.val else None
@@ -65,7 +65,12 @@ class Trainer:
             raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
                               "or set train.wandb=false")
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_last, self.rank)
-        self.resume_from = find_checkpoint(resume) if resume else self.checkpoints.latest()
+        named = find_checkpoint(resume) if resume else None
+
+        self.device = distributed.process_device(self.env)
+        distributed.init_process_group(self.env, self.device, timeout_s=cfg.train.collective_timeout_s)
+        # checked against its manifest, every rank hashing a share of the files (hence after joining the group)
+        self.resume_from = self.checkpoints.require_intact(named) if named else self.checkpoints.latest_intact()
         self.saved_world = None
         if self.resume_from:
             client = peek_client_state(self.resume_from)  # read once: with ZeRO-2 it holds the whole model
@@ -75,9 +80,6 @@ class Trainer:
         if universal is None:  # ZeRO's optimizer partitions fit only the world size that saved them
             universal = self.saved_world not in (None, self.world) and zero_stage(self.ds_config) > 0
         self.universal = bool(universal and self.resume_from)
-
-        self.device = distributed.process_device(self.env)
-        distributed.init_process_group(self.env, self.device, timeout_s=cfg.train.collective_timeout_s)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop_request()
         if self.universal:
