@@ -3,10 +3,14 @@ ZeRO-3 on CPU, two processes over gloo, faults injected through tests/faults.py'
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
+from pathlib import Path
 
 import pytest
-from train_helpers import make_shards, run, step_counts, step_losses, train_cmd
+from train_helpers import _children, make_shards, run, start, step_counts, step_losses, train_cmd, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +71,53 @@ def test_a_truncated_rank_file_in_latest_falls_back_to_the_previous_checkpoint(s
     assert "resumed from" in result.stderr and "step00000005 at step 5" in result.stderr
     again = step_losses(out)
     assert [again[s] for s in range(6, 11)] == [first[s] for s in range(6, 11)]
+
+
+def worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of ``rank`` (read from its environment)."""
+    for pid in _children(launcher_pid):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
+
+
+@pytest.mark.parametrize("guard", ["watchdog", "collective_timeout"])
+def test_a_stopped_rank_ends_the_job_within_the_bound_naming_the_step(shards, tmp_path, guard):
+    """SIGSTOP rank 1 mid-run (a hung process: it neither answers nor dies). Rank 0 must end within its bound,
+    naming the step it stalled in: by the step watchdog (3 s without a step, the collective timeout far
+    away), or, with the watchdog off, by the 8 s collective timeout."""
+    bound = {"watchdog": ["train.stall_timeout_s=3", "train.stall_factor=5", "train.collective_timeout_s=120"],
+             "collective_timeout": ["train.stall_timeout_s=0", "train.collective_timeout_s=8"]}[guard]
+    out, log = tmp_path / "out", tmp_path / "log"
+    proc = start(train_cmd(out, shards, "train.steps=400", "train.save_every=0", "train.eval_every=0", *bound),
+                 log, faults={"step_sleep": 0.1})
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(step_counts(out)) >= 5, proc, "step 5")
+    rank0, rank1 = worker_of_rank(proc.pid, 0), worker_of_rank(proc.pid, 1)
+    os.kill(rank1, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        wait_for(lambda: not Path(f"/proc/{rank0}").exists() or _zombie(rank0), proc, "rank 0 exits", timeout=90)
+        took = time.monotonic() - stopped
+    finally:
+        os.kill(rank1, signal.SIGCONT)  # so torchrun's SIGTERM ends it at once
+    assert proc.wait(timeout=90) != 0
+    text = log.read_text()
+    last = max(step_counts(out))
+    if guard == "watchdog":
+        stalled = re.search(r"\[rank 0\] .*rank 0 stalled in step (\d+): no training step finished within", text)
+        assert stalled, text[-5000:]
+        assert "most recent call first" in text  # faulthandler's stacks
+        assert took < 3 + 25, f"rank 0 ended {took:.0f} s after rank 1 stopped"
+    else:
+        stalled = re.search(r"\[rank 0\] .*rank 0 stopped in step (\d+): .*Timed out", text)
+        assert stalled, text[-5000:]
+        assert 8 <= took < 8 + 25, f"rank 0 ended {took:.0f} s after rank 1 stopped"
+    assert int(stalled[1]) in (last + 1, last + 2)  # the step under way (its log line may not have been written)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -11,7 +11,10 @@ A run whose train.out_dir holds a checkpoint resumes from it; --resume PATH resu
 data stream continues where it stopped (seeking, nothing trained on is read again). A checkpoint saved by
 another number of processes is converted once into DeepSpeed's universal format (into its tag folder,
 <tag>/universal) and loaded from there; --universal does so whatever the number.
-SIGTERM or SIGUSR1 saves a checkpoint at the next step boundary and exits 0.
+SIGTERM or SIGUSR1 saves a checkpoint at the next step boundary and exits 0. A resume checks the checkpoint
+against its manifest and falls back to the newest intact one. A hang becomes an error: a collective waits at
+most train.collective_timeout_s, and a rank with no finished step for max(train.stall_timeout_s,
+train.stall_factor x the median step time) dumps its threads' stacks and exits 3 (slurm/train.sbatch requeues).
 On CPU set DS_ACCELERATOR=cpu (DeepSpeed then uses gloo).
 """
 

@@ -36,6 +36,7 @@ from nbp_ds.train.hooks import TrainerHooks, load_hooks
 from nbp_ds.train.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
 from nbp_ds.train.state import TrainState
 from nbp_ds.train.stop import stop_request
+from nbp_ds.train.watchdog import StepWatchdog
 
 log = logging.getLogger("nbp_ds.train")
 
@@ -98,10 +99,24 @@ class Trainer:
                                      wandb_project=cfg.train.wandb_project if cfg.train.wandb else None,
                                      config=cfg.to_dict())
         self.peak = peak_tflops(cfg.train.peak_tflops, self.device)
+        self.watchdog = StepWatchdog(cfg.train.stall_timeout_s, cfg.train.stall_factor, self.rank)
         self._report_setup()
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> int:
+        """Train to ``train.steps``; 0 when finished or stopped by a signal at a checkpoint. A stalled step ends
+        the process (the watchdog); an error is logged with the step it stopped."""
+        tr = self.cfg.train
+        self.watchdog.start(self.state.step, first_within_s=tr.collective_timeout_s)
+        try:
+            return self._run()
+        except Exception as exc:
+            log.error("rank %d stopped in step %d: %s: %s", self.rank, self.state.step + 1, type(exc).__name__, exc)
+            raise
+        finally:
+            self.watchdog.stop()
+
+    def _run(self) -> int:
         tr, state = self.cfg.train, self.state
         self.loader = self._train_loader()
         batches = iter(self.loader)
@@ -114,6 +129,7 @@ class Trainer:
         while state.step < tr.steps:
             self._train_step(batches, meter)
             state.step += 1
+            self.watchdog.step_done(state.step)
             bad_in_row = bad_in_row + 1 if not self.engine.was_step_applied() else 0
             if bad_in_row:
                 self._skipped_step(bad_in_row)
@@ -182,6 +198,7 @@ class Trainer:
     def validate(self) -> float:
         """Mean validation loss over every validation sample once (all ranks in step)."""
         cfg = self.cfg
+        self.watchdog.allow(cfg.train.collective_timeout_s)
         loader = build_loader(self.val_shards, grid=cfg.layout.grid, batch_size=cfg.train.micro_batch, mode="val",
                               rank=self.rank, world_size=self.world, num_workers=min(cfg.data.num_workers, 1),
                               seed=cfg.train.seed, retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff)
@@ -198,6 +215,7 @@ class Trainer:
     def save(self) -> CheckpointRef:
         """A checkpoint of everything: DeepSpeed's engine (model, optimizer, LR schedule) with the trainer's
         state and config as client state, and per rank its RNG streams and the data loader's position."""
+        self.watchdog.allow(self.cfg.train.collective_timeout_s)
         client = {"train_state": self.state.state_dict(), "config": self.cfg.to_dict()}
 
         def write(folder: Path, tag: str) -> None:
@@ -241,6 +259,7 @@ class Trainer:
         from nbp_ds.visualize import frame_grid
 
         tr, lay = self.cfg.train, self.layout
+        self.watchdog.allow(tr.collective_timeout_s)
         if not tr.sample_tokenizer:
             log.warning("train.sample_every is set but train.sample_tokenizer is not: no samples logged")
             return
