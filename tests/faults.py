@@ -13,6 +13,7 @@ A test adds ``train.hooks=faults:FaultHooks`` to a training command (tests/ is o
     enospc_ranks    [1]      on these ranks the first file DeepSpeed writes of a checkpoint fails with ENOSPC (a
                              full disk) ...
     enospc_at       "step00000010"   ... of this checkpoint tag only (absent: every checkpoint)
+    crash_at_step   7        every rank raises at the end of this step, at every attempt (a deterministic bug)
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class FaultHooks(TrainerHooks):
         return loss * float("nan") if step in self.faults.get("nan_steps", []) else loss
 
     def on_step_end(self, step: int) -> None:
+        if step == self.faults.get("crash_at_step"):
+            raise RuntimeError(f"fault injected at step {step}")
         if self.faults.get("step_sleep"):
             time.sleep(float(self.faults["step_sleep"]))
 
