@@ -93,7 +93,7 @@ class TokenizerTrainer:
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         self.step = 0
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_last, self.rank)
-        if (ref := self.checkpoints.latest()) is not None:
+        if (ref := self.checkpoints.latest_intact()) is not None:  # checked against its manifest
             self._load(ref)
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         log.info("tokenizer %s: %.2fM parameters, %d codes; %d training clips, %d held out; %d process(es) on %s",

@@ -105,13 +105,14 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> int:
         """Train to ``train.steps``; 0 when finished or stopped by a signal at a checkpoint. A stalled step ends
-        the process (the watchdog); an error is logged with the step it stopped."""
+        the process (the watchdog); an error is logged with the last step finished."""
         tr = self.cfg.train
         self.watchdog.start(self.state.step, first_within_s=tr.collective_timeout_s)
         try:
             return self._run()
         except Exception as exc:
-            log.error("rank %d stopped in step %d: %s: %s", self.rank, self.state.step + 1, type(exc).__name__, exc)
+            log.error("rank %d failed after step %d (the last one it finished): %s: %s", self.rank, self.state.step,
+                      type(exc).__name__, exc)
             raise
         finally:
             self.watchdog.stop()
