@@ -20,13 +20,9 @@ from typing import Any
 
 import yaml
 
-from nbp_ds.errors import UsageError
+from nbp_ds.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(UsageError, ValueError):
-    """A run configuration that cannot be used; the message names the key and value."""
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nbp_ds.config import ConfigError, load_config
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
 
 
 def test_overrides_parse_as_users_type_them():

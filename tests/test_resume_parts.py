@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from nbp_ds.train.checkpoint import (
+from nbp_ds.runtime.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointRef,

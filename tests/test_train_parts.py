@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbp_ds.config import ConfigError, load_config
-from nbp_ds.train import distributed
-from nbp_ds.train.checkpoint import (
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
+from nbp_ds.runtime import distributed
+from nbp_ds.runtime.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointRef,
@@ -21,9 +22,9 @@ from nbp_ds.train.checkpoint import (
     find_checkpoint,
     read_latest,
 )
+from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.train.ds_config import build_ds_config
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
-from nbp_ds.train.schedule import lr_factor
 from nbp_ds.train.state import TrainState
 
 
@@ -203,7 +204,7 @@ def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
 
 
 def test_each_process_computes_on_its_own_gpu_or_the_cpu():
-    from nbp_ds.train.launch import DistEnv
+    from nbp_ds.runtime.launch import DistEnv
 
     env = DistEnv(rank=5, world_size=8, local_rank=1, master_addr="h", master_port=1, launcher="srun")
     auto = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # intermixed: overrides may come before or after --resume / --config
     args = build_parser().parse_intermixed_args(argv)
-    from nbp_ds.train.stop import stop_request
+    from nbp_ds.runtime.stop import stop_request
 
     stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
     if args.local_rank is not None:

@@ -1,8 +1,8 @@
 """Training the video tokenizer (causal 3D CNN + FSQ): L1 + MSE reconstruction, optionally a 3D PatchGAN.
 
 Built on the same parts as the transformer trainer: the launcher's rank detection
-(:mod:`nbp_ds.train.launch`: torchrun, the deepspeed launcher and srun), its process group and
-collectives (:mod:`nbp_ds.train.distributed`), the warmup + cosine schedule, the metrics logger
+(:mod:`nbp_ds.runtime.launch`: torchrun, the deepspeed launcher and srun), its process group and
+collectives (:mod:`nbp_ds.runtime.distributed`), the warmup + cosine schedule, the metrics logger
 (TensorBoard + ``metrics.jsonl``) and the checkpoint manager (``checkpoints/stepNNNNNNNN`` + ``latest``,
 a rerun resumes). Several processes train data-parallel (DDP).
 
@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.runtime import distributed, launch
+from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
+from nbp_ds.runtime.metrics import MetricsLogger
+from nbp_ds.runtime.rng import seed_everything
+from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.tokenizer.video_io import ClipSpec
-from nbp_ds.train import distributed, launch
-from nbp_ds.train.checkpoint import CheckpointManager, CheckpointRef
-from nbp_ds.train.engine import seed_everything
-from nbp_ds.train.metrics import MetricsLogger
-from nbp_ds.train.schedule import lr_factor
 
 log = logging.getLogger("nbp_ds.tokenizer")
 

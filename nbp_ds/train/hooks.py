@@ -13,7 +13,7 @@ import importlib
 
 import torch
 
-from nbp_ds.config import ConfigError
+from nbp_ds.errors import ConfigError
 
 
 class TrainerHooks:

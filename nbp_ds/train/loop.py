@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from nbp_ds.config import ConfigError, RunConfig
+from nbp_ds.config import RunConfig
 from nbp_ds.data import DataReport, build_loader, expand_shards, parse_sources, to_device
 from nbp_ds.data.report import summarize
 from nbp_ds.data.resume import restore
+from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
-from nbp_ds.train import distributed, launch
-from nbp_ds.train.checkpoint import (
+from nbp_ds.runtime import distributed, launch
+from nbp_ds.runtime.checkpoint import (
     CheckpointManager,
     CheckpointRef,
     check_compatible,
@@ -27,14 +28,14 @@ from nbp_ds.train.checkpoint import (
     universal_checkpoint,
     with_universal_load,
 )
+from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
+from nbp_ds.runtime.stop import stop_request
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
 from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
-from nbp_ds.train.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
 from nbp_ds.train.state import TrainState
-from nbp_ds.train.stop import stop_request
 
 log = logging.getLogger("nbp_ds.train")
 

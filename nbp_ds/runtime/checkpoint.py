@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -33,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from nbp_ds.config import ConfigError, RunConfig
-from nbp_ds.errors import UsageError
+from nbp_ds.config import RunConfig
+from nbp_ds.errors import CheckpointError, ConfigError
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.train import distributed
+from nbp_ds.runtime import distributed
+from nbp_ds.runtime.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,6 @@ TAG_PREFIX = "step"
 # the keys whose change makes a checkpoint unusable for this run
 SHAPE_KEYS = {"layout": ("grid", "block", "hybrid", "condition", "num_classes", "context_frames"),
               "model": ("n_layer", "d_model", "n_head", "vocab_size", "ffn_dim")}
-
-
-class CheckpointError(UsageError, ValueError):
-    """A path that does not hold the checkpoint or weights file it should (missing, dangling, another model's,
-    or unreadable without more trust); the message names it and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -131,20 +125,6 @@ def check_compatible(saved: dict, cfg: RunConfig, where: str) -> None:
              if saved.get(section, {}).get(key) != current[section][key]]
     if diffs:
         raise ConfigError(f"checkpoint {where} was trained with a different model shape: " + "; ".join(diffs))
-
-
-# ---- RNG: every rank keeps its own streams (dropout, class dropout, sampling) ---------------------
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _rng_file(ref: CheckpointRef, rank: int) -> Path:

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbp_ds.config import ConfigError
+from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
-from nbp_ds.train import distributed
+from nbp_ds.runtime import distributed
 
 log = logging.getLogger("nbp_ds.train")
 
