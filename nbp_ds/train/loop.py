@@ -13,8 +13,8 @@ import torch
 
 from nbp_ds.config import RunConfig
 from nbp_ds.data import DataReport, build_loader, expand_shards, parse_sources, to_device
+from nbp_ds.data.loader import restore
 from nbp_ds.data.report import summarize
-from nbp_ds.data.resume import restore
 from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.runtime import distributed, launch
@@ -37,7 +37,7 @@ from nbp_ds.train.evaluate import evaluate
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
 from nbp_ds.train.state import TrainState
 
-log = logging.getLogger("nbp_ds.train")
+log = logging.getLogger(__name__)
 
 FINISHED = "finished"  # the marker slurm/train.sbatch reads to decide whether to requeue
 
@@ -259,7 +259,7 @@ class Trainer:
 
     # ---- set-up and tear-down ---------------------------------------------------------------------
     def _train_loader(self):
-        """The training stream, where the checkpoint left it (nbp_ds.data.resume.restore)."""
+        """The training stream, where the checkpoint left it (nbp_ds.data.loader.restore)."""
         cfg, tr = self.cfg, self.cfg.train
         loader = build_loader(self.train_sources, grid=cfg.layout.grid, batch_size=tr.micro_batch, mode="train",
                               rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers, seed=tr.seed,
