@@ -31,9 +31,9 @@ from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
 from nbp_ds.runtime.metrics import MetricsLogger
 from nbp_ds.runtime.rng import seed_everything
 from nbp_ds.runtime.schedule import lr_factor
-from nbp_ds.tokenizer.video_io import ClipSpec
+from nbp_ds.video_io import ClipSpec
 
-log = logging.getLogger("nbp_ds.tokenizer")
+log = logging.getLogger(__name__)
 
 
 @dataclass
