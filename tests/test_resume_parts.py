@@ -66,7 +66,8 @@ def test_the_universal_flag_reaches_the_trainer(monkeypatch):
     from nbp_ds.cli import train as cli
 
     calls = []
-    monkeypatch.setattr(loop, "train", lambda cfg, resume=None, universal=None: calls.append((resume, universal)))
+    monkeypatch.setattr(loop, "train",
+                        lambda cfg, resume=None, universal=None, hooks=None: calls.append((resume, universal)))
     cli.main(["--config", "tiny", "--resume", "runs/x", "--universal"])
     cli.main(["--config", "tiny", "--resume", "runs/x"])
     assert calls == [("runs/x", True), ("runs/x", None)]  # None: decided by the saved world size

@@ -2,11 +2,13 @@
 
 A checkpoints folder holds one tag folder per save (``step00001000``) and a ``latest`` file naming the
 last complete one. :class:`CheckpointManager` runs a save in the order that keeps ``latest`` true:
-every rank writes its part of the tag folder (the caller's writer: DeepSpeed's sharded states, or a
-state dict), its own RNG state and its own small state record (the data loader's position,
-``rankNNNNN_data.json``), then all ranks meet at a barrier, and only then does rank 0 move ``latest``
-(atomically) and delete tags beyond ``keep_last``, never the one ``latest`` names. A process killed at
-any point leaves ``latest`` naming a complete checkpoint.
+every rank writes its part of the tag folder (the caller's writer, then every registered
+:class:`CheckpointPart` in registration order: DeepSpeed's sharded states, a moving average, the data
+loader's position as a small per-rank record ``rankNNNNN_data.json``; last, always, its own RNG
+streams), then all ranks meet at a barrier, and only then does rank 0 move ``latest`` (atomically) and
+delete tags beyond ``keep_last``, never the one ``latest`` names. A process killed at any point leaves
+``latest`` naming a complete checkpoint. :meth:`CheckpointManager.load` walks the same registry in the
+same order, so what a save writes and what a resume reads are one list (torchtitan's ``states``).
 
 :func:`find_checkpoint` is the one way to go from what a user names (a run folder, its checkpoints
 folder, a tag folder) to a checkpoint: resuming, exporting and sampling all use it.
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -138,6 +140,40 @@ def _rank_state_file(ref: CheckpointRef, rank: int) -> Path:
 Writer = Callable[[Path, str], None]
 
 
+class CheckpointPart(Protocol):
+    """One stateful part of a run as its checkpoints keep it. ``save`` writes this rank's share of the part into
+    the tag folder ``ref.path``; ``load`` reads the same files back into the part."""
+
+    def save(self, ref: CheckpointRef) -> None: ...
+
+    def load(self, ref: CheckpointRef) -> None: ...
+
+
+class RngStreams:
+    """This rank's random streams (Python, NumPy, torch, CUDA), one file per rank: every checkpoint has them."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save(self, ref: CheckpointRef) -> None:
+        with atomic_output(_rng_file(ref, self.rank)) as tmp:
+            torch.save(rng_state(), tmp)
+
+    def load(self, ref: CheckpointRef) -> None:
+        file = _rng_file(ref, self.rank)
+        if not file.is_file():  # saved by fewer processes
+            log.warning("rank %d: %s holds no RNG state for this rank (saved by fewer processes): its random "
+                        "streams (class dropout) start from the seed", self.rank, ref.path)
+            return
+        set_rng_state(torch.load(file, weights_only=False))
+
+
+def save_rank_state(ref: CheckpointRef, rank: int, record: dict[str, Any]) -> None:
+    """Keep ``record``, a small JSON-ready record of rank ``rank``'s own, with checkpoint ``ref``
+    (read back by :meth:`CheckpointManager.rank_state` / :meth:`CheckpointManager.rank_states`)."""
+    write_text_atomic(_rank_state_file(ref, rank), json.dumps(record))
+
+
 class CheckpointManager:
     """Saves and finds the checkpoints of one run folder (see the module docstring for the order)."""
 
@@ -145,22 +181,36 @@ class CheckpointManager:
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.rank = rank
+        self.parts: dict[str, CheckpointPart] = {"rng": RngStreams(rank)}
+
+    def register(self, name: str, part: CheckpointPart) -> None:
+        """Add a part that every save writes and every :meth:`load` restores, after those registered before
+        it (the RNG streams stay last)."""
+        if name in self.parts:
+            raise ValueError(f"a checkpoint part named {name!r} is already registered")
+        rng = self.parts.pop("rng")
+        self.parts.update({name: part, "rng": rng})
 
     def latest(self) -> CheckpointRef | None:
         tag = read_latest(self.folder)
         return CheckpointRef(self.folder, tag) if tag else None
 
-    def save(self, step: int, write: Writer, rank_state: dict[str, Any] | None = None) -> CheckpointRef:
-        """Every rank calls this: ``write(folder, tag)`` writes this rank's part (and ``rank_state``, a small
-        JSON-ready record of this rank's own, is kept next to it), then ``latest`` moves."""
+    def save(self, step: int, write: Writer | None = None, rank_state: dict[str, Any] | None = None,
+             written: Callable[[CheckpointRef], None] | None = None) -> CheckpointRef:
+        """Every rank calls this: ``write(folder, tag)`` writes this rank's part, every registered part saves
+        itself (and ``rank_state``, a small JSON-ready record of this rank's own, is kept next to them);
+        ``written(ref)`` is told when all of this rank's files are on disk; then ``latest`` moves."""
         ref = CheckpointRef(self.folder, tag_for(step))
         began = time.time()
         ref.path.mkdir(parents=True, exist_ok=True)
-        write(self.folder, ref.tag)
-        with atomic_output(_rng_file(ref, self.rank)) as tmp:
-            torch.save(rng_state(), tmp)
+        if write is not None:
+            write(self.folder, ref.tag)
         if rank_state is not None:
-            write_text_atomic(_rank_state_file(ref, self.rank), json.dumps(rank_state))
+            save_rank_state(ref, self.rank, rank_state)
+        for part in self.parts.values():
+            part.save(ref)
+        if written is not None:
+            written(ref)
         distributed.barrier()  # every rank's part is on disk before 'latest' may name it
         if self.rank == 0:
             write_text_atomic(self.folder / LATEST, ref.tag)
@@ -169,14 +219,10 @@ class CheckpointManager:
         distributed.barrier()  # nobody runs ahead (and, say, saves again) before 'latest' moved
         return ref
 
-    def restore_rng(self, ref: CheckpointRef) -> bool:
-        """This rank's RNG streams as they were at ``ref``; False when the checkpoint has none for this rank
-        (it was saved by fewer processes)."""
-        file = _rng_file(ref, self.rank)
-        if not file.is_file():
-            return False
-        set_rng_state(torch.load(file, weights_only=False))
-        return True
+    def load(self, ref: CheckpointRef) -> None:
+        """Every registered part as it was at ``ref``, in the order a save wrote them."""
+        for part in self.parts.values():
+            part.load(ref)
 
     @staticmethod
     def rank_state(ref: CheckpointRef, rank: int) -> dict[str, Any] | None:

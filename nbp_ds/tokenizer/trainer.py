@@ -199,7 +199,7 @@ class TokenizerTrainer:
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
         self.step = state["step"]
-        self.checkpoints.restore_rng(ref)
+        self.checkpoints.load(ref)  # the parts registered with the manager: this rank's RNG streams
         log.info("resumed from %s at step %d", ref.path, self.step)
 
     # ---- results ----------------------------------------------------------------------------------
