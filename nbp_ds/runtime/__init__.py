@@ -2,5 +2,5 @@
 collectives (distributed), checkpoints that survive preemption (checkpoint), the metrics writer (metrics),
 the learning-rate schedule (schedule), random streams (rng) and graceful-stop flags (stop).
 
-The transformer trainer (nbp_ds.train), the tokenizer trainer, the sampler and the converters use it; it
-imports none of them."""
+Both trainers (nbp_ds.train, nbp_ds.tokenizer.trainer) run on it, and export, the sampler and the converters
+find checkpoints through it; it imports none of them."""
