@@ -10,8 +10,9 @@ import zlib
 
 import pytest
 
-from nbp_ds.train.checkpoint import CheckpointError, CheckpointManager, CheckpointRef
-from nbp_ds.train.manifest import MANIFEST, shares
+from nbp_ds.errors import CheckpointError
+from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
+from nbp_ds.runtime.manifest import MANIFEST, shares
 
 
 def write_parts(folder, tag):

@@ -8,11 +8,11 @@ import time
 
 from train_helpers import env
 
-from nbp_ds.train.watchdog import STALLED_EXIT, StepWatchdog
+from nbp_ds.runtime.watchdog import STALLED_EXIT, StepWatchdog
 
 STALL = """
 import logging, time
-from nbp_ds.train.watchdog import StepWatchdog
+from nbp_ds.runtime.watchdog import StepWatchdog
 logging.basicConfig(level=logging.INFO)
 watchdog = StepWatchdog(timeout_s={timeout}, factor={factor}, rank=0, poll_s=0.05)
 watchdog.start(0, first_within_s=5)
@@ -56,3 +56,12 @@ def test_allowances_and_a_disabled_watchdog():
     watchdog = StepWatchdog(timeout_s=1, factor=10, rank=0)
     watchdog._times.extend([0.1, 0.2, 0.3])
     assert watchdog.limit() == 2.0  # 10 x the median 0.2 s
+
+
+def test_work_under_a_pause_is_not_counted_as_step_time():
+    watchdog = StepWatchdog(timeout_s=100, factor=1, rank=0)
+    watchdog.step_done(1)
+    with watchdog.pause(5):
+        time.sleep(0.3)  # a save or a hook: not a step
+    watchdog.step_done(2)
+    assert len(watchdog._times) == 1 and watchdog._times[0] < 0.2

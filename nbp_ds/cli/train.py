@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # intermixed: overrides may come before or after --resume / --config
     args = build_parser().parse_intermixed_args(argv)
-    from nbp_ds.train.stop import stop_request
+    from nbp_ds.runtime.stop import stop_request
 
     stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
     if args.local_rank is not None:
@@ -66,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from nbp_ds.sample_log import SampleLogger
+    from nbp_ds.train.hooks import HookChain, load_hooks
     from nbp_ds.train.loop import train
 
-    return train(cfg, resume=args.resume, universal=args.universal)
+    hooks = HookChain([load_hooks(cfg.train.hooks), SampleLogger()])  # train.hooks, then sample videos
+    return train(cfg, resume=args.resume, universal=args.universal, hooks=hooks)
 
 
 if __name__ == "__main__":

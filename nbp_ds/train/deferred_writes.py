@@ -6,7 +6,7 @@ would hang, or meet again at mismatched collectives and fail with a message abou
 :class:`DeferredWriteErrors`, the engine's checkpoint engine keeps the first ``OSError`` instead (and skips
 this rank's later writes of that save: the checkpoint is lost anyway), so the rank goes through DeepSpeed's
 collectives in step with the others; :meth:`DeferredWriteErrors.raise_deferred` raises it afterwards, where
-:class:`nbp_ds.train.checkpoint.CheckpointManager` lets every rank hear of every rank's failure.
+:class:`nbp_ds.runtime.checkpoint.CheckpointManager` lets every rank hear of every rank's failure.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nbp_ds.train.launch import DistEnv, export_for_torch
+from nbp_ds.runtime.launch import DistEnv, export_for_torch
 
 OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 

@@ -2,11 +2,14 @@
 
 A checkpoints folder holds one tag folder per save (``step00001000``) and a ``latest`` file naming the
 last complete one. :class:`CheckpointManager` runs a save in the order that keeps ``latest`` true:
-every rank writes its part of the tag folder (the caller's writer: DeepSpeed's sharded states, or a
-state dict), its own RNG state and its own small state record (the data loader's position,
-``rankNNNNN_data.json``), then all ranks agree on how that went, and only when every rank succeeded does
-rank 0 move ``latest`` (atomically) and delete tags beyond ``keep_last``, never the one ``latest`` names.
-A process killed at any point leaves ``latest`` naming a complete checkpoint.
+every rank writes its part of the tag folder (the caller's writer, then every registered
+:class:`CheckpointPart` in registration order: DeepSpeed's sharded states, a moving average, the data
+loader's position as a small per-rank record ``rankNNNNN_data.json``; last, always, its own RNG
+streams), then all ranks agree on how that went, the ranks hash a share of the files each for the
+manifest, and only when every rank succeeded does rank 0 move ``latest`` (atomically) and delete tags
+beyond ``keep_last``, never the one ``latest`` names. A process killed at any point leaves ``latest``
+naming a complete checkpoint. :meth:`CheckpointManager.load` walks the same registry in the same order,
+so what a save writes and what a resume reads are one list (torchtitan's ``states``).
 
 **A failed save.** The agreement is a gathering of every rank's error (None when its part is written),
 bounded by the process group's timeout (``train.collective_timeout_s``), not a barrier: a rank whose write
@@ -15,8 +18,8 @@ raise after the timeout. Then every rank raises :class:`CheckpointSaveError` nam
 rank's error, rank 0 removes the incomplete tag folder, and ``latest`` still names the previous
 checkpoint, from which a restart resumes.
 
-**Checked before a resume.** Every save writes ``manifest.json`` (:mod:`nbp_ds.train.manifest`: each file's
-size and hash, the step, the world size) before ``latest`` moves. :meth:`CheckpointManager.latest_intact`
+**Checked before a resume.** Every save writes ``manifest.json`` (:mod:`nbp_ds.runtime.manifest`: each
+file's size and hash, the step, the world size) before ``latest`` moves. :meth:`CheckpointManager.latest_intact`
 checks the checkpoint ``latest`` names against it and, when a file is missing, truncated or changed, falls
 back to the newest intact earlier one with a warning naming the file; with checkpoints but none intact it
 refuses to start rather than train from step 0 again.
@@ -36,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -44,15 +46,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-from nbp_ds.config import ConfigError, RunConfig
-from nbp_ds.errors import UsageError
+from nbp_ds.config import RunConfig
+from nbp_ds.errors import CheckpointError, ConfigError
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.train import distributed, manifest
+from nbp_ds.runtime import distributed, manifest
+from nbp_ds.runtime.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,6 @@ SHAPE_KEYS = {"layout": ("grid", "block", "hybrid", "condition", "num_classes", 
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be saved on some rank (raised on every rank); ``latest`` did not move."""
-
-
-class CheckpointError(UsageError, ValueError):
-    """A path that does not hold the checkpoint or weights file it should (missing, dangling, another model's,
-    or unreadable without more trust); the message names it and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -150,20 +147,6 @@ def check_compatible(saved: dict, cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"checkpoint {where} was trained with a different model shape: " + "; ".join(diffs))
 
 
-# ---- RNG: every rank keeps its own streams (dropout, class dropout, sampling) ---------------------
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _rng_file(ref: CheckpointRef, rank: int) -> Path:
     return ref.path / f"rank{rank:05d}_rng.pt"
 
@@ -175,6 +158,40 @@ def _rank_state_file(ref: CheckpointRef, rank: int) -> Path:
 Writer = Callable[[Path, str], None]
 
 
+class CheckpointPart(Protocol):
+    """One stateful part of a run as its checkpoints keep it. ``save`` writes this rank's share of the part into
+    the tag folder ``ref.path``; ``load`` reads the same files back into the part."""
+
+    def save(self, ref: CheckpointRef) -> None: ...
+
+    def load(self, ref: CheckpointRef) -> None: ...
+
+
+class RngStreams:
+    """This rank's random streams (Python, NumPy, torch, CUDA), one file per rank: every checkpoint has them."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save(self, ref: CheckpointRef) -> None:
+        with atomic_output(_rng_file(ref, self.rank)) as tmp:
+            torch.save(rng_state(), tmp)
+
+    def load(self, ref: CheckpointRef) -> None:
+        file = _rng_file(ref, self.rank)
+        if not file.is_file():  # saved by fewer processes
+            log.warning("rank %d: %s holds no RNG state for this rank (saved by fewer processes): its random "
+                        "streams (class dropout) start from the seed", self.rank, ref.path)
+            return
+        set_rng_state(torch.load(file, weights_only=False))
+
+
+def save_rank_state(ref: CheckpointRef, rank: int, record: dict[str, Any]) -> None:
+    """Keep ``record``, a small JSON-ready record of rank ``rank``'s own, with checkpoint ``ref``
+    (read back by :meth:`CheckpointManager.rank_state` / :meth:`CheckpointManager.rank_states`)."""
+    write_text_atomic(_rank_state_file(ref, rank), json.dumps(record))
+
+
 class CheckpointManager:
     """Saves and finds the checkpoints of one run folder (see the module docstring for the order)."""
 
@@ -182,22 +199,33 @@ class CheckpointManager:
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.rank = rank
+        self.parts: dict[str, CheckpointPart] = {"rng": RngStreams(rank)}
+
+    def register(self, name: str, part: CheckpointPart) -> None:
+        """Add a part that every save writes and every :meth:`load` restores, after those registered before
+        it (the RNG streams stay last)."""
+        if name in self.parts:
+            raise ValueError(f"a checkpoint part named {name!r} is already registered")
+        rng = self.parts.pop("rng")
+        self.parts.update({name: part, "rng": rng})
 
     def latest(self) -> CheckpointRef | None:
         tag = read_latest(self.folder)
         return CheckpointRef(self.folder, tag) if tag else None
 
-    def save(self, step: int, write: Writer, rank_state: dict[str, Any] | None = None) -> CheckpointRef:
-        """Every rank calls this: ``write(folder, tag)`` writes this rank's part (and ``rank_state``, a small
-        JSON-ready record of this rank's own, is kept next to it), the ranks hash a share of the files each
-        for the manifest, then ``latest`` moves. Raises :class:`CheckpointSaveError` on every rank when any
-        rank failed (``latest`` stays where it was)."""
+    def save(self, step: int, write: Writer | None = None, rank_state: dict[str, Any] | None = None,
+             written: Callable[[CheckpointRef], None] | None = None) -> CheckpointRef:
+        """Every rank calls this: ``write(folder, tag)`` writes this rank's part, every registered part saves
+        itself (and ``rank_state``, a small JSON-ready record of this rank's own, is kept next to them);
+        ``written(ref)`` is told when all of this rank's files are on disk; the ranks hash a share of the
+        files each for the manifest; then ``latest`` moves. Raises :class:`CheckpointSaveError` on every rank
+        when any rank failed (``latest`` stays where it was)."""
         ref = CheckpointRef(self.folder, tag_for(step))
         began = time.time()
         if self.rank == 0:
             self._remove_leftover(ref)
         distributed.barrier()  # nobody writes into a leftover folder before it is gone
-        self._agree(ref, lambda: self._write_part(ref, write, rank_state))
+        self._agree(ref, lambda: self._write_part(ref, write, rank_state, written))
         listing = self._agree(ref, lambda: manifest.list_files(ref.path) if self.rank == 0 else None)[0]
         mine = manifest.shares(listing, distributed.world_size())[self.rank]
         files = {name: record for hashed in self._agree(ref, lambda: manifest.hash_files(ref.path, mine))
@@ -207,13 +235,17 @@ class CheckpointManager:
         self._log0("saved checkpoint %s in %.1f s", ref.path, time.time() - began)
         return ref
 
-    def _write_part(self, ref: CheckpointRef, write: Writer, rank_state: dict[str, Any] | None) -> None:
+    def _write_part(self, ref: CheckpointRef, write: Writer | None, rank_state: dict[str, Any] | None,
+                    written: Callable[[CheckpointRef], None] | None) -> None:
         ref.path.mkdir(parents=True, exist_ok=True)
-        write(self.folder, ref.tag)
-        with atomic_output(_rng_file(ref, self.rank)) as tmp:
-            torch.save(rng_state(), tmp)
+        if write is not None:
+            write(self.folder, ref.tag)
         if rank_state is not None:
-            write_text_atomic(_rank_state_file(ref, self.rank), json.dumps(rank_state))
+            save_rank_state(ref, self.rank, rank_state)
+        for part in self.parts.values():
+            part.save(ref)
+        if written is not None:
+            written(ref)
 
     def _commit(self, ref: CheckpointRef, files: dict[str, dict[str, Any]], step: int) -> None:
         manifest.write_manifest(ref.path, files, step, distributed.world_size())
@@ -303,14 +335,10 @@ class CheckpointManager:
                                   f"(see the warnings above): restore one, or move the folder away to start afresh")
         return None
 
-    def restore_rng(self, ref: CheckpointRef) -> bool:
-        """This rank's RNG streams as they were at ``ref``; False when the checkpoint has none for this rank
-        (it was saved by fewer processes)."""
-        file = _rng_file(ref, self.rank)
-        if not file.is_file():
-            return False
-        set_rng_state(torch.load(file, weights_only=False))
-        return True
+    def load(self, ref: CheckpointRef) -> None:
+        """Every registered part as it was at ``ref``, in the order a save wrote them."""
+        for part in self.parts.values():
+            part.load(ref)
 
     @staticmethod
     def rank_state(ref: CheckpointRef, rank: int) -> dict[str, Any] | None:

@@ -7,10 +7,11 @@ stall_factor x the median step time)``, it logs which step stalled, dumps every 
 (:mod:`faulthandler`) and ends the process with :data:`STALLED_EXIT`; the launcher (srun's
 ``--kill-on-bad-exit``, torchrun) then ends the other ranks and slurm/train.sbatch requeues the job.
 
-Work between steps that is not a step (validation, a checkpoint, sample videos) is allowed longer:
-:meth:`StepWatchdog.allow` (the trainer gives it ``train.collective_timeout_s``, the bound its collectives
-have anyway). If the stalled thread holds the interpreter lock, so that no Python thread can run,
-faulthandler's own timer (C, no lock needed), armed a grace period later, dumps the stacks and exits.
+Work between steps that is not a step (validation, a checkpoint, the hooks' work, sample videos) runs under
+:meth:`StepWatchdog.pause`: it may take longer (the trainer allows ``train.collective_timeout_s``, the bound
+its collectives have anyway), and its time is not counted as step time. If the stalled thread holds the
+interpreter lock, so that no Python thread can run, faulthandler's own timer (C, no lock needed), armed a
+grace period later, dumps the stacks and exits.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,21 @@ class StepWatchdog:
             self._step, self._last = step, now
             self._arm(now + self.limit())
 
-    def allow(self, seconds: float) -> None:
-        """What comes next is not a step (validation, a save): the next step may finish up to ``seconds``
-        from now (or the usual limit, if longer); this stretch is not counted as a step time."""
-        now = time.monotonic()
+    @contextmanager
+    def pause(self, seconds: float) -> Iterator[None]:
+        """Work that is not a step (validation, a save): it may take up to ``seconds`` (or the usual limit, if
+        longer), and its time is left out of the step times the limit is taken from."""
+        began = time.monotonic()
         with self._lock:
-            self._last = None
-            self._arm(now + max(seconds, self.limit()))
+            self._arm(began + max(seconds, self.limit()))
+        try:
+            yield
+        finally:
+            now = time.monotonic()
+            with self._lock:
+                if self._last is not None:
+                    self._last += now - began
+                self._arm(now + self.limit())
 
     def start(self, step: int, first_within_s: float) -> None:
         """Begin watching: ``step`` steps are done, the next may take ``first_within_s`` (start-up, compiling)."""
@@ -77,7 +88,8 @@ class StepWatchdog:
             return
         self._step = step
         self._thread = threading.Thread(target=self._watch, name="nbp-step-watchdog", daemon=True)
-        self.allow(first_within_s)
+        with self._lock:
+            self._arm(time.monotonic() + max(first_within_s, self.limit()))
         self._thread.start()
 
     def stop(self) -> None:
