@@ -291,10 +291,9 @@ class CheckpointManager:
         """What is wrong with ``ref`` against its manifest, each problem naming the file (empty: intact).
         Every rank checks a share of the files; all get the whole answer."""
         problems: list[str] = []
-        record = manifest.read_manifest(ref.path) if ref.path.is_dir() else None
         if not ref.path.is_dir():
             problems.append(f"{ref.path} does not exist")
-        elif record is None:
+        elif (record := manifest.read_manifest(ref.path)) is None:
             problems.append(f"{ref.path / manifest.MANIFEST} is missing or unreadable: the save never finished")
         else:
             mine = manifest.shares([(name, f["size"]) for name, f in record["files"].items()],

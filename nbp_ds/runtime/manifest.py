@@ -25,6 +25,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from nbp_ds.files import write_text_atomic
+
 MANIFEST = "manifest.json"
 HASH = "crc32"
 FORMAT = 1
@@ -63,8 +65,6 @@ def hash_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(folder: Path, files: dict[str, dict[str, Any]], step: int, world_size: int) -> None:
-    from nbp_ds.files import write_text_atomic
-
     record = {"format": FORMAT, "step": step, "world_size": world_size, "hash": HASH,
               "files": dict(sorted(files.items()))}
     write_text_atomic(folder / MANIFEST, json.dumps(record, indent=1) + "\n")
