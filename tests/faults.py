@@ -10,6 +10,10 @@ A test adds ``train.hooks=faults:FaultHooks`` to a training command (tests/ is o
     stall_at        "step00000010"   ... of this checkpoint tag only (absent: every checkpoint)
     stall_marker    "/tmp/x" ... announce the stall by creating this file (with the rank in its name)
     release_file    "/tmp/y" ... and wait until this file exists (absent: forever, until killed)
+    enospc_ranks    [1]      on these ranks the first file DeepSpeed writes of a checkpoint fails with ENOSPC (a
+                             full disk) ...
+    enospc_at       "step00000010"   ... of this checkpoint tag only (absent: every checkpoint)
+    crash_at_step   7        every rank raises at the end of this step, at every attempt (a deterministic bug)
 
 Tokenization's decoding faults (decode_kill, decode_hang, decode_pids: see decode_with_faults) come from the same
 variable, in a run of ``python tests/faults.py tokenize-faults NBP-TOKENIZE-ARGS...``.
@@ -17,6 +21,7 @@ variable, in a run of ``python tests/faults.py tokenize-faults NBP-TOKENIZE-ARGS
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -37,8 +42,15 @@ class FaultHooks(TrainerHooks):
         return loss * float("nan") if step in self.faults.get("nan_steps", []) else loss
 
     def on_step_end(self, step: int) -> None:
+        if step == self.faults.get("crash_at_step"):
+            raise RuntimeError(f"fault injected at step {step}")
         if self.faults.get("step_sleep"):
             time.sleep(float(self.faults["step_sleep"]))
+
+    def on_checkpoint_file(self, path: str, rank: int) -> None:
+        tag = Path(path).parent.name
+        if rank in self.faults.get("enospc_ranks", []) and self.faults.get("enospc_at", tag) == tag:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
     def on_checkpoint_written(self, tag: str, rank: int) -> None:
         ranks = self.faults.get("stall_ranks", [])

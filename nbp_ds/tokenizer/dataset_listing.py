@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbp_ds.errors import UsageError
-from nbp_ds.tokenizer.video_io import VIDEO_SUFFIXES
+from nbp_ds.video_io import VIDEO_SUFFIXES
 
 
 @dataclass(frozen=True)

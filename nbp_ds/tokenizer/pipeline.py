@@ -25,7 +25,7 @@ from nbp_ds.data.writer import TokenShardWriter
 from nbp_ds.errors import UsageError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_dataset, sample_key
-from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
+from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError
 from nbp_ds.worker_pool import LostJob, ordered_map
 
 log = logging.getLogger(__name__)
