@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,7 +24,10 @@ from nbp_ds.generate.decode import resolve_mode
 from nbp_ds.generate.draw import check_seed
 from nbp_ds.generate.folder import SamplingSummary, plan_jobs, sample_to_folder
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from nbp_ds.layout import Layout
+    from nbp_ds.model import NBPModel
+    from nbp_ds.tokenizer.base import VideoTokenizerBase
 
 FLAGS = {"label": "--label", "cfg_scale": "--cfg-scale", "context": "--context"}  # how check_conditions names them
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -64,8 +67,8 @@ class SamplerOptions:
 class SamplerInputs:
     """What a run samples with, loaded and checked against each other."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: NBPModel
+    tokenizer: VideoTokenizerBase
     labels: list[int | None]  # [None] for a model without classes
     context: torch.Tensor | None  # [1, c, H, W] latent frames for a frame-prediction model
     mode: str  # the decoder, resolved for the model's device
@@ -116,7 +119,7 @@ def load_inputs(options: SamplerOptions) -> SamplerInputs:
     return SamplerInputs(model, tokenizer, labels if labels is not None else [None], context, mode)
 
 
-def encode_context(path: Path, tokenizer, layout) -> torch.Tensor:
+def encode_context(path: Path, tokenizer: VideoTokenizerBase, layout: Layout) -> torch.Tensor:
     """The first latent frames of a video, as the frame-prediction model's context [1, c, H, W]."""
     from nbp_ds.tokenizer.video_io import VideoError, read_clips
 
