@@ -17,10 +17,11 @@ LAYERS: list[set[str]] = [
     {"config"},
     {"runtime"},  # launch, collectives, checkpoints, metrics, schedule, RNG, stop flags: below every program
     {"model", "data"},
-    {"generate", "train"},
+    {"train"},
     {"official"},  # converts the authors' generators into the export format (train/export)
     {"tokenizer"},  # its port of the authors' tokenizer reads their files through official/
-    {"sampling", "sample_log", "eval", "perf"},
+    {"generate"},  # the sampler: generators, the tokenizer that decodes their tokens, the output folder
+    {"sample_log", "eval", "perf"},
     {"cli"},  # the programs; ``python -m nbp_ds.X`` modules (X/__main__.py) are programs too
 ]
 

@@ -87,7 +87,7 @@ def test_fvd_and_the_class_check_read_the_record(sampled, tmp_path):
     from test_fvd import _save_detector  # the suite's stand-in for StyleGAN-V's I3D detector
 
     from nbp_ds.eval.synthetic import CLASSES, parse_class, render_clip
-    from nbp_ds.sampling import RecordLog, VideoJob, VideoWriter
+    from nbp_ds.generate.folder import RecordLog, VideoJob, VideoWriter
 
     out = sampled[0]
     i3d = _save_detector(tmp_path / "i3d.pt", 32)

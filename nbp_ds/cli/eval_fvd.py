@@ -39,7 +39,7 @@ from nbp_ds.eval.fvd import (
     iter_clips,
     missing_detector_message,
 )
-from nbp_ds.sampling import sampled_frame_files
+from nbp_ds.generate.folder import sampled_frame_files
 from nbp_ds.video_io import ARRAY_SUFFIXES, VIDEO_SUFFIXES, find_videos
 
 logger = logging.getLogger(__name__)
