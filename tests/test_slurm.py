@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from nbp_ds import ffmpeg_tools
 from tests.slurm_cluster import SlurmCluster
 from tests.slurm_jobs import (
     CPU_ENV,
@@ -109,8 +109,8 @@ def test_sigterm_to_the_batch_shell_checkpoints_and_stops(slurm_cluster, shards,
 
 
 def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
-    if not shutil.which("ffmpeg"):
-        pytest.skip("ffmpeg is not installed (needed to make the test videos)")
+    if ffmpeg_tools.find_tool("ffmpeg") is None:
+        pytest.skip(f"ffmpeg is needed to make the test videos: {ffmpeg_tools.INSTALL_HINT}")
     rels = make_videos(tmp_path / "videos")
     out = tmp_path / "shards"
     job = submit_tokenize(slurm_cluster, tmp_path / "videos", out, tmp_path, array="0-1")

@@ -25,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+from nbp_ds import ffmpeg_tools
 from nbp_ds.cli import command
 
 
@@ -84,8 +85,9 @@ def bench_tokenize(tmp: Path, preset: str, videos: int, frames: int, resolution:
     src = tmp / "videos"
     src.mkdir()
     for i in range(videos):
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=8",
-                        "-t", str(frames / 8 + 0.5), str(src / f"v{i:03d}.mp4")], check=True)
+        subprocess.run([ffmpeg_tools.ffmpeg(), "-loglevel", "error", "-f", "lavfi",
+                        "-i", "testsrc2=size=160x120:rate=8", "-t", str(frames / 8 + 0.5),
+                        str(src / f"v{i:03d}.mp4")], check=True)
     opts = TokenizeOptions(videos=str(src), out=str(tmp / "tok"), tokenizer=f"random:{preset}",
                            clip=ClipSpec(frames, resolution, 8.0), workers=workers, batch_size=8, progress=False)
     summary = tokenize_dataset(opts)
