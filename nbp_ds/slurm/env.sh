@@ -43,9 +43,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
 # node-local temporary space, a folder per job and restart ($SLURM_TMPDIR, else $TMPDIR, else /tmp): torch's
 # build lock, a file in that folder, lets one rank per node compile while the node's other ranks wait, and a
 # build killed midway leaves no lock behind for later jobs. train.sbatch removes the folder on every node when
-# its training step ends. To compile once instead of in every job, build the ops into a folder of your own and
-# name it here (see "DeepSpeed ops" in slurm/README.md); a TORCH_EXTENSIONS_DIR set before this file is kept.
-# export TORCH_EXTENSIONS_DIR="$HOME/nbp_ds-ops"
+# its training step ends. A TORCH_EXTENSIONS_DIR set before this point is kept (see "DeepSpeed ops" in
+# slurm/README.md): a node-local folder that outlives jobs saves the compile in every job.
+# export TORCH_EXTENSIONS_DIR="/local/scratch/$USER/nbp_ds-ops"
 if [[ -n "${SLURM_JOB_ID:-}" && -z "${TORCH_EXTENSIONS_DIR:-}" ]]; then
     TORCH_EXTENSIONS_DIR="${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/nbp_ds-ops-job${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
     export TORCH_EXTENSIONS_DIR
