@@ -187,7 +187,9 @@ def test_the_documented_cpu_smoke_test_line_runs_as_written(slurm_cluster, shard
     # one rank built it while the other waited for the lock (two builds would log each object twice)
     wait_for_step(slurm_cluster, job, out, 1, timeout=300)
     ops = node_tmp / f"nbp_ds-ops-job{job}-0"
-    (built,) = ops.rglob("deepspeed_shm_comm/.ninja_log")
+    built = list(ops.rglob("deepspeed_shm_comm/.ninja_log"))
+    assert len(built) == 1, f"DeepSpeed's op was not built in the job's node-local folder {ops}: {built}"
+    built = built[0]
     objects = [line.split("\t")[3] for line in built.read_text().splitlines() if not line.startswith("#")]
     assert sorted(objects) == ["deepspeed_shm_comm.so", "shm.o", "shm_interface.o"], objects
     slurm_cluster.wait_done(job, timeout=300)
