@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nbp_ds"
 
 # bottom to top; the top-level modules (nbp_ds/x.py) and the sub-packages (nbp_ds/x/) by their names
 LAYERS: list[set[str]] = [
-    {"errors", "files", "worker_pool"},
+    {"errors", "files", "worker_pool", "ffmpeg_tools"},
     {"layout", "video_io", "visualize"},
     {"config"},
     {"runtime"},  # launch, collectives, checkpoints, metrics, schedule, RNG, stop flags: below every program

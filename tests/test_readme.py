@@ -104,3 +104,24 @@ def test_readme_command(where, command):
         if program == "make":
             targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
             assert all(t in targets for t in words[1:] if not t.startswith("-")), f"make {words[1:]}"
+
+
+def test_the_readmes_point_only_inside_the_repository():
+    """Links and quoted paths name files of the project (none outside the checkout, none missing)."""
+    for readme in READMES:
+        text = readme.read_text()
+        outside = re.findall(r"`(\.\./[^`]*)`", text)
+        assert not outside, f"{readme.name} names files outside the repository: {outside}"
+        for target in re.findall(r"\]\(([^)#\s]+)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            resolved = (readme.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT.resolve()), f"{readme.name} links outside the repository: {target}"
+            assert resolved.exists(), f"{readme.name} links a missing file: {target}"
+
+
+def test_the_readme_states_the_python_the_package_requires():
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert f"Python {requires.replace('>=', '>= ')}" in (ROOT / "README.md").read_text()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nbp_ds import ffmpeg_tools
+
 
 def write_token_shards(folder: Path, grid: tuple[int, int, int], samples: int) -> float:
     """``samples`` random clips of ``grid`` tokens (64,000 codes, 101 classes) as 500-sample shards in ``folder``;
@@ -81,8 +83,9 @@ def bench_tokenize(tmp: Path, preset: str, videos: int, frames: int, resolution:
     src = tmp / "videos"
     src.mkdir()
     for i in range(videos):
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=8",
-                        "-t", str(frames / 8 + 0.5), str(src / f"v{i:03d}.mp4")], check=True)
+        subprocess.run([ffmpeg_tools.ffmpeg(), "-loglevel", "error", "-f", "lavfi",
+                        "-i", "testsrc2=size=160x120:rate=8", "-t", str(frames / 8 + 0.5),
+                        str(src / f"v{i:03d}.mp4")], check=True)
     opts = TokenizeOptions(videos=str(src), out=str(tmp / "tok"), tokenizer=f"random:{preset}",
                            clip=ClipSpec(frames, resolution, 8.0), workers=workers, batch_size=8, progress=False)
     summary = tokenize_dataset(opts)
