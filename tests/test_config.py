@@ -51,3 +51,16 @@ def test_data_train_takes_urls_pipes_and_mixtures_from_the_command_line():
 def test_bad_data_settings_are_refused_by_name(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config("tiny", [override])
+
+
+def test_a_yaml_file_starts_from_another_by_name_or_path(tmp_path):
+    """``base:`` names a shipped config or a file beside this one; the file sets only what differs."""
+    (tmp_path / "mine.yaml").write_text("base: ucf101-700m\ntrain:\n  lr: 1.0e-4\n")
+    (tmp_path / "smaller.yaml").write_text("base: mine.yaml\nmodel:\n  n_layer: 2\n")
+    cfg, shipped = load_config(str(tmp_path / "smaller.yaml")), load_config("ucf101-700m")
+    assert (cfg.train.lr, cfg.model.n_layer) == (1.0e-4, 2) and shipped.model.n_layer == 24
+    assert (cfg.model.d_model, cfg.layout.grid, cfg.layout.hybrid) == (1536, [5, 16, 16], True)  # inherited
+    assert cfg.train.steps == shipped.train.steps
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(str(tmp_path / "loop.yaml"))

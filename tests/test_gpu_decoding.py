@@ -57,7 +57,7 @@ def test_graph_decoding_gives_the_eager_tokens_in_fp32(name):
     for sampling in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 50, "top_p": 0.9, "seed": 5}):
         kwargs = {**inputs(model, 3), **sampling}
         eager, _ = generate(model, 3, mode="eager", **kwargs)
-        graph, stats = generate(model, 3, mode="graph", **kwargs)
+        graph, stats = generate(model, 3, **kwargs)  # mode auto: graph on a GPU
         assert stats["mode"] == "graph"
         assert torch.equal(graph, eager), f"{name} {sampling}: {(graph != eager).sum()} tokens differ"
         again, _ = generate(model, 3, mode="graph", **kwargs)  # replayed, not captured again

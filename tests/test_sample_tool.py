@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,25 @@ def test_samples_every_class(sampled):
     assert again.returncode == 0 and "4 finished earlier, 0 made now" in again.stdout
     changed = sample(*[("9" if a == "8" else a) for a in args])  # --top-k 9
     assert changed.returncode == 2 and "top_k: 8 -> 9" in changed.stderr
+
+
+def test_restart_discards_the_earlier_run(sampled, tmp_path):
+    """--restart with other settings: the earlier run's videos are gone, the new settings' are made."""
+    out, _, args = sampled
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    earlier = {r["stem"]: np.load(copy / r["tokens"]) for r in records(copy)}
+    changed = [str(copy) if a == str(out) else a for a in args]
+    at = changed.index("--top-k")
+    changed[at:at + 2] = ["--temperature", "1.5"]  # instead of --top-k 8
+    result = sample(*changed, "--restart")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(4 made now)" in result.stdout and "finished earlier" not in result.stdout
+    settings = json.loads((copy / "sampling.json").read_text())
+    assert (settings["top_k"], settings["temperature"]) == (None, 1.5)
+    rows = records(copy)
+    assert sorted(r["stem"] for r in rows) == sorted(earlier)  # one record per video: none kept from before
+    assert any(not np.array_equal(np.load(copy / r["tokens"]), earlier[r["stem"]]) for r in rows)
 
 
 def test_fvd_and_the_class_check_read_the_record(sampled, tmp_path):

@@ -101,6 +101,15 @@ def test_a_video_is_the_same_in_any_batch(mode, sampling):
     assert_drawn_by_video_index(model, mode, BATCH_SAMPLINGS[sampling])
 
 
+def test_auto_decodes_eagerly_on_the_cpu_and_graph_needs_cuda():
+    """The default mode on a CPU is the eager decoder (on a GPU the graph one: tests/test_gpu_decoding.py)."""
+    model = model_for(CASES["nbp-class"])
+    _, stats = generate(model, 1, label=0, temperature=0)
+    assert stats["mode"] == "eager"
+    with pytest.raises(ValueError, match="mode='graph' needs a model on a CUDA device"):
+        generate(model, 1, label=0, mode="graph")
+
+
 def test_a_decoder_is_reused_across_batches():
     """One decoder decodes several batches: prepare() replaces everything a previous video left behind."""
     model = model_for(CASES["hybrid-class"])
