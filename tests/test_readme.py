@@ -104,3 +104,11 @@ def test_readme_command(where, command):
         if program == "make":
             targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
             assert all(t in targets for t in words[1:] if not t.startswith("-")), f"make {words[1:]}"
+
+
+def test_every_command_has_help():
+    """"Every tool has --help": each nbp-* console script, those the READMEs run and the others."""
+    scripts = console_scripts()
+    assert len(scripts) > 15
+    for program, module in scripts.items():
+        assert help_text(module).startswith("usage:"), program

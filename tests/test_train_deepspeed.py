@@ -43,6 +43,7 @@ def trained(shards, tmp_path_factory):
     """One 40-step ZeRO-3 run shared by the assertions that only read its outputs."""
     out = tmp_path_factory.mktemp("run") / "out"
     result = run(train_cmd(out, shards, "train.steps=40", "train.save_every=20", "train.eval_every=20",
+                           "train.sample_every=20", "train.sample_tokenizer=random:tiny",
                            "deepspeed.config=tests/data/zero3_no_persistence.json"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
@@ -58,7 +59,14 @@ def test_zero3_learns_and_logs(trained):
     assert len(val) == 2 and val[1] < val[0]
     assert {"train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time", "perf/data_wait",
             "sys/memory_gib", "data/samples"} <= set(rows[0])
-    assert list((trained / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (trained / "tb").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events), size_guidance={"images": 0})
+    board.Reload()
+    assert [e.step for e in board.Images("samples")] == [20, 40]  # train.sample_every: sample videos
+    scalars = set(board.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "perf/tokens_per_s", "data/samples", "sys/memory_gib"} <= scalars
     assert (trained / "checkpoints" / "latest").read_text() == "step00000040"
 
 
