@@ -112,3 +112,13 @@ def test_every_command_has_help():
     assert len(scripts) > 15
     for program, module in scripts.items():
         assert help_text(module).startswith("usage:"), program
+
+
+def test_make_test_and_test_fast_select_the_markers_they_say():
+    """`make test`: every test but the gpu ones; `make test-fast`: not the slow or Slurm ones either."""
+    dry = subprocess.run(["make", "-n", "test", "test-fast"], cwd=ROOT, capture_output=True, text=True, check=True)
+    runs = [line for line in dry.stdout.splitlines() if " -m pytest" in line]
+    assert runs == ['DS_ACCELERATOR=cpu .venv/bin/python -m pytest -m "not gpu"',
+                    'DS_ACCELERATOR=cpu .venv/bin/python -m pytest -m "not gpu and not slow and not slurm"']
+    markers = (ROOT / "pyproject.toml").read_text()
+    assert all(f'"{m}:' in markers for m in ("slow", "gpu", "slurm"))

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,38 @@ def test_restart_discards_the_earlier_run(sampled, tmp_path):
     rows = records(copy)
     assert sorted(r["stem"] for r in rows) == sorted(earlier)  # one record per video: none kept from before
     assert any(not np.array_equal(np.load(copy / r["tokens"]), earlier[r["stem"]]) for r in rows)
+
+
+def test_the_writer_holds_at_most_max_pending_videos(tmp_path, monkeypatch):
+    """Memory stays bounded while writer threads work: with two videos still being written, the generating side
+    waits in submit() before it hands over a third."""
+    from nbp_ds.sampling import RecordLog, VideoJob, VideoWriter
+
+    for folder in ("frames", "tokens"):
+        (tmp_path / folder).mkdir()
+    log = RecordLog(tmp_path / "videos.jsonl")
+    writer = VideoWriter(tmp_path, log, fps=8.0, mp4=False, workers=4, max_pending=2)
+    release, write = threading.Event(), writer._write
+    monkeypatch.setattr(writer, "_write", lambda *job: (release.wait(60), write(*job)))  # the disk is stuck
+    handed = []
+
+    def generate_videos():
+        for i in range(5):
+            writer.submit(VideoJob(i, 0, f"v{i}"), np.zeros((3, 8, 8)), np.zeros((9, 32, 32, 3), np.uint8))
+            handed.append(i)
+
+    producer = threading.Thread(target=generate_videos)
+    producer.start()
+    deadline = time.time() + 60
+    while len(handed) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # time for a third hand-over, were it not held back
+    assert handed == [0, 1] and producer.is_alive()
+    release.set()
+    producer.join(60)
+    writer.close()
+    log.close()
+    assert handed == [0, 1, 2, 3, 4] and sorted(r["index"] for r in records(tmp_path)) == [0, 1, 2, 3, 4]
 
 
 def test_fvd_and_the_class_check_read_the_record(sampled, tmp_path):
