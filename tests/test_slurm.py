@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # a node with few cores runs both tasks: one thread each
 TWO_TASKS_ONE_NODE = ["--ntasks=2", "--ntasks-per-node=2"]
+ONE_TASK = ["--ntasks=1", "--ntasks-per-node=1"]
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +109,28 @@ def test_sigterm_to_the_batch_shell_checkpoints_and_stops(slurm_cluster, shards,
     assert not (out / "finished").exists()
 
 
+def test_requeues_stop_at_nbp_max_requeues_and_a_failed_job_is_not_requeued(slurm_cluster, shards, tmp_path):
+    """NBP_MAX_REQUEUES=0: a SIGUSR1 checkpoint leaves the run unfinished and the job is not requeued (exit 1).
+    A trainer that fails (a config key it refuses: exit 2) is not requeued either."""
+    job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-no-requeue", "train.steps=40",
+                                 layout=ONE_TASK, faults={"step_sleep": 0.2}, NBP_MAX_REQUEUES="0")
+    failing, _, failing_log = submit_train(slurm_cluster, tmp_path, shards, "nbp-fails", "train.stepz=3",
+                                           layout=ONE_TASK)
+    wait_for_step(slurm_cluster, job, out, 3)
+    slurm_cluster.signal_batch(job, "USR1")
+    slurm_cluster.wait_done(job, timeout=120)
+    info = slurm_cluster.job_info(job)
+    assert info["Restarts"] == "0" and info["ExitCode"] == "1:0", slurm_cluster.describe(job)
+    assert "already restarted 0 times: not requeueing" in log_text(log), slurm_cluster.describe(job)
+    assert (out / "checkpoints" / "latest").is_file() and not (out / "finished").exists()
+
+    slurm_cluster.wait_done(failing, timeout=120)
+    info = slurm_cluster.job_info(failing)
+    assert info["Restarts"] == "0" and info["ExitCode"] == "2:0", slurm_cluster.describe(failing)
+    text = log_text(failing_log)
+    assert "train.stepz" in text and "the trainer failed: not requeueing" in text, slurm_cluster.describe(failing)
+
+
 def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
     if not shutil.which("ffmpeg"):
         pytest.skip("ffmpeg is not installed (needed to make the test videos)")
@@ -130,6 +153,8 @@ def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
     assert all(n == 1 for n in keys.values()), f"duplicated clips: {keys}"
     assert set(keys) == expected_keys(rels), slurm_cluster.describe(job)
     assert len(by_task[0]) == len(by_task[1]) == 3  # every second video each
+    for task in (0, 1):  # --workers defaults to the task's --cpus-per-task (1 here; the script's own default is 4)
+        assert ", 1 workers," in log_text(tmp_path / f"tok-{job}_{task}.log")
 
     slurm_cluster.wait_done(check, timeout=120)
     info = slurm_cluster.job_info(check)
