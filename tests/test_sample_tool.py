@@ -1,5 +1,6 @@
 """nbp-sample: refuses bad input before any work; writes per-video mp4s, decoded frames, tokens and a record line,
-and a preview grid; an interrupted run (SIGKILL) resumes to exactly what an uninterrupted run gives."""
+and a preview grid; --restart discards an earlier run; the writer threads hold a bounded number of videos; an
+interrupted run (SIGKILL) resumes to exactly what an uninterrupted run gives."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The static decoder (fixed-shape passes, device tables, on-device sampling) gives exactly the eager decoder's
-tokens for every layout and both architectures, greedily and with a seed; it reads nothing back to the host while
-it decodes; its plan has the passes the layout implies; and the random stream it draws from is a well-mixed pure
-function of (seed, video, position)."""
+tokens for every layout and both architectures, greedily and with a seed; in both CPU decoders a video is the same
+in any batch; it reads nothing back to the host while it decodes; its plan has the passes the layout implies; and
+the random stream it draws from is a well-mixed pure function of (seed, video, position)."""
 
 from __future__ import annotations
 
