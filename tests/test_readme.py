@@ -125,3 +125,25 @@ def test_the_readme_states_the_python_the_package_requires():
 
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert f"Python {requires.replace('>=', '>= ')}" in (ROOT / "README.md").read_text()
+
+
+def test_every_command_has_help():
+    """"Every tool has --help": each nbp-* console script, those the READMEs run and the others."""
+    scripts = console_scripts()
+    assert len(scripts) > 15
+    for program, module in scripts.items():
+        assert help_text(module).startswith("usage:"), program
+
+
+def test_make_test_and_test_fast_select_the_markers_they_say():
+    """`make test`: every test but the gpu ones; `make test-fast`: not the slow or Slurm ones either; `make
+    gpu-check` installs nothing."""
+    dry = subprocess.run(["make", "-n", "test", "test-fast"], cwd=ROOT, capture_output=True, text=True, check=True)
+    runs = [line for line in dry.stdout.splitlines() if " -m pytest" in line]
+    assert runs == ['DS_ACCELERATOR=cpu .venv/bin/python -m pytest -m "not gpu"',
+                    'DS_ACCELERATOR=cpu .venv/bin/python -m pytest -m "not gpu and not slow and not slurm"']
+    markers = (ROOT / "pyproject.toml").read_text()
+    assert all(f'"{m}:' in markers for m in ("slow", "gpu", "slurm"))
+    # `make gpu-check` runs no set-up first: it never installs the CPU torch on a GPU machine
+    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "nbp_ds.cli.gpu_check" in dry.stdout and "setup_env" not in dry.stdout

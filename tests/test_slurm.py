@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # a node with few cores runs both tasks: one thread each
 TWO_TASKS_ONE_NODE = ["--ntasks=2", "--ntasks-per-node=2"]
+ONE_TASK = ["--ntasks=1", "--ntasks-per-node=1"]
 
 
 @pytest.fixture(scope="session")
@@ -170,6 +171,20 @@ def test_no_requeue_past_the_failure_budget(slurm_cluster, shards, tmp_path):
     assert "1 failures, more than NBP_MAX_FAILURES=0: not requeueing" in text, slurm_cluster.describe(job)
 
 
+def test_requeues_after_a_checkpointed_stop_end_at_nbp_max_requeues(slurm_cluster, shards, tmp_path):
+    """NBP_MAX_REQUEUES=0: a SIGUSR1 checkpoint leaves the run unfinished and the job is not requeued (exit 1).
+    (Failures have their own budget, NBP_MAX_FAILURES: test_no_requeue_past_the_failure_budget.)"""
+    job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-no-requeue", "train.steps=40",
+                                 layout=ONE_TASK, faults={"step_sleep": 0.2}, NBP_MAX_REQUEUES="0")
+    wait_for_step(slurm_cluster, job, out, 3)
+    slurm_cluster.signal_batch(job, "USR1")
+    slurm_cluster.wait_done(job, timeout=120)
+    info = slurm_cluster.job_info(job)
+    assert info["Restarts"] == "0" and info["ExitCode"] == "1:0", slurm_cluster.describe(job)
+    assert "already restarted 0 times: not requeueing" in log_text(log), slurm_cluster.describe(job)
+    assert (out / "checkpoints" / "latest").is_file() and not (out / "finished").exists()
+
+
 def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
     if ffmpeg_tools.find_tool("ffmpeg") is None:
         pytest.skip(f"ffmpeg is needed to make the test videos: {ffmpeg_tools.INSTALL_HINT}")
@@ -192,6 +207,8 @@ def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
     assert all(n == 1 for n in keys.values()), f"duplicated clips: {keys}"
     assert set(keys) == expected_keys(rels), slurm_cluster.describe(job)
     assert len(by_task[0]) == len(by_task[1]) == 3  # every second video each
+    for task in (0, 1):  # --workers defaults to the task's --cpus-per-task (1 here; the script's own default is 4)
+        assert ", 1 workers," in log_text(tmp_path / f"tok-{job}_{task}.log")
 
     slurm_cluster.wait_done(check, timeout=120)
     info = slurm_cluster.job_info(check)
