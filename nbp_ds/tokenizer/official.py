@@ -11,6 +11,11 @@ Module names follow the released files (``encoder_layers.*``, ``decoder_layers.*
 index is nbp_ds.tokenizer.fsq.FSQ's: sum_d (code_d * half_d + half_d) * basis_d, channel 0 least
 significant, half = [4,4,4,2,2,2], basis = [1,8,64,512,2560,12800].
 
+Its quantizer is ``ReleasedFSQ``: the FSQ paper's reference bounding (``(1 - eps)`` and ``tan``), which the
+authors' code keeps, not nbp_ds' own FSQ bounding (``(1 + eps)`` and ``atanh``). The two round about one
+code in a hundred differently, so using the project's FSQ here gave other codes than the released generators
+were trained on.
+
 ``width`` scales every channel count (128 in the released files) so tests can build the same structure
 smaller; GroupNorm always has 32 groups, so the width must be a multiple of 32.
 """
@@ -36,6 +41,19 @@ GROUPS = 32
 RELEASED_WIDTH = 128
 SPATIAL_FACTOR = 8
 TEMPORAL_FACTOR = 4
+
+
+class ReleasedFSQ(FSQ):
+    """FSQ with the bounding of the FSQ paper's reference code (Mentzer et al. 2023, appendix), as the released
+    tokenizers compute it in float32: ``half_l = (L - 1) * (1 - eps) / 2``, ``offset = 0.5`` for even L,
+    ``shift = tan(offset / half_l)``, ``tanh(z + shift) * half_l - offset``. Rounding, values and code
+    indices are FSQ's."""
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        half_l = (self._levels - 1) * (1 - self.eps) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        shift = torch.tan(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
 
 
 class Swish(nn.Module):
@@ -151,7 +169,7 @@ class OfficialTokenizer(VideoTokenizerBase):
             raise ValueError(f"official tokenizer width must be a positive multiple of {GROUPS}, got {width}")
         self.width, self._name, self._version = width, name, version
         self.temporal_factor, self.spatial_factor = TEMPORAL_FACTOR, SPATIAL_FACTOR
-        self.fsq = FSQ(LEVELS)
+        self.fsq = ReleasedFSQ(LEVELS)
         self.encoder_layers = encoder_layers(width, self.fsq.dim)
         self.decoder_layers = decoder_layers(width, self.fsq.dim)
 
