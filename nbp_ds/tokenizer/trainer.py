@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.tokenizer.video_io import ClipSpec
+from nbp_ds.tokenizer.config import TokenizerTrainConfig
 from nbp_ds.train import distributed, launch
 from nbp_ds.train.checkpoint import CheckpointManager, CheckpointRef
 from nbp_ds.train.engine import seed_everything
@@ -36,76 +35,47 @@ from nbp_ds.train.schedule import lr_factor
 log = logging.getLogger("nbp_ds.tokenizer")
 
 
-@dataclass
-class TokenizerTrainConfig:
-    """Everything a tokenizer training run needs (``nbp-train-tokenizer --help`` documents each field)."""
-
-    videos: str
-    out: str
-    clip: ClipSpec = field(default_factory=ClipSpec)
-    val_videos: str | None = None
-    preset: str = "tiny"
-    max_videos: int | None = None
-    steps: int = 10000
-    batch_size: int = 8
-    lr: float = 1e-3
-    warmup: int = 50
-    min_lr_ratio: float = 0.05
-    adversarial_weight: float = 0.0
-    adversarial_start: float = 0.5
-    save_every: int = 250
-    keep_last: int = 2
-    log_every: int = 25
-    image_every: int = 250
-    workers: int = 4
-    device: str = "auto"
-    threads: int = 0
-    seed: int = 0
-
-
 class TokenizerTrainer:
     """One tokenizer training run in this process (one rank of the job)."""
 
     def __init__(self, cfg: TokenizerTrainConfig):
-        from nbp_ds.tokenizer import PRESETS, build_tokenizer
+        from nbp_ds.tokenizer import build_tokenizer
         from nbp_ds.tokenizer.training import PatchDiscriminator3D
 
-        if cfg.preset not in PRESETS:
-            raise UsageError(f"--preset {cfg.preset!r} is not one of {', '.join(PRESETS)}")
         self.cfg = cfg
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.device = distributed.process_device(self.env, cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.device = distributed.process_device(self.env, cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         distributed.init_process_group(self.env, self.device)
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model = build_tokenizer(cfg.preset, seed=cfg.seed).to(self.device)
-        self.model.check_clip_shape(cfg.clip.frames, cfg.clip.resolution, cfg.clip.resolution)
+        self.model = build_tokenizer(cfg.model.preset, seed=cfg.train.seed).to(self.device)
+        self.model.check_clip_shape(cfg.data.clip.frames, cfg.data.clip.resolution, cfg.data.clip.resolution)
         self.clips, self.val = self._load_clips()
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-4)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=1e-4)
         self.disc = self.disc_opt = None
-        if cfg.adversarial_weight > 0:
+        if cfg.loss.adversarial_weight > 0:
             self.disc = PatchDiscriminator3D().to(self.device)
             self.disc_ddp = torch.nn.parallel.DistributedDataParallel(self.disc) if self.world > 1 else self.disc
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
         self.step = 0
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_last, self.rank)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.train.keep_last, self.rank)
         if (ref := self.checkpoints.latest()) is not None:
             self._load(ref)
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         log.info("tokenizer %s: %.2fM parameters, %d codes; %d training clips, %d held out; %d process(es) on %s",
-                 cfg.preset, sum(p.numel() for p in self.model.parameters()) / 1e6, self.model.codebook_size,
+                 cfg.model.preset, sum(p.numel() for p in self.model.parameters()) / 1e6, self.model.codebook_size,
                  len(self.clips), len(self.val), self.world, self.device)
 
     def _load_clips(self) -> tuple[np.ndarray, np.ndarray]:
         """(training clips, held-out clips), decoded once by rank 0 into the run folder, memory-mapped."""
         from nbp_ds.tokenizer.training import cached_clips
 
-        c = self.cfg
-        args = (c.clip, c.workers, c.max_videos)
+        c = self.cfg.data
+        args = (c.clip, self.cfg.decode_workers, c.max_videos)
         if self.rank == 0:
             cached_clips(c.videos, self.out / "clips_train.npy", *args)
             if c.val_videos:
@@ -123,9 +93,9 @@ class TokenizerTrainer:
         from nbp_ds.tokenizer.model import to_float
         from nbp_ds.tokenizer.training import hinge_d_loss, psnr
 
-        c = self.cfg
+        c = self.cfg.train
         bar = tqdm(total=c.steps, initial=self.step, unit="step", disable=self.rank != 0, desc="tokenizer")
-        gan_from = int(c.adversarial_start * c.steps)
+        gan_from = int(self.cfg.loss.adversarial_start * c.steps)
         while self.step < c.steps:
             x = to_float(torch.from_numpy(self._batch(self.step)).to(self.device))
             for group in self.opt.param_groups:
@@ -136,7 +106,7 @@ class TokenizerTrainer:
             use_gan = self.disc is not None and self.step >= gan_from
             if use_gan:
                 g_loss = -self.disc(recon).mean()
-                loss = loss + c.adversarial_weight * g_loss
+                loss = loss + self.cfg.loss.adversarial_weight * g_loss
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -169,8 +139,8 @@ class TokenizerTrainer:
 
     def _batch(self, step: int) -> np.ndarray:
         """This rank's clips at ``step``: a function of (seed, rank, step) only, so a resumed run draws the same."""
-        rng = np.random.default_rng([self.cfg.seed, self.rank, step])
-        idx = np.sort(rng.choice(len(self.clips), size=min(self.cfg.batch_size, len(self.clips)), replace=False))
+        rng = np.random.default_rng([self.cfg.train.seed, self.rank, step])
+        idx = np.sort(rng.choice(len(self.clips), size=min(self.cfg.train.batch_size, len(self.clips)), replace=False))
         return np.asarray(self.clips[idx])
 
     # ---- checkpoints ------------------------------------------------------------------------------
@@ -179,7 +149,7 @@ class TokenizerTrainer:
             if self.rank != 0:  # DDP keeps every rank's weights identical: one copy is the checkpoint
                 return
             state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                     "config": dataclasses.asdict(self.cfg),
+                     "config": self.cfg.to_dict(),
                      "disc": self.disc.state_dict() if self.disc else None,
                      "disc_opt": self.disc_opt.state_dict() if self.disc else None}
             with atomic_output(folder / tag / "state.pt") as tmp:
@@ -191,8 +161,9 @@ class TokenizerTrainer:
 
     def _load(self, ref: CheckpointRef) -> None:
         state = torch.load(ref.path / "state.pt", map_location=self.device, weights_only=False)
-        if state["config"]["preset"] != self.cfg.preset:
-            raise UsageError(f"{ref.path} is a '{state['config']['preset']}' tokenizer, not --preset {self.cfg.preset}")
+        saved = state["config"]["model"]["preset"]
+        if saved != self.cfg.model.preset:
+            raise UsageError(f"{ref.path} is a '{saved}' tokenizer, not --preset {self.cfg.model.preset}")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.disc is not None and state.get("disc"):
@@ -207,8 +178,8 @@ class TokenizerTrainer:
         self.model.eval()
         folder = self.model.save(self.out / "tokenizer")
         report = held_out_report(self.model, self.val, self.device)
-        report.update({"preset": self.cfg.preset, "version": self.model.version, "steps": self.step,
-                       "train_clips": len(self.clips), "clip": dataclasses.asdict(self.cfg.clip)})
+        report.update({"preset": self.cfg.model.preset, "version": self.model.version, "steps": self.step,
+                       "train_clips": len(self.clips), "clip": dataclasses.asdict(self.cfg.data.clip)})
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=1) + "\n")
         self._log_reconstructions()
         log.info("tokenizer saved to %s (version %s)", folder, self.model.version)
@@ -246,5 +217,5 @@ def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int =
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict | None:
     """Run a whole tokenizer training job in this process; rank 0 returns the held-out report."""
-    seed_everything(cfg.seed)
+    seed_everything(cfg.train.seed)
     return TokenizerTrainer(cfg).run()
