@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def train(videos: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "nbp_ds.cli.train_tokenizer", "--videos", str(videos), "--out", str(out),
-           "--preset", "tiny", "--frames", "9", "--resolution", "32", "--batch-size", "2", "--workers", "1",
+           "--preset", "tiny", "--frames", "9", "--resolution", "32", "--batch-size", "2", "--workers", "2",
            "--log-every", "1", "--image-every", "1000", "--warmup", "1", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
@@ -36,10 +36,12 @@ def test_trains_writes_its_outputs_and_resumes_exactly(tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and list((out / "tb").glob("events.out.tfevents.*"))
     straight = load_file(out / "tokenizer" / "tokenizer.safetensors")
-    clips_failed = json.loads((out / "clips_train.failures.json").read_text())
-    assert sorted(Path(f["video"]).name for f in clips_failed) == ["broken.mp4", "short.mp4"]
+    skipped = json.loads((out / "skipped_videos" / "rank00000.json").read_text())
+    assert sorted(Path(f["video"]).name for f in skipped) == ["broken.mp4", "short.mp4"]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["data/skipped_videos"] == 2
 
-    # as if the run had died after step 2's checkpoint: resuming must give the very same weights
+    # as if the run had died after step 2's checkpoint: resuming (weights, optimizer, and the clip stream where
+    # it stopped) must give the very same weights
     shutil.rmtree(out / "checkpoints" / "step00000004")
     shutil.rmtree(out / "tokenizer")
     (out / "checkpoints" / "latest").write_text("step00000002")

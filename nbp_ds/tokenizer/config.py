@@ -32,8 +32,13 @@ class TokenizerDataConfig:
     videos: str | None = None  # training videos: a folder with class sub-folders, a CSV path,label or a list
     val_videos: str | None = None  # held-out videos for the report; None = the last 5% of the training clips
     max_videos: int | None = None  # use at most this many videos (quick runs)
-    workers: int | None = None  # video decoding processes; None = min(8, CPU count)
-    clip: ClipSpec = field(default_factory=ClipSpec)
+    workers: int | None = None  # video decoding processes (DataLoader workers); None = min(8, CPU count)
+    prefetch: int = 2  # batches each decoding process prepares ahead
+    cache_mb: int = 256  # decoded videos each decoding process keeps for later epochs (bounded; 0 = none)
+    random_crop: float = 0.0  # decode the clip side this much larger and cut a random window (0.125 = 1/8)
+    flip: bool = False  # flip half of the clips horizontally
+    val_max_videos: int = 256  # held-out videos in the report at most (their clips are kept decoded)
+    clip: ClipSpec = field(default_factory=ClipSpec)  # per_video: random clips per video per epoch
 
 
 @dataclass
@@ -86,7 +91,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--frames", "data.clip.frames", int, "frames per clip, 1 + 4k"),
     ("--resolution", "data.clip.resolution", int, "square clip side in pixels"),
     ("--fps", "data.clip.fps", float, "frame rate clips are resampled to"),
-    ("--clips-per-video", "data.clip.per_video", int, "evenly spaced clips per video"),
+    ("--clips-per-video", "data.clip.per_video", int, "random clips per video per epoch"),
     ("--max-videos", "data.max_videos", int, "use at most this many videos (quick runs)"),
     ("--workers", "data.workers", int, "video decoding processes (default: min(8, CPU count))"),
     ("--steps", "train.steps", int, "optimizer steps"),
@@ -147,6 +152,10 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _require(d.clip.fps > 0, f"data.clip.fps must be > 0, got {d.clip.fps}")
     _require(d.max_videos is None or d.max_videos >= 1, f"data.max_videos must be >= 1, got {d.max_videos}")
     _require(d.workers is None or d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
+    _require(d.prefetch >= 1, f"data.prefetch must be >= 1, got {d.prefetch}")
+    _require(d.cache_mb >= 0, f"data.cache_mb must be >= 0, got {d.cache_mb}")
+    _require(0.0 <= d.random_crop <= 1.0, f"data.random_crop is a margin in [0, 1], got {d.random_crop}")
+    _require(d.val_max_videos >= 1, f"data.val_max_videos must be >= 1, got {d.val_max_videos}")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _require(t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")

@@ -53,7 +53,6 @@ class TokenizerTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.model = build_tokenizer(cfg.model.preset, seed=cfg.train.seed).to(self.device)
         self.model.check_clip_shape(cfg.data.clip.frames, cfg.data.clip.resolution, cfg.data.clip.resolution)
-        self.clips, self.val = self._load_clips()
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=1e-4)
         self.disc = self.disc_opt = None
@@ -63,29 +62,57 @@ class TokenizerTrainer:
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
         self.step = 0
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.train.keep_last, self.rank)
+        stream_state = None
         if (ref := self.checkpoints.latest()) is not None:
-            self._load(ref)
+            stream_state = self._load(ref)
+        self.train_videos, self.val = self._split_videos()
+        self.stream = self._clip_stream(stream_state)
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
-        log.info("tokenizer %s: %.2fM parameters, %d codes; %d training clips, %d held out; %d process(es) on %s",
-                 cfg.model.preset, sum(p.numel() for p in self.model.parameters()) / 1e6, self.model.codebook_size,
-                 len(self.clips), len(self.val), self.world, self.device)
+        log.info("tokenizer %s: %.2fM parameters, %d codes; %d training videos streamed, %d held-out clips; "
+                 "%d process(es) on %s", cfg.model.preset, sum(p.numel() for p in self.model.parameters()) / 1e6,
+                 self.model.codebook_size, len(self.train_videos), len(self.val), self.world, self.device)
 
-    def _load_clips(self) -> tuple[np.ndarray, np.ndarray]:
-        """(training clips, held-out clips), decoded once by rank 0 into the run folder, memory-mapped."""
+    def _split_videos(self) -> tuple[list[Path], np.ndarray]:
+        """(training videos, held-out clips): the held-out videos are data.val_videos or else the last 5% of the
+        training listing, at most data.val_max_videos of them, their middle clips decoded once by rank 0 into
+        the run folder and memory-mapped. Files that are not videos and held-out videos that give no clip are
+        listed with rank 0's skipped videos."""
+        from nbp_ds.tokenizer.dataset_listing import list_dataset
         from nbp_ds.tokenizer.training import cached_clips
 
         c = self.cfg.data
-        args = (c.clip, self.cfg.decode_workers, c.max_videos)
-        if self.rank == 0:
-            cached_clips(c.videos, self.out / "clips_train.npy", *args)
-            if c.val_videos:
-                cached_clips(c.val_videos, self.out / "clips_val.npy", *args)
-        distributed.barrier()
-        clips = cached_clips(c.videos, self.out / "clips_train.npy", *args)
+        listing = list_dataset(c.videos)
+        train = [e.path for e in listing.videos[:c.max_videos]]
         if c.val_videos:
-            return clips, cached_clips(c.val_videos, self.out / "clips_val.npy", *args)
-        cut = max(1, len(clips) // 20)  # hold out the last 5% of the training clips
-        return clips[:-cut], clips[-cut:]
+            held_out = [e.path for e in list_dataset(c.val_videos).videos]
+        else:
+            cut = max(1, len(train) // 20)
+            train, held_out = train[:-cut], train[-cut:]
+        held_out = held_out[:c.val_max_videos]
+        cache = self.out / "clips_val.npy"
+        self.skipped: dict[str, str] = {}
+        if self.rank == 0:
+            _, failures = cached_clips(held_out, cache, c.clip, self.cfg.decode_workers)
+            self.skipped = {r["video"]: r["reason"] for r in listing.not_video_records() + failures}
+            self._write_skipped()
+        distributed.barrier()
+        return train, cached_clips(held_out, cache, c.clip, self.cfg.decode_workers)[0]
+
+    def _clip_stream(self, state: dict | None):
+        from nbp_ds.tokenizer.clip_stream import Augment, ClipLoader
+
+        c, t = self.cfg.data, self.cfg.train
+        return ClipLoader(self.train_videos, c.clip, t.batch_size, t.seed, self.rank, self.world,
+                          self.cfg.decode_workers, Augment(c.random_crop, c.flip), c.cache_mb * 2**20, c.prefetch,
+                          state=state, pin_memory=self.device.type == "cuda")
+
+    def _write_skipped(self) -> None:
+        """OUT/skipped_videos/rankNNNNN.json: every video this rank skipped so far, with the reason."""
+        if hasattr(self, "stream"):
+            self.skipped.update(self.stream.skipped)
+        records = [{"video": v, "reason": r} for v, r in sorted(self.skipped.items())]
+        (self.out / "skipped_videos").mkdir(exist_ok=True)
+        write_text_atomic(self.out / "skipped_videos" / f"rank{self.rank:05d}.json", json.dumps(records, indent=1))
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -97,7 +124,7 @@ class TokenizerTrainer:
         bar = tqdm(total=c.steps, initial=self.step, unit="step", disable=self.rank != 0, desc="tokenizer")
         gan_from = int(self.cfg.loss.adversarial_start * c.steps)
         while self.step < c.steps:
-            x = to_float(torch.from_numpy(self._batch(self.step)).to(self.device))
+            x = to_float(next(self.stream).to(self.device, non_blocking=True))
             for group in self.opt.param_groups:
                 group["lr"] = c.lr * lr_factor(self.step, c.steps, c.warmup, c.min_lr_ratio)
             recon, codes = self.ddp(x)
@@ -120,10 +147,13 @@ class TokenizerTrainer:
                 scalars = {"gan/g": g_loss, "gan/d": d_loss}
             self.step += 1
             bar.update(1)
+            if len(self.stream.skipped.keys() - self.skipped.keys()):
+                self._write_skipped()
             if self.step % c.log_every == 0 or self.step == 1:
                 scalars.update({"train/loss": loss, "train/l1": l1, "train/psnr": psnr(recon.detach(), x),
                                 "train/codebook_used": codes.unique().numel() / self.model.codebook_size,
-                                "train/grad_norm": grad_norm, "train/lr": self.opt.param_groups[0]["lr"]})
+                                "train/grad_norm": grad_norm, "train/lr": self.opt.param_groups[0]["lr"],
+                                "data/skipped_videos": len(self.skipped)})
                 scalars = {k: float(v) for k, v in scalars.items()}
                 self.metrics.scalars(self.step, scalars)
                 bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", psnr=f"{scalars['train/psnr']:.1f}")
@@ -132,16 +162,11 @@ class TokenizerTrainer:
             if self.step % c.save_every == 0 or self.step == c.steps:
                 self.save()
         bar.close()
+        self.stream.close()
         report = self._finish() if self.rank == 0 else None
         self.metrics.close()
         distributed.leave_process_group()
         return report
-
-    def _batch(self, step: int) -> np.ndarray:
-        """This rank's clips at ``step``: a function of (seed, rank, step) only, so a resumed run draws the same."""
-        rng = np.random.default_rng([self.cfg.train.seed, self.rank, step])
-        idx = np.sort(rng.choice(len(self.clips), size=min(self.cfg.train.batch_size, len(self.clips)), replace=False))
-        return np.asarray(self.clips[idx])
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> CheckpointRef:
@@ -155,11 +180,12 @@ class TokenizerTrainer:
             with atomic_output(folder / tag / "state.pt") as tmp:
                 torch.save(state, tmp)
 
-        ref = self.checkpoints.save(self.step, write)
+        ref = self.checkpoints.save(self.step, write, rank_state={"clip_stream": self.stream.state_dict()})
         self.metrics.flush()
         return ref
 
-    def _load(self, ref: CheckpointRef) -> None:
+    def _load(self, ref: CheckpointRef) -> dict | None:
+        """Weights, optimizers, step and RNG from ``ref``; returns this rank's saved clip-stream state."""
         state = torch.load(ref.path / "state.pt", map_location=self.device, weights_only=False)
         saved = state["config"]["model"]["preset"]
         if saved != self.cfg.model.preset:
@@ -172,6 +198,8 @@ class TokenizerTrainer:
         self.step = state["step"]
         self.checkpoints.restore_rng(ref)
         log.info("resumed from %s at step %d", ref.path, self.step)
+        record = CheckpointManager.rank_state(ref, self.rank)
+        return record.get("clip_stream") if record else None
 
     # ---- results ----------------------------------------------------------------------------------
     def _finish(self) -> dict:
@@ -179,7 +207,7 @@ class TokenizerTrainer:
         folder = self.model.save(self.out / "tokenizer")
         report = held_out_report(self.model, self.val, self.device)
         report.update({"preset": self.cfg.model.preset, "version": self.model.version, "steps": self.step,
-                       "train_clips": len(self.clips), "clip": dataclasses.asdict(self.cfg.data.clip)})
+                       "train_videos": len(self.train_videos), "clip": dataclasses.asdict(self.cfg.data.clip)})
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=1) + "\n")
         self._log_reconstructions()
         log.info("tokenizer saved to %s (version %s)", folder, self.model.version)

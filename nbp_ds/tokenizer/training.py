@@ -1,4 +1,4 @@
-"""Pieces of tokenizer training: a decoded-clip cache, the PatchGAN discriminator and the metrics."""
+"""Pieces of tokenizer training: the held-out clips, the PatchGAN discriminator and the metrics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.tokenizer.dataset_listing import ListingError, list_dataset
+from nbp_ds.tokenizer.dataset_listing import ListingError
 from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
 
 log = logging.getLogger(__name__)
@@ -27,37 +27,35 @@ def _decode_one(args: tuple[Path, ClipSpec]) -> tuple[str, list[np.ndarray], str
         return str(path), [], exc.reason
 
 
-def cached_clips(videos: str | Path, cache: Path, clip: ClipSpec, workers: int,
-                 max_videos: int | None = None) -> np.ndarray:
-    """All clips of a video folder as one uint8 array [N, frames, R, R, 3], decoded once into `cache`
-    (a .npy, memory-mapped on later calls); failed videos are logged and listed in `cache`.failures.json."""
+def cached_clips(paths: list[Path], cache: Path, clip: ClipSpec, workers: int) -> tuple[np.ndarray, list[dict]]:
+    """The middle clip of each of ``paths`` as one uint8 array [N, frames, R, R, 3] (the held-out clips: a small
+    set, so decoded once into ``cache``, a .npy memory-mapped on later calls), and the videos that gave none
+    ({video, reason})."""
     from tqdm import tqdm
 
-    params = {"videos": str(Path(videos).resolve()), "frames": clip.frames, "fps": clip.fps,
-              "resolution": clip.resolution, "clips_per_video": clip.per_video, "max_videos": max_videos}
-    meta = cache.with_suffix(".json")
+    params = {"videos": [str(p) for p in paths], "frames": clip.frames, "fps": clip.fps,
+              "resolution": clip.resolution}
+    meta, failures_file = cache.with_suffix(".json"), cache.with_suffix(".failures.json")
     if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == params:
-        return np.load(cache, mmap_mode="r")
-    listing = list_dataset(videos)
-    entries = listing.videos[:max_videos]
-    jobs = [(e.path, clip) for e in entries]
-    clips, failures = [], listing.not_video_records()
+        return np.load(cache, mmap_mode="r"), json.loads(failures_file.read_text())
+    one_clip = ClipSpec(clip.frames, clip.resolution, clip.fps, 1)
+    clips, failures = [], []
     with mp.get_context("spawn").Pool(max(1, workers)) as pool:
-        for path, got, reason in tqdm(pool.imap(_decode_one, jobs, chunksize=4), total=len(jobs), unit="video",
-                                      desc=f"decode {Path(videos).name}"):
+        for path, got, reason in tqdm(pool.imap(_decode_one, [(p, one_clip) for p in paths], chunksize=4),
+                                      total=len(paths), unit="video", desc=f"decode {cache.stem}"):
             clips += got
             if reason is not None:
                 failures.append({"video": path, "reason": reason})
                 log.warning("skipped %s: %s", path, reason)
     if not clips:
-        raise ListingError(f"--videos {videos}: no usable clips ({clip.describe()}) in {len(jobs)} videos "
+        raise ListingError(f"no usable held-out clips ({clip.describe()}) in {len(paths)} videos "
                            f"(reasons: {sorted({f['reason'] for f in failures})})")
     array = np.stack(clips)
     with atomic_output(cache, suffix=".npy") as tmp:
         np.save(tmp, array)
-    write_text_atomic(cache.with_suffix(".failures.json"), json.dumps(failures, indent=1))
+    write_text_atomic(failures_file, json.dumps(failures, indent=1))
     write_text_atomic(meta, json.dumps(params))
-    return array
+    return array, failures
 
 
 class PatchDiscriminator3D(nn.Module):
