@@ -11,7 +11,10 @@ flags set config keys; each flag names its key. --print-config prints the resolv
 
 Loss: L1 + MSE reconstruction; with --adversarial-weight > 0 a 3D PatchGAN (hinge loss) joins after
 --adversarial-start of the steps (worth it on real footage; the synthetic quickstart does without).
-Clips are decoded once into OUT/clips_*.npy. Several processes (torchrun) train data-parallel.
+Clips are streamed: --workers processes decode fresh random clips every epoch (data.random_crop, data.flip),
+keeping at most data.cache_mb of decoded videos each; only the held-out clips are decoded once, into
+OUT/clips_val.npy. Skipped videos are listed in OUT/skipped_videos/. Several processes (torchrun) train
+data-parallel; a checkpoint keeps the stream's position, so a resume continues it exactly.
 
 Writes OUT/checkpoints/ (every --save-every steps; a rerun resumes from the latest), OUT/tb (TensorBoard:
 losses, PSNR, codebook use, reconstructions as images), OUT/metrics.jsonl, and at the end OUT/tokenizer

@@ -34,7 +34,7 @@ class TokenizerDataConfig:
     max_videos: int | None = None  # use at most this many videos (quick runs)
     workers: int | None = None  # video decoding processes (DataLoader workers); None = min(8, CPU count)
     prefetch: int = 2  # batches each decoding process prepares ahead
-    cache_mb: int = 256  # decoded videos each decoding process keeps for later epochs (bounded; 0 = none)
+    cache_mb: int = 64  # decoded videos each decoding process keeps for later epochs (bounded; 0 = none)
     random_crop: float = 0.0  # decode the clip side this much larger and cut a random window (0.125 = 1/8)
     flip: bool = False  # flip half of the clips horizontally
     val_max_videos: int = 256  # held-out videos in the report at most (their clips are kept decoded)

@@ -6,7 +6,9 @@ collectives (:mod:`nbp_ds.train.distributed`), the warmup + cosine schedule, the
 (TensorBoard + ``metrics.jsonl``) and the checkpoint manager (``checkpoints/stepNNNNNNNN`` + ``latest``,
 a rerun resumes). Several processes train data-parallel (DDP).
 
-A run folder holds ``clips_*.npy`` (the clips, decoded once), ``checkpoints/``, ``tb/``,
+Training clips are streamed (:mod:`nbp_ds.tokenizer.clip_stream`); the stream's position is a per-rank
+record of each checkpoint. A run folder holds ``clips_val.npy`` (the held-out clips, decoded once),
+``skipped_videos/``, ``checkpoints/``, ``tb/``,
 ``metrics.jsonl``, and at the end ``tokenizer/`` (what ``nbp-tokenize --tokenizer`` and
 ``nbp-sample --tokenizer`` take) and ``report.json`` (held-out PSNR and codebook use).
 """
