@@ -25,6 +25,9 @@ TOKENIZER_CONFIG_DIR = CONFIG_DIR / "tokenizer"
 @dataclass
 class TokenizerModelConfig:
     preset: str = "tiny"  # architecture: tiny, small or paper (nbp_ds.tokenizer.PRESETS)
+    # fine-tuning: start from this tokenizer instead (official:PATH, a released MAGVIT-v2 tokenizer, or a trained
+    # nbp_ds tokenizer's folder); its architecture and code grid are kept and model.preset is not used
+    init_from: str | None = None
 
 
 @dataclass
@@ -88,6 +91,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--val-videos", "data.val_videos", str, "held-out videos for the PSNR report (default: 5%% of the clips)"),
     ("--out", "train.out_dir", str, "run folder"),
     ("--preset", "model.preset", str, "architecture: tiny, small or paper"),
+    ("--init-from", "model.init_from", str, "fine-tune this tokenizer: official:PATH or a trained tokenizer folder"),
     ("--frames", "data.clip.frames", int, "frames per clip, 1 + 4k"),
     ("--resolution", "data.clip.resolution", int, "square clip side in pixels"),
     ("--fps", "data.clip.fps", float, "frame rate clips are resampled to"),

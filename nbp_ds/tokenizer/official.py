@@ -23,6 +23,7 @@ smaller; GroupNorm always has 32 groups, so the width must be a multiple of 32.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbp_ds.files import write_text_atomic
 from nbp_ds.official.files import CheckpointError, read_torch_file, require_matching_state
 from nbp_ds.tokenizer.base import VideoTokenizerBase
 from nbp_ds.tokenizer.fsq import FSQ
@@ -199,6 +201,22 @@ class OfficialTokenizer(VideoTokenizerBase):
             values = layer(values)
         return values
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training path (fine-tuning with nbp-train-tokenizer): x float [B,3,N,H,W] in [-1, 1], the trainer's
+        range -> (reconstruction in [-1, 1] (not clamped), code indices [B,T',H',W']); [0, 1] inside, as released."""
+        values, indices = self.fsq(self.encode_latents((x + 1) / 2).permute(0, 2, 3, 4, 1))
+        return self.decode_values(values.permute(0, 4, 1, 2, 3).to(x.dtype)) * 2 - 1, indices
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/tokenizer.safetensors`` and ``folder/config.json`` (architecture ``official``): a folder
+        ``load_tokenizer`` takes like any trained tokenizer's; the version becomes the hash of the weights."""
+        folder = Path(folder)
+        save_official_tokenizer(self, folder / "tokenizer.safetensors")
+        self._version = state_digest(self.state_dict())
+        write_text_atomic(folder / "config.json", json.dumps({"architecture": "official", "width": self.width,
+                                                              "name": self.name, "version": self.version}) + "\n")
+        return folder
+
     # ---- uint8 paths (tokenizing, sampling): RGB in [0, 1], as released ----------------------------
     def video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
         return self.encode_latents(video.permute(0, 4, 1, 2, 3).float() / 255.0)
@@ -230,8 +248,8 @@ def read_official_tokenizer_state(path: str | Path, trust_pickle: bool = False) 
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def load_official_tokenizer(path: str | Path, device: str | torch.device = "cpu",
-                            trust_pickle: bool = False) -> OfficialTokenizer:
+def load_official_tokenizer(path: str | Path, device: str | torch.device = "cpu", trust_pickle: bool = False,
+                            name: str | None = None) -> OfficialTokenizer:
     """A released tokenizer file -> OfficialTokenizer in eval mode. Keys and shapes must match exactly;
     the width is read from the first convolution; the version is a hash of the weights."""
     path = Path(path)
@@ -241,7 +259,7 @@ def load_official_tokenizer(path: str | Path, device: str | torch.device = "cpu"
     if width % GROUPS:
         raise CheckpointError(f"{path}: encoder_layers.0.conv.weight has {width} output channels, not a multiple "
                               f"of {GROUPS}: not an NBP tokenizer")
-    tokenizer = OfficialTokenizer(width, name=f"official-{path.stem}", version=state_digest(state))
+    tokenizer = OfficialTokenizer(width, name=name or f"official-{path.stem}", version=state_digest(state))
     expected = {k: v.shape for k, v in tokenizer.state_dict().items()}
     require_matching_state(expected, state, f"{path} does not fit the NBP tokenizer (width {width})")
     tokenizer.load_state_dict({k: v.float() for k, v in state.items()})

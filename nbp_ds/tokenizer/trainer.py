@@ -41,7 +41,6 @@ class TokenizerTrainer:
     """One tokenizer training run in this process (one rank of the job)."""
 
     def __init__(self, cfg: TokenizerTrainConfig):
-        from nbp_ds.tokenizer import build_tokenizer
         from nbp_ds.tokenizer.training import PatchDiscriminator3D
 
         self.cfg = cfg
@@ -53,7 +52,7 @@ class TokenizerTrainer:
         distributed.init_process_group(self.env, self.device)
         self.out = Path(cfg.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model = build_tokenizer(cfg.model.preset, seed=cfg.train.seed).to(self.device)
+        self.model = self._initial_model().to(self.device)
         self.model.check_clip_shape(cfg.data.clip.frames, cfg.data.clip.resolution, cfg.data.clip.resolution)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=1e-4)
@@ -71,8 +70,20 @@ class TokenizerTrainer:
         self.stream = self._clip_stream(stream_state)
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         log.info("tokenizer %s: %.2fM parameters, %d codes; %d training videos streamed, %d held-out clips; "
-                 "%d process(es) on %s", cfg.model.preset, sum(p.numel() for p in self.model.parameters()) / 1e6,
+                 "%d process(es) on %s", self.model.name, sum(p.numel() for p in self.model.parameters()) / 1e6,
                  self.model.codebook_size, len(self.train_videos), len(self.val), self.world, self.device)
+
+    def _initial_model(self):
+        """The preset's untrained tokenizer, or with model.init_from the tokenizer it names (fine-tuning: the same
+        architecture and code grid, so shards made with either stay compatible)."""
+        from nbp_ds.tokenizer import build_tokenizer, load_tokenizer
+
+        spec = self.cfg.model.init_from
+        if spec is None:
+            return build_tokenizer(self.cfg.model.preset, seed=self.cfg.train.seed)
+        model = load_tokenizer(spec).train()
+        log.info("fine-tuning %s (version %s, %d codes)", model.name, model.version, model.codebook_size)
+        return model
 
     def _split_videos(self) -> tuple[list[Path], np.ndarray]:
         """(training videos, held-out clips): the held-out videos are data.val_videos or else the last 5% of the
@@ -189,9 +200,12 @@ class TokenizerTrainer:
     def _load(self, ref: CheckpointRef) -> dict | None:
         """Weights, optimizers, step and RNG from ``ref``; returns this rank's saved clip-stream state."""
         state = torch.load(ref.path / "state.pt", map_location=self.device, weights_only=False)
-        saved = state["config"]["model"]["preset"]
-        if saved != self.cfg.model.preset:
-            raise UsageError(f"{ref.path} is a '{saved}' tokenizer, not --preset {self.cfg.model.preset}")
+        saved, current = state["config"]["model"], self.cfg.model
+        if saved.get("init_from") != current.init_from:
+            raise UsageError(f"{ref.path} was started from model.init_from={saved.get('init_from')}, this run from "
+                             f"{current.init_from}: use another --out")
+        if current.init_from is None and saved["preset"] != current.preset:
+            raise UsageError(f"{ref.path} is a '{saved['preset']}' tokenizer, not --preset {current.preset}")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.disc is not None and state.get("disc"):
@@ -208,7 +222,8 @@ class TokenizerTrainer:
         self.model.eval()
         folder = self.model.save(self.out / "tokenizer")
         report = held_out_report(self.model, self.val, self.device)
-        report.update({"preset": self.cfg.model.preset, "version": self.model.version, "steps": self.step,
+        report.update({"preset": self.cfg.model.preset, "init_from": self.cfg.model.init_from,
+                       "version": self.model.version, "steps": self.step,
                        "train_videos": len(self.train_videos), "clip": dataclasses.asdict(self.cfg.data.clip)})
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=1) + "\n")
         self._log_reconstructions()

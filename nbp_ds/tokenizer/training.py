@@ -49,7 +49,8 @@ def cached_clips(paths: list[Path], cache: Path, clip: ClipSpec, workers: int) -
                 log.warning("skipped %s: %s", path, reason)
     if not clips:
         raise ListingError(f"no usable held-out clips ({clip.describe()}) in {len(paths)} videos "
-                           f"(reasons: {sorted({f['reason'] for f in failures})})")
+                           f"(reasons: {sorted({f['reason'] for f in failures})}); name held-out videos with "
+                           f"--val-videos")
     array = np.stack(clips)
     with atomic_output(cache, suffix=".npy") as tmp:
         np.save(tmp, array)
