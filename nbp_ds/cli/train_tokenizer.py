@@ -60,6 +60,9 @@ def config_from_arguments(argv: list[str] | None = None):
 
 @command
 def main(argv: list[str] | None = None) -> int:
+    from nbp_ds.train.stop import stop_request
+
+    stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
     cfg, print_config = config_from_arguments(argv)
     if print_config:
         import yaml

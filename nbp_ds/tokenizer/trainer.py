@@ -33,6 +33,7 @@ from nbp_ds.train.checkpoint import CheckpointManager, CheckpointRef
 from nbp_ds.train.engine import seed_everything
 from nbp_ds.train.metrics import MetricsLogger
 from nbp_ds.train.schedule import lr_factor
+from nbp_ds.train.stop import FINISHED, stop_request
 
 log = logging.getLogger("nbp_ds.tokenizer")
 
@@ -44,6 +45,7 @@ class TokenizerTrainer:
         from nbp_ds.tokenizer.training import PatchDiscriminator3D
 
         self.cfg = cfg
+        self.stop = stop_request()  # SIGUSR1 / SIGTERM: checkpoint at the next step boundary and exit 0
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = distributed.process_device(self.env, cfg.train.device)
@@ -135,6 +137,8 @@ class TokenizerTrainer:
 
         c = self.cfg.train
         bar = tqdm(total=c.steps, initial=self.step, unit="step", disable=self.rank != 0, desc="tokenizer")
+        if self.rank == 0 and self.step < c.steps:
+            (self.out / FINISHED).unlink(missing_ok=True)  # a finished run continued with more steps
         gan_from = int(self.cfg.loss.adversarial_start * c.steps)
         while self.step < c.steps:
             x = to_float(next(self.stream).to(self.device, non_blocking=True))
@@ -172,6 +176,15 @@ class TokenizerTrainer:
                 bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", psnr=f"{scalars['train/psnr']:.1f}")
             if self.rank == 0 and self.step % c.image_every == 0:
                 self._log_reconstructions()
+            # every rank stops at the same step
+            if distributed.control_all_reduce([self.stop.signal is not None])[0] > 0:
+                self.save()
+                bar.close()
+                self.stream.close()
+                log.info("stopped by signal at step %d; a restart resumes from here", self.step)
+                self.metrics.close()
+                distributed.leave_process_group()
+                return None
             if self.step % c.save_every == 0 or self.step == c.steps:
                 self.save()
         bar.close()
@@ -226,6 +239,7 @@ class TokenizerTrainer:
                        "version": self.model.version, "steps": self.step,
                        "train_videos": len(self.train_videos), "clip": dataclasses.asdict(self.cfg.data.clip)})
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=1) + "\n")
+        write_text_atomic(self.out / FINISHED, json.dumps({"step": self.step}) + "\n")
         self._log_reconstructions()
         log.info("tokenizer saved to %s (version %s)", folder, self.model.version)
         return report

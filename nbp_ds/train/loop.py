@@ -34,11 +34,10 @@ from nbp_ds.train.evaluate import evaluate
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
 from nbp_ds.train.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
 from nbp_ds.train.state import TrainState
-from nbp_ds.train.stop import stop_request
+from nbp_ds.train.stop import FINISHED, stop_request
 
 log = logging.getLogger("nbp_ds.train")
 
-FINISHED = "finished"  # the marker slurm/train.sbatch reads to decide whether to requeue
 
 
 class Trainer:
