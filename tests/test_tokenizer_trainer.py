@@ -56,3 +56,15 @@ def test_trains_writes_its_outputs_and_resumes_exactly(tmp_path):
     assert bad.returncode == 2 and "--preset 'huge'" in bad.stderr
     wrong = train(videos, out, "--preset", "small", "--steps", "5")  # the run folder holds a 'tiny' tokenizer
     assert wrong.returncode == 2 and "'tiny' tokenizer, not --preset small" in wrong.stderr
+
+
+def test_gan_with_lecam_and_adaptive_weight_trains_and_keeps_its_state(tmp_path):
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    out = tmp_path / "gan"
+    result = train(videos, out, "--steps", "2", "--save-every", "2", "--adversarial-weight", "0.1",
+                   "--adversarial-start", "0", "loss.lecam_weight=0.001", "loss.lecam_decay=0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["gan/g_weight"] > 0 and row["gan/g_weight"] != 0.1 for row in rows)  # adapted, not the base
+    record = json.loads((out / "checkpoints" / "step00000002" / "rank00000_data.json").read_text())
+    assert record["lecam"]["decay"] == 0.5 and record["lecam"]["real"] is not None

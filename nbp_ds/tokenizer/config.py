@@ -47,7 +47,10 @@ class TokenizerDataConfig:
 @dataclass
 class TokenizerLossConfig:
     adversarial_weight: float = 0.0  # 3D PatchGAN (hinge) loss weight; 0 = off
-    adversarial_start: float = 0.5  # fraction of the steps before the GAN joins
+    adversarial_start: float = 0.5  # fraction of the steps before the GAN joins (the warm-up)
+    adaptive_weight: bool = True  # scale the GAN loss by VQGAN's gradient-norm ratio at the decoder's last layer
+    lecam_weight: float = 0.0  # LeCAM regularisation of the discriminator (MAGVIT-v2: 0.001); 0 = off
+    lecam_decay: float = 0.999  # decay of LeCAM's moving averages of the discriminator's logits
 
 
 @dataclass
@@ -165,5 +168,7 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     _require(lo.adversarial_weight >= 0, f"loss.adversarial_weight must be >= 0, got {lo.adversarial_weight}")
+    _require(lo.lecam_weight >= 0, f"loss.lecam_weight must be >= 0, got {lo.lecam_weight}")
+    _require(0.0 <= lo.lecam_decay < 1.0, f"loss.lecam_decay must be in [0, 1), got {lo.lecam_decay}")
     _require(0.0 <= lo.adversarial_start <= 1.0,
              f"loss.adversarial_start is a fraction of the steps in [0, 1], got {lo.adversarial_start}")

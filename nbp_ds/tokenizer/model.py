@@ -234,6 +234,11 @@ class VideoTokenizer(VideoTokenizerBase):
         values, indices = self.fsq(z)
         return self.decoder(values.permute(0, 4, 1, 2, 3).to(x.dtype)), indices
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The decoder's last convolution's weight (where the adaptive GAN weight compares gradients)."""
+        return self.decoder.conv_out.conv.weight
+
     # ---- uint8 paths (tokenizing, sampling) -------------------------------------------------------
     def video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
         return self.encoder(to_float(video))

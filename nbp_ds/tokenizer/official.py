@@ -207,6 +207,11 @@ class OfficialTokenizer(VideoTokenizerBase):
         values, indices = self.fsq(self.encode_latents((x + 1) / 2).permute(0, 2, 3, 4, 1))
         return self.decode_values(values.permute(0, 4, 1, 2, 3).to(x.dtype)) * 2 - 1, indices
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The decoder's last convolution's weight (where the adaptive GAN weight compares gradients)."""
+        return self.decoder_layers[-1].conv.weight
+
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/tokenizer.safetensors`` and ``folder/config.json`` (architecture ``official``): a folder
         ``load_tokenizer`` takes like any trained tokenizer's; the version becomes the hash of the weights."""

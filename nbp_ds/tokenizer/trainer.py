@@ -42,7 +42,7 @@ class TokenizerTrainer:
     """One tokenizer training run in this process (one rank of the job)."""
 
     def __init__(self, cfg: TokenizerTrainConfig):
-        from nbp_ds.tokenizer.training import PatchDiscriminator3D
+        from nbp_ds.tokenizer.training import LeCam, PatchDiscriminator3D
 
         self.cfg = cfg
         self.stop = stop_request()  # SIGUSR1 / SIGTERM: checkpoint at the next step boundary and exit 0
@@ -63,6 +63,7 @@ class TokenizerTrainer:
             self.disc = PatchDiscriminator3D().to(self.device)
             self.disc_ddp = torch.nn.parallel.DistributedDataParallel(self.disc) if self.world > 1 else self.disc
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
+        self.lecam = LeCam(cfg.loss.lecam_decay)
         self.step = 0
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.train.keep_last, self.rank)
         stream_state = None
@@ -133,7 +134,7 @@ class TokenizerTrainer:
     def run(self) -> dict | None:
         """Train to cfg.steps; rank 0 returns the held-out report (others None)."""
         from nbp_ds.tokenizer.model import to_float
-        from nbp_ds.tokenizer.training import hinge_d_loss, psnr
+        from nbp_ds.tokenizer.training import adaptive_generator_weight, hinge_d_loss, psnr
 
         c = self.cfg.train
         bar = tqdm(total=c.steps, initial=self.step, unit="step", disable=self.rank != 0, desc="tokenizer")
@@ -150,18 +151,24 @@ class TokenizerTrainer:
             use_gan = self.disc is not None and self.step >= gan_from
             if use_gan:
                 g_loss = -self.disc(recon).mean()
-                loss = loss + self.cfg.loss.adversarial_weight * g_loss
+                g_weight = torch.tensor(self.cfg.loss.adversarial_weight, device=self.device)
+                if self.cfg.loss.adaptive_weight:
+                    g_weight = g_weight * adaptive_generator_weight(loss, g_loss, self.model.output_weight)
+                loss = loss + g_weight * g_loss
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
             scalars = {}
             if use_gan:
-                d_loss = hinge_d_loss(self.disc_ddp(x), self.disc_ddp(recon.detach()))
+                real_logits, fake_logits = self.disc_ddp(x), self.disc_ddp(recon.detach())
+                d_loss = hinge_d_loss(real_logits, fake_logits)
+                if self.cfg.loss.lecam_weight > 0:
+                    d_loss = d_loss + self.cfg.loss.lecam_weight * self.lecam.penalty(real_logits, fake_logits)
                 self.disc_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 self.disc_opt.step()
-                scalars = {"gan/g": g_loss, "gan/d": d_loss}
+                scalars = {"gan/g": g_loss, "gan/d": d_loss, "gan/g_weight": g_weight}
             self.step += 1
             bar.update(1)
             if len(self.stream.skipped.keys() - self.skipped.keys()):
@@ -206,7 +213,8 @@ class TokenizerTrainer:
             with atomic_output(folder / tag / "state.pt") as tmp:
                 torch.save(state, tmp)
 
-        ref = self.checkpoints.save(self.step, write, rank_state={"clip_stream": self.stream.state_dict()})
+        ref = self.checkpoints.save(self.step, write, rank_state={"clip_stream": self.stream.state_dict(),
+                                                                      "lecam": self.lecam.state_dict()})
         self.metrics.flush()
         return ref
 
@@ -227,8 +235,10 @@ class TokenizerTrainer:
         self.step = state["step"]
         self.checkpoints.restore_rng(ref)
         log.info("resumed from %s at step %d", ref.path, self.step)
-        record = CheckpointManager.rank_state(ref, self.rank)
-        return record.get("clip_stream") if record else None
+        record = CheckpointManager.rank_state(ref, self.rank) or {}
+        if "lecam" in record:  # this rank's moving averages of the discriminator's logits
+            self.lecam.load_state_dict(record["lecam"])
+        return record.get("clip_stream")
 
     # ---- results ----------------------------------------------------------------------------------
     def _finish(self) -> dict:

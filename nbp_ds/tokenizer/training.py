@@ -80,6 +80,44 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
 
+class LeCam:
+    """LeCAM regularisation of the discriminator (Tseng et al. 2021, used by MAGVIT-v2): with a_r, a_f moving
+    averages (``decay``) of the mean logits on real and on reconstructed clips,
+    ``R = mean(relu(D(real) - a_f)^2) + mean(relu(a_r - D(fake))^2)``, added to the discriminator's loss.
+    The averages start at the first batch's means and are part of the run's saved state."""
+
+    def __init__(self, decay: float = 0.999):
+        self.decay = decay
+        self.real: float | None = None
+        self.fake: float | None = None
+
+    def penalty(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        """R for this batch; then the averages take the batch in (first batch: they become its means)."""
+        real_mean, fake_mean = float(real_logits.detach().mean()), float(fake_logits.detach().mean())
+        if self.real is None:
+            self.real, self.fake = real_mean, fake_mean
+        penalty = (F.relu(real_logits - self.fake).pow(2).mean() + F.relu(self.real - fake_logits).pow(2).mean())
+        self.real = self.decay * self.real + (1 - self.decay) * real_mean
+        self.fake = self.decay * self.fake + (1 - self.decay) * fake_mean
+        return penalty
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "real": self.real, "fake": self.fake}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.real, self.fake = state["decay"], state["real"], state["fake"]
+
+
+def adaptive_generator_weight(reconstruction_loss: torch.Tensor, generator_loss: torch.Tensor,
+                              last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """VQGAN's adaptive weight of the generator's GAN loss (used by MAGVIT-v2): the ratio of the gradient norms
+    the reconstruction and the GAN losses give the decoder's last layer,
+    ``||d L_rec / d w|| / (||d L_gan / d w|| + 1e-4)``, clamped to [0, max_weight], without gradient."""
+    rec = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    gan = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    return (rec.norm() / (gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB between two float videos in [-1, 1] (peak-to-peak 2)."""
     mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item()
