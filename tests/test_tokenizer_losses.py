@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from nbp_ds.tokenizer.training import LeCam, adaptive_generator_weight, hinge_d_loss
+from nbp_ds.tokenizer.training import LeCam, adaptive_generator_weight, hinge_d_loss, ssim
 
 
 def test_hinge_discriminator_loss_by_hand():
@@ -42,3 +42,13 @@ def test_adaptive_generator_weight_by_hand():
     assert not weight.requires_grad
     flat = adaptive_generator_weight((w ** 2).sum(), 0 * w.sum(), w)  # no GAN gradient: clamped
     assert float(flat) == 1e4
+
+
+def test_ssim_by_hand():
+    a = torch.rand(1, 3, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert ssim(a, a) == pytest.approx(1.0)
+    # two constant frames, 0.5 and 0.25 on the [0, 1] scale: no variance, SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    c1 = 0.01 ** 2
+    flat = ssim(torch.zeros(1, 3, 1, 16, 16), torch.full((1, 3, 1, 16, 16), -0.5))
+    assert flat == pytest.approx((2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1), rel=1e-5)
+    assert ssim(a, -a) < 0.1 < ssim(a, (a + 0.05 * torch.randn_like(a)).clamp(-1, 1)) < 1

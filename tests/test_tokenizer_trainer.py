@@ -33,6 +33,7 @@ def test_trains_writes_its_outputs_and_resumes_exactly(tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step00000004"
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 4 and report["val_psnr"] > 0 and report["preset"] == "tiny"
+    assert 0 < report["val_ssim"] <= 1
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and list((out / "tb").glob("events.out.tfevents.*"))
     straight = load_file(out / "tokenizer" / "tokenizer.safetensors")
@@ -68,3 +69,20 @@ def test_gan_with_lecam_and_adaptive_weight_trains_and_keeps_its_state(tmp_path)
     assert all(row["gan/g_weight"] > 0 and row["gan/g_weight"] != 0.1 for row in rows)  # adapted, not the base
     record = json.loads((out / "checkpoints" / "step00000002" / "rank00000_data.json").read_text())
     assert record["lecam"]["decay"] == 0.5 and record["lecam"]["real"] is not None
+
+
+def test_ema_weights_are_the_saved_tokenizer(tmp_path):
+    import torch
+
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    out = tmp_path / "ema"
+    result = train(videos, out, "--steps", "2", "--save-every", "1", "train.ema=0.25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the average copies the weights after step 1, then ema = 0.25 * w1 + 0.75 * w2
+    w1, w2 = (torch.load(out / "checkpoints" / f"step0000000{s}" / "state.pt", weights_only=False)["model"]
+              for s in (1, 2))
+    saved = load_file(out / "tokenizer" / "tokenizer.safetensors")
+    params = {k for k in w2 if "weight" in k or "bias" in k}
+    assert params and any(not torch.equal(w1[k], w2[k]) for k in params)
+    for k in params:
+        torch.testing.assert_close(saved[k], 0.25 * w1[k] + 0.75 * w2[k], rtol=1e-5, atol=1e-6)

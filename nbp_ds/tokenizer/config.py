@@ -68,6 +68,7 @@ class TokenizerOptimConfig:
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     threads: int = 0  # torch CPU threads per process; 0 = torch's choice
     seed: int = 0
+    ema: float = 0.0  # decay of a moving average of the weights (e.g. 0.999); the saved tokenizer is the average
 
 
 @dataclass
@@ -167,6 +168,7 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _require(t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _require(0.0 <= t.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {t.ema}")
     _require(lo.adversarial_weight >= 0, f"loss.adversarial_weight must be >= 0, got {lo.adversarial_weight}")
     _require(lo.lecam_weight >= 0, f"loss.lecam_weight must be >= 0, got {lo.lecam_weight}")
     _require(0.0 <= lo.lecam_decay < 1.0, f"loss.lecam_decay must be in [0, 1), got {lo.lecam_decay}")

@@ -43,6 +43,7 @@ class TokenizerTrainer:
 
     def __init__(self, cfg: TokenizerTrainConfig):
         from nbp_ds.tokenizer.training import LeCam, PatchDiscriminator3D
+        from nbp_ds.train.ema import WeightsEMA
 
         self.cfg = cfg
         self.stop = stop_request()  # SIGUSR1 / SIGTERM: checkpoint at the next step boundary and exit 0
@@ -64,6 +65,8 @@ class TokenizerTrainer:
             self.disc_ddp = torch.nn.parallel.DistributedDataParallel(self.disc) if self.world > 1 else self.disc
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
         self.lecam = LeCam(cfg.loss.lecam_decay)
+        # DDP keeps every rank's weights equal: rank 0 alone keeps the average
+        self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.step = 0
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.train.keep_last, self.rank)
         stream_state = None
@@ -159,6 +162,8 @@ class TokenizerTrainer:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
+            if self.ema is not None:
+                self.ema.update()
             scalars = {}
             if use_gan:
                 real_logits, fake_logits = self.disc_ddp(x), self.disc_ddp(recon.detach())
@@ -209,7 +214,8 @@ class TokenizerTrainer:
             state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
                      "config": self.cfg.to_dict(),
                      "disc": self.disc.state_dict() if self.disc else None,
-                     "disc_opt": self.disc_opt.state_dict() if self.disc else None}
+                     "disc_opt": self.disc_opt.state_dict() if self.disc else None,
+                     "ema": self.ema.state_dict() if self.ema is not None else None}
             with atomic_output(folder / tag / "state.pt") as tmp:
                 torch.save(state, tmp)
 
@@ -232,6 +238,8 @@ class TokenizerTrainer:
         if self.disc is not None and state.get("disc"):
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
+        if self.ema is not None and self.ema.active and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
         self.step = state["step"]
         self.checkpoints.restore_rng(ref)
         log.info("resumed from %s at step %d", ref.path, self.step)
@@ -243,6 +251,10 @@ class TokenizerTrainer:
     # ---- results ----------------------------------------------------------------------------------
     def _finish(self) -> dict:
         self.model.eval()
+        if self.ema is not None:  # the tokenizer saved and reported is the moving average
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    param.copy_(self.ema.average[name])
         folder = self.model.save(self.out / "tokenizer")
         report = held_out_report(self.model, self.val, self.device)
         report.update({"preset": self.cfg.model.preset, "init_from": self.cfg.model.init_from,
@@ -270,18 +282,19 @@ class TokenizerTrainer:
 
 @torch.no_grad()
 def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int = 16) -> dict:
-    """Mean PSNR (dB) over held-out clips and the share of the codebook they use."""
+    """Mean PSNR (dB) and SSIM over held-out clips and the share of the codebook they use."""
     from nbp_ds.tokenizer.model import to_float
-    from nbp_ds.tokenizer.training import psnr
+    from nbp_ds.tokenizer.training import psnr, ssim
 
-    scores, codes = [], set()
+    scores, similarity, codes = [], [], set()
     for i in range(0, len(clips), batch):
         x = to_float(torch.from_numpy(np.asarray(clips[i:i + batch]).copy()).to(device))
         recon, idx = model(x)
         scores += [psnr(recon[j], x[j]) for j in range(len(x))]
+        similarity += [ssim(recon[j:j + 1], x[j:j + 1]) for j in range(len(x))]
         codes |= set(idx.unique().tolist())
-    return {"val_psnr": float(sum(scores) / len(scores)), "val_clips": len(scores),
-            "val_codebook_used": len(codes) / model.codebook_size}
+    return {"val_psnr": float(sum(scores) / len(scores)), "val_ssim": float(sum(similarity) / len(similarity)),
+            "val_clips": len(scores), "val_codebook_used": len(codes) / model.codebook_size}
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict | None:

@@ -118,6 +118,25 @@ def adaptive_generator_weight(reconstruction_loss: torch.Tensor, generator_loss:
     return (rec.norm() / (gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004: Gaussian window, C1 = 0.01^2, C2 = 0.03^2 on a [0, 1] scale) between two float
+    videos [B, 3, N, H, W] in [-1, 1], over every channel of every frame; windows lie inside the frame."""
+    h, w = a.shape[-2:]
+    size = min(window, h, w)
+    size -= 1 - size % 2  # odd: the window has a center
+    x, y = (((v.float().clamp(-1, 1) + 1) / 2).reshape(-1, 1, h, w) for v in (a, b))
+    g = torch.exp(-((torch.arange(size, dtype=torch.float32, device=x.device) - size // 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :])[None, None]
+    mean_x, mean_y = F.conv2d(x, kernel), F.conv2d(y, kernel)
+    var_x = F.conv2d(x * x, kernel) - mean_x ** 2
+    var_y = F.conv2d(y * y, kernel) - mean_y ** 2
+    cov = F.conv2d(x * y, kernel) - mean_x * mean_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    score = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2))
+    return float(score.mean())
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB between two float videos in [-1, 1] (peak-to-peak 2)."""
     mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item()
