@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from video_fixtures import dataset
 
@@ -72,8 +73,6 @@ def test_gan_with_lecam_and_adaptive_weight_trains_and_keeps_its_state(tmp_path)
 
 
 def test_ema_weights_are_the_saved_tokenizer(tmp_path):
-    import torch
-
     videos = dataset(tmp_path / "videos", classes=2, per_class=3)
     out = tmp_path / "ema"
     result = train(videos, out, "--steps", "2", "--save-every", "1", "train.ema=0.25")
@@ -86,3 +85,23 @@ def test_ema_weights_are_the_saved_tokenizer(tmp_path):
     assert params and any(not torch.equal(w1[k], w2[k]) for k in params)
     for k in params:
         torch.testing.assert_close(saved[k], 0.25 * w1[k] + 0.75 * w2[k], rtol=1e-5, atol=1e-6)
+
+
+def test_report_gives_the_reconstruction_fvd_with_an_i3d_file(tmp_path):
+    import numpy as np
+    from test_fvd import _save_detector
+
+    from nbp_ds.eval.fvd import I3DFeatureExtractor, compute_fvd
+    from nbp_ds.tokenizer import load_tokenizer
+
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    out = tmp_path / "fvd"
+    detector = _save_detector(tmp_path / "i3d.pt", 32)  # a small TorchScript stand-in with the detector's call
+    result = train(videos, out, "--steps", "1", "--val-videos", str(videos), f"train.i3d={detector}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    # the same figure from the saved tokenizer's codes and nbp-eval-fvd's code
+    clips = np.load(out / "clips_val.npy")
+    recon = load_tokenizer(out).decode(load_tokenizer(out).encode(torch.from_numpy(clips))).numpy()
+    expected = compute_fvd(clips, recon, I3DFeatureExtractor(detector, num_frames=9))
+    assert report["val_rfvd"] == pytest.approx(expected, rel=1e-6) and report["val_rfvd"] > 0

@@ -69,6 +69,7 @@ class TokenizerOptimConfig:
     threads: int = 0  # torch CPU threads per process; 0 = torch's choice
     seed: int = 0
     ema: float = 0.0  # decay of a moving average of the weights (e.g. 0.999); the saved tokenizer is the average
+    i3d: str | None = None  # StyleGAN-V's i3d_torchscript.pt: the report adds the held-out rFVD (nbp-eval-fvd's code)
 
 
 @dataclass

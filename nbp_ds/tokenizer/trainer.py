@@ -256,7 +256,7 @@ class TokenizerTrainer:
                 for name, param in self.model.named_parameters():
                     param.copy_(self.ema.average[name])
         folder = self.model.save(self.out / "tokenizer")
-        report = held_out_report(self.model, self.val, self.device)
+        report = held_out_report(self.model, self.val, self.device, i3d=self.cfg.train.i3d)
         report.update({"preset": self.cfg.model.preset, "init_from": self.cfg.model.init_from,
                        "version": self.model.version, "steps": self.step,
                        "train_videos": len(self.train_videos), "clip": dataclasses.asdict(self.cfg.data.clip)})
@@ -281,20 +281,30 @@ class TokenizerTrainer:
 
 
 @torch.no_grad()
-def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int = 16) -> dict:
-    """Mean PSNR (dB) and SSIM over held-out clips and the share of the codebook they use."""
-    from nbp_ds.tokenizer.model import to_float
+def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int = 16, i3d: str | None = None) -> dict:
+    """Mean PSNR (dB) and SSIM over held-out clips, the share of the codebook they use and, with the I3D detector
+    file ``i3d``, the reconstruction FVD (rFVD: held-out clips against their reconstructions, the first
+    min(16, frames) frames, the same code as nbp-eval-fvd)."""
+    from nbp_ds.tokenizer.model import to_float, to_uint8
     from nbp_ds.tokenizer.training import psnr, ssim
 
-    scores, similarity, codes = [], [], set()
+    scores, similarity, codes, reconstructions = [], [], set(), []
     for i in range(0, len(clips), batch):
         x = to_float(torch.from_numpy(np.asarray(clips[i:i + batch]).copy()).to(device))
         recon, idx = model(x)
         scores += [psnr(recon[j], x[j]) for j in range(len(x))]
         similarity += [ssim(recon[j:j + 1], x[j:j + 1]) for j in range(len(x))]
         codes |= set(idx.unique().tolist())
-    return {"val_psnr": float(sum(scores) / len(scores)), "val_ssim": float(sum(similarity) / len(similarity)),
-            "val_clips": len(scores), "val_codebook_used": len(codes) / model.codebook_size}
+        if i3d is not None:
+            reconstructions.append(to_uint8(recon).cpu().numpy())
+    report = {"val_psnr": float(sum(scores) / len(scores)), "val_ssim": float(sum(similarity) / len(similarity)),
+              "val_clips": len(scores), "val_codebook_used": len(codes) / model.codebook_size}
+    if i3d is not None:
+        from nbp_ds.eval.fvd import DEFAULT_NUM_FRAMES, I3DFeatureExtractor, compute_fvd
+
+        extractor = I3DFeatureExtractor(i3d, device, num_frames=min(DEFAULT_NUM_FRAMES, clips.shape[1]))
+        report["val_rfvd"] = compute_fvd(np.asarray(clips), np.concatenate(reconstructions), extractor)
+    return report
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict | None:
