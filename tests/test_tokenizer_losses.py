@@ -1,13 +1,16 @@
 """The tokenizer recipe's loss terms against values computed by hand: the hinge discriminator loss, LeCAM
-regularisation with its moving averages, and VQGAN's adaptive generator weight."""
+regularisation with its moving averages, VQGAN's adaptive generator weight, SSIM and the perceptual distance."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
+from nbp_ds.errors import UsageError
+from nbp_ds.tokenizer.perceptual import load_perceptual_loss, normalized_distance, vgg16_features
 from nbp_ds.tokenizer.training import LeCam, adaptive_generator_weight, hinge_d_loss, ssim
 
 
@@ -52,3 +55,40 @@ def test_ssim_by_hand():
     flat = ssim(torch.zeros(1, 3, 1, 16, 16), torch.full((1, 3, 1, 16, 16), -0.5))
     assert flat == pytest.approx((2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1), rel=1e-5)
     assert ssim(a, -a) < 0.1 < ssim(a, (a + 0.05 * torch.randn_like(a)).clamp(-1, 1)) < 1
+
+
+def test_perceptual_distance_by_hand():
+    # one position, channels (3, 4) and (4, 3): normalized (0.6, 0.8) and (0.8, 0.6), squared distance 0.08;
+    # a second, equal position halves the mean
+    a = torch.tensor([[3.0, 4.0], [1.0, 1.0]]).T.reshape(1, 2, 1, 2)
+    b = torch.tensor([[4.0, 3.0], [1.0, 1.0]]).T.reshape(1, 2, 1, 2)
+    assert normalized_distance(a, b).tolist() == pytest.approx([0.04])
+
+
+def write_vgg16_file(path):
+    """A VGG16 weights file in torchvision's layout (features.* and classifier.*), seeded."""
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(4, 4)
+    torch.save(state, path)
+    return path
+
+
+def test_perceptual_loss_loads_a_user_file_and_is_off_without_one(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert load_perceptual_loss(None) is None
+    assert "perceptual loss off: no VGG16 weights file given" in caplog.text
+    with pytest.raises(UsageError, match="no such file"):
+        load_perceptual_loss(tmp_path / "missing.pth")
+    torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(UsageError, match="not VGG16 weights.*features.0.bias"):
+        load_perceptual_loss(tmp_path / "other.pth")
+
+    loss = load_perceptual_loss(write_vgg16_file(tmp_path / "vgg16.pth"))
+    x = torch.rand(1, 3, 2, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    y = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1).requires_grad_(True)
+    assert float(loss(x, x)) == 0.0
+    value = loss(y, x)
+    value.backward()
+    assert float(value) > 0 and y.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.parameters())  # the network stays frozen

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_tokenizer_losses import write_vgg16_file
 from video_fixtures import dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +61,16 @@ def test_trains_writes_its_outputs_and_resumes_exactly(tmp_path):
     assert wrong.returncode == 2 and "'tiny' tokenizer, not --preset small" in wrong.stderr
 
 
-def test_gan_with_lecam_and_adaptive_weight_trains_and_keeps_its_state(tmp_path):
+def test_recipe_perceptual_gan_lecam_adaptive_weight_trains_and_keeps_its_state(tmp_path):
     videos = dataset(tmp_path / "videos", classes=2, per_class=3)
     out = tmp_path / "gan"
+    vgg = write_vgg16_file(tmp_path / "vgg16.pth")
     result = train(videos, out, "--steps", "2", "--save-every", "2", "--adversarial-weight", "0.1",
-                   "--adversarial-start", "0", "loss.lecam_weight=0.001", "loss.lecam_decay=0.5")
+                   "--adversarial-start", "0", "loss.lecam_weight=0.001", "loss.lecam_decay=0.5",
+                   "loss.perceptual_weight=0.1", f"loss.perceptual_file={vgg}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["train/perceptual"] > 0 for row in rows)
     assert all(row["gan/g_weight"] > 0 and row["gan/g_weight"] != 0.1 for row in rows)  # adapted, not the base
     record = json.loads((out / "checkpoints" / "step00000002" / "rank00000_data.json").read_text())
     assert record["lecam"]["decay"] == 0.5 and record["lecam"]["real"] is not None

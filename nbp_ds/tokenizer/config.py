@@ -51,6 +51,8 @@ class TokenizerLossConfig:
     adaptive_weight: bool = True  # scale the GAN loss by VQGAN's gradient-norm ratio at the decoder's last layer
     lecam_weight: float = 0.0  # LeCAM regularisation of the discriminator (MAGVIT-v2: 0.001); 0 = off
     lecam_decay: float = 0.999  # decay of LeCAM's moving averages of the discriminator's logits
+    perceptual_weight: float = 0.0  # LPIPS-style VGG16 perceptual loss weight (MAGVIT-v2 uses one); 0 = off
+    perceptual_file: str | None = None  # VGG16 weights (torchvision's vgg16-397923af.pth), never downloaded
 
 
 @dataclass
@@ -171,6 +173,7 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     _require(0.0 <= t.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {t.ema}")
     _require(lo.adversarial_weight >= 0, f"loss.adversarial_weight must be >= 0, got {lo.adversarial_weight}")
+    _require(lo.perceptual_weight >= 0, f"loss.perceptual_weight must be >= 0, got {lo.perceptual_weight}")
     _require(lo.lecam_weight >= 0, f"loss.lecam_weight must be >= 0, got {lo.lecam_weight}")
     _require(0.0 <= lo.lecam_decay < 1.0, f"loss.lecam_decay must be in [0, 1), got {lo.lecam_decay}")
     _require(0.0 <= lo.adversarial_start <= 1.0,

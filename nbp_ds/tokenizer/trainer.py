@@ -65,6 +65,12 @@ class TokenizerTrainer:
             self.disc_ddp = torch.nn.parallel.DistributedDataParallel(self.disc) if self.world > 1 else self.disc
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
         self.lecam = LeCam(cfg.loss.lecam_decay)
+        self.perceptual = None
+        if cfg.loss.perceptual_weight > 0:
+            from nbp_ds.tokenizer.perceptual import load_perceptual_loss
+
+            self.perceptual = load_perceptual_loss(cfg.loss.perceptual_file)
+            self.perceptual = self.perceptual.to(self.device) if self.perceptual is not None else None
         # DDP keeps every rank's weights equal: rank 0 alone keeps the average
         self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.step = 0
@@ -151,6 +157,9 @@ class TokenizerTrainer:
             recon, codes = self.ddp(x)
             l1, l2 = (recon - x).abs().mean(), F.mse_loss(recon, x)
             loss = l1 + l2
+            if self.perceptual is not None:
+                perceptual = self.perceptual(recon, x)
+                loss = loss + self.cfg.loss.perceptual_weight * perceptual
             use_gan = self.disc is not None and self.step >= gan_from
             if use_gan:
                 g_loss = -self.disc(recon).mean()
@@ -164,7 +173,7 @@ class TokenizerTrainer:
             self.opt.step()
             if self.ema is not None:
                 self.ema.update()
-            scalars = {}
+            scalars = {"train/perceptual": perceptual} if self.perceptual is not None else {}
             if use_gan:
                 real_logits, fake_logits = self.disc_ddp(x), self.disc_ddp(recon.detach())
                 d_loss = hinge_d_loss(real_logits, fake_logits)
@@ -173,7 +182,7 @@ class TokenizerTrainer:
                 self.disc_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 self.disc_opt.step()
-                scalars = {"gan/g": g_loss, "gan/d": d_loss, "gan/g_weight": g_weight}
+                scalars.update({"gan/g": g_loss, "gan/d": d_loss, "gan/g_weight": g_weight})
             self.step += 1
             bar.update(1)
             if len(self.stream.skipped.keys() - self.skipped.keys()):
