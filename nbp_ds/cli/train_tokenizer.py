@@ -58,6 +58,18 @@ def config_from_arguments(argv: list[str] | None = None):
     return load_tokenizer_config(args.config, args.overrides, settings=flags), args.print_config
 
 
+def reconstruction_fvd(i3d: str):
+    """The held-out report's rFVD with the I3D detector file ``i3d`` (nbp-eval-fvd's code; the first
+    min(16, frames) frames of each clip)."""
+    from nbp_ds.eval.fvd import DEFAULT_NUM_FRAMES, I3DFeatureExtractor, compute_fvd
+
+    def rfvd(real, fake, device) -> float:
+        extractor = I3DFeatureExtractor(i3d, device, num_frames=min(DEFAULT_NUM_FRAMES, real.shape[1]))
+        return compute_fvd(real, fake, extractor)
+
+    return rfvd
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     from nbp_ds.train.stop import stop_request
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(ranked=True)
     from nbp_ds.tokenizer.trainer import train_tokenizer
 
-    report = train_tokenizer(cfg)
+    report = train_tokenizer(cfg, reconstruction_fvd(cfg.train.i3d) if cfg.train.i3d else None)
     if report is not None:
         print(f"tokenizer saved to {Path(cfg.train.out_dir) / 'tokenizer'} (version {report['version']}); held-out "
               f"reconstruction PSNR {report['val_psnr']:.2f} dB over {report['val_clips']} clips, codebook use "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,11 @@ log = logging.getLogger("nbp_ds.tokenizer")
 class TokenizerTrainer:
     """One tokenizer training run in this process (one rank of the job)."""
 
-    def __init__(self, cfg: TokenizerTrainConfig):
+    def __init__(self, cfg: TokenizerTrainConfig, rfvd: RFVD | None = None):
         from nbp_ds.tokenizer.training import LeCam, PatchDiscriminator3D
         from nbp_ds.train.ema import WeightsEMA
 
-        self.cfg = cfg
+        self.cfg, self.rfvd = cfg, rfvd
         self.stop = stop_request()  # SIGUSR1 / SIGTERM: checkpoint at the next step boundary and exit 0
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
@@ -265,7 +266,7 @@ class TokenizerTrainer:
                 for name, param in self.model.named_parameters():
                     param.copy_(self.ema.average[name])
         folder = self.model.save(self.out / "tokenizer")
-        report = held_out_report(self.model, self.val, self.device, i3d=self.cfg.train.i3d)
+        report = held_out_report(self.model, self.val, self.device, rfvd=self.rfvd)
         report.update({"preset": self.cfg.model.preset, "init_from": self.cfg.model.init_from,
                        "version": self.model.version, "steps": self.step,
                        "train_videos": len(self.train_videos), "clip": dataclasses.asdict(self.cfg.data.clip)})
@@ -289,11 +290,15 @@ class TokenizerTrainer:
         self.metrics.image("reconstructions", grid, self.step)
 
 
+# (held-out uint8 clips, their uint8 reconstructions, device) -> the reconstruction FVD; the program supplies it
+# (nbp-train-tokenizer: nbp_ds.eval.fvd with train.i3d), as the FVD code sits above the tokenizer
+RFVD = Callable[[np.ndarray, np.ndarray, torch.device], float]
+
+
 @torch.no_grad()
-def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int = 16, i3d: str | None = None) -> dict:
-    """Mean PSNR (dB) and SSIM over held-out clips, the share of the codebook they use and, with the I3D detector
-    file ``i3d``, the reconstruction FVD (rFVD: held-out clips against their reconstructions, the first
-    min(16, frames) frames, the same code as nbp-eval-fvd)."""
+def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int = 16, rfvd: RFVD | None = None) -> dict:
+    """Mean PSNR (dB) and SSIM over held-out clips, the share of the codebook they use and, given ``rfvd``, the
+    reconstruction FVD (held-out clips against their reconstructions)."""
     from nbp_ds.tokenizer.model import to_float, to_uint8
     from nbp_ds.tokenizer.training import psnr, ssim
 
@@ -304,19 +309,17 @@ def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int =
         scores += [psnr(recon[j], x[j]) for j in range(len(x))]
         similarity += [ssim(recon[j:j + 1], x[j:j + 1]) for j in range(len(x))]
         codes |= set(idx.unique().tolist())
-        if i3d is not None:
+        if rfvd is not None:
             reconstructions.append(to_uint8(recon).cpu().numpy())
     report = {"val_psnr": float(sum(scores) / len(scores)), "val_ssim": float(sum(similarity) / len(similarity)),
               "val_clips": len(scores), "val_codebook_used": len(codes) / model.codebook_size}
-    if i3d is not None:
-        from nbp_ds.eval.fvd import DEFAULT_NUM_FRAMES, I3DFeatureExtractor, compute_fvd
-
-        extractor = I3DFeatureExtractor(i3d, device, num_frames=min(DEFAULT_NUM_FRAMES, clips.shape[1]))
-        report["val_rfvd"] = compute_fvd(np.asarray(clips), np.concatenate(reconstructions), extractor)
+    if rfvd is not None:
+        report["val_rfvd"] = rfvd(np.asarray(clips), np.concatenate(reconstructions), device)
     return report
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig) -> dict | None:
-    """Run a whole tokenizer training job in this process; rank 0 returns the held-out report."""
+def train_tokenizer(cfg: TokenizerTrainConfig, rfvd: RFVD | None = None) -> dict | None:
+    """Run a whole tokenizer training job in this process; rank 0 returns the held-out report (with ``rfvd``,
+    its reconstruction FVD too)."""
     seed_everything(cfg.train.seed)
-    return TokenizerTrainer(cfg).run()
+    return TokenizerTrainer(cfg, rfvd).run()
