@@ -11,7 +11,7 @@ import torch
 from video_fixtures import dataset, lavfi_video
 
 from nbp_ds.tokenizer.clip_stream import Augment, ClipLoader, random_clips, worker_share
-from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, decode_video, find_videos
+from nbp_ds.video_io import ClipSpec, ClipTooShort, decode_video, find_videos
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def test_resumed_stream_continues_exactly(videos):
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps
     first.close()
     assert state["batches"] == 3 and state["positions"][0][2] in (0, 1)
-    resumed = ClipLoader(videos, **kwargs, state=state)
+    resumed = ClipLoader(videos, **kwargs)
+    resumed.load_state_dict(state)
     for i, expected in enumerate(batches[3:], start=3):
         assert torch.equal(next(resumed), expected), f"batch {i} differs after the resume"
     resumed.close()

@@ -72,8 +72,10 @@ def test_recipe_perceptual_gan_lecam_adaptive_weight_trains_and_keeps_its_state(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(row["train/perceptual"] > 0 for row in rows)
     assert all(row["gan/g_weight"] > 0 and row["gan/g_weight"] != 0.1 for row in rows)  # adapted, not the base
-    record = json.loads((out / "checkpoints" / "step00000002" / "rank00000_data.json").read_text())
-    assert record["lecam"]["decay"] == 0.5 and record["lecam"]["real"] is not None
+    saved = out / "checkpoints" / "step00000002"
+    lecam = json.loads((saved / "rank00000_lecam.json").read_text())
+    assert lecam["decay"] == 0.5 and lecam["real"] is not None
+    assert torch.load(saved / "discriminator.pt", weights_only=False)["optimizer"]["state"]
 
 
 def test_ema_weights_are_the_saved_tokenizer(tmp_path):

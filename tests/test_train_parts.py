@@ -11,19 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbp_ds.config import ConfigError, load_config
-from nbp_ds.train import distributed
-from nbp_ds.train.checkpoint import (
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
+from nbp_ds.runtime import distributed
+from nbp_ds.runtime.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointRef,
+    CheckpointSaveError,
     check_compatible,
     find_checkpoint,
     read_latest,
 )
+from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.train.ds_config import build_ds_config
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
-from nbp_ds.train.schedule import lr_factor
 from nbp_ds.train.state import TrainState
 
 
@@ -126,15 +128,27 @@ def test_hooks_load_by_name_and_refuse_what_is_not_hooks():
 
 
 # ---- checkpoint manager (one process; the 2-rank ordering test is in test_train_deepspeed.py) ----------------
-def write_part(folder: Path, tag: str) -> None:
-    (folder / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+class ModelStates:
+    """A part with one file, as DeepSpeed's engine writes its model states."""
+
+    def save(self, ref) -> None:
+        (ref.path / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+
+    def load(self, ref) -> None:
+        assert (ref.path / "mp_rank_00_model_states.pt").read_bytes() == b"weights"
+
+
+def model_manager(folder: Path, keep_last: int) -> CheckpointManager:
+    manager = CheckpointManager(folder, keep_last=keep_last, rank=0)
+    manager.register("engine", ModelStates())
+    return manager
 
 
 def test_save_moves_latest_and_keeps_exactly_keep_last(tmp_path):
-    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, rank=0)
+    manager = model_manager(tmp_path / "ckpt", keep_last=2)
     assert manager.latest() is None
     for step in (10, 20, 30, 40):
-        ref = manager.save(step, write_part)
+        ref = manager.save(step)
         assert read_latest(manager.folder) == ref.tag == f"step{step:08d}"
         assert (ref.path / "rank00000_rng.pt").is_file()
     assert sorted(p.name for p in manager.folder.iterdir() if p.is_dir()) == ["step00000030", "step00000040"]
@@ -142,9 +156,9 @@ def test_save_moves_latest_and_keeps_exactly_keep_last(tmp_path):
 
 
 def test_pruning_never_deletes_the_checkpoint_latest_names(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=1, rank=0)
+    manager = model_manager(tmp_path, keep_last=1)
     for step in (1, 2, 3):
-        manager.save(step, write_part)
+        manager.save(step)
     # a run resumed from an older checkpoint: 'latest' names step 1 again while newer tags exist
     (tmp_path / "step00000001").mkdir()
     (tmp_path / "latest").write_text("step00000001")
@@ -163,9 +177,9 @@ def test_a_dangling_latest_is_refused_with_both_names(tmp_path):
 
 
 def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
-    manager = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=3, rank=0)
-    manager.save(5, write_part)
-    manager.save(6, write_part)
+    manager = model_manager(tmp_path / "run" / "checkpoints", keep_last=3)
+    manager.save(5)
+    manager.save(6)
     expected = CheckpointRef(tmp_path / "run" / "checkpoints", "step00000006")
     assert find_checkpoint(tmp_path / "run") == expected
     assert find_checkpoint(tmp_path / "run" / "checkpoints") == expected
@@ -178,16 +192,19 @@ def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
 
 
 def test_a_failed_write_leaves_latest_where_it_was(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
-    manager.save(1, write_part)
+    manager = model_manager(tmp_path, keep_last=3)
+    manager.save(1)
 
-    def crash(folder: Path, tag: str) -> None:
-        raise OSError("disk full")
+    class FullDisk(ModelStates):
+        def save(self, ref) -> None:
+            raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
-        manager.save(2, crash)
+    manager.register("ema", FullDisk())
+    with pytest.raises(CheckpointSaveError, match=r"step00000002 was not saved \(rank 0: OSError: disk full\)"):
+        manager.save(2)
     assert read_latest(tmp_path) == "step00000001"
     assert os.listdir(tmp_path / "step00000001")
+    assert not (tmp_path / "step00000002").exists()  # the incomplete folder is removed
 
 
 def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
@@ -203,7 +220,7 @@ def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
 
 
 def test_each_process_computes_on_its_own_gpu_or_the_cpu():
-    from nbp_ds.train.launch import DistEnv
+    from nbp_ds.runtime.launch import DistEnv
 
     env = DistEnv(rank=5, world_size=8, local_rank=1, master_addr="h", master_port=1, launcher="srun")
     auto = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
@@ -211,3 +228,39 @@ def test_each_process_computes_on_its_own_gpu_or_the_cpu():
     assert distributed.process_device(env, "cuda") == torch.device("cuda", 1)  # its own, not cuda:0
     assert distributed.process_device(env, "cuda:0") == torch.device("cuda", 0)  # as named
     assert distributed.process_device(env, "cpu") == torch.device("cpu")
+
+
+class CountPart:
+    """A stateful part with a file of its own: a number, and the order the walk reached it in."""
+
+    def __init__(self, name: str, value: int, order: list[str]):
+        self.name, self.value, self.order = name, value, order
+
+    def save(self, ref) -> None:
+        (ref.path / f"{self.name}.txt").write_text(str(self.value))
+        self.order.append(f"save {self.name}")
+
+    def load(self, ref) -> None:
+        self.value = int((ref.path / f"{self.name}.txt").read_text())
+        self.order.append(f"load {self.name}")
+
+
+def test_registered_parts_are_saved_and_restored_by_one_walk_with_the_rng_streams_last(tmp_path):
+    order: list[str] = []
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    engine, data = CountPart("engine", 7, order), CountPart("data", 3, order)
+    manager.register("engine", engine)
+    manager.register("data", data)
+    with pytest.raises(ValueError, match="'data' is already registered"):
+        manager.register("data", data)
+    assert list(manager.parts) == ["engine", "data", "rng"]
+    torch.manual_seed(5)
+    ref = manager.save(1, written=lambda ref: order.append(f"written {ref.tag}"))
+    expected = torch.rand(3)  # the draw that follows the saved RNG state
+    assert order == ["save engine", "save data", "written step00000001"]
+    assert (ref.path / "rank00000_rng.pt").stat().st_mtime_ns >= (ref.path / "data.txt").stat().st_mtime_ns
+    engine.value = data.value = 0
+    torch.rand(10)
+    manager.load(ref)
+    assert order[-2:] == ["load engine", "load data"] and (engine.value, data.value) == (7, 3)
+    assert torch.equal(torch.rand(3), expected)

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nbp_ds.tokenizer.video_io import ClipSpec
+    from nbp_ds.video_io import ClipSpec
 
     clip = ClipSpec(args.frames, args.resolution, 8.0, 1)
     if args.measure is not None:

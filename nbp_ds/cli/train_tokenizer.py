@@ -72,7 +72,7 @@ def reconstruction_fvd(i3d: str):
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from nbp_ds.train.stop import stop_request
+    from nbp_ds.runtime.stop import stop_request
 
     stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
     cfg, print_config = config_from_arguments(argv)

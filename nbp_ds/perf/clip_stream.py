@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from nbp_ds.tokenizer.clip_stream import ClipLoader
-from nbp_ds.tokenizer.video_io import ClipSpec, find_videos
+from nbp_ds.video_io import ClipSpec, find_videos
 
 
 def make_dataset(folder: Path, count: int, distinct: int = 20, seconds: float = 3.0) -> Path:

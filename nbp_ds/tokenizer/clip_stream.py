@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nbp_ds.tokenizer.dataset_listing import ListingError
-from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError, decode_video
+from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError, decode_video
 
 log = logging.getLogger(__name__)
 
@@ -151,31 +151,41 @@ def _one_thread(_: int) -> None:
 
 
 class ClipLoader:
-    """Batches of uint8 clips [B, frames, R, R, 3] for one rank, with the state that resumes them exactly."""
+    """Batches of uint8 clips [B, frames, R, R, 3] for one rank, with the state that resumes them exactly
+    (:meth:`state_dict`, :meth:`load_state_dict` before the first batch)."""
 
     def __init__(self, videos: list[str], clip: ClipSpec, batch_size: int, seed: int, rank: int, world: int,
                  workers: int, augment: Augment = Augment(), cache_bytes: int = 0, prefetch: int = 2,
-                 state: dict[str, Any] | None = None, pin_memory: bool = False):
-        self.processes = workers
-        slots = max(1, workers)
-        self.batches = 0
-        self.positions = [[0, 0, 0] for _ in range(slots)]
-        if state is not None:
-            if (state["workers"], state["world"]) == (slots, world):
-                self.batches, self.positions = state["batches"], [list(p) for p in state["positions"]]
-            else:
-                epoch = max(p[0] for p in state["positions"])
-                log.warning("the clip stream was saved with %d rank(s) x %d worker(s), this run has %d x %d: it "
-                            "starts epoch %d from its beginning", state["world"], state["workers"], world, slots,
-                            epoch)
-                self.positions = [[epoch, 0, 0] for _ in range(slots)]
+                 pin_memory: bool = False):
         self.world = world
+        self.slots = max(1, workers)
         self.skipped: dict[str, str] = {}
-        dataset = VideoClipStream([str(v) for v in videos], clip, batch_size, seed, rank, world, slots, augment,
-                                  cache_bytes, self.positions, rotation=self.batches % slots)
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_one_thread,
+        self.dataset = VideoClipStream([str(v) for v in videos], clip, batch_size, seed, rank, world, self.slots,
+                                       augment, cache_bytes, [[0, 0, 0] for _ in range(self.slots)], rotation=0)
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, worker_init_fn=_one_thread,
                                  prefetch_factor=prefetch if workers else None, pin_memory=pin_memory)
+        self.batches = 0
         self._iterator = None
+
+    @property
+    def positions(self) -> list[list[int]]:
+        return self.dataset.positions
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where :meth:`state_dict` was taken: exactly with the same number of ranks and workers, else
+        from the start of the furthest epoch any worker had reached."""
+        if self._iterator is not None:
+            raise RuntimeError("a clip stream's state is loaded before its first batch")
+        if (state["workers"], state["world"]) == (self.slots, self.world):
+            self.batches, positions = state["batches"], [list(p) for p in state["positions"]]
+        else:
+            epoch = max(p[0] for p in state["positions"])
+            log.warning("the clip stream was saved with %d rank(s) x %d worker(s), this run has %d x %d: it "
+                        "starts epoch %d from its beginning", state["world"], state["workers"], self.world,
+                        self.slots, epoch)
+            self.batches, positions = 0, [[epoch, 0, 0] for _ in range(self.slots)]
+        self.dataset.positions[:] = positions
+        self.dataset.rotation = self.batches % self.slots
 
     def __iter__(self):
         return self
@@ -193,7 +203,7 @@ class ClipLoader:
         return item["clips"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "workers": len(self.positions), "world": self.world,
+        return {"batches": self.batches, "workers": self.slots, "world": self.world,
                 "positions": [list(p) for p in self.positions]}
 
     def close(self) -> None:

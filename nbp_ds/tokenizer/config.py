@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nbp_ds.config import CONFIG_DIR, ConfigError, load_dataclass_tree
-from nbp_ds.tokenizer.video_io import ClipSpec
+from nbp_ds.video_io import ClipSpec
 
 TOKENIZER_CONFIG_DIR = CONFIG_DIR / "tokenizer"
 
@@ -41,6 +41,7 @@ class TokenizerDataConfig:
     random_crop: float = 0.0  # decode the clip side this much larger and cut a random window (0.125 = 1/8)
     flip: bool = False  # flip half of the clips horizontally
     val_max_videos: int = 256  # held-out videos in the report at most (their clips are kept decoded)
+    val_video_timeout: float = 600.0  # seconds a held-out video may decode before it is stopped and listed
     clip: ClipSpec = field(default_factory=ClipSpec)  # per_video: random clips per video per epoch
 
 
@@ -167,6 +168,7 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _require(d.cache_mb >= 0, f"data.cache_mb must be >= 0, got {d.cache_mb}")
     _require(0.0 <= d.random_crop <= 1.0, f"data.random_crop is a margin in [0, 1], got {d.random_crop}")
     _require(d.val_max_videos >= 1, f"data.val_max_videos must be >= 1, got {d.val_max_videos}")
+    _require(d.val_video_timeout > 0, f"data.val_video_timeout must be > 0 seconds, got {d.val_video_timeout}")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _require(t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")

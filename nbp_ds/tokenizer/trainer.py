@@ -1,16 +1,17 @@
 """Training the video tokenizer (causal 3D CNN + FSQ): L1 + MSE reconstruction, optionally a 3D PatchGAN.
 
 Built on the same parts as the transformer trainer: the launcher's rank detection
-(:mod:`nbp_ds.train.launch`: torchrun, the deepspeed launcher and srun), its process group and
-collectives (:mod:`nbp_ds.train.distributed`), the warmup + cosine schedule, the metrics logger
+(:mod:`nbp_ds.runtime.launch`: torchrun, the deepspeed launcher and srun), its process group and
+collectives (:mod:`nbp_ds.runtime.distributed`), the warmup + cosine schedule, the metrics logger
 (TensorBoard + ``metrics.jsonl``) and the checkpoint manager (``checkpoints/stepNNNNNNNN`` + ``latest``,
-a rerun resumes). Several processes train data-parallel (DDP).
+each with its manifest; a rerun resumes from the newest intact one). Several processes train data-parallel
+(DDP). What a checkpoint keeps is the list of parts registered with the manager
+(:mod:`nbp_ds.tokenizer.saved_state`): weights and optimizer, discriminator, EMA, the clip stream's position.
 
-Training clips are streamed (:mod:`nbp_ds.tokenizer.clip_stream`); the stream's position is a per-rank
-record of each checkpoint. A run folder holds ``clips_val.npy`` (the held-out clips, decoded once),
-``skipped_videos/``, ``checkpoints/``, ``tb/``,
-``metrics.jsonl``, and at the end ``tokenizer/`` (what ``nbp-tokenize --tokenizer`` and
-``nbp-sample --tokenizer`` take) and ``report.json`` (held-out PSNR and codebook use).
+Training clips are streamed (:mod:`nbp_ds.tokenizer.clip_stream`). A run folder holds ``clips_val.npy`` (the
+held-out clips, decoded once), ``skipped_videos/``, ``checkpoints/``, ``tb/``, ``metrics.jsonl``, and at the end
+``tokenizer/`` (what ``nbp-tokenize --tokenizer`` and ``nbp-sample --tokenizer`` take) and ``report.json``
+(held-out PSNR and codebook use).
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nbp_ds.errors import UsageError
-from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.files import write_text_atomic
+from nbp_ds.runtime import distributed, launch
+from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
+from nbp_ds.runtime.metrics import MetricsLogger
+from nbp_ds.runtime.rng import seed_everything
+from nbp_ds.runtime.schedule import lr_factor
+from nbp_ds.runtime.stop import FINISHED, stop_request
 from nbp_ds.tokenizer.config import TokenizerTrainConfig
-from nbp_ds.train import distributed, launch
-from nbp_ds.train.checkpoint import CheckpointManager, CheckpointRef
-from nbp_ds.train.engine import seed_everything
-from nbp_ds.train.metrics import MetricsLogger
-from nbp_ds.train.schedule import lr_factor
-from nbp_ds.train.stop import FINISHED, stop_request
 
-log = logging.getLogger("nbp_ds.tokenizer")
+log = logging.getLogger(__name__)
 
 
 class TokenizerTrainer:
@@ -75,12 +76,12 @@ class TokenizerTrainer:
         # DDP keeps every rank's weights equal: rank 0 alone keeps the average
         self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.step = 0
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.train.keep_last, self.rank)
-        stream_state = None
-        if (ref := self.checkpoints.latest()) is not None:
-            stream_state = self._load(ref)
         self.train_videos, self.val = self._split_videos()
-        self.stream = self._clip_stream(stream_state)
+        self.stream = self._clip_stream()
+        self.checkpoints = self._checkpoint_manager()
+        if (ref := self.checkpoints.latest_intact()) is not None:  # checked against its manifest
+            self.checkpoints.load(ref)
+            log.info("resumed from %s at step %d", ref.path, self.step)
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         log.info("tokenizer %s: %.2fM parameters, %d codes; %d training videos streamed, %d held-out clips; "
                  "%d process(es) on %s", self.model.name, sum(p.numel() for p in self.model.parameters()) / 1e6,
@@ -118,19 +119,33 @@ class TokenizerTrainer:
         cache = self.out / "clips_val.npy"
         self.skipped: dict[str, str] = {}
         if self.rank == 0:
-            _, failures = cached_clips(held_out, cache, c.clip, self.cfg.decode_workers)
+            _, failures = cached_clips(held_out, cache, c.clip, self.cfg.decode_workers, c.val_video_timeout)
             self.skipped = {r["video"]: r["reason"] for r in listing.not_video_records() + failures}
             self._write_skipped()
         distributed.barrier()
-        return train, cached_clips(held_out, cache, c.clip, self.cfg.decode_workers)[0]
+        return train, cached_clips(held_out, cache, c.clip, self.cfg.decode_workers, c.val_video_timeout)[0]
 
-    def _clip_stream(self, state: dict | None):
+    def _clip_stream(self):
         from nbp_ds.tokenizer.clip_stream import Augment, ClipLoader
 
         c, t = self.cfg.data, self.cfg.train
         return ClipLoader(self.train_videos, c.clip, t.batch_size, t.seed, self.rank, self.world,
                           self.cfg.decode_workers, Augment(c.random_crop, c.flip), c.cache_mb * 2**20, c.prefetch,
-                          state=state, pin_memory=self.device.type == "cuda")
+                          pin_memory=self.device.type == "cuda")
+
+    def _checkpoint_manager(self) -> CheckpointManager:
+        """The run's checkpoints, with every stateful part registered (nbp_ds.tokenizer.saved_state)."""
+        from nbp_ds.tokenizer.saved_state import ClipStreamPosition, Discriminator, SharedState
+        from nbp_ds.train.saved_state import EmaState
+
+        manager = CheckpointManager(self.out / "checkpoints", self.cfg.train.keep_last, self.rank)
+        manager.register("weights", SharedState("state.pt", self, self.rank))
+        if self.disc is not None:
+            manager.register("discriminator", Discriminator(self.disc, self.disc_opt, self.lecam, self.rank))
+        if self.ema is not None:
+            manager.register("ema", EmaState(self.ema))
+        manager.register("clip_stream", ClipStreamPosition(self.stream, self.rank))
+        return manager
 
     def _write_skipped(self) -> None:
         """OUT/skipped_videos/rankNNNNN.json: every video this rank skipped so far, with the reason."""
@@ -218,45 +233,26 @@ class TokenizerTrainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> CheckpointRef:
-        def write(folder: Path, tag: str) -> None:
-            if self.rank != 0:  # DDP keeps every rank's weights identical: one copy is the checkpoint
-                return
-            state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                     "config": self.cfg.to_dict(),
-                     "disc": self.disc.state_dict() if self.disc else None,
-                     "disc_opt": self.disc_opt.state_dict() if self.disc else None,
-                     "ema": self.ema.state_dict() if self.ema is not None else None}
-            with atomic_output(folder / tag / "state.pt") as tmp:
-                torch.save(state, tmp)
-
-        ref = self.checkpoints.save(self.step, write, rank_state={"clip_stream": self.stream.state_dict(),
-                                                                      "lecam": self.lecam.state_dict()})
+        ref = self.checkpoints.save(self.step)  # every registered part (see _checkpoint_manager)
         self.metrics.flush()
         return ref
 
-    def _load(self, ref: CheckpointRef) -> dict | None:
-        """Weights, optimizers, step and RNG from ``ref``; returns this rank's saved clip-stream state."""
-        state = torch.load(ref.path / "state.pt", map_location=self.device, weights_only=False)
+    def state_dict(self) -> dict:
+        """The tokenizer's weights, its optimizer, the step and the run config (the checkpoint's ``state.pt``)."""
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to :meth:`state_dict`'s state; a checkpoint of another tokenizer is refused."""
         saved, current = state["config"]["model"], self.cfg.model
         if saved.get("init_from") != current.init_from:
-            raise UsageError(f"{ref.path} was started from model.init_from={saved.get('init_from')}, this run from "
-                             f"{current.init_from}: use another --out")
+            raise UsageError(f"the checkpoint was started from model.init_from={saved.get('init_from')}, this run "
+                             f"from {current.init_from}: use another --out")
         if current.init_from is None and saved["preset"] != current.preset:
-            raise UsageError(f"{ref.path} is a '{saved['preset']}' tokenizer, not --preset {current.preset}")
+            raise UsageError(f"the checkpoint is a '{saved['preset']}' tokenizer, not --preset {current.preset}")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        if self.disc is not None and state.get("disc"):
-            self.disc.load_state_dict(state["disc"])
-            self.disc_opt.load_state_dict(state["disc_opt"])
-        if self.ema is not None and self.ema.active and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
         self.step = state["step"]
-        self.checkpoints.restore_rng(ref)
-        log.info("resumed from %s at step %d", ref.path, self.step)
-        record = CheckpointManager.rank_state(ref, self.rank) or {}
-        if "lecam" in record:  # this rank's moving averages of the discriminator's logits
-            self.lecam.load_state_dict(record["lecam"])
-        return record.get("clip_stream")
 
     # ---- results ----------------------------------------------------------------------------------
     def _finish(self) -> dict:

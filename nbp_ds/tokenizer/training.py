@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +14,28 @@ from torch import nn
 
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import ListingError
-from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
+from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError
+from nbp_ds.worker_pool import LostJob, ordered_map
 
 log = logging.getLogger(__name__)
 
+PREFETCH_PER_WORKER = 2  # held-out videos decoded ahead of the one being collected, per worker
 
-def _decode_one(args: tuple[Path, ClipSpec]) -> tuple[str, list[np.ndarray], str | None]:
+
+def _decode_one(args: tuple[Path, ClipSpec]) -> tuple[list[np.ndarray], str | None]:
     path, clip = args
     try:
-        return str(path), [frames for _, frames in clip.read(path)], None
+        return [frames for _, frames in clip.read(path)], None
     except (ClipTooShort, VideoError) as exc:
-        return str(path), [], exc.reason
+        return [], exc.reason
 
 
-def cached_clips(paths: list[Path], cache: Path, clip: ClipSpec, workers: int) -> tuple[np.ndarray, list[dict]]:
+def cached_clips(paths: list[Path], cache: Path, clip: ClipSpec, workers: int,
+                 timeout: float) -> tuple[np.ndarray, list[dict]]:
     """The middle clip of each of ``paths`` as one uint8 array [N, frames, R, R, 3] (the held-out clips: a small
     set, so decoded once into ``cache``, a .npy memory-mapped on later calls), and the videos that gave none
-    ({video, reason})."""
+    ({video, reason}). Decoding runs in ``workers`` processes of nbp_ds.worker_pool (0: in this one), so a
+    decoder that crashes or runs past ``timeout`` seconds costs its video only (reason worker_died / timeout)."""
     from tqdm import tqdm
 
     params = {"videos": [str(p) for p in paths], "frames": clip.frames, "fps": clip.fps,
@@ -40,12 +45,17 @@ def cached_clips(paths: list[Path], cache: Path, clip: ClipSpec, workers: int) -
         return np.load(cache, mmap_mode="r"), json.loads(failures_file.read_text())
     one_clip = ClipSpec(clip.frames, clip.resolution, clip.fps, 1)
     clips, failures = [], []
-    with mp.get_context("spawn").Pool(max(1, workers)) as pool:
-        for path, got, reason in tqdm(pool.imap(_decode_one, [(p, one_clip) for p in paths], chunksize=4),
-                                      total=len(paths), unit="video", desc=f"decode {cache.stem}"):
+    jobs = [(p, one_clip) for p in paths]
+    decoded = ((_decode_one(job) for job in jobs) if workers == 0 else
+               ordered_map(_decode_one, jobs, workers=min(workers, len(jobs)) or 1, timeout=timeout,
+                           window=PREFETCH_PER_WORKER * workers))
+    with closing(decoded):
+        for path, result in tqdm(zip(paths, decoded, strict=True), total=len(paths), unit="video",
+                                 desc=f"decode {cache.stem}"):
+            got, reason = ([], f"{result.reason}: {result.detail}") if isinstance(result, LostJob) else result
             clips += got
             if reason is not None:
-                failures.append({"video": path, "reason": reason})
+                failures.append({"video": str(path), "reason": reason})
                 log.warning("skipped %s: %s", path, reason)
     if not clips:
         raise ListingError(f"no usable held-out clips ({clip.describe()}) in {len(paths)} videos "

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nbp_ds.config import ConfigError, RunConfig
+from nbp_ds.config import RunConfig
+from nbp_ds.errors import ConfigError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 

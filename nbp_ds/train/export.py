@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from nbp_ds.config import RunConfig
+from nbp_ds.errors import CheckpointError
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.model import NBPModel, build_model
-from nbp_ds.train.checkpoint import CheckpointError, find_checkpoint, peek_client_config
+from nbp_ds.runtime.checkpoint import find_checkpoint, peek_client_config
 
 log = logging.getLogger(__name__)
 

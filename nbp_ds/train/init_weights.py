@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nbp_ds.config import ConfigError, RunConfig
+from nbp_ds.config import RunConfig
+from nbp_ds.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 
-log = logging.getLogger("nbp_ds.train")
+log = logging.getLogger(__name__)
 
 # the marker a trainer writes into its output folder after the last step's checkpoint (and removes when a run
 # continues): slurm/train.sbatch requeues a job that stopped without it
