@@ -28,7 +28,7 @@ from nbp_ds.runtime.checkpoint import (
     with_universal_load,
 )
 from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
-from nbp_ds.runtime.stop import stop_request
+from nbp_ds.runtime.stop import FINISHED, stop_request
 from nbp_ds.runtime.watchdog import StepWatchdog
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
 from nbp_ds.train.ema import WeightsEMA
@@ -39,8 +39,6 @@ from nbp_ds.train.saved_state import EmaState, EngineState, LoaderPosition
 from nbp_ds.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-FINISHED = "finished"  # the marker slurm/train.sbatch reads to decide whether to requeue
 
 
 class Trainer:
