@@ -107,6 +107,9 @@ class TrainConfig:
     sample_tokenizer: str | None = None  # tokenizer used to decode logged samples
     max_bad_steps: int = 5  # stop after this many NaN/Inf losses in a row
     init_from: str | None = None  # exported .safetensors whose weights start a new run (fine-tuning); not on resume
+    # keys that may differ from the run folder's recorded experiment (e.g. [train.steps, train.lr]); any other
+    # change of data, schedule, seed, ... is refused on resume (nbp_ds.train.experiment)
+    allow_changes: list[str] = field(default_factory=list)
     peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
     hooks: str | None = None  # "module:Class", a nbp_ds.train.hooks.TrainerHooks subclass (profiling, custom logs)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = none; e.g. 0.9999); nbp-export --ema
@@ -169,6 +172,14 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     cfg = _build(RunConfig, data, prefix="", source=source)
     validate(cfg)
     return cfg
+
+
+def config_keys() -> list[str]:
+    """Every dotted key of a run config (``section.field``, and the top-level ``name``)."""
+    keys = []
+    for name, section in RunConfig().to_dict().items():
+        keys += [f"{name}.{key}" for key in section] if isinstance(section, dict) else [name]
+    return keys
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -393,6 +404,9 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(tr.keep_last >= 1, f"train.keep_last must be >= 1, got {tr.keep_last}")
     _require(tr.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
+    unknown = sorted(set(tr.allow_changes) - set(config_keys()))
+    _require(not unknown, f"train.allow_changes names {unknown[0] if unknown else ''!r}, not a config key "
+                          f"(keys are dotted, e.g. train.lr, data.train)")
     _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
     _validate_data(cfg.data)
 

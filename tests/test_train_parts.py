@@ -1,4 +1,4 @@
-"""The trainer's parts on their own: LR schedule, DeepSpeed config completion, checkpoint compatibility,
+"""The trainer's parts on their own: LR schedule, DeepSpeed config completion,
 collectives' devices, trainer state, hooks, and the checkpoint manager's files (no DeepSpeed needed)."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from nbp_ds.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointRef,
-    check_compatible,
     find_checkpoint,
     read_latest,
 )
@@ -64,21 +63,6 @@ def test_ds_config_refuses_a_json_that_disagrees_with_the_run_config(tmp_path):
         build_ds_config(load_config("tiny", [f"deepspeed.config={bad}"]), world_size=1)
     with pytest.raises(ConfigError, match="nowhere.json"):
         build_ds_config(load_config("tiny", ["deepspeed.config=nowhere.json"]), world_size=1)
-
-
-# ---- checkpoint compatibility --------------------------------------------------------------------------
-def test_check_compatible_names_every_differing_shape_key():
-    cfg = load_config("tiny")
-    saved = cfg.to_dict()
-    check_compatible(saved, cfg, "ckpt")  # identical: fine
-    saved["train"]["lr"] = 1.0  # optimisation settings may change on resume
-    check_compatible(saved, cfg, "ckpt")
-    saved["model"]["d_model"] = 128
-    saved["layout"]["block"] = [1, 2, 2]
-    with pytest.raises(ConfigError) as info:
-        check_compatible(saved, cfg, "ckpt")
-    assert "model.d_model: checkpoint 128, run 64" in str(info.value)
-    assert "layout.block: checkpoint [1, 2, 2], run [1, 1, 4]" in str(info.value)
 
 
 # ---- collectives -------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from nbp_ds.config import RunConfig
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.model import NBPModel, build_model
 from nbp_ds.train.checkpoint import CheckpointError, find_checkpoint, peek_client_config
+from nbp_ds.train.experiment import warn_unrecorded_weight_keys
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def consolidate(path: str | Path, tag: str | None = None, ema: bool = False
     config = peek_client_config(ref)
     if config is None:
         raise CheckpointError(f"{ref.path}: no run config in the checkpoint's client state (not an nbp_ds run?)")
+    warn_unrecorded_weight_keys(config, f"checkpoint {ref.path}")
     if ema:
         state = consolidate_ema(ref.path)
     else:
@@ -70,7 +72,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", ema: boo
             meta = f.metadata() or {}
         if "nbp_ds_config" not in meta:
             raise CheckpointError(f"{path}: not an nbp_ds export (no nbp_ds_config metadata); use nbp-export")
-        cfg = RunConfig.from_dict(json.loads(meta["nbp_ds_config"]), source=str(path))
+        recorded = json.loads(meta["nbp_ds_config"])
+        warn_unrecorded_weight_keys(recorded, str(path))
+        cfg = RunConfig.from_dict(recorded, source=str(path))
         state = load_file(str(path), device=str(device))
     else:
         state, cfg = consolidate(path, ema=ema)

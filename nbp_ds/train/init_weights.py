@@ -19,14 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from nbp_ds.config import ConfigError, RunConfig
+from nbp_ds.train.experiment import check_weights_meaning
 
 log = logging.getLogger(__name__)
-
-# settings the weights were trained for: a run that changes one reads them with another meaning
-MEANING_KEYS = {"model": ("arch", "n_head"),
-                "layout": ("grid", "block", "hybrid", "condition", "bov", "class_prefixes", "text_vocab_size",
-                           "token_ids")}
-
 
 def load_initial_weights(model: nn.Module, path: str | Path, cfg: RunConfig) -> None:
     """Copy the weights of an exported .safetensors into ``model`` (plain or ZeRO-3 partitioned)."""
@@ -39,7 +34,8 @@ def load_initial_weights(model: nn.Module, path: str | Path, cfg: RunConfig) -> 
         meta = f.metadata() or {}
         if "nbp_ds_config" not in meta:
             raise ConfigError(f"train.init_from={path}: not an nbp_ds export (no nbp_ds_config metadata)")
-        _check_meaning(json.loads(meta["nbp_ds_config"]), cfg, path)
+        check_weights_meaning(json.loads(meta["nbp_ds_config"]), cfg, f"train.init_from={path}",
+                              hint=f" (start from the file's own config: --config {path.with_suffix('.json')})")
         params = dict(model.named_parameters())
         missing, unexpected = sorted(set(params) - set(f.keys())), sorted(set(f.keys()) - set(params))
         wrong = [f"{k} {f.get_slice(k).get_shape()} (model {list(_full_shape(p))})" for k, p in params.items()
@@ -67,13 +63,3 @@ def _gathered(param: torch.Tensor):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
-
-
-def _check_meaning(saved: dict, cfg: RunConfig, path: Path) -> None:
-    current = cfg.to_dict()
-    diffs = [f"{section}.{key}: file {saved.get(section, {}).get(key)!r}, run {current[section][key]!r}"
-             for section, keys in MEANING_KEYS.items() for key in keys
-             if saved.get(section, {}).get(key, current[section][key]) != current[section][key]]
-    if diffs:
-        raise ConfigError(f"train.init_from={path} was made for another model or sequence: " + "; ".join(diffs)
-                          + " (start from the file's own config: --config " + str(path.with_suffix(".json")) + ")")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from nbp_ds.config import ConfigError, RunConfig
+from nbp_ds.config import ConfigError, RunConfig, TrainConfig
 from nbp_ds.data import DataReport, build_loader, expand_shards, parse_sources, to_device
 from nbp_ds.data.report import summarize
 from nbp_ds.data.resume import restore
@@ -20,7 +20,6 @@ from nbp_ds.train import distributed, launch
 from nbp_ds.train.checkpoint import (
     CheckpointManager,
     CheckpointRef,
-    check_compatible,
     find_checkpoint,
     peek_client_state,
     saved_world_size,
@@ -31,8 +30,10 @@ from nbp_ds.train.ds_config import build_ds_config, zero_stage
 from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
+from nbp_ds.train.experiment import check_same_experiment
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
 from nbp_ds.train.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
+from nbp_ds.train.schedule import lr_factor
 from nbp_ds.train.state import TrainState
 from nbp_ds.train.stop import stop_request
 
@@ -69,8 +70,11 @@ class Trainer:
         if self.resume_from:
             client = peek_client_state(self.resume_from)  # read once: with ZeRO-2 it holds the whole model
             if client is not None and client.get("config") is not None:
-                check_compatible(client["config"], cfg, str(self.resume_from.path))
+                check_same_experiment(client["config"], cfg, f"checkpoint {self.resume_from.path}")
             self.saved_world = saved_world_size(self.resume_from, client)
+        elif (self.out_dir / "config.json").is_file():  # a run started here, stopped before its first checkpoint
+            check_same_experiment(json.loads((self.out_dir / "config.json").read_text()), cfg,
+                                  f"run folder {self.out_dir}")
         if universal is None:  # ZeRO's optimizer partitions fit only the world size that saved them
             universal = self.saved_world not in (None, self.world) and zero_stage(self.ds_config) > 0
         self.universal = bool(universal and self.resume_from)
@@ -215,8 +219,7 @@ class Trainer:
                                                 load_lr_scheduler_states=True)
         if client is None:
             raise FileNotFoundError(f"checkpoint {source.path} could not be loaded")
-        if self.universal:
-            restore_group_hyperparameters(self.engine.optimizer, self.cfg.train.weight_decay)
+        set_optimizer_hyperparameters(self.engine, self.cfg.train)
         self.state.load_state_dict(client["train_state"])
         if self.ema is not None and not self.ema.load(ref.path):
             log.warning("%s holds no moving average of the weights: train.ema starts from the current weights",
@@ -227,7 +230,8 @@ class Trainer:
         self.state.world_size = self.world
         how = (f" through its universal copy (saved by {self.saved_world} processes, now {self.world})"
                if self.universal else "")
-        self._log0("resumed from %s at step %d%s", ref.path, self.state.step, how)
+        self._log0("resumed from %s at step %d%s; LR now %.3g", ref.path, self.state.step, how,
+                   self.engine.get_lr()[0])
 
     @torch.no_grad()
     def log_samples(self) -> None:
@@ -307,13 +311,20 @@ class Trainer:
         distributed.leave_process_group()
 
 
-def restore_group_hyperparameters(optimizer, weight_decay: float) -> None:
-    """Undo what a universal load does to the parameter groups under ZeRO-3: DeepSpeed gives every group the
-    first group's hyper-parameters, so norm gains (group 1, no weight decay; nbp_ds.train.engine.param_groups)
-    would be decayed from then on. (ZeRO-1/2 keep each group's own; setting them again changes nothing.)"""
-    groups = optimizer.param_groups
-    if len(groups) == 2:
-        groups[0]["weight_decay"], groups[1]["weight_decay"] = weight_decay, 0.0
+def set_optimizer_hyperparameters(engine, tr: TrainConfig) -> None:
+    """After a checkpoint load, the run config's optimizer settings in every parameter group: the loaded state
+    holds the saved run's (its peak LR, betas, weight decay), and a change train.allow_changes let through must
+    be what runs. The LR is the schedule's value at the loaded step for the current train.lr. (This also undoes
+    what a universal load does under ZeRO-3: it gives every group the first group's hyper-parameters, so norm
+    gains, group 1 of nbp_ds.train.engine.param_groups, would be decayed.)"""
+    scheduler = engine.lr_scheduler
+    factor = lr_factor(scheduler.last_epoch, tr.steps, tr.warmup_steps, tr.min_lr_ratio)
+    groups = scheduler.optimizer.param_groups
+    decays = (tr.weight_decay, 0.0) if len(groups) == 2 else (tr.weight_decay,) * len(groups)
+    for group, decay in zip(groups, decays, strict=True):
+        group.update(initial_lr=tr.lr, lr=tr.lr * factor, betas=tuple(tr.betas), weight_decay=decay)
+    scheduler.base_lrs = [tr.lr] * len(groups)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports until the next step
 
 
 def train(cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None = None,
