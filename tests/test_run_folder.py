@@ -144,5 +144,6 @@ def test_an_export_from_before_a_weights_setting_existed_is_read_with_its_defaul
               metadata={"nbp_ds_config": json.dumps(recorded)})
     with caplog.at_level("WARNING"):
         _, loaded = load_exported(weights)
-    assert f"{weights} does not record layout.token_ids: read with the defaults layout.token_ids='nbp_ds'" in caplog.text
+    assert f"{weights} does not record layout.token_ids: read with the defaults layout.token_ids='nbp_ds'" \
+        in caplog.text
     assert loaded.layout.token_ids == "nbp_ds"

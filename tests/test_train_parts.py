@@ -186,12 +186,66 @@ def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
         build_ds_config(load_config("tiny", ["deepspeed.config=zero9"]), 1)
 
 
-def test_each_process_computes_on_its_own_gpu_or_the_cpu():
+# ---- which GPU ------------------------------------------------------------------------------------------------
+def test_each_process_computes_on_its_own_gpu_or_the_cpu(monkeypatch):
     from nbp_ds.train.launch import DistEnv
 
-    env = DistEnv(rank=5, world_size=8, local_rank=1, master_addr="h", master_port=1, launcher="srun")
-    auto = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
-    assert distributed.process_device(env) == auto
+    env = DistEnv(rank=5, world_size=8, local_rank=1, master_addr="h", master_port=1, launcher="srun",
+                  local_world_size=4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.process_device(env) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a host's 4 GPUs, all visible to each task
+    assert distributed.process_device(env) == torch.device("cuda", 1)
     assert distributed.process_device(env, "cuda") == torch.device("cuda", 1)  # its own, not cuda:0
     assert distributed.process_device(env, "cuda:0") == torch.device("cuda", 0)  # as named
     assert distributed.process_device(env, "cpu") == torch.device("cpu")
+
+
+def launched(launcher_env: dict[str, str]):
+    from nbp_ds.train import launch
+
+    return launch.detect({"MASTER_ADDR": "node1", **launcher_env})
+
+
+SRUN_4_PER_HOST = {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_STEP_NODELIST": "node[1-2]",
+                   "SLURMD_NODENAME": "node2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+TORCHRUN_4 = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}
+
+
+@pytest.mark.parametrize("launcher_env, visible, expected", [
+    # every task sees the host's GPUs: the local rank picks one
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_ON_NODE": "4"}, 4, 2),
+    (TORCHRUN_4, 4, 3),
+    # srun --gpus-per-task=1 / --gpu-bind=single:1: each task sees only its own GPU, as device 0
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_ON_NODE": "4"}, 1, 0),
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_PER_TASK": "2", "SLURM_GPUS_ON_NODE": "8"}, 2, 0),
+    (SRUN_4_PER_HOST, 1, 0),  # Slurm names no GPU count: its per-task visibility is trusted
+    # fewer GPUs than processes on the host
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_ON_NODE": "2"}, 2, "4 processes of this job run on this host"),
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_ON_NODE": "1"}, 1, "Slurm allocated 1 on this host"),
+    (TORCHRUN_4, 2, "sees 2 GPUs"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "0"}, 1, "sees 1 GPU "),
+])
+def test_the_gpu_is_an_index_among_the_visible_ones(monkeypatch, launcher_env, visible, expected):
+    from nbp_ds.train.launch import LaunchError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    env = launched(launcher_env)
+    if isinstance(expected, int):
+        assert distributed.process_device(env) == torch.device("cuda", expected)
+    else:
+        with pytest.raises(LaunchError, match=expected):
+            distributed.process_device(env)
+
+
+def test_slurm_task_counts_per_node_are_expanded():
+    from nbp_ds.train.launch import LaunchError, tasks_per_node
+
+    assert tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert tasks_per_node("8") == [8] and tasks_per_node("") == []
+    assert launched(SRUN_4_PER_HOST).local_world_size == 4
+    assert launched({**SRUN_4_PER_HOST, "SLURM_STEP_TASKS_PER_NODE": "3,1"}).local_world_size == 1  # node2's
+    with pytest.raises(LaunchError, match="x3"):
+        tasks_per_node("2x3")
