@@ -90,6 +90,9 @@ class TrainConfig:
     steps: int = 1000
     micro_batch: int = 8  # per device
     grad_accum: int = 1
+    # samples per optimizer step over all processes; when set it stays fixed and grad_accum is derived from it, the
+    # micro-batch and the number of processes (nbp_ds.train.batch); None = micro_batch x grad_accum x processes
+    global_batch: int | None = None
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -395,6 +398,8 @@ def validate(cfg: RunConfig) -> None:
     _require(tr.steps > 0, f"train.steps must be positive, got {tr.steps}")
     _require(tr.micro_batch > 0, f"train.micro_batch must be positive, got {tr.micro_batch}")
     _require(tr.grad_accum > 0, f"train.grad_accum must be positive, got {tr.grad_accum}")
+    _require(tr.global_batch is None or tr.global_batch > 0,
+             f"train.global_batch must be positive (or unset), got {tr.global_batch}")
     _require(tr.lr > 0, f"train.lr must be positive, got {tr.lr}")
     _require(0.0 <= tr.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {tr.min_lr_ratio}")
     _require(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")

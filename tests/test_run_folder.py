@@ -147,3 +147,24 @@ def test_an_export_from_before_a_weights_setting_existed_is_read_with_its_defaul
     assert f"{weights} does not record layout.token_ids: read with the defaults layout.token_ids='nbp_ds'" \
         in caplog.text
     assert loaded.layout.token_ids == "nbp_ds"
+
+
+def test_a_resume_on_another_number_of_processes_must_keep_the_global_batch():
+    import dataclasses
+
+    from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
+
+    def on(world: int, *overrides: str):
+        cfg = load_config("tiny", list(overrides))
+        return dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, world))
+
+    saved = on(2).to_dict()  # micro-batch 4 on 2 processes: 8 samples a step
+    assert saved["train"]["global_batch"] == 8
+    with pytest.raises(ConfigError, match=r"train.global_batch: 8 -> 4 \(to keep the batch on another number of "
+                                          r"processes: train.global_batch=8\)"):
+        check_same_experiment(saved, on(1), "ckpt")
+    assert check_same_experiment(saved, on(1, "train.global_batch=8"), "ckpt") == {}  # accumulates 2 instead
+    older = json.loads(json.dumps(saved))
+    del older["train"]["global_batch"]  # a checkpoint from before the key: its batch from the processes that saved it
+    with pytest.raises(ConfigError, match="train.global_batch: 8 -> 4"):
+        check_same_experiment(recorded_global_batch(older, world=2), on(1), "ckpt")

@@ -249,3 +249,33 @@ def test_slurm_task_counts_per_node_are_expanded():
     assert launched({**SRUN_4_PER_HOST, "SLURM_STEP_TASKS_PER_NODE": "3,1"}).local_world_size == 1  # node2's
     with pytest.raises(LaunchError, match="x3"):
         tasks_per_node("2x3")
+
+
+# ---- the global batch -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, world, accum, ds_batch", [
+    (["train.micro_batch=4", "train.grad_accum=3"], 2, 3, 24),  # not set: micro x accum x processes
+    (["train.micro_batch=4", "train.global_batch=32"], 2, 4, 32),
+    (["train.micro_batch=4", "train.global_batch=32"], 8, 1, 32),
+    (["train.micro_batch=4", "train.global_batch=32", "train.grad_accum=4"], 2, 4, 32),  # consistent: fine
+])
+def test_the_global_batch_derives_the_accumulation(overrides, world, accum, ds_batch):
+    from nbp_ds.train.batch import resolve_global_batch
+
+    cfg = load_config("tiny", overrides)
+    tr = resolve_global_batch(cfg.train, world)
+    assert (tr.grad_accum, tr.global_batch) == (accum, ds_batch)
+    ds = build_ds_config(cfg, world)
+    assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (accum, ds_batch)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["train.micro_batch=4", "train.global_batch=30"], 2, r"nearest global batches that work: 24 or 32, or "
+                                                           r"train.micro_batch=3 \(accumulating 5\)"),
+    (["train.micro_batch=4", "train.global_batch=4"], 2, r"work: 8(, |$)"),
+    (["train.micro_batch=4", "train.global_batch=32", "train.grad_accum=2"], 2, "contradicts"),
+])
+def test_a_global_batch_that_does_not_divide_is_refused_with_sizes_that_do(overrides, world, message):
+    from nbp_ds.train.batch import resolve_global_batch
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_global_batch(load_config("tiny", overrides).train, world)

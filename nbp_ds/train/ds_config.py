@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nbp_ds.config import ConfigError, RunConfig
+from nbp_ds.train.batch import resolve_global_batch
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -56,7 +57,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for this run and data-parallel world size."""
     path = cfg.deepspeed.config
     ds = copy.deepcopy(load_ds_json(path))
-    tr = cfg.train
+    tr = resolve_global_batch(cfg.train, world_size)
     _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch, "train.micro_batch", path)
     _fill(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum", path)
     _fill(ds, "train_batch_size", tr.micro_batch * tr.grad_accum * world_size,

@@ -33,6 +33,7 @@ FREE_KEYS = ("name", "train.out_dir", "train.allow_changes", "train.save_every",
              "train.eval_every", "train.log_every", "train.sample_every", "train.sample_tokenizer", "train.hooks",
              "train.peak_tflops", "train.wandb", "train.wandb_project", "train.max_bad_steps",
              "train.activation_checkpointing",
+             "train.micro_batch", "train.grad_accum",  # how the global batch is made: train.global_batch is compared
              "model.attention", "model.compile", "model.flex_kernel_options", "model.loss_chunk",
              "data.num_workers", "data.val_batches", "data.retries", "data.retry_backoff")
 
@@ -104,8 +105,11 @@ def check_same_experiment(recorded: dict[str, Any], cfg: RunConfig, where: str) 
     refused = {k: v for k, v in changed.items() if k not in allowed}
     if refused:
         keys = ",".join(sorted(changed))
+        batch = refused.get("train.global_batch")
+        keep_batch = (f" (to keep the batch on another number of processes: train.global_batch={batch[0]})"
+                      if batch else "")
         raise ConfigError(
-            f"{where} holds another experiment: {_describe(refused)}. Use another train.out_dir for a new "
+            f"{where} holds another experiment: {_describe(refused)}{keep_batch}. Use another train.out_dir for a new "
             f"experiment, or continue this one with the changes allowed: train.allow_changes=[{keys}]")
     for key, (old, new) in changed.items():
         log.warning("%s changes from %s to %s (allowed by train.allow_changes): it takes effect from here", key,

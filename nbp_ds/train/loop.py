@@ -4,6 +4,7 @@ and graceful stops, nothing else."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -17,6 +18,8 @@ from nbp_ds.data.report import summarize
 from nbp_ds.data.resume import restore
 from nbp_ds.files import write_text_atomic
 from nbp_ds.train import distributed, launch
+from nbp_ds.train.batch import describe as describe_batch
+from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
 from nbp_ds.train.checkpoint import (
     CheckpointManager,
     CheckpointRef,
@@ -49,9 +52,11 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None = None,
                  universal: bool | None = None):
-        self.cfg, self.hooks = cfg, hooks or load_hooks(cfg.train.hooks)
+        self.hooks = hooks or load_hooks(cfg.train.hooks)
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
+        # the batch as it runs here: train.grad_accum and train.global_batch fixed for this number of processes
+        cfg = self.cfg = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, self.world))
         self.out_dir = Path(cfg.train.out_dir)
 
         # everything that can be wrong is found before the first collective or the model build
@@ -69,9 +74,10 @@ class Trainer:
         self.saved_world = None
         if self.resume_from:
             client = peek_client_state(self.resume_from)  # read once: with ZeRO-2 it holds the whole model
-            if client is not None and client.get("config") is not None:
-                check_same_experiment(client["config"], cfg, f"checkpoint {self.resume_from.path}")
             self.saved_world = saved_world_size(self.resume_from, client)
+            if client is not None and client.get("config") is not None:
+                check_same_experiment(recorded_global_batch(client["config"], self.saved_world), cfg,
+                                      f"checkpoint {self.resume_from.path}")
         elif (self.out_dir / "config.json").is_file():  # a run started here, stopped before its first checkpoint
             check_same_experiment(json.loads((self.out_dir / "config.json").read_text()), cfg,
                                   f"run folder {self.out_dir}")
@@ -299,6 +305,7 @@ class Trainer:
             self.metrics.text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=1) + "\n```")
             log.info("model %.2fM parameters, ZeRO-%d over %d processes (%s): rank 0 holds %.2fM",
                      total / 1e6, info["zero_stage"], self.world, self.env.launcher, local / 1e6)
+            log.info("%s", describe_batch(self.cfg.train, self.world))
 
     def _log0(self, *args) -> None:
         if self.rank == 0:
