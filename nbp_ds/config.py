@@ -123,6 +123,9 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     config: str = "zero3"  # a shipped DeepSpeed JSON (zero2, zero3, zero3_offload) or a path to one
+    # DeepSpeed JSON keys set over the file's, by dotted path: deepspeed.set.zero_optimization.reduce_bucket_size=5e8
+    # (nbp_ds.train.ds_config; the keys the run config owns, batch, optimizer, clipping, precision, are refused)
+    set: Any = field(default_factory=dict)
 
 
 @dataclass
@@ -317,6 +320,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 _YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def yaml_number(value: Any) -> Any:
+    """A string YAML 1.1 did not read as the number it is (3e-4, 5e8: no dot) as a float; anything else as given.
+    For values whose type the run config does not declare (deepspeed.set)."""
+    if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def checkpointing_mode(value: bool | str) -> str:
     """train.activation_checkpointing as one of CHECKPOINTING_MODES (true and false, as older configs say,
     mean full and none)."""
@@ -413,6 +424,9 @@ def validate(cfg: RunConfig) -> None:
     _require(not unknown, f"train.allow_changes names {unknown[0] if unknown else ''!r}, not a config key "
                           f"(keys are dotted, e.g. train.lr, data.train)")
     _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
+    _require(isinstance(cfg.deepspeed.set, dict),
+             f"deepspeed.set must be a mapping of DeepSpeed JSON keys (set one with "
+             f"deepspeed.set.zero_optimization.reduce_bucket_size=5e8), got {cfg.deepspeed.set!r}")
     _validate_data(cfg.data)
 
 

@@ -74,8 +74,9 @@ trainer = Trainer(load_config("tiny", sys.argv[1:]))
 lrs = [g["lr"] for g in trainer.engine.optimizer.param_groups]
 trainer.run()
 lrs_end = [g["lr"] for g in trainer.engine.optimizer.param_groups]
+prefetch = trainer.engine.zero_prefetch_bucket_size()
 trainer.close()
-print("LRS " + json.dumps({"after_load": lrs, "after_run": lrs_end}))
+print("LRS " + json.dumps({"after_load": lrs, "after_run": lrs_end, "prefetch": prefetch}))
 """
 
 
@@ -84,10 +85,13 @@ def test_an_allowed_lr_change_is_the_lr_that_runs(started, tmp_path):
     script = tmp_path / "lr.py"
     script.write_text(LR_SCRIPT)
     result = run([sys.executable, str(script),
-                  *overrides(out, a, "train.lr=5e-3", "train.steps=6", "train.allow_changes=[train.lr,train.steps]")])
+                  *overrides(out, a, "train.lr=5e-3", "train.steps=6", "train.allow_changes=[train.lr,train.steps]",
+                             # DeepSpeed tuning from the command line, free to change in a run folder
+                             "deepspeed.set.zero_optimization.stage3_prefetch_bucket_size=2e6")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "train.lr changes from 0.001 to 0.005 (allowed by train.allow_changes)" in result.stderr
     lrs = json.loads(result.stdout.split("LRS ", 1)[1])
+    assert lrs["prefetch"] == 2_000_000  # the engine runs with the JSON key set on the command line (zero3.json: 5e7)
 
     def expected(step: int) -> float:  # warmup 2 steps, then cosine over 6 - 2 to 10% of 5e-3 (by hand)
         return 5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)))

@@ -279,3 +279,37 @@ def test_a_global_batch_that_does_not_divide_is_refused_with_sizes_that_do(overr
 
     with pytest.raises(ConfigError, match=message):
         resolve_global_batch(load_config("tiny", overrides).train, world)
+
+
+# ---- DeepSpeed JSON keys from the command line -----------------------------------------------------------------
+def test_deepspeed_json_keys_are_set_from_the_command_line():
+    cfg = load_config("tiny", ["deepspeed.set.zero_optimization.stage3_prefetch_bucket_size=1e8",
+                               "deepspeed.set.zero_optimization.offload_optimizer.device=cpu",
+                               "deepspeed.set.wall_clock_breakdown=true", "deepspeed.set.steps_per_print=50"])
+    ds = build_ds_config(cfg, 1)
+    zero = ds["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 100_000_000 and isinstance(zero["stage3_prefetch_bucket_size"], int)
+    assert zero["offload_optimizer"] == {"device": "cpu"}  # a new mapping inside the file's
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 200_000_000  # the file's other keys stay
+    assert ds["wall_clock_breakdown"] is True and ds["steps_per_print"] == 50
+    assert build_ds_config(load_config("tiny"), 1)["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000
+
+
+@pytest.mark.parametrize("key, owner", [
+    ("train_batch_size=64", "train.global_batch"),
+    ("gradient_accumulation_steps=2", "train.grad_accum"),
+    ("train_micro_batch_size_per_gpu=2", "train.micro_batch"),
+    ("gradient_clipping=0.5", "train.grad_clip"),
+    ("bf16.enabled=false", "train.precision"),
+    ("optimizer.params.lr=0.1", "train.lr"),
+    ("optimizer.type=Adam", "the optimizer's type is part of the experiment"),
+    ("scheduler.type=WarmupLR", "train.warmup_steps"),
+    ("checkpoint.load_universal=true", "--universal"),
+])
+def test_deepspeed_keys_the_run_config_owns_are_refused_with_the_reason(key, owner):
+    cfg = load_config("tiny", [f"deepspeed.set.{key}"])
+    with pytest.raises(ConfigError, match=rf"deepspeed.set.{key.split('=')[0]}: the run config decides this "
+                                          rf"DeepSpeed key, from .*{owner}"):
+        build_ds_config(cfg, 1)
+    with pytest.raises(ConfigError, match="deepspeed.set must be a mapping"):
+        load_config("tiny", ["deepspeed.set=5"])

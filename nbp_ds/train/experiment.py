@@ -35,7 +35,8 @@ FREE_KEYS = ("name", "train.out_dir", "train.allow_changes", "train.save_every",
              "train.activation_checkpointing",
              "train.micro_batch", "train.grad_accum",  # how the global batch is made: train.global_batch is compared
              "model.attention", "model.compile", "model.flex_kernel_options", "model.loss_chunk",
-             "data.num_workers", "data.val_batches", "data.retries", "data.retry_backoff")
+             "data.num_workers", "data.val_batches", "data.retries", "data.retry_backoff",
+             "deepspeed.set")  # DeepSpeed's tuning: what would change the experiment there is refused
 
 _MISSING = object()  # a key the recorded config does not have (written by an older version): not compared
 
