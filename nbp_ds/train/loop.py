@@ -239,32 +239,13 @@ class Trainer:
         self._log0("resumed from %s at step %d%s; LR now %.3g", ref.path, self.state.step, how,
                    self.engine.get_lr()[0])
 
-    @torch.no_grad()
     def log_samples(self) -> None:
-        """A few sampled videos as frame grids in TensorBoard (all ranks generate: ZeRO-3 gathers)."""
-        from nbp_ds.generate import generate
-        from nbp_ds.visualize import frame_grid
+        """Sample videos in TensorBoard (nbp_ds.sample_log; all ranks generate: ZeRO-3 gathers)."""
+        from nbp_ds.sample_log import SampleVideos
 
-        tr, lay = self.cfg.train, self.layout
-        if not tr.sample_tokenizer:
-            log.warning("train.sample_every is set but train.sample_tokenizer is not: no samples logged")
-            return
-        if lay.condition == "frames":
-            return  # needs real context frames: see nbp-sample --context
-        n = min(lay.num_classes, 4) if lay.condition == "class" else 2
-        label = torch.arange(n) if lay.condition == "class" else None
-        self.engine.eval()
-        # static decoding, no CUDA graphs: ZeRO-3 gathers the weights at every call, and a captured decoder would
-        # hold its memory through training
-        tokens, _ = generate(self.engine.module, n, label=label, temperature=1.0, seed=self.state.step, mode="static")
-        self.engine.train()
-        if self.rank == 0:
-            from nbp_ds.tokenizer import load_tokenizer
-
-            if not hasattr(self, "_tokenizer"):
-                self._tokenizer = load_tokenizer(tr.sample_tokenizer, device=self.device)
-            videos = self._tokenizer.decode(tokens.to(self.device)).cpu().numpy()
-            self.metrics.image("samples", frame_grid(videos), self.state.step)
+        if not hasattr(self, "_samples"):
+            self._samples = SampleVideos()
+        self._samples.log(self, self.state.step)
 
     # ---- set-up and tear-down ---------------------------------------------------------------------
     def _train_loader(self):
