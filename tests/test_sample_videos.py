@@ -5,9 +5,16 @@ files read back with TensorBoard's own reader."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
+import re
+import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -84,8 +91,14 @@ def train_with_samples(assets, out, *overrides: str):
     return logged_images(out / "tb")
 
 
-def test_class_samples_are_videos_named_by_their_class(assets, tmp_path):
-    images = train_with_samples(assets, tmp_path / "run", "layout.num_classes=4")
+@pytest.fixture(scope="module")
+def class_run(assets):
+    out = assets / "class_run"
+    return out, train_with_samples(assets, out, "layout.num_classes=4")
+
+
+def test_class_samples_are_videos_named_by_their_class(class_run):
+    _, images = class_run
     tags = [f"samples/{i}_{name}" for i, name in enumerate(CLASSES)]
     assert sorted(images) == sorted([*tags, "samples/grid"])
     for tag in tags:
@@ -110,3 +123,46 @@ def test_frame_prediction_samples_show_the_given_and_the_predicted_frames(assets
 
 def close(pixel: np.ndarray, color: tuple[int, int, int]) -> bool:
     return bool(np.abs(pixel.astype(int) - np.array(color)).max() <= 16)
+
+
+BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium (apt-get install chromium-headless-shell)")
+def test_tensorboard_shows_the_scalars_and_the_sample_videos_in_a_browser(class_run, tmp_path):
+    """What a user sees: TensorBoard serving the run folder, its page rendered by a headless Chromium."""
+    out, _ = class_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(out / "tb"), "--port",
+                               str(port), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "tensorboard.log", "w"))
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/data/plugins_listing", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "tensorboard.log").read_text()
+                time.sleep(0.5)
+        def rendered(tag_filter: str) -> str:  # the Time Series page, cards filtered as a user would type it
+            page_url = f"{url}/?tagFilter={tag_filter}#timeseries"
+            return subprocess.run([BROWSER, "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+                                   "--window-size=1600,3000", "--dump-dom", page_url],
+                                  capture_output=True, text=True, timeout=180).stdout
+
+        scalars = rendered("train%2Floss")
+        assert "train/loss" in scalars and "<line-chart" in scalars and "<canvas" in scalars  # a drawn chart
+        page = rendered("samples")
+        for i, name in enumerate(CLASSES):
+            assert f"samples/{i}_{name}" in page  # a video card per class, named
+        images = re.findall(r'<img[^>]*alt="Image at step 2"[^>]*src="([^"]+)"', page)
+        assert images, page[-2000:]
+        shown = urllib.request.urlopen(f"{url}/{html.unescape(images[0])}", timeout=10).read()
+        assert len(gif_frames(shown)) == 9  # what the page shows is the animated sample
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
