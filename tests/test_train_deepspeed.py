@@ -226,4 +226,5 @@ def test_bad_input_is_refused_before_work(trained, shards, tmp_path):
     result = run([*base, f"data.train={tmp_path / 'nowhere'}"])
     assert result.returncode == 2 and "nowhere" in result.stderr
     result = run([*base, "--resume", str(trained), "model.d_model=128"])
-    assert result.returncode == 2 and "different model shape" in result.stderr and "d_model" in result.stderr
+    assert result.returncode == 2 and "trained for another model or sequence" in result.stderr
+    assert "model.d_model: 64 -> 128" in result.stderr
