@@ -123,3 +123,20 @@ def test_train_init_from_reads_the_sharded_form(exported, tmp_path):
     assert sorted(after) == sorted(state)
     for name, tensor in state.items():
         torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_converted_release_can_be_written_sharded(tmp_path):
+    from official_fixtures import write_generator_ckpt
+
+    write_generator_ckpt(tmp_path / "k600.ckpt", "k600")
+    single, folder = tmp_path / "k600.safetensors", tmp_path / "k600_sharded"
+    convert = [sys.executable, "-m", "nbp_ds.cli.convert_official", "generator", str(tmp_path / "k600.ckpt")]
+    assert subprocess.run([*convert, str(single)], cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    result = subprocess.run([*convert, str(folder), "--shard-size", "20kB"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1 and (folder / "config.json").is_file()
+    (a, cfg_a), (b, cfg_b) = load_exported(single), load_exported(folder)
+    assert cfg_a == cfg_b
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
