@@ -36,23 +36,26 @@ def overrides(out, shards, *extra: str) -> list[str]:
     return [f"data.train={shards}", f"train.out_dir={out}", *STEPS, *extra]
 
 
-@pytest.mark.parametrize("change, named", [
-    ("data=b", "data.train"),
-    ("train.seed=7", "train.seed: 0 -> 7"),
-    ("train.lr=5e-3", "train.lr: 0.001 -> 0.005"),
-    ("train.warmup_steps=3", "train.warmup_steps: 2 -> 3"),
+@pytest.mark.parametrize("change, named, how", [
+    ("data=b", "data.train", "train.allow_changes=[data.train]"),
+    ("train.lr=5e-3", "train.lr: 0.001 -> 0.005", "train.allow_changes=[train.lr]"),
+    ("train.warmup_steps=3", "train.warmup_steps: 2 -> 3", "train.allow_changes=[train.warmup_steps]"),
+    # the seed: a resume continues the saved random streams, so even allowed it could not take effect
+    ("train.seed=7", "train.seed: 0 -> 7 (cannot change on a resume: the random streams", "another train.out_dir"),
+    ("train.seed=7 train.allow_changes=[train.seed]", "train.seed: 0 -> 7 (cannot change on a resume",
+     "another train.out_dir"),
 ])
-def test_another_experiment_in_the_folder_is_refused_before_any_work(started, change, named):
+def test_another_experiment_in_the_folder_is_refused_before_any_work(started, change, named, how):
     from nbp_ds.train.loop import Trainer
 
     out, a, b = started
-    extra = [] if change == "data=b" else [change]
-    cfg = load_config("tiny", overrides(out, b if change == "data=b" else a, *extra))
+    extra = [] if change == "data=b" else change.split()
+    cfg = load_config("tiny", overrides(out, b if change == "data=b" else a, "train.steps=2", *extra))
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     with pytest.raises(ConfigError, match="holds another experiment") as info:
         Trainer(cfg)
     assert named in str(info.value)
-    assert "train.allow_changes=[" in str(info.value)  # says how to continue anyway
+    assert how in str(info.value)  # says how to go on
     assert not torch.distributed.is_initialized()  # refused before the process group, DeepSpeed, the model
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing written
 

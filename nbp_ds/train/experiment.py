@@ -38,6 +38,13 @@ FREE_KEYS = ("name", "train.out_dir", "train.allow_changes", "train.save_every",
              "data.num_workers", "data.val_batches", "data.retries", "data.retry_backoff",
              "deepspeed.set")  # DeepSpeed's tuning: what would change the experiment there is refused
 
+# experiment keys a resume cannot honour, whatever train.allow_changes says: the checkpoint decides them
+FIXED_ON_RESUME = {
+    "train.seed": "the random streams (data order, class dropout) continue from the checkpoint's saved states",
+    "train.init_from": "a resume continues from the checkpoint's weights; train.init_from only starts a run",
+    "model.init_std": "a resume continues from the checkpoint's weights; the initialization only starts a run",
+}
+
 _MISSING = object()  # a key the recorded config does not have (written by an older version): not compared
 
 
@@ -96,22 +103,27 @@ def experiment_changes(recorded: dict[str, Any], cfg: RunConfig) -> dict[str, tu
     return differences(recorded, cfg.to_dict(), keys)
 
 
-def check_same_experiment(recorded: dict[str, Any], cfg: RunConfig, where: str) -> dict[str, tuple[Any, Any]]:
-    """Starting ``cfg`` where the run recorded as ``recorded`` was (its checkpoint, or its run folder's
-    config.json): refused when the weights' meaning differs, or when an experiment key differs that
+def check_same_experiment(recorded: dict[str, Any], cfg: RunConfig, where: str,
+                          resuming: bool = True) -> dict[str, tuple[Any, Any]]:
+    """Starting ``cfg`` where the run recorded as ``recorded`` was (``resuming``: its checkpoint; else its run
+    folder's config.json, a run stopped before its first checkpoint): refused when the weights' meaning differs,
+    when a key of :data:`FIXED_ON_RESUME` differs on a resume, or when an experiment key differs that
     ``train.allow_changes`` does not name. Returns the allowed changes, each logged as a warning."""
     check_weights_meaning(recorded, cfg, where, hint=": start another run folder (train.out_dir)")
     changed = experiment_changes(recorded, cfg)
-    allowed = set(cfg.train.allow_changes)
-    refused = {k: v for k, v in changed.items() if k not in allowed}
-    if refused:
-        keys = ",".join(sorted(changed))
+    fixed = {k: v for k, v in changed.items() if resuming and k in FIXED_ON_RESUME}
+    refused = {k: v for k, v in changed.items() if k not in cfg.train.allow_changes and k not in fixed}
+    if fixed or refused:
+        reasons = [f"{_describe({k: v})} (cannot change on a resume: {FIXED_ON_RESUME[k]})" for k, v in fixed.items()]
         batch = refused.get("train.global_batch")
         keep_batch = (f" (to keep the batch on another number of processes: train.global_batch={batch[0]})"
                       if batch else "")
-        raise ConfigError(
-            f"{where} holds another experiment: {_describe(refused)}{keep_batch}. Use another train.out_dir for a new "
-            f"experiment, or continue this one with the changes allowed: train.allow_changes=[{keys}]")
+        allowable = ",".join(sorted(set(changed) - set(fixed)))
+        allow = (f", or continue this one with the changes allowed: train.allow_changes=[{allowable}]"
+                 if refused and not fixed else "")
+        raise ConfigError(f"{where} holds another experiment: "
+                          + "; ".join(reasons + ([_describe(refused) + keep_batch] if refused else []))
+                          + f". Use another train.out_dir for a new experiment{allow}")
     for key, (old, new) in changed.items():
         log.warning("%s changes from %s to %s (allowed by train.allow_changes): it takes effect from here", key,
                     _short(old), _short(new))

@@ -80,7 +80,7 @@ class Trainer:
                                       f"checkpoint {self.resume_from.path}")
         elif (self.out_dir / "config.json").is_file():  # a run started here, stopped before its first checkpoint
             check_same_experiment(json.loads((self.out_dir / "config.json").read_text()), cfg,
-                                  f"run folder {self.out_dir}")
+                                  f"run folder {self.out_dir}", resuming=False)
         if universal is None:  # ZeRO's optimizer partitions fit only the world size that saved them
             universal = self.saved_world not in (None, self.world) and zero_stage(self.ds_config) > 0
         self.universal = bool(universal and self.resume_from)
