@@ -20,13 +20,10 @@ from typing import Any
 
 import yaml
 
-from nbp_ds.errors import UsageError
+from nbp_ds.errors import ConfigError
+from nbp_ds.layout import Layout
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(UsageError, ValueError):
-    """A run configuration that cannot be used; the message names the key and value."""
 
 
 @dataclass
@@ -109,6 +106,13 @@ class TrainConfig:
     sample_every: int = 0  # log sample videos to TensorBoard every N steps (0 = never)
     sample_tokenizer: str | None = None  # tokenizer used to decode logged samples
     max_bad_steps: int = 5  # stop after this many NaN/Inf losses in a row
+    # a peer that died or hangs makes every collective (and a checkpoint's agreement) raise after this long, so
+    # the job ends and is requeued; longer than the slowest save, validation or sample logging
+    collective_timeout_s: float = 1800.0
+    # the step watchdog: a rank that finishes no step for max(stall_factor x the median step time,
+    # stall_timeout_s) dumps every thread's stack and exits non-zero (stall_timeout_s=0: no watchdog)
+    stall_timeout_s: float = 600.0
+    stall_factor: float = 20.0
     init_from: str | None = None  # exported .safetensors whose weights start a new run (fine-tuning); not on resume
     # keys that may differ from the run folder's recorded experiment (e.g. [train.steps, train.lr]); any other
     # change of data, schedule, seed, ... is refused on resume (nbp_ds.train.experiment)
@@ -157,9 +161,7 @@ FLEX_KERNEL_OPTIONS = {"BLOCK_M": int, "BLOCK_N": int, "BLOCK_M1": int, "BLOCK_N
                        "BLOCK_N2": int, "num_warps": int, "num_stages": int, "PRESCALE_QK": bool,
                        "ROWS_GUARANTEED_SAFE": bool, "BLOCKS_ARE_CONTIGUOUS": bool, "WRITE_DQ": bool,
                        "USE_TMA": bool, "BACKEND": str}
-CONDITIONS = ("none", "class", "frames")
 ARCHS = ("llama", "gpt2")
-TOKEN_ID_SCHEMES = ("nbp_ds", "official")
 
 
 def available_configs() -> list[str]:
@@ -362,33 +364,11 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Refuse configurations that cannot work, naming the key and value."""
     lay, mod, tr = cfg.layout, cfg.model, cfg.train
-    _require(len(lay.grid) == 3 and all(g > 0 for g in lay.grid),
-             f"layout.grid must be three positive integers [T,H,W], got {lay.grid}")
-    _require(len(lay.block) == 3 and all(b > 0 for b in lay.block),
-             f"layout.block must be three positive integers [bt,bh,bw], got {lay.block}")
-    for axis, g, b in zip("THW", lay.grid, lay.block, strict=True):
-        _require(g % b == 0, f"layout.block={lay.block} does not divide layout.grid={lay.grid} "
-                             f"(axis {axis}: {g} is not a multiple of {b})")
-    _require(lay.condition in CONDITIONS,
-             f"layout.condition must be one of {', '.join(CONDITIONS)}, got {lay.condition!r}")
-    if lay.condition == "class":
-        _require(lay.num_classes > 0, f"layout.condition=class needs layout.num_classes > 0, got {lay.num_classes}")
-    if lay.condition == "frames":
-        _require(0 < lay.context_frames < lay.grid[0],
-                 f"layout.context_frames must be in 1..{lay.grid[0] - 1} for condition=frames, "
-                 f"got {lay.context_frames}")
-        _require(lay.context_frames % lay.block[0] == 0,
-                 f"layout.context_frames={lay.context_frames} must be a multiple of the block's time "
-                 f"extent layout.block[0]={lay.block[0]}")
-        _require(not lay.hybrid, "layout.hybrid=true is for condition none or class: with condition=frames "
-                                 "the first blocks are given, so there is no first block to predict token by token")
-    elif lay.context_frames:
-        _require(False, f"layout.context_frames={lay.context_frames} is only used with layout.condition=frames")
-    n_blocks = (lay.grid[0] // lay.block[0]) * (lay.grid[1] // lay.block[1]) * (lay.grid[2] // lay.block[2])
-    if lay.hybrid:
-        _require(n_blocks >= 2, f"layout.hybrid=true needs at least 2 blocks, got {n_blocks} "
-                                f"(grid {lay.grid}, block {lay.block})")
-    _validate_token_layout(cfg)
+    Layout.from_config(lay, mod.vocab_size)  # the layout checks its own rules
+    if lay.class_prefixes:  # a text prefix has no null class to drop labels to (classifier-free guidance)
+        _require(mod.class_dropout == 0.0,
+                 f"model.class_dropout={mod.class_dropout} needs a null class, which layout.class_prefixes "
+                 f"do not have: set model.class_dropout=0")
     _require(mod.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {mod.arch!r}")
     _require(mod.n_layer > 0, f"model.n_layer must be positive, got {mod.n_layer}")
     _require(mod.n_head > 0 and mod.d_model % mod.n_head == 0,
@@ -423,6 +403,9 @@ def validate(cfg: RunConfig) -> None:
     unknown = sorted(set(tr.allow_changes) - set(config_keys()))
     _require(not unknown, f"train.allow_changes names {unknown[0] if unknown else ''!r}, not a config key "
                           f"(keys are dotted, e.g. train.lr, data.train)")
+    _require(tr.collective_timeout_s > 0, f"train.collective_timeout_s must be positive, got {tr.collective_timeout_s}")
+    for key in ("stall_timeout_s", "stall_factor"):
+        _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
     _require(isinstance(cfg.deepspeed.set, dict),
              f"deepspeed.set must be a mapping of DeepSpeed JSON keys (set one with "
@@ -482,38 +465,3 @@ def check_shard_spec(value: Any, key: str, mixture_allowed: bool) -> list[dict[s
         _require(name not in names, f"{key}[{i}].name {name!r} is used twice")
         names.append(name)
     return list(value)
-
-
-def _validate_token_layout(cfg: RunConfig) -> None:
-    """The options that describe the NBP authors' released sequences: no BOV, text prefixes, their token ids."""
-    lay = cfg.layout
-    if not lay.bov:
-        _require(lay.condition == "frames", f"layout.bov=false needs layout.condition=frames (the given context "
-                                            f"frames start the sequence), got {lay.condition!r}")
-    if lay.class_prefixes:
-        _require(lay.condition == "class", f"layout.class_prefixes need layout.condition=class, got {lay.condition!r}")
-        _require(len(lay.class_prefixes) == lay.num_classes,
-                 f"layout.class_prefixes has {len(lay.class_prefixes)} entries for layout.num_classes="
-                 f"{lay.num_classes}: one prefix per class")
-        lengths = sorted({len(p) for p in lay.class_prefixes})
-        _require(lengths[0] > 0 and len(lengths) == 1,
-                 f"layout.class_prefixes must all have the same positive length, got lengths {lengths}")
-        _require(lay.text_vocab_size > 0, "layout.class_prefixes need layout.text_vocab_size > 0")
-        bad = [(i, t) for i, p in enumerate(lay.class_prefixes) for t in p if not 0 <= t < lay.text_vocab_size]
-        if bad:
-            raise ConfigError(f"layout.class_prefixes[{bad[0][0]}] holds token id {bad[0][1]}, outside "
-                              f"[0, layout.text_vocab_size={lay.text_vocab_size})")
-        # a text prefix has no null class to drop labels to (classifier-free guidance)
-        _require(cfg.model.class_dropout == 0.0,
-                 f"model.class_dropout={cfg.model.class_dropout} needs a null class, which layout.class_prefixes "
-                 f"do not have: set model.class_dropout=0")
-    else:
-        _require(lay.text_vocab_size == 0,
-                 f"layout.text_vocab_size={lay.text_vocab_size} is only used with layout.class_prefixes")
-    _require(lay.token_ids in TOKEN_ID_SCHEMES,
-             f"layout.token_ids must be one of {', '.join(TOKEN_ID_SCHEMES)}, got {lay.token_ids!r}")
-    if lay.token_ids == "official":
-        ucf = lay.condition == "class" and bool(lay.class_prefixes) and lay.hybrid and lay.bov
-        k600 = lay.condition == "frames" and not lay.bov
-        _require(ucf or k600, "layout.token_ids=official describes the released sequences only: class prefixes with "
-                              "hybrid=true (UCF-101) or condition=frames with bov=false (Kinetics-600)")

@@ -11,3 +11,12 @@ from __future__ import annotations
 
 class UsageError(Exception):
     """Bad input from the user; the message names the file, key, flag or value."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A run configuration that cannot be used; the message names the key and value."""
+
+
+class CheckpointError(UsageError, ValueError):
+    """A path that does not hold the checkpoint or weights file it should (missing, dangling, another model's,
+    or unreadable without more trust); the message names it and what is wrong."""

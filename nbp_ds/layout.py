@@ -35,13 +35,18 @@ The NBP authors' released sequences (nbp-convert-official) need three more optio
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
 
-from nbp_ds.config import LayoutConfig
+from nbp_ds.errors import ConfigError
+
+CONDITIONS = ("none", "class", "frames")
+TOKEN_ID_SCHEMES = ("nbp_ds", "official")  # how tokens map to embedding rows (see token_ids above)
 
 # input_source codes for positions that do not feed a video token
 SOURCE_BOV = -1
@@ -74,15 +79,78 @@ class Layout:
     token_ids: str = "nbp_ds"
 
     @classmethod
-    def from_config(cls, layout: LayoutConfig, vocab_size: int) -> Layout:
-        return cls(
-            grid=tuple(layout.grid), block=tuple(layout.block), vocab_size=vocab_size, hybrid=layout.hybrid,
-            condition=layout.condition, num_classes=layout.num_classes,
-            context_frames=layout.context_frames if layout.condition == "frames" else 0,
-            loss_on_context=layout.loss_on_context, bov=layout.bov,
-            class_prefixes=tuple(tuple(p) for p in layout.class_prefixes), text_vocab_size=layout.text_vocab_size,
-            token_ids=layout.token_ids,
-        )
+    def from_config(cls, layout: Any, vocab_size: int) -> Layout:
+        """The layout a run config's ``layout`` section describes (nbp_ds.config.LayoutConfig, or anything with
+        the same fields), checked. Its lists become tuples: a Layout is immutable and hashable."""
+        values = {f.name: _frozen(getattr(layout, f.name)) for f in dataclasses.fields(cls) if f.name != "vocab_size"}
+        return cls(vocab_size=vocab_size, **values)
+
+    def __post_init__(self) -> None:
+        self._check_grid()
+        self._check_condition()
+        self._check_token_layout()
+
+    # ---- the rules a layout keeps (errors name the run config's layout.* keys) -----------------------
+    def _check_grid(self) -> None:
+        _require(len(self.grid) == 3 and all(g > 0 for g in self.grid),
+                 f"layout.grid must be three positive integers [T,H,W], got {list(self.grid)}")
+        _require(len(self.block) == 3 and all(b > 0 for b in self.block),
+                 f"layout.block must be three positive integers [bt,bh,bw], got {list(self.block)}")
+        for axis, g, b in zip("THW", self.grid, self.block, strict=True):
+            _require(g % b == 0, f"layout.block={list(self.block)} does not divide layout.grid={list(self.grid)} "
+                                 f"(axis {axis}: {g} is not a multiple of {b})")
+
+    def _check_condition(self) -> None:
+        _require(self.condition in CONDITIONS,
+                 f"layout.condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
+        if self.condition == "class":
+            _require(self.num_classes > 0,
+                     f"layout.condition=class needs layout.num_classes > 0, got {self.num_classes}")
+        if self.condition == "frames":
+            _require(0 < self.context_frames < self.grid[0],
+                     f"layout.context_frames must be in 1..{self.grid[0] - 1} for condition=frames, "
+                     f"got {self.context_frames}")
+            _require(self.context_frames % self.block[0] == 0,
+                     f"layout.context_frames={self.context_frames} must be a multiple of the block's time "
+                     f"extent layout.block[0]={self.block[0]}")
+            _require(not self.hybrid, "layout.hybrid=true is for condition none or class: with condition=frames "
+                                      "the first blocks are given, so there is no first block to predict token by "
+                                      "token")
+        elif self.context_frames:
+            _require(False, f"layout.context_frames={self.context_frames} is only used with layout.condition=frames")
+        if self.hybrid:
+            _require(self.num_blocks >= 2, f"layout.hybrid=true needs at least 2 blocks, got {self.num_blocks} "
+                                           f"(grid {list(self.grid)}, block {list(self.block)})")
+
+    def _check_token_layout(self) -> None:
+        """The options that describe the NBP authors' released sequences: no BOV, text prefixes, their token ids."""
+        if not self.bov:
+            _require(self.condition == "frames", f"layout.bov=false needs layout.condition=frames (the given "
+                                                 f"context frames start the sequence), got {self.condition!r}")
+        if self.class_prefixes:
+            _require(self.condition == "class",
+                     f"layout.class_prefixes need layout.condition=class, got {self.condition!r}")
+            _require(len(self.class_prefixes) == self.num_classes,
+                     f"layout.class_prefixes has {len(self.class_prefixes)} entries for layout.num_classes="
+                     f"{self.num_classes}: one prefix per class")
+            lengths = sorted({len(p) for p in self.class_prefixes})
+            _require(lengths[0] > 0 and len(lengths) == 1,
+                     f"layout.class_prefixes must all have the same positive length, got lengths {lengths}")
+            _require(self.text_vocab_size > 0, "layout.class_prefixes need layout.text_vocab_size > 0")
+            bad = [(i, t) for i, p in enumerate(self.class_prefixes) for t in p if not 0 <= t < self.text_vocab_size]
+            if bad:
+                raise ConfigError(f"layout.class_prefixes[{bad[0][0]}] holds token id {bad[0][1]}, outside "
+                                  f"[0, layout.text_vocab_size={self.text_vocab_size})")
+        else:
+            _require(self.text_vocab_size == 0,
+                     f"layout.text_vocab_size={self.text_vocab_size} is only used with layout.class_prefixes")
+        _require(self.token_ids in TOKEN_ID_SCHEMES,
+                 f"layout.token_ids must be one of {', '.join(TOKEN_ID_SCHEMES)}, got {self.token_ids!r}")
+        if self.token_ids == "official":
+            ucf = self.condition == "class" and bool(self.class_prefixes) and self.hybrid and self.bov
+            k600 = self.condition == "frames" and not self.bov
+            _require(ucf or k600, "layout.token_ids=official describes the released sequences only: class prefixes "
+                                  "with hybrid=true (UCF-101) or condition=frames with bov=false (Kinetics-600)")
 
     # ---- sizes and special tokens -------------------------------------------------------------
     @property
@@ -408,3 +476,13 @@ class Layout:
                 steps.append(GenerationStep(start, int(hi), read))
                 start = int(hi)
         return tuple(steps)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (as YAML gives them) as tuples, nested ones too."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,5 +1,7 @@
-"""Sample videos in TensorBoard (and W&B) while a transformer trains, every ``train.sample_every`` steps when
-``train.sample_tokenizer`` names the tokenizer that decodes them.
+"""Sample videos in TensorBoard (and W&B) while a transformer trains: a trainer hook (nbp_ds.train.hooks),
+called every ``train.sample_every`` steps, that generates a few videos and decodes them with the tokenizer
+``train.sample_tokenizer`` names. It lives above the trainer because it needs the tokenizer; ``nbp-train`` adds
+it to the run's hooks.
 
 Each sample is an animated GIF in TensorBoard's image panel, tagged with what it shows: ``samples/<id>_<class
 name>`` for a class-conditional model (one per class, up to 4; names from the shards' classes.json),
@@ -20,6 +22,8 @@ import torch
 from nbp_ds.data import build_loader
 from nbp_ds.data.classes import shard_class_names
 from nbp_ds.generate import generate
+from nbp_ds.tokenizer import VideoTokenizer, load_tokenizer
+from nbp_ds.train.hooks import TrainerHooks
 from nbp_ds.visualize import enlarged, frame_grid, mark_given_frames, side_by_side
 
 log = logging.getLogger(__name__)
@@ -28,17 +32,17 @@ FPS = 8.0  # playback rate of the logged GIFs (the sampler's mp4 default)
 MAX_SAMPLES = 4
 
 
-class SampleVideos:
+class SampleLogger(TrainerHooks):
     """Generates (on every rank: ZeRO-3 gathers weights) and logs (rank 0) the samples of one run."""
 
     def __init__(self) -> None:
-        self.tokenizer = None  # loaded on rank 0 at the first samples
+        self.tokenizer: VideoTokenizer | None = None  # loaded on rank 0 at the first samples
         self.context: torch.Tensor | None = None  # frame prediction: the clips continued, read once
         self.names: dict[int, str] | None = None
         self.warned = False
 
     @torch.no_grad()
-    def log(self, trainer: Any, step: int) -> None:
+    def on_samples_due(self, trainer: Any, step: int) -> None:
         tr, lay = trainer.cfg.train, trainer.layout
         if not tr.sample_tokenizer:
             if not self.warned:
@@ -76,8 +80,6 @@ class SampleVideos:
 
     def _write(self, trainer: Any, step: int, tokens: torch.Tensor, label: torch.Tensor | None,
                real: torch.Tensor | None) -> None:
-        from nbp_ds.tokenizer import load_tokenizer
-
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(trainer.cfg.train.sample_tokenizer, device=trainer.device)
             self.names = shard_class_names(trainer.train_sources)

@@ -229,7 +229,7 @@ class VideoWriter:
         self._futures.append(future)
 
     def _write(self, job: VideoJob, tokens: np.ndarray, frames: np.ndarray) -> None:
-        from nbp_ds.tokenizer.video_io import write_video
+        from nbp_ds.video_io import write_video
 
         frames_file, tokens_file = f"{FRAMES_DIR}/{job.stem}.npy", f"{TOKENS_DIR}/{job.stem}.npy"
         with atomic_output(self.out / tokens_file, suffix=".npy") as tmp:

@@ -3,6 +3,7 @@ what the one-node and the two-node Slurm tests submit, and how they read what th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tarfile
@@ -58,6 +59,37 @@ def checkpoint_ranks(tag_dir: Path) -> dict[str, set[int]]:
         elif m := re.fullmatch(r"rank(\d+)_rng\.pt", f.name):
             found["rng"].add(int(m[1]))
     return found
+
+
+def task_pid(job: str, rank: int) -> int:
+    """The pid of the job's training task of ``rank``, found by its environment (the test hosts share this
+    machine's process table); not its data loader workers, which inherit it."""
+    found: dict[int, int] = {}  # pid -> parent pid
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if (f"SLURM_JOB_ID={job}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ
+                and b"nbp_ds.train" in cmdline):
+            found[int(proc.name)] = ppid
+    tasks = [pid for pid, ppid in found.items() if ppid not in found]
+    assert len(tasks) == 1, f"job {job}: expected one training task of rank {rank}, found {tasks}"
+    return tasks[0]
+
+
+def split_attempts(out: Path, lines_before: int) -> tuple[dict[int, int], dict[int, int]]:
+    """How often each step was logged (metrics.jsonl) in its first ``lines_before`` lines and after them."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
+    for i, line in enumerate(lines):
+        row = json.loads(line)
+        if "train/loss" in row:
+            part = counts[i >= lines_before]
+            part[row["step"]] = part.get(row["step"], 0) + 1
+    return counts
 
 
 # ---- tokenization --------------------------------------------------------------------------------

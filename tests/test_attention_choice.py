@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nbp_ds.config import ConfigError, load_config
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
 from nbp_ds.layout import Layout
 from nbp_ds.model import attention
 from nbp_ds.model.attention import FLEX_LAYOUT_OPTIONS, make_attention, resolve_backend_name

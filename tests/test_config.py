@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nbp_ds.config import ConfigError, load_config
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
 
 
 def test_overrides_parse_as_users_type_them():
@@ -51,3 +52,24 @@ def test_data_train_takes_urls_pipes_and_mixtures_from_the_command_line():
 def test_bad_data_settings_are_refused_by_name(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config("tiny", [override])
+
+
+def test_layout_config_is_the_layout_data():
+    """Layout.from_config copies a LayoutConfig by field name: both must name the same fields (bar the vocab)."""
+    import dataclasses
+
+    from nbp_ds.config import LayoutConfig
+    from nbp_ds.layout import Layout
+
+    layout_fields = {f.name for f in dataclasses.fields(Layout)} - {"vocab_size"}
+    assert layout_fields == {f.name for f in dataclasses.fields(LayoutConfig)}
+
+
+def test_layout_refuses_bad_rules_built_directly():
+    """The rules live in Layout: a Layout made without a run config is checked too."""
+    from nbp_ds.layout import Layout
+
+    with pytest.raises(ConfigError, match=r"layout.block=\[1, 1, 3\] does not divide"):
+        Layout(grid=(2, 4, 4), block=(1, 1, 3), vocab_size=16)
+    with pytest.raises(ConfigError, match="layout.hybrid=true needs at least 2 blocks, got 1"):
+        Layout(grid=(1, 2, 2), block=(1, 2, 2), vocab_size=16, hybrid=True)

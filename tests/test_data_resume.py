@@ -143,7 +143,7 @@ def test_restore_takes_the_saved_position_or_reads_an_old_checkpoint_again(tmp_p
     """What the trainer calls on resume (nbp_ds.data.resume.restore): this rank's record when its layout
     fits; the stream read again to the batch a checkpoint without records names; afresh, with a warning,
     when the shards changed or nothing was saved."""
-    from nbp_ds.data.resume import restore
+    from nbp_ds.data.loader import restore
 
     write_shards(tmp_path / "a", 40, per_shard=5)
     kwargs = dict(grid=GRID, batch_size=3, mode="train", num_workers=2, seed=2, shuffle_buffer=4)

@@ -16,9 +16,9 @@ from test_data_loader import GRID, ids_of, write_shards
 from train_helpers import ROOT
 from webdataset.gopen import gopen
 
-from nbp_ds.config import ConfigError
 from nbp_ds.data import DataReport, RetryPolicy, build_loader, expand_shards, read_shard
 from nbp_ds.data.shards import PipeReader, sample_offsets
+from nbp_ds.errors import ConfigError
 
 NO_WAIT = {"retries": 2, "retry_backoff": 0.0}
 

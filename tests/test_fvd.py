@@ -317,7 +317,7 @@ def test_tool_end_to_end_npy_and_mp4(tiny_i3d, tmp_path):
 def test_decode_mp4_matches_frame_count(tmp_path):
     if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
         pytest.skip("ffmpeg/ffprobe not installed")
-    from nbp_ds.tokenizer.video_io import decode_video
+    from nbp_ds.video_io import decode_video
 
     path = tmp_path / "v.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=40x24:rate=10:duration=2",

@@ -1,4 +1,4 @@
-"""nbp_ds.train.launch: where a process sits in the job (torchrun, srun, alone), Slurm's host lists,
+"""nbp_ds.runtime.launch: where a process sits in the job (torchrun, srun, alone), Slurm's host lists,
 and the network interface gloo is given when a job spans several hosts."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from nbp_ds.train import launch
-from nbp_ds.train.launch import DistEnv, LaunchError
+from nbp_ds.runtime import launch
+from nbp_ds.runtime.launch import DistEnv, LaunchError
 from tests import virtual_hosts
 from tests.train_helpers import ROOT
 from tests.virtual_hosts import VirtualHosts
@@ -161,7 +161,7 @@ def test_gloo_interface_on_hosts_that_name_themselves_127_0_1_1():
     reason = virtual_hosts.unavailable()
     if reason:
         pytest.skip(reason)
-    code = ("import os, socket; from nbp_ds.train import launch; "
+    code = ("import os, socket; from nbp_ds.runtime import launch; "
             "env = launch.DistEnv(1, 2, 0, 'node1', 10001, 'srun', hosts=('node1', 'node2'), host='node2'); "
             "print(socket.gethostname(), socket.gethostbyname('node2'), launch.interface_towards(['node2']), "
             "launch.choose_gloo_interface(env), os.environ['GLOO_SOCKET_IFNAME'])")

@@ -12,7 +12,8 @@ import torch
 import torch._dynamo
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nbp_ds.config import ConfigError, load_config
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
 from nbp_ds.model import build_model
 from nbp_ds.model.execution import RUNNERS, LayerExecution, compile_enabled
 

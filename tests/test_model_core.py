@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbp_ds.config import ConfigError, load_config
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
 from nbp_ds.layout import Layout
 from nbp_ds.model import AttentionUnavailable, build_model
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from nbp_ds.config import ConfigError, load_config
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
 from nbp_ds.layout import Layout
 
 K600 = ["layout.condition=frames", "layout.context_frames=2", "layout.num_classes=0", "layout.bov=false"]

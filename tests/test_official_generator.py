@@ -25,9 +25,8 @@ from official_fixtures import (
     write_generator_ckpt,
 )
 
-from nbp_ds.config import ConfigError
+from nbp_ds.errors import CheckpointError, ConfigError
 from nbp_ds.generate import generate
-from nbp_ds.official import CheckpointError
 from nbp_ds.official.class_text import class_prefixes, class_text
 from nbp_ds.official.generator import convert_generator
 from nbp_ds.train.export import load_exported

@@ -12,7 +12,7 @@ import torch
 from official_fixtures import write_tokenizer_pt
 from video_fixtures import lavfi_video
 
-from nbp_ds.official import CheckpointError
+from nbp_ds.errors import CheckpointError
 from nbp_ds.tokenizer import load_tokenizer
 from nbp_ds.tokenizer.fsq import FSQ
 from nbp_ds.tokenizer.official import DepthToSpace3d, OfficialTokenizer, load_official_tokenizer

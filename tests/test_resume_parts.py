@@ -8,10 +8,11 @@ import threading
 import pytest
 import torch
 
-from nbp_ds.train.checkpoint import (
+from nbp_ds.runtime.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointRef,
+    save_rank_state,
     saved_world_size,
     universal_checkpoint,
     with_universal_load,
@@ -19,10 +20,12 @@ from nbp_ds.train.checkpoint import (
 
 
 def test_every_rank_keeps_its_record_and_a_new_rank_can_read_them_all(tmp_path):
-    for rank in (1, 0):  # two ranks of one save (no process group: each barrier is a no-op)
-        CheckpointManager(tmp_path, keep_last=2, rank=rank).save(
-            7, lambda folder, tag: None, rank_state={"rank": rank, "slots": [[1, 2]]})
+    # two ranks of one save without a process group (its collectives see one rank): rank 0 saves, then
+    # rank 1 writes its part of the same tag folder
     ref = CheckpointRef(tmp_path, "step00000007")
+    CheckpointManager(tmp_path, keep_last=2, rank=0).save(7, lambda folder, tag: None,
+                                                          rank_state={"rank": 0, "slots": [[1, 2]]})
+    save_rank_state(ref, 1, {"rank": 1, "slots": [[1, 2]]})
     assert CheckpointManager.rank_state(ref, 1) == {"rank": 1, "slots": [[1, 2]]}
     assert CheckpointManager.rank_state(ref, 2) is None  # a rank the checkpoint did not have
     assert [s["rank"] for s in CheckpointManager.rank_states(ref)] == [0, 1]
@@ -66,7 +69,8 @@ def test_the_universal_flag_reaches_the_trainer(monkeypatch):
     from nbp_ds.cli import train as cli
 
     calls = []
-    monkeypatch.setattr(loop, "train", lambda cfg, resume=None, universal=None: calls.append((resume, universal)))
+    monkeypatch.setattr(loop, "train",
+                        lambda cfg, resume=None, universal=None, hooks=None: calls.append((resume, universal)))
     cli.main(["--config", "tiny", "--resume", "runs/x", "--universal"])
     cli.main(["--config", "tiny", "--resume", "runs/x"])
     assert calls == [("runs/x", True), ("runs/x", None)]  # None: decided by the saved world size

@@ -1,7 +1,8 @@
 """One experiment per run folder (nbp_ds.train.experiment): a start whose train.out_dir holds another experiment
-is refused before any work, naming what differs, unless train.allow_changes lets the change through, which then
-takes effect (a changed LR is the LR the optimizer runs with). The settings that give weights their meaning never
-change: one list for resume, train.init_from, export and sampling. Real DeepSpeed (ZeRO-3, gloo, one process)."""
+is refused before the model is built, naming what differs, unless train.allow_changes lets the change through,
+which then takes effect (a changed LR is the LR the optimizer runs with). The settings that give weights their
+meaning never change: one list for resume, train.init_from, export and sampling. Real DeepSpeed (ZeRO-3, gloo, one
+process)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import math
 import sys
 
 import pytest
-import torch
 from train_helpers import make_shards, run
 
-from nbp_ds.config import ConfigError, load_config
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
 from nbp_ds.train.experiment import check_same_experiment, check_weights_meaning
 
 STEPS = ["train.steps=4", "train.warmup_steps=2", "train.save_every=2", "train.eval_every=0", "train.log_every=1",
@@ -45,28 +46,41 @@ def overrides(out, shards, *extra: str) -> list[str]:
     ("train.seed=7 train.allow_changes=[train.seed]", "train.seed: 0 -> 7 (cannot change on a resume",
      "another train.out_dir"),
 ])
-def test_another_experiment_in_the_folder_is_refused_before_any_work(started, change, named, how):
-    from nbp_ds.train.loop import Trainer
+def test_another_experiment_in_the_folder_is_refused_before_any_work(started, change, named, how, monkeypatch):
+    from nbp_ds.runtime import distributed
+    from nbp_ds.train import loop
 
+    def build_engine(*args, **kwargs):
+        raise AssertionError("the engine was built before the refusal")
+
+    # the checkpoint is verified first (its manifest, hashed over the ranks' process group): it is the one resumed;
+    # the refusal then comes before DeepSpeed and the model
+    monkeypatch.setattr(loop, "build_engine", build_engine)
     out, a, b = started
     extra = [] if change == "data=b" else change.split()
     cfg = load_config("tiny", overrides(out, b if change == "data=b" else a, "train.steps=2", *extra))
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
-    with pytest.raises(ConfigError, match="holds another experiment") as info:
-        Trainer(cfg)
+    try:
+        with pytest.raises(ConfigError, match="holds another experiment") as info:
+            loop.Trainer(cfg)
+    finally:
+        distributed.leave_process_group()
     assert named in str(info.value)
     assert how in str(info.value)  # says how to go on
-    assert not torch.distributed.is_initialized()  # refused before the process group, DeepSpeed, the model
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing written
 
 
 def test_a_weights_setting_is_refused_even_when_allowed(started):
+    from nbp_ds.runtime import distributed
     from nbp_ds.train.loop import Trainer
 
     out, a, _ = started
     cfg = load_config("tiny", overrides(out, a, "model.arch=gpt2", "train.allow_changes=[model.arch]"))
-    with pytest.raises(ConfigError, match=r"model.arch: 'llama' -> 'gpt2'.*cannot change"):
-        Trainer(cfg)
+    try:
+        with pytest.raises(ConfigError, match=r"model.arch: 'llama' -> 'gpt2'.*cannot change"):
+            Trainer(cfg)
+    finally:
+        distributed.leave_process_group()
 
 
 LR_SCRIPT = """

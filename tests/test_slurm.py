@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -23,8 +24,10 @@ from tests.slurm_jobs import (
     make_videos,
     restarts,
     shard_keys_by_task,
+    split_attempts,
     submit_tokenize,
     submit_train,
+    task_pid,
     wait_for_step,
 )
 from tests.train_helpers import ROOT, make_shards, step_counts
@@ -106,6 +109,62 @@ def test_sigterm_to_the_batch_shell_checkpoints_and_stops(slurm_cluster, shards,
     assert 3 <= last < 40 and counts == {s: 1 for s in range(1, last + 1)}
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{last:08d}"
     assert not (out / "finished").exists()
+
+
+def test_a_stopped_rank_is_ended_by_the_watchdog_and_the_job_requeues_and_resumes(slurm_cluster, shards, tmp_path):
+    """SIGSTOP rank 1 after step 8 (a hung process): rank 0's watchdog ends it within its 4 s bound naming the
+    step, srun ends the stopped rank, train.sbatch requeues, and the job resumes from step 5 and finishes."""
+    job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-stall", "train.steps=20", "train.save_every=5",
+                                 "train.stall_timeout_s=4", "train.stall_factor=5", "train.collective_timeout_s=300",
+                                 layout=TWO_TASKS_ONE_NODE, faults={"step_sleep": 0.2})
+    wait_for_step(slurm_cluster, job, out, 8)
+    os.kill(task_pid(job, 1), signal.SIGSTOP)
+    slurm_cluster.wait_for(job, lambda: "train.sbatch: requeueing job" in log_text(log), "the requeue", timeout=120)
+    first_lines = len((out / "metrics.jsonl").read_text().splitlines())
+    slurm_cluster.wait_done(job, timeout=240)
+
+    info = slurm_cluster.job_info(job)
+    assert info["Restarts"] == "1", slurm_cluster.describe(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_cluster.describe(job)
+    text = log_text(log)
+    stalled = re.search(r"rank 0 stalled in step (\d+): no training step finished within", text)
+    assert stalled and int(stalled[1]) >= 9, slurm_cluster.describe(job)
+    assert re.search(r"the trainer failed with status \d+ at step", text), slurm_cluster.describe(job)
+    resumed = re.search(r"resumed from \S+/step(\d{8}) at step (\d+)", text)
+    assert resumed and int(resumed[1]) >= 5, slurm_cluster.describe(job)
+    _, after = split_attempts(out, first_lines)
+    assert after == {s: 1 for s in range(int(resumed[1]) + 1, 21)}, slurm_cluster.describe(job)
+    assert (out / "finished").is_file()
+
+
+def test_a_failure_at_the_same_step_again_is_not_requeued(slurm_cluster, shards, tmp_path):
+    """Every attempt fails at step 7 (a deterministic bug): the first failure is requeued, the second, at the
+    same step, ends the job with the trainer's status."""
+    job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-crash", "train.steps=20", "train.save_every=5",
+                                 layout=TWO_TASKS_ONE_NODE, faults={"crash_at_step": 7})
+    slurm_cluster.wait_done(job, timeout=300)
+
+    info = slurm_cluster.job_info(job)
+    assert info["Restarts"] == "1" and info["JobState"] == "FAILED", slurm_cluster.describe(job)
+    text = log_text(log)
+    # srun's status: the highest of its tasks' (1, or 143 for the task it terminated after the first failed)
+    failures = re.findall(r"the trainer failed with status \d+ at step (\d+) \(latest checkpoint: step00000005\)", text)
+    assert failures == ["6", "6"], slurm_cluster.describe(job)
+    assert "failed again at step 6 with no progress since the last failure: not requeueing" in text
+    assert len((out / "train_failures.log").read_text().splitlines()) == 2
+
+
+def test_no_requeue_past_the_failure_budget(slurm_cluster, shards, tmp_path):
+    """NBP_MAX_FAILURES=0: the first failure (here a refused config key, exit 2) ends the job."""
+    job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-budget", "train.stepz=3",
+                                 layout=TWO_TASKS_ONE_NODE, NBP_MAX_FAILURES="0")
+    slurm_cluster.wait_done(job, timeout=120)
+    info = slurm_cluster.job_info(job)
+    assert info["Restarts"] == "0" and info["JobState"] == "FAILED", slurm_cluster.describe(job)
+    text = log_text(log)
+    assert re.search(r"the trainer failed with status \d+ at step none \(latest checkpoint: none\)", text), \
+        slurm_cluster.describe(job)
+    assert "1 failures, more than NBP_MAX_FAILURES=0: not requeueing" in text, slurm_cluster.describe(job)
 
 
 def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):

@@ -10,8 +10,10 @@ array tasks on different hosts writing one dataset."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -25,8 +27,10 @@ from tests.slurm_jobs import (
     make_videos,
     restarts,
     shard_keys_by_task,
+    split_attempts,
     submit_tokenize,
     submit_train,
+    task_pid,
     wait_for_step,
 )
 from tests.train_helpers import make_shards, step_counts
@@ -91,6 +95,35 @@ def test_sigusr1_requeues_a_two_host_job_and_resumes(two_nodes, shards, tmp_path
     # both ranks' partitions (the resume above read them back on both hosts)
     assert checkpoint_ranks(out / "checkpoints" / found[1]) == {"model": {0, 1}, "optim": {0, 1}, "rng": {0, 1}}
     assert step_counts(out) == {s: 1 for s in range(1, 25)}, two_nodes.describe(job)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000024"
+
+
+def test_a_rank_killed_on_the_second_host_requeues_the_job_which_resumes_from_the_last_checkpoint(
+        two_nodes, shards, tmp_path):
+    """SIGKILL the rank on node2 (what a node failure looks like) after step 12, with checkpoints every 10 steps:
+    srun ends the step, train.sbatch logs the failure and requeues, the job resumes from step 10 on both hosts
+    and finishes; after the requeue every step from 11 on runs exactly once."""
+    job, out, log = submit_train(two_nodes, tmp_path, shards, "nbp-2nodes-kill", "train.steps=24",
+                                 "train.save_every=10", layout=ONE_RANK_PER_HOST, faults={"step_sleep": 0.2})
+    wait_for_step(two_nodes, job, out, 12)
+    os.kill(task_pid(job, 1), signal.SIGKILL)
+    two_nodes.wait_for(job, lambda: "train.sbatch: requeueing job" in log_text(log), "the requeue", timeout=120)
+    first_lines = len((out / "metrics.jsonl").read_text().splitlines())  # the first attempt is over
+    two_nodes.wait_done(job, timeout=240)
+
+    info = two_nodes.job_info(job)
+    assert info["Restarts"] == "1", two_nodes.describe(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", two_nodes.describe(job)
+    text = log_text(log)
+    failed = re.search(r"the trainer failed with status \d+ at step (\d+) \(latest checkpoint: step00000010\); "
+                       r"failure 1 of this job", text)
+    assert failed and int(failed[1]) >= 12, two_nodes.describe(job)
+    assert "resumed from" in text and "step00000010 at step 10" in text, two_nodes.describe(job)
+    before, after = split_attempts(out, first_lines)
+    assert after == {s: 1 for s in range(11, 25)}, two_nodes.describe(job)
+    assert set(before.values()) == {1} and sorted(before) == list(range(1, max(before) + 1)) and max(before) >= 12
+    records = (out / "train_failures.log").read_text().splitlines()
+    assert len(records) == 1 and f"job={job} restart=0 step={failed[1]} " in records[0]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000024"
 
 

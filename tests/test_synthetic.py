@@ -157,7 +157,7 @@ def synthetic_videos(tmp_path_factory) -> Path:
 
 @needs_ffmpeg
 def test_generator_layout_and_clip_length(synthetic_videos):
-    from nbp_ds.tokenizer.video_io import decode_video, read_clips
+    from nbp_ds.video_io import decode_video, read_clips
 
     out = synthetic_videos
     classes = json.loads((out / "classes.json").read_text())
@@ -230,7 +230,7 @@ def test_checker_tool_usage_errors(tmp_path):
 
 @needs_ffmpeg
 def test_checker_tool_fails_on_noise_videos(tmp_path):
-    from nbp_ds.tokenizer.video_io import write_video
+    from nbp_ds.video_io import write_video
 
     rng = np.random.default_rng(0)
     for name in ("square_right", "triangle_up"):
@@ -246,7 +246,7 @@ def test_generator_resumes(synthetic_videos):
     out = synthetic_videos
     kept = out / "train" / "square_left" / "square_left_0000.mp4"
     redo = out / "val" / "triangle_right" / "triangle_right_0000.mp4"
-    from nbp_ds.tokenizer.video_io import decode_video
+    from nbp_ds.video_io import decode_video
 
     before_kept, before_redo = kept.stat().st_mtime_ns, decode_video(redo, 8, 32)
     redo.unlink()

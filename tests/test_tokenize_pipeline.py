@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,16 +17,55 @@ import pytest
 from video_fixtures import dataset, ffmpeg, lavfi_video
 
 from nbp_ds.data import build_loader
+from nbp_ds.tokenizer.dataset_listing import sample_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ["--frames", "9", "--resolution", "32", "--fps", "8", "--tokenizer", "random:tiny"]
 GRID = (3, 8, 8)
 
 
-def tokenize(videos: Path, out: Path, *extra: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "nbp_ds.cli.tokenize", "--videos", str(videos), "--out", str(out), *CLIP,
+COMMAND = ("-m", "nbp_ds.cli.tokenize")
+WITH_FAULTS = ("tests/faults.py", "tokenize-faults")  # nbp-tokenize with the decode faults of NBP_FAULTS
+
+
+def tokenize(videos: Path, out: Path, *extra: str, env: dict | None = None, program: tuple[str, ...] = COMMAND,
+             cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *program, "--videos", str(videos), "--out", str(out), *CLIP,
            "--clips-per-video", "2", "--shard-size", "2", "--no-progress", *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def failures(out: Path) -> dict[str, dict]:
+    """failures.jsonl as {video: its row}."""
+    return {row["video"]: row for row in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+
+
+def shard_members(out: Path) -> dict[str, bytes]:
+    """Every member of every shard (tokens, label, metadata of each clip) by name, whatever shard holds it."""
+    members = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar})
+    return members
+
+
+def without_video(members: dict[str, bytes], rel: str) -> dict[str, bytes]:
+    """The shard members of every video but ``rel`` (its clips' keys start with the video's key)."""
+    prefix = sample_key(rel, 0).rsplit("__c", 1)[0] + "__c"
+    return {name: data for name, data in members.items() if not name.startswith(prefix)}
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Process ids whose command line holds ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return found
 
 
 def keys_from_loader(shards: Path, ranks: int = 2, workers: int = 2) -> list[str]:
@@ -154,6 +194,62 @@ def test_array_tasks_write_disjoint_shards_covering_everything(videos, tokenized
     assert {p.name for p in out.glob("failures*.jsonl")} == {"failures-t000.jsonl", "failures-t001.jsonl"}
 
 
+def test_a_worker_that_dies_loses_only_its_video(videos, tokenized, tmp_path):
+    """A worker killed while decoding one video (SIGKILL, as a decoder crash or the OOM killer): that video is
+    listed as worker_died, the video the other worker held at that moment (v02, in flight by then) is not
+    blamed, the run finishes, and every other clip is in the shards byte for byte as in a run without the fault."""
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    pids.mkdir()
+    faults = {"decode_kill": ["class0/v01.mp4"], "kill_when": ["class0/v02.mp4"], "decode_pids": str(pids),
+              "decode_sleep": {"class0/v02.mp4": 2}}
+    result = tokenize(videos, out, "--workers", "2", program=WITH_FAULTS, env={"NBP_FAULTS": json.dumps(faults)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 videos -> 10 clips, 3 failed" in result.stdout, result.stdout
+    rows = failures(out)
+    assert {video: row["reason"] for video, row in rows.items()} == {
+        "class0/broken.mp4": "unreadable", "class1/short.mp4": "too_short", "class0/v01.mp4": "worker_died"}
+    assert "killed by SIGKILL" in rows["class0/v01.mp4"]["detail"]
+    expected = without_video(shard_members(tokenized), "class0/v01.mp4")
+    assert len(expected) == 3 * 10  # tokens, label and metadata of the 10 clips
+    assert shard_members(out) == expected
+
+
+def test_a_hung_decoder_and_a_file_that_never_answers_are_stopped_at_the_timeout(videos, tokenized, tmp_path):
+    """A decoding that never returns, and a named pipe called stuck.mp4 (its reads never return, like those of a
+    file on a hung network file system): both listed as timeout after --video-timeout, their processes (the
+    worker, and the ffmpeg reading the pipe) gone, every other clip in the shards as without the faults."""
+    folder = shutil.copytree(videos, tmp_path / "videos")
+    os.mkfifo(folder / "class1" / "stuck.mp4")
+    pids, out = tmp_path / "pids", tmp_path / "out"
+    pids.mkdir()
+    faults = {"decode_hang": ["class0/v02.mp4"], "decode_pids": str(pids)}
+    result = tokenize(folder, out, "--workers", "2", "--video-timeout", "5", program=WITH_FAULTS,
+                      env={"NBP_FAULTS": json.dumps(faults)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "9 videos -> 10 clips, 4 failed" in result.stdout, result.stdout
+    rows = failures(out)
+    assert {video: row["reason"] for video, row in rows.items()} == {
+        "class0/broken.mp4": "unreadable", "class1/short.mp4": "too_short", "class0/v02.mp4": "timeout",
+        "class1/stuck.mp4": "timeout"}
+    assert "not done after 5 s" in rows["class1/stuck.mp4"]["detail"]
+    assert shard_members(out) == without_video(shard_members(tokenized), "class0/v02.mp4")
+    hung_worker = int((pids / "class0__v02.mp4").read_text())
+    assert not Path(f"/proc/{hung_worker}").exists(), "the hung worker outlived the run"
+    assert processes_mentioning(str(folder / "class1" / "stuck.mp4")) == [], "ffmpeg reading the pipe outlived the run"
+
+
+def test_the_tools_alias_tokenizes_a_real_folder(videos, tokenized, tmp_path):
+    """`python tools/tokenize_videos.py` (the stable surface) with decoding workers, run from elsewhere, does what
+    nbp-tokenize does. Its workers are spawned and import the main module again: they must not run the command."""
+    out = tmp_path / "out"
+    result = tokenize(videos, out, "--workers", "2", program=(str(ROOT / "tools" / "tokenize_videos.py"),),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 videos -> 12 clips, 2 failed" in result.stdout, result.stdout
+    assert shard_members(out) == shard_members(tokenized)
+    assert (out / "failures.jsonl").read_text() == (tokenized / "failures.jsonl").read_text()
+
+
 def test_bad_arguments_are_refused_by_name(videos, tmp_path):
     result = tokenize(tmp_path / "nothing", tmp_path / "o")
     assert result.returncode == 2 and "nothing: no such folder or file" in result.stderr
@@ -161,3 +257,5 @@ def test_bad_arguments_are_refused_by_name(videos, tmp_path):
     assert result.returncode == 2 and "clips need 1 + 4k frames" in result.stderr
     result = tokenize(videos, tmp_path / "o", "--tokenizer", str(tmp_path / "tok"))
     assert result.returncode == 2 and "tok: expected a folder with config.json" in result.stderr
+    result = tokenize(videos, tmp_path / "o", "--video-timeout", "0")
+    assert result.returncode == 2 and "--video-timeout must be > 0 seconds, got 0.0" in result.stderr

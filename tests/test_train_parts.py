@@ -11,18 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbp_ds.config import ConfigError, load_config
-from nbp_ds.train import distributed
-from nbp_ds.train.checkpoint import (
+from nbp_ds.config import load_config
+from nbp_ds.errors import ConfigError
+from nbp_ds.runtime import distributed
+from nbp_ds.runtime.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointRef,
+    CheckpointSaveError,
     find_checkpoint,
     read_latest,
 )
+from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.train.ds_config import build_ds_config
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
-from nbp_ds.train.schedule import lr_factor
 from nbp_ds.train.state import TrainState
 
 
@@ -168,10 +170,11 @@ def test_a_failed_write_leaves_latest_where_it_was(tmp_path):
     def crash(folder: Path, tag: str) -> None:
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointSaveError, match=r"step00000002 was not saved \(rank 0: OSError: disk full\)"):
         manager.save(2, crash)
     assert read_latest(tmp_path) == "step00000001"
     assert os.listdir(tmp_path / "step00000001")
+    assert not (tmp_path / "step00000002").exists()  # the incomplete folder is removed
 
 
 def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
@@ -188,7 +191,7 @@ def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
 
 # ---- which GPU ------------------------------------------------------------------------------------------------
 def test_each_process_computes_on_its_own_gpu_or_the_cpu(monkeypatch):
-    from nbp_ds.train.launch import DistEnv
+    from nbp_ds.runtime.launch import DistEnv
 
     env = DistEnv(rank=5, world_size=8, local_rank=1, master_addr="h", master_port=1, launcher="srun",
                   local_world_size=4)
@@ -203,7 +206,7 @@ def test_each_process_computes_on_its_own_gpu_or_the_cpu(monkeypatch):
 
 
 def launched(launcher_env: dict[str, str]):
-    from nbp_ds.train import launch
+    from nbp_ds.runtime import launch
 
     return launch.detect({"MASTER_ADDR": "node1", **launcher_env})
 
@@ -228,7 +231,7 @@ TORCHRUN_4 = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SI
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "0"}, 1, "sees 1 GPU "),
 ])
 def test_the_gpu_is_an_index_among_the_visible_ones(monkeypatch, launcher_env, visible, expected):
-    from nbp_ds.train.launch import LaunchError
+    from nbp_ds.runtime.launch import LaunchError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
@@ -241,7 +244,7 @@ def test_the_gpu_is_an_index_among_the_visible_ones(monkeypatch, launcher_env, v
 
 
 def test_slurm_task_counts_per_node_are_expanded():
-    from nbp_ds.train.launch import LaunchError, tasks_per_node
+    from nbp_ds.runtime.launch import LaunchError, tasks_per_node
 
     assert tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     assert tasks_per_node("8") == [8] and tasks_per_node("") == []
@@ -313,3 +316,39 @@ def test_deepspeed_keys_the_run_config_owns_are_refused_with_the_reason(key, own
         build_ds_config(cfg, 1)
     with pytest.raises(ConfigError, match="deepspeed.set must be a mapping"):
         load_config("tiny", ["deepspeed.set=5"])
+
+
+class CountPart:
+    """A stateful part with a file of its own: a number, and the order the walk reached it in."""
+
+    def __init__(self, name: str, value: int, order: list[str]):
+        self.name, self.value, self.order = name, value, order
+
+    def save(self, ref) -> None:
+        (ref.path / f"{self.name}.txt").write_text(str(self.value))
+        self.order.append(f"save {self.name}")
+
+    def load(self, ref) -> None:
+        self.value = int((ref.path / f"{self.name}.txt").read_text())
+        self.order.append(f"load {self.name}")
+
+
+def test_registered_parts_are_saved_and_restored_by_one_walk_with_the_rng_streams_last(tmp_path):
+    order: list[str] = []
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    engine, data = CountPart("engine", 7, order), CountPart("data", 3, order)
+    manager.register("engine", engine)
+    manager.register("data", data)
+    with pytest.raises(ValueError, match="'data' is already registered"):
+        manager.register("data", data)
+    assert list(manager.parts) == ["engine", "data", "rng"]
+    torch.manual_seed(5)
+    ref = manager.save(1, written=lambda ref: order.append(f"written {ref.tag}"))
+    expected = torch.rand(3)  # the draw that follows the saved RNG state
+    assert order == ["save engine", "save data", "written step00000001"]
+    assert (ref.path / "rank00000_rng.pt").stat().st_mtime_ns >= (ref.path / "data.txt").stat().st_mtime_ns
+    engine.value = data.value = 0
+    torch.rand(10)
+    manager.load(ref)
+    assert order[-2:] == ["load engine", "load data"] and (engine.value, data.value) == (7, 3)
+    assert torch.equal(torch.rand(3), expected)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from video_fixtures import ffmpeg, lavfi_video, three_bands
 
-from nbp_ds.tokenizer.video_io import (
+from nbp_ds.video_io import (
     ClipTooShort,
     VideoError,
     clip_starts,

@@ -79,7 +79,7 @@ def bench_resume(folder: Path, grid: tuple[int, int, int], seen: list[int], work
 
 def bench_tokenize(tmp: Path, preset: str, videos: int, frames: int, resolution: int, workers: int) -> tuple:
     from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
-    from nbp_ds.tokenizer.video_io import ClipSpec
+    from nbp_ds.video_io import ClipSpec
 
     src = tmp / "videos"
     src.mkdir()

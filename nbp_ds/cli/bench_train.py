@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from nbp_ds.config import load_config
     from nbp_ds.model.attention import AttentionUnavailable
-    from nbp_ds.train.metrics import peak_tflops
+    from nbp_ds.runtime.metrics import peak_tflops
 
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")

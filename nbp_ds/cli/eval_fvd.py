@@ -40,9 +40,9 @@ from nbp_ds.eval.fvd import (
     missing_detector_message,
 )
 from nbp_ds.sampling import sampled_frame_files
-from nbp_ds.tokenizer.video_io import ARRAY_SUFFIXES, VIDEO_SUFFIXES, find_videos
+from nbp_ds.video_io import ARRAY_SUFFIXES, VIDEO_SUFFIXES, find_videos
 
-logger = logging.getLogger("eval_fvd")
+logger = logging.getLogger(__name__)
 SUFFIXES = VIDEO_SUFFIXES + ARRAY_SUFFIXES
 
 

@@ -11,7 +11,7 @@ in nbp_ds/eval/synthetic.py. Layout of --out:
     OUT/val/<class>/<class>_<i:04d>.mp4     --val-per-class videos per class (different random draws)
 
 Every video is exactly --frames frames at --fps (H.264, yuv420p, crf 18), so decoding it at --fps gives back
-exactly one clip of --frames frames (nbp_ds.tokenizer.video_io.read_clips). Checked: ffmpeg's fps filter neither
+exactly one clip of --frames frames (nbp_ds.video_io.read_clips). Checked: ffmpeg's fps filter neither
 drops nor duplicates the last frame of such a file, so no padding frames are needed. Each video is drawn from its
 own seed, derived from (--seed, split, class, index): the output does not depend on --workers or on which videos
 already existed. Re-running resumes: existing non-empty files are kept; every file is written under a temporary

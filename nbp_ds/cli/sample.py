@@ -38,7 +38,7 @@ import torch
 from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 
-log = logging.getLogger("sample")
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -131,7 +131,7 @@ def load_everything(args: argparse.Namespace):
 
 def encode_context(path: Path, tokenizer, layout) -> torch.Tensor:
     """The first latent frames of a video, as the frame-prediction model's context [1, c, H, W]."""
-    from nbp_ds.tokenizer.video_io import VideoError, read_clips
+    from nbp_ds.video_io import VideoError, read_clips
 
     frames, height, width = tokenizer.clip_shape(layout.grid)
     try:

@@ -13,6 +13,11 @@ Each video gives up to --clips-per-video clips of --frames frames at --fps, shor
 listed with the reason in OUT/failures.jsonl (failures-tNNN.jsonl for array tasks), and so are the files of the
 folder that are not videos (reason not_a_video), so that every file is accounted for.
 
+Decoding runs in --workers processes, one video each at a time. A video whose worker dies (a decoder crash,
+the kernel's out-of-memory killer) is listed with reason worker_died, one still decoding after --video-timeout
+seconds (a decoder stuck, a file whose reads never return on a hung network file system) with reason timeout;
+the worker (and its ffmpeg) is stopped, a fresh one takes its place, the other videos go on unharmed.
+
 Under a Slurm array job (see slurm/tokenize.sbatch) the task count and index come from
 SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID: task i writes only shard-tIII-*.tar. Interrupted? Run the
 same command again: finished shards are kept, unfinished ones redone; no clip is lost or duplicated.
@@ -27,7 +32,8 @@ import sys
 
 from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
-from nbp_ds.tokenizer.video_io import add_clip_arguments, clip_from_arguments
+from nbp_ds.tokenizer.pipeline import DEFAULT_VIDEO_TIMEOUT_S, TokenizeOptions, tokenize_dataset
+from nbp_ds.video_io import add_clip_arguments, clip_from_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_clip_arguments(p)
     p.add_argument("--shard-size", type=int, default=1000, help="about this many clips per shard (default 1000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="video decoding processes; 0 decodes inline (default min(8, cores))")
+                   help="video decoding processes (default min(8, cores)); 0 decodes in this process, for "
+                        "debugging: no --video-timeout, and a decoder crash ends the run")
+    p.add_argument("--video-timeout", type=float, default=DEFAULT_VIDEO_TIMEOUT_S, metavar="SECONDS",
+                   help="a video still decoding after this long is stopped and listed with reason timeout "
+                        f"(default {DEFAULT_VIDEO_TIMEOUT_S:g}; raise it for hour-long videos)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per tokenizer forward pass (default 16)")
     p.add_argument("--device", default="cpu", help="tokenizer device: cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--classes", help="classes.json fixing label ids (default: sorted class names)")
@@ -56,15 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
-
     clip = clip_from_arguments(args)
     for name in ("shard_size", "batch_size", "num_shards"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not args.video_timeout > 0:
+        raise UsageError(f"--video-timeout must be > 0 seconds, got {args.video_timeout}")
     opts = TokenizeOptions(
         videos=args.videos, out=args.out, tokenizer=args.tokenizer, clip=clip, shard_size=args.shard_size,
-        workers=args.workers,
+        workers=args.workers, video_timeout=args.video_timeout,
         batch_size=args.batch_size, device=args.device, num_shards=args.num_shards, shard_index=args.shard_index,
         classes=args.classes, progress=not args.no_progress)
     summary = tokenize_dataset(opts)

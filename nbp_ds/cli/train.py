@@ -11,7 +11,10 @@ A run whose train.out_dir holds a checkpoint resumes from it; --resume PATH resu
 data stream continues where it stopped (seeking, nothing trained on is read again). A checkpoint saved by
 another number of processes is converted once into DeepSpeed's universal format (into its tag folder,
 <tag>/universal) and loaded from there; --universal does so whatever the number.
-SIGTERM or SIGUSR1 saves a checkpoint at the next step boundary and exits 0.
+SIGTERM or SIGUSR1 saves a checkpoint at the next step boundary and exits 0. A resume checks the checkpoint
+against its manifest and falls back to the newest intact one. A hang becomes an error: a collective waits at
+most train.collective_timeout_s, and a rank with no finished step for max(train.stall_timeout_s,
+train.stall_factor x the median step time) dumps its threads' stacks and exits 3 (slurm/train.sbatch requeues).
 On CPU set DS_ACCELERATOR=cpu (DeepSpeed then uses gloo).
 """
 
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # intermixed: overrides may come before or after --resume / --config
     args = build_parser().parse_intermixed_args(argv)
-    from nbp_ds.train.stop import stop_request
+    from nbp_ds.runtime.stop import stop_request
 
     stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
     if args.local_rank is not None:
@@ -63,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from nbp_ds.sample_log import SampleLogger
+    from nbp_ds.train.hooks import HookChain, load_hooks
     from nbp_ds.train.loop import train
 
-    return train(cfg, resume=args.resume, universal=args.universal)
+    hooks = HookChain([load_hooks(cfg.train.hooks), SampleLogger()])  # train.hooks, then sample videos
+    return train(cfg, resume=args.resume, universal=args.universal, hooks=hooks)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
-from nbp_ds.tokenizer.video_io import add_clip_arguments, clip_from_arguments
+from nbp_ds.video_io import add_clip_arguments, clip_from_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

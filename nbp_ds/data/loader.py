@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nbp_ds.data.report import COUNTERS, DataReport
-from nbp_ds.data.resume import FORMAT, same_layout, to_json
+from nbp_ds.data.resume import FORMAT, reshard, same_layout, to_json
 from nbp_ds.data.schema import SampleError, WrongShape, decode_sample
 from nbp_ds.data.shards import RetryPolicy, read_shard
 from nbp_ds.data.sources import Source, as_sources, fingerprint
@@ -277,3 +277,38 @@ def build_loader(spec, *, grid, batch_size: int, mode: str, rank: int = 0, world
     if mode == "train":
         loader.consumed = start_batch
     return loader
+
+
+def restore(loader: TokenLoader, own: dict[str, Any] | None, read_all: Callable[[], list[dict[str, Any]]],
+            replay_batches: int | None = None) -> str:
+    """Put a fresh training loader where a checkpoint left the stream, and say how (for the log).
+
+    ``own`` is this rank's saved record (None if it kept none); ``read_all`` reads every rank's, needed
+    only when the layout changed; ``replay_batches`` continues a checkpoint saved before loaders had a
+    state (it read the stream again up to that batch; same layout only)."""
+    ds = loader.dataset
+    if own is not None and same_layout(own, ds.world_size, ds.roles, ds.shuffle_buffer):
+        if loader.load_state_dict(own):
+            return f"continues at batch {own['batches']} of this rank (seeks, nothing is read again)"
+        return "starts afresh: the training shards changed"
+    states = read_all()
+    if states:
+        if states[0]["fingerprint"] != fingerprint(ds.sources):
+            log.warning("the training shards differ from those of the saved data position: the data stream "
+                        "starts afresh (samples already trained on may come again)")
+            return "starts afresh: the training shards changed"
+        try:
+            new = reshard(states, ds.sources, ds.world_size, ds.roles, ds.shuffle_buffer)[ds.rank]
+        except ValueError as exc:
+            log.warning("the saved data position cannot be continued (%s): the data stream starts afresh", exc)
+            return "starts afresh: the saved position is incomplete"
+        loader.load_state_dict(new)
+        old = states[0]
+        return (f"continues the interrupted epoch on {ds.world_size} ranks x {ds.roles} workers (saved by "
+                f"{old['world_size']} x {old['num_workers']}, buffer {old['shuffle_buffer']}): its remaining "
+                f"samples come once each, then new epochs")
+    if replay_batches:
+        loader.consumed = replay_batches
+        return f"reads the stream again up to batch {replay_batches} (a checkpoint without a loader state)"
+    log.warning("the checkpoint holds no data position for %d ranks: the data stream starts afresh", ds.world_size)
+    return "starts afresh: no saved position"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-log = logging.getLogger("nbp_ds.data.loader")
+log = logging.getLogger(__name__)
 
 # the counters every loader reports (TensorBoard data/<name>, summed over ranks), besides data/source/<name>
 COUNTERS = ("samples", "batches", "corrupt", "bad_shape", "failed_shards", "shard_retries")

@@ -41,7 +41,7 @@ from webdataset.tariterators import meta_prefix, meta_suffix, tar_file_iterator
 
 from nbp_ds.data.report import DataReport
 
-log = logging.getLogger("nbp_ds.data.loader")
+log = logging.getLogger(__name__)
 
 # members webdataset's tar iterator passes over (given to it explicitly, so the index below agrees with it)
 SKIP_META = r"__[^/]*__($|/)"

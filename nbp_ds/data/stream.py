@@ -31,7 +31,7 @@ from nbp_ds.data.report import DataReport
 from nbp_ds.data.shards import RetryPolicy, read_samples_at, read_shard
 from nbp_ds.data.sources import Source
 
-log = logging.getLogger("nbp_ds.data.loader")
+log = logging.getLogger(__name__)
 
 
 def own_shards(n_shards: int, slot: int, nslots: int) -> list[int]:

@@ -311,7 +311,7 @@ class ShortVideoError(ValueError):
 
 def load_clip(path: Path, num_frames: int) -> np.ndarray:
     """The first ``num_frames`` frames of a video file or a saved ``.npy`` array, uint8 [num_frames, H, W, 3]."""
-    from nbp_ds.tokenizer.video_io import read_frames
+    from nbp_ds.video_io import read_frames
 
     clip = read_frames(path, num_frames)
     if clip.shape[0] < num_frames:

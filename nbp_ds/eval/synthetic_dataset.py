@@ -51,7 +51,7 @@ def video_rng(seed: int, split: str, class_index: int, index: int) -> np.random.
 
 def make_video(job: VideoJob) -> str:
     """Render and encode one video (runs in a worker process). Returns its path."""
-    from nbp_ds.tokenizer.video_io import write_video
+    from nbp_ds.video_io import write_video
 
     final = video_path(Path(job.out), job.split, job.name, job.index)
     shape, direction = parse_class(job.name)

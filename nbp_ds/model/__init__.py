@@ -1,8 +1,9 @@
 """The NBP transformer, its attention backends and the paper's model presets."""
 
 from nbp_ds.model.attention import AttentionUnavailable, make_attention, resolve_backend_name
+from nbp_ds.model.build import build_model
 from nbp_ds.model.presets import PAPER_PRESETS, PRESET_CONFIGS, count_params
-from nbp_ds.model.transformer import KVCache, NBPModel, build_model, default_ffn_dim
+from nbp_ds.model.transformer import KVCache, NBPModel, default_ffn_dim
 
 __all__ = [
     "AttentionUnavailable", "KVCache", "NBPModel", "PAPER_PRESETS", "PRESET_CONFIGS", "build_model",

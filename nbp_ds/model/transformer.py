@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nbp_ds.config import ModelConfig, RunConfig
+from nbp_ds.config import ModelConfig
 from nbp_ds.layout import Layout
 from nbp_ds.model.attention import DeviceBackend
-from nbp_ds.model.execution import LayerExecution, compile_enabled
+from nbp_ds.model.execution import LayerExecution
 from nbp_ds.model.loss import linear_cross_entropy
 from nbp_ds.model.rope import apply_rope, rope_angles
 
@@ -341,24 +341,3 @@ class NBPModel(nn.Module):
         )
         attention = 3 * 2 * 2 * self.d_model * (self.layout.seq_len / 2) * self.n_layer
         return 6 * matmul_params + attention
-
-
-def build_model(cfg: RunConfig, device: torch.device | str | None = None) -> NBPModel:
-    """Build the model a run config describes (``model.arch``: the project's LLaMA-style NBPModel, or the NBP
-    authors' GPT-2-style one), with its weights made and initialized directly on ``device`` (default: torch's
-    default device; never a full-size copy on the CPU first). Under ``deepspeed.zero.Init`` (ZeRO-3) every
-    constructor's parameters are partitioned as they are made. ``model.compile`` decides whether the layers
-    are compiled (auto: on a CUDA device); activation checkpointing is the trainer's choice
-    (``model.enable_activation_checkpointing``)."""
-    layout = Layout.from_config(cfg.layout, cfg.model.vocab_size)
-    if cfg.model.arch == "gpt2":  # the NBP authors' released architecture (nbp_ds.model.gpt2)
-        from nbp_ds.model.gpt2 import GPT2Model as model_class
-    else:
-        model_class = NBPModel
-    if device is None:
-        model = model_class(cfg.model, layout)
-    else:
-        with torch.device(device):
-            model = model_class(cfg.model, layout)
-    model.compile_layers(compile_enabled(cfg.model.compile, device))
-    return model

@@ -8,6 +8,6 @@
   reproduce their sequences (nbp_ds.layout).
 """
 
-from nbp_ds.official.files import CheckpointError, ConversionError, read_torch_file
+from nbp_ds.official.files import ConversionError, read_torch_file
 
-__all__ = ["CheckpointError", "ConversionError", "read_torch_file"]
+__all__ = ["ConversionError", "read_torch_file"]

@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from nbp_ds.errors import UsageError
-from nbp_ds.train.checkpoint import CheckpointError
+from nbp_ds.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from nbp_ds.config import RunConfig
+from nbp_ds.errors import CheckpointError
 from nbp_ds.official.class_text import PREFIX_LENGTH, class_prefixes, read_class_names
-from nbp_ds.official.files import CheckpointError, ConversionError, read_torch_file, require_matching_state
+from nbp_ds.official.files import ConversionError, read_torch_file, require_matching_state
 
 log = logging.getLogger(__name__)
 

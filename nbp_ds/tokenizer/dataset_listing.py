@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbp_ds.errors import UsageError
-from nbp_ds.tokenizer.video_io import VIDEO_SUFFIXES
+from nbp_ds.video_io import VIDEO_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,10 @@ def list_dataset(source: str | Path) -> Listing:
         entries = []
         for p in source.rglob("*"):
             rel = p.relative_to(source)
-            if not p.is_file() or p.name.startswith(".") or rel.as_posix() == "classes.json":
+            if p.is_dir() or p.name.startswith(".") or rel.as_posix() == "classes.json":
                 continue  # hidden: editors' and writers' temporaries; classes.json: the class ids, read apart
+            # not only regular files: a named pipe, a device or a dangling link is listed too, as a video (its
+            # decoding then fails or times out, and says so) or as not a video, so that no file goes unseen
             if p.suffix.lower() in VIDEO_SUFFIXES:
                 entries.append(VideoEntry(p, rel.as_posix(), rel.parts[0] if len(rel.parts) > 1 else None))
             else:

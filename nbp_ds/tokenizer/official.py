@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbp_ds.official.files import CheckpointError, read_torch_file, require_matching_state
+from nbp_ds.errors import CheckpointError
+from nbp_ds.official.files import read_torch_file, require_matching_state
 from nbp_ds.tokenizer.base import VideoTokenizerBase
 from nbp_ds.tokenizer.fsq import FSQ
 

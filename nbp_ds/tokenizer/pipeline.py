@@ -4,15 +4,17 @@ The video list (sorted) is dealt to tasks round-robin; each task cuts its share 
 videos, and each group becomes one shard `shard-t{task:03d}-{group:06d}.tar`. A group is done when its
 manifest (`manifests/<shard>.json`: videos, clips, failures) exists, written after the shard got its
 final name; a rerun skips done groups and redoes the rest, so an interruption never duplicates or loses
-a clip. Decoding runs in a process pool, in order, while the tokenizer encodes batches of clips.
+a clip. Decoding runs in worker processes (nbp_ds/worker_pool.py), in order, while the tokenizer encodes
+batches of clips; a video whose worker dies (a decoder crash, the OOM killer) or that takes longer than
+`video_timeout` is listed as a failure (`worker_died`, `timeout`), its worker replaced, and the run goes on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +25,15 @@ from nbp_ds.data.writer import TokenShardWriter
 from nbp_ds.errors import UsageError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_dataset, sample_key
-from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
+from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError
+from nbp_ds.worker_pool import LostJob, ordered_map
 
 log = logging.getLogger(__name__)
+
+# decoding one video at tokenization sizes takes seconds (an hour of 1080p: minutes); ten minutes is a hang
+DEFAULT_VIDEO_TIMEOUT_S = 600.0
+# decoded videos held ahead of the encoder, per worker: enough to keep every worker busy, bounded memory
+PREFETCH_PER_WORKER = 4
 
 
 @dataclass
@@ -40,8 +48,10 @@ class TokenizeOptions:
     shard_size: int = 1000
     num_shards: int = 1
     shard_index: int = 0
-    # how it runs
+    # how it runs: decoding processes (0: decode in this process, unprotected: for debugging) and how long one
+    # video may take in one of them before it is stopped and listed
     workers: int = 4
+    video_timeout: float = DEFAULT_VIDEO_TIMEOUT_S
     batch_size: int = 16
     device: str = "cpu"
     progress: bool = True
@@ -63,17 +73,23 @@ class TokenizeSummary:
                 f"{self.skipped_groups} shard(s) already done; {rate:.1f} clips/s")
 
 
-def _decode(args: tuple[VideoEntry, ClipSpec]) -> tuple[VideoEntry, list, dict | None]:
-    """Pool worker: one video -> its clips, or a failure record. Never raises: a bad video is listed."""
-    entry, clip = args
+def _decode(job: tuple[VideoEntry, ClipSpec]) -> tuple[list, dict | None]:
+    """Worker: one video -> its clips, or a failure record. Never raises: a bad video is listed."""
+    entry, clip = job
     try:
-        return entry, clip.read(entry.path), None
+        return clip.read(entry.path), None
     except ClipTooShort as exc:
-        return entry, [], {"video": entry.rel, "reason": "too_short", "detail": exc.reason}
+        return [], {"video": entry.rel, "reason": "too_short", "detail": exc.reason}
     except VideoError as exc:
-        return entry, [], {"video": entry.rel, "reason": "unreadable", "detail": exc.reason}
+        return [], {"video": entry.rel, "reason": "unreadable", "detail": exc.reason}
     except Exception as exc:  # a decoder crash on one file must not end a day-long job
-        return entry, [], {"video": entry.rel, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"}
+        return [], {"video": entry.rel, "reason": "error", "detail": f"{type(exc).__name__}: {exc}"}
+
+
+def _lost_video(entry: VideoEntry, lost: LostJob) -> dict:
+    """The failure record of a video whose decoding worker died or overran --video-timeout."""
+    detail = lost.detail + (" (--video-timeout)" if lost.reason == "timeout" else "")
+    return {"video": entry.rel, "reason": lost.reason, "detail": detail}
 
 
 def task_groups(entries: list[VideoEntry], opts: TokenizeOptions) -> list[list[VideoEntry]]:
@@ -128,18 +144,21 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), unit="video", disable=not opts.progress, desc=f"tokenize t{opts.shard_index:03d}")
-    ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
-    with ctx.Pool(opts.workers) if opts.workers > 0 else _InlinePool() as pool:
-        decoded = _ordered_prefetch(pool, jobs, window=4 * max(1, opts.workers))
+    # _decode is looked up here, at run time, so that tests/faults.py can put its faults in its place
+    decoded = ((_decode(job) for job in jobs) if opts.workers == 0 else
+               ordered_map(_decode, jobs, workers=opts.workers, timeout=opts.video_timeout,
+                           window=PREFETCH_PER_WORKER * opts.workers))
+    with closing(decoded):  # stops the workers, also when encoding or writing fails
         for g, group in pending:
             name = shard_name(opts.shard_index, g)
             record = {"videos": [e.rel for e in group], "clips": 0, "failures": []}
             writer = TokenShardWriter(out, prefix=f"shard-t{opts.shard_index:03d}", maxcount=10**9, start_index=g)
             batch: list[tuple[str, np.ndarray, int | None, dict]] = []
             with writer:
-                for _ in group:
-                    entry, clips, failure = next(decoded)
+                for entry in group:
+                    result = next(decoded)
                     bar.update(1)
+                    clips, failure = ([], _lost_video(entry, result)) if isinstance(result, LostJob) else result
                     if failure is not None:
                         record["failures"].append(failure)
                         log.warning("skipped %s: %s", failure["video"], failure["detail"])
@@ -186,35 +205,3 @@ def _write_failures(out: Path, opts: TokenizeOptions, not_videos: list[dict]) ->
         rows += json.loads(manifest.read_text())["failures"]
     name = "failures.jsonl" if opts.num_shards == 1 else f"failures-t{opts.shard_index:03d}.jsonl"
     write_text_atomic(out / name, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _ordered_prefetch(pool, jobs: list, window: int):
-    """Decoded videos in job order, at most `window` in flight: Pool.imap would decode the whole dataset
-    ahead of a slower encoder and hold it all in memory."""
-    from collections import deque
-
-    if isinstance(pool, _InlinePool):
-        yield from map(_decode, jobs)
-        return
-    inflight: deque = deque()
-    it = iter(jobs)
-    for job in it:
-        inflight.append(pool.apply_async(_decode, (job,)))
-        if len(inflight) >= window:
-            break
-    while inflight:
-        result = inflight.popleft().get()
-        job = next(it, None)
-        if job is not None:
-            inflight.append(pool.apply_async(_decode, (job,)))
-        yield result
-
-
-class _InlinePool:
-    """--workers 0: decode in this process (debugging, profiling)."""
-
-    def __enter__(self) -> _InlinePool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None

@@ -1,8 +1,8 @@
 """Training the video tokenizer (causal 3D CNN + FSQ): L1 + MSE reconstruction, optionally a 3D PatchGAN.
 
 Built on the same parts as the transformer trainer: the launcher's rank detection
-(:mod:`nbp_ds.train.launch`: torchrun, the deepspeed launcher and srun), its process group and
-collectives (:mod:`nbp_ds.train.distributed`), the warmup + cosine schedule, the metrics logger
+(:mod:`nbp_ds.runtime.launch`: torchrun, the deepspeed launcher and srun), its process group and
+collectives (:mod:`nbp_ds.runtime.distributed`), the warmup + cosine schedule, the metrics logger
 (TensorBoard + ``metrics.jsonl``) and the checkpoint manager (``checkpoints/stepNNNNNNNN`` + ``latest``,
 a rerun resumes). Several processes train data-parallel (DDP).
 
@@ -26,14 +26,14 @@ from tqdm import tqdm
 
 from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.tokenizer.video_io import ClipSpec
-from nbp_ds.train import distributed, launch
-from nbp_ds.train.checkpoint import CheckpointManager, CheckpointRef
-from nbp_ds.train.engine import seed_everything
-from nbp_ds.train.metrics import MetricsLogger
-from nbp_ds.train.schedule import lr_factor
+from nbp_ds.runtime import distributed, launch
+from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
+from nbp_ds.runtime.metrics import MetricsLogger
+from nbp_ds.runtime.rng import seed_everything
+from nbp_ds.runtime.schedule import lr_factor
+from nbp_ds.video_io import ClipSpec
 
-log = logging.getLogger("nbp_ds.tokenizer")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,7 +93,7 @@ class TokenizerTrainer:
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         self.step = 0
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_last, self.rank)
-        if (ref := self.checkpoints.latest()) is not None:
+        if (ref := self.checkpoints.latest_intact()) is not None:  # checked against its manifest
             self._load(ref)
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         log.info("tokenizer %s: %.2fM parameters, %d codes; %d training clips, %d held out; %d process(es) on %s",
@@ -199,7 +199,7 @@ class TokenizerTrainer:
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
         self.step = state["step"]
-        self.checkpoints.restore_rng(ref)
+        self.checkpoints.load(ref)  # the parts registered with the manager: this rank's RNG streams
         log.info("resumed from %s at step %d", ref.path, self.step)
 
     # ---- results ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import ListingError, list_dataset
-from nbp_ds.tokenizer.video_io import ClipSpec, ClipTooShort, VideoError
+from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError
 
 log = logging.getLogger(__name__)
 

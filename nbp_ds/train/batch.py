@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from nbp_ds.config import ConfigError, TrainConfig
+from nbp_ds.config import TrainConfig
+from nbp_ds.errors import ConfigError
 
 
 def resolve_global_batch(tr: TrainConfig, world: int) -> TrainConfig:

@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from nbp_ds.config import ConfigError, RunConfig, yaml_number
+from nbp_ds.config import RunConfig, yaml_number
+from nbp_ds.errors import ConfigError
 from nbp_ds.train.batch import resolve_global_batch
 
 log = logging.getLogger(__name__)

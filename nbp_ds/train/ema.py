@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from nbp_ds.errors import CheckpointError
 from nbp_ds.files import atomic_output
-from nbp_ds.train.checkpoint import CheckpointError
 
 
 def _local_view(param: torch.Tensor) -> torch.Tensor:

@@ -3,25 +3,17 @@ its parameter groups, the LR schedule and the DeepSpeed engine around them."""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-import numpy as np
 import torch
 
 from nbp_ds.config import RunConfig
 from nbp_ds.model import NBPModel, build_model
 from nbp_ds.model.transformer import SequenceLayer
+from nbp_ds.runtime.rng import seed_everything
+from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.train.ds_config import zero_stage
 from nbp_ds.train.init_weights import load_initial_weights
-from nbp_ds.train.schedule import lr_factor
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (every device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -40,9 +32,9 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     dropout), wrapped by ``deepspeed.initialize``."""
     import deepspeed
 
-    from nbp_ds.train.distributed import backend_for
+    from nbp_ds.runtime.distributed import backend_for
 
-    # DeepSpeed's communication layer wraps the process group nbp_ds.train.distributed already joined
+    # DeepSpeed's communication layer wraps the process group nbp_ds.runtime.distributed already joined
     deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False)
     tr = cfg.train
     seed_everything(tr.seed)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from nbp_ds.data import to_device
-from nbp_ds.train import distributed
+from nbp_ds.runtime import distributed
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nbp_ds.config import ConfigError, RunConfig, config_keys
+from nbp_ds.config import RunConfig, config_keys
+from nbp_ds.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ FREE_KEYS = ("name", "train.out_dir", "train.allow_changes", "train.save_every",
              "train.eval_every", "train.log_every", "train.sample_every", "train.sample_tokenizer", "train.hooks",
              "train.peak_tflops", "train.wandb", "train.wandb_project", "train.max_bad_steps",
              "train.activation_checkpointing",
+             "train.collective_timeout_s", "train.stall_timeout_s", "train.stall_factor",  # failure detection
              "train.micro_batch", "train.grad_accum",  # how the global batch is made: train.global_batch is compared
              "model.attention", "model.compile", "model.flex_kernel_options", "model.loss_chunk",
              "data.num_workers", "data.val_batches", "data.retries", "data.retry_backoff",

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from nbp_ds.config import RunConfig
+from nbp_ds.errors import CheckpointError
 from nbp_ds.model import NBPModel, build_model
-from nbp_ds.train.checkpoint import CheckpointError, find_checkpoint, peek_client_config
+from nbp_ds.runtime.checkpoint import find_checkpoint, peek_client_config
 from nbp_ds.train.experiment import warn_unrecorded_weight_keys
 from nbp_ds.train.export_files import is_export, open_export, write_sharded, write_single
 

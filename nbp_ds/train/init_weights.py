@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nbp_ds.config import ConfigError, RunConfig
+from nbp_ds.config import RunConfig
+from nbp_ds.errors import ConfigError
 from nbp_ds.train.experiment import check_weights_meaning
 from nbp_ds.train.export_files import CONFIG_NAME, open_export
 

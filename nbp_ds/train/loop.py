@@ -12,15 +12,13 @@ from pathlib import Path
 
 import torch
 
-from nbp_ds.config import ConfigError, RunConfig, TrainConfig
-from nbp_ds.data import DataReport, build_loader, expand_shards, parse_sources, to_device
+from nbp_ds.config import RunConfig, TrainConfig
+from nbp_ds.data import DataReport, TokenLoader, build_loader, expand_shards, parse_sources, to_device
 from nbp_ds.data.report import summarize
-from nbp_ds.data.resume import restore
+from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
-from nbp_ds.train import distributed, launch
-from nbp_ds.train.batch import describe as describe_batch
-from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
-from nbp_ds.train.checkpoint import (
+from nbp_ds.runtime import distributed, launch
+from nbp_ds.runtime.checkpoint import (
     CheckpointManager,
     CheckpointRef,
     find_checkpoint,
@@ -29,18 +27,22 @@ from nbp_ds.train.checkpoint import (
     universal_checkpoint,
     with_universal_load,
 )
+from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
+from nbp_ds.runtime.schedule import lr_factor
+from nbp_ds.runtime.stop import stop_request
+from nbp_ds.runtime.watchdog import StepWatchdog
+from nbp_ds.train.batch import describe as describe_batch
+from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
 from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
 from nbp_ds.train.experiment import check_same_experiment
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
-from nbp_ds.train.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
-from nbp_ds.train.schedule import lr_factor
+from nbp_ds.train.saved_state import EmaState, EngineState, LoaderPosition
 from nbp_ds.train.state import TrainState
-from nbp_ds.train.stop import stop_request
 
-log = logging.getLogger("nbp_ds.train")
+log = logging.getLogger(__name__)
 
 FINISHED = "finished"  # the marker slurm/train.sbatch reads to decide whether to requeue
 
@@ -59,7 +61,7 @@ class Trainer:
         cfg = self.cfg = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, self.world))
         self.out_dir = Path(cfg.train.out_dir)
 
-        # everything that can be wrong is found before the first collective or the model build
+        # everything that can be wrong is found before the model build, and most of it before the first collective
         try:
             self.train_sources = parse_sources(cfg.data.train)
             self.val_shards = expand_shards(cfg.data.val) if cfg.data.val else None
@@ -70,7 +72,12 @@ class Trainer:
             raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
                               "or set train.wandb=false")
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_last, self.rank)
-        self.resume_from = find_checkpoint(resume) if resume else self.checkpoints.latest()
+        named = find_checkpoint(resume) if resume else None
+
+        self.device = distributed.process_device(self.env)
+        distributed.init_process_group(self.env, self.device, timeout_s=cfg.train.collective_timeout_s)
+        # checked against its manifest, every rank hashing a share of the files (hence after joining the group)
+        self.resume_from = self.checkpoints.require_intact(named) if named else self.checkpoints.latest_intact()
         self.saved_world = None
         if self.resume_from:
             client = peek_client_state(self.resume_from)  # read once: with ZeRO-2 it holds the whole model
@@ -84,9 +91,6 @@ class Trainer:
         if universal is None:  # ZeRO's optimizer partitions fit only the world size that saved them
             universal = self.saved_world not in (None, self.world) and zero_stage(self.ds_config) > 0
         self.universal = bool(universal and self.resume_from)
-
-        self.device = distributed.process_device(self.env)
-        distributed.init_process_group(self.env, self.device)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop_request()
         if self.universal:
@@ -97,19 +101,34 @@ class Trainer:
         self.layout = self.model.layout
         self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.state = TrainState(world_size=self.world)
+        self.loader = self._train_loader()
         self.val_report = DataReport()  # what validation met, for the end-of-run summary
+        self._register_saved_state()
         if self.resume_from:
             self._load(self.resume_from)
         self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0,
                                      wandb_project=cfg.train.wandb_project if cfg.train.wandb else None,
                                      config=cfg.to_dict())
         self.peak = peak_tflops(cfg.train.peak_tflops, self.device)
+        self.watchdog = StepWatchdog(cfg.train.stall_timeout_s, cfg.train.stall_factor, self.rank)
         self._report_setup()
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> int:
+        """Train to ``train.steps``; 0 when finished or stopped by a signal at a checkpoint. A stalled step ends
+        the process (the watchdog); an error is logged with the last step finished."""
+        self.watchdog.start(self.state.step, first_within_s=self.cfg.train.collective_timeout_s)
+        try:
+            return self._run()
+        except Exception as exc:
+            log.error("rank %d failed after step %d (the last one it finished): %s: %s", self.rank, self.state.step,
+                      type(exc).__name__, exc)
+            raise
+        finally:
+            self.watchdog.stop()
+
+    def _run(self) -> int:
         tr, state = self.cfg.train, self.state
-        self.loader = self._train_loader()
         batches = iter(self.loader)
         tokens_per_step = tr.micro_batch * tr.grad_accum * self.world * self.layout.seq_len
         meter = StepMeter(self.device, tokens_per_step, self.model.flops_per_token(), self.peak)
@@ -120,18 +139,22 @@ class Trainer:
         while state.step < tr.steps:
             self._train_step(batches, meter)
             state.step += 1
+            self.watchdog.step_done(state.step)
             bad_in_row = bad_in_row + 1 if not self.engine.was_step_applied() else 0
             if bad_in_row:
                 self._skipped_step(bad_in_row)
-            self.hooks.on_step_end(state.step)
+            with self.watchdog.pause(tr.collective_timeout_s):  # a hook's work is no part of a step's time
+                self.hooks.on_step_end(state.step)
             # every rank must stop at the same step; agreed over the CPU, so the GPU keeps its queue
             stop = distributed.control_all_reduce([self.stop.signal is not None])[0] > 0
             if state.step == 1 or _due(state.step, tr.log_every):
                 self._log(meter)
             if self.val_shards and (_due(state.step, tr.eval_every) or state.step == tr.steps and tr.eval_every):
-                self.validate()
+                with self.watchdog.pause(tr.collective_timeout_s):
+                    self.validate()
             if _due(state.step, tr.sample_every):
-                self.log_samples()
+                with self.watchdog.pause(tr.collective_timeout_s):
+                    self.hooks.on_samples_due(self, state.step)
             if stop:
                 self.save()
                 self._report_data()
@@ -202,71 +225,54 @@ class Trainer:
         return loss
 
     def save(self) -> CheckpointRef:
-        """A checkpoint of everything: DeepSpeed's engine (model, optimizer, LR schedule) with the trainer's
-        state and config as client state, and per rank its RNG streams and the data loader's position."""
-        client = {"train_state": self.state.state_dict(), "config": self.cfg.to_dict()}
-
-        def write(folder: Path, tag: str) -> None:
-            self.engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)
-            if self.ema is not None:
-                self.ema.save(folder / tag)
-            self.hooks.on_checkpoint_written(tag, self.rank)
-
-        loader = getattr(self, "loader", None)
-        ref = self.checkpoints.save(self.state.step, write, rank_state=loader.state_dict() if loader else None)
+        """A checkpoint of every part registered in :meth:`_register_saved_state` (nbp_ds.train.saved_state)."""
+        with self.watchdog.pause(self.cfg.train.collective_timeout_s):
+            ref = self.checkpoints.save(self.state.step,
+                                        written=lambda ref: self.hooks.on_checkpoint_written(ref.tag, self.rank))
         self.metrics.flush()
         return ref
 
+    def _register_saved_state(self) -> None:
+        """The trainer's stateful parts, registered once: every save writes them and a resume reads them back,
+        in this order (then the RNG streams, which the checkpoint manager keeps itself)."""
+        universal = self.universal
+
+        def source(ref: CheckpointRef) -> CheckpointRef:
+            return self.load_from if universal else ref
+
+        def after_load() -> None:
+            set_optimizer_hyperparameters(self.engine, self.cfg.train)
+
+        self.checkpoints.register("engine", EngineState(
+            self.engine, {"train_state": self.state}, self.cfg.to_dict(), source=source, after_load=after_load,
+            before_write=lambda path: self.hooks.on_checkpoint_file(path, self.rank)))
+        if self.ema is not None:
+            self.checkpoints.register("ema", EmaState(self.ema))
+        # a checkpoint from before loaders had a state: read the stream again up to its batch (same layout only)
+        self.checkpoints.register("data", LoaderPosition(
+            self.loader, self.rank, lambda: self.state.batches if self.saved_world == self.world else None))
+
     def _load(self, ref: CheckpointRef) -> None:
-        """Model, optimizer, LR schedule, trainer state and this rank's RNG streams as they were at ``ref``
-        (through its universal copy when the world size changed)."""
-        source = self.load_from if self.universal else ref
-        _, client = self.engine.load_checkpoint(str(source.folder), tag=source.tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-        if client is None:
-            raise FileNotFoundError(f"checkpoint {source.path} could not be loaded")
-        set_optimizer_hyperparameters(self.engine, self.cfg.train)
-        self.state.load_state_dict(client["train_state"])
-        if self.ema is not None and not self.ema.load(ref.path):
-            log.warning("%s holds no moving average of the weights: train.ema starts from the current weights",
-                        ref.path)
-        if not self.checkpoints.restore_rng(ref):
-            log.warning("rank %d: the checkpoint holds no RNG state for this rank (saved by %d processes): its "
-                        "random streams (class dropout) start from the seed", self.rank, self.state.world_size)
+        """Every registered part as it was at ``ref`` (through its universal copy when the world size changed)."""
+        self.checkpoints.load(ref)
         self.state.world_size = self.world
         how = (f" through its universal copy (saved by {self.saved_world} processes, now {self.world})"
                if self.universal else "")
         self._log0("resumed from %s at step %d%s; LR now %.3g", ref.path, self.state.step, how,
                    self.engine.get_lr()[0])
 
-    def log_samples(self) -> None:
-        """Sample videos in TensorBoard (nbp_ds.sample_log; all ranks generate: ZeRO-3 gathers)."""
-        from nbp_ds.sample_log import SampleVideos
-
-        if not hasattr(self, "_samples"):
-            self._samples = SampleVideos()
-        self._samples.log(self, self.state.step)
-
     # ---- set-up and tear-down ---------------------------------------------------------------------
-    def _train_loader(self):
-        """The training stream, where the checkpoint left it (nbp_ds.data.resume.restore)."""
+    def _train_loader(self) -> TokenLoader:
+        """The training stream from its start; a resume puts it where the checkpoint left it (LoaderPosition)."""
         cfg, tr = self.cfg, self.cfg.train
-        loader = build_loader(self.train_sources, grid=cfg.layout.grid, batch_size=tr.micro_batch, mode="train",
-                              rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers, seed=tr.seed,
-                              shuffle_buffer=cfg.data.shuffle_buffer, retries=cfg.data.retries,
-                              retry_backoff=cfg.data.retry_backoff)
-        if self.resume_from:
-            ref = self.resume_from
-            replay = self.state.batches if self.saved_world == self.world else None
-            how = restore(loader, self.checkpoints.rank_state(ref, self.rank),
-                          lambda: self.checkpoints.rank_states(ref), replay_batches=replay)
-            self._log0("data stream %s", how)
-        return loader
+        return build_loader(self.train_sources, grid=cfg.layout.grid, batch_size=tr.micro_batch, mode="train",
+                            rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers, seed=tr.seed,
+                            shuffle_buffer=cfg.data.shuffle_buffer, retries=cfg.data.retries,
+                            retry_backoff=cfg.data.retry_backoff)
 
     def _report_data(self) -> None:
         """The data problems of every rank (training and validation), summed and named in rank 0's log."""
-        loader = getattr(self, "loader", None)
-        mine = [(loader.stats(), loader.problems)] if loader else []
+        mine = [(self.loader.stats(), self.loader.problems)]
         mine.append((dict(self.val_report.counts), [f"validation {p}" for p in self.val_report.problems]))
         gathered = distributed.all_gather_object(mine)
         if self.rank == 0 and (summary := summarize([item for rank in gathered for item in rank])):

@@ -101,8 +101,7 @@ def _rate(text: str) -> float:
 def probe_video(path: str | Path) -> VideoInfo:
     """Size, frame rate and duration of a video file's first video stream."""
     ffmpeg = _ffmpeg()
-    if not Path(path).is_file():
-        raise VideoError(path, "no such file")
+    _check_exists(path)
     try:
         meta = ffmpeg.probe(str(path))
     except ffmpeg.Error as exc:
@@ -118,6 +117,16 @@ def probe_video(path: str | Path) -> VideoInfo:
                      duration)
 
 
+def _check_exists(path: str | Path) -> None:
+    """Refuse a missing path or a folder. Anything else is handed to ffmpeg, also what is not a regular file (a
+    named pipe, a device): its reads may never return, like those of a file on a hung network file system, and
+    only the caller can bound that (tokenization's --video-timeout)."""
+    if Path(path).is_dir():
+        raise VideoError(path, "a folder, not a video file")
+    if not Path(path).exists():
+        raise VideoError(path, "no such file")
+
+
 def _last_line(stderr: bytes | None) -> str:
     lines = (stderr or b"").decode(errors="replace").strip().splitlines()
     return lines[-1] if lines else "no message"
@@ -129,8 +138,7 @@ def decode_video(path: str | Path, fps: float | None = None, resolution: int | N
     ``resolution`` and center-cropped to a square (None: the stored size, not rotated by display metadata),
     the first ``max_frames`` only (None: all; decoding stops there)."""
     ffmpeg = _ffmpeg()
-    if not Path(path).is_file():
-        raise VideoError(path, "no such file")
+    _check_exists(path)
     # the stored size needs the probe; a target size does not, and one ffmpeg process per video instead of
     # two is what tokenizing a large dataset pays (the probe still explains a failure below)
     info = probe_video(path) if resolution is None else None

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from nbp_ds.train.launch import DistEnv, LaunchError, export_for_torch
+from nbp_ds.runtime.launch import DistEnv, LaunchError, export_for_torch
 
 OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
@@ -59,19 +60,28 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> None:
+_timeout: timedelta | None = None  # the group's collective timeout, which the control group shares
+
+
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> None:
     """Join the job's process group (env:// rendezvous from the launcher's variables); a no-op when
     already joined. A single process gets a group of one over an in-memory store (no port to bind, so
-    single-process runs never collide), and the code paths stay the same."""
+    single-process runs never collide), and the code paths stay the same.
+
+    ``timeout_s`` bounds every collective (and the rendezvous): a rank whose peer died or hangs raises
+    instead of waiting for ever (gloo raises at once; NCCL's watchdog aborts the process), so the job
+    ends and can be requeued. None: torch's default (30 min for gloo, 10 for NCCL)."""
+    global _timeout
     if dist.is_initialized():
         return
     export_for_torch(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _timeout = timedelta(seconds=timeout_s) if timeout_s else None
     if env.world_size == 1:
-        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout)
     else:
-        dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size, timeout=_timeout)
 
 
 def world_size() -> int:
@@ -134,6 +144,7 @@ def control_all_reduce(values: Sequence[float], op: str = "max") -> torch.Tensor
         dist.all_reduce(tensor, op=OPS[op])
         return tensor
     if _control is None:
-        _control = dist.new_group(backend="gloo")  # collective: every rank reaches the first call together
+        # collective: every rank reaches the first call together
+        _control = dist.new_group(backend="gloo", timeout=_timeout)
     dist.all_reduce(tensor, op=OPS[op], group=_control)
     return tensor

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from nbp_ds.config import ConfigError
+from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
-from nbp_ds.train import distributed
+from nbp_ds.runtime import distributed
 
-log = logging.getLogger("nbp_ds.train")
+log = logging.getLogger(__name__)
 
 # dense bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 
-log = logging.getLogger("nbp_ds.train")
+log = logging.getLogger(__name__)
 
 
 class StopRequest:
