@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nbp_ds import ffmpeg_tools
+
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".gif")
 ARRAY_SUFFIXES = (".npy",)  # decoded frames saved by nbp-sample: uint8 [T, H, W, 3]
 
@@ -103,11 +105,11 @@ def probe_video(path: str | Path) -> VideoInfo:
     ffmpeg = _ffmpeg()
     _check_exists(path)
     try:
-        meta = ffmpeg.probe(str(path))
+        meta = ffmpeg.probe(str(path), cmd=ffmpeg_tools.ffprobe())
     except ffmpeg.Error as exc:
         raise VideoError(path, f"not a video ffprobe can read ({_last_line(exc.stderr)})") from exc
-    except FileNotFoundError as exc:
-        raise VideoError(path, "ffprobe is not installed: run `make setup` (Debian package ffmpeg)") from exc
+    except FileNotFoundError as exc:  # ToolMissing, or a program that vanished since it was found
+        raise VideoError(path, str(exc)) from exc
     streams = [s for s in meta.get("streams", []) if s.get("codec_type") == "video"]
     if not streams:
         raise VideoError(path, "the file has no video stream")
@@ -154,7 +156,9 @@ def decode_video(path: str | Path, fps: float | None = None, resolution: int | N
     limit = {"frames:v": max_frames} if max_frames is not None else {}
     try:
         out, _ = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", **limit).run(
-            capture_stdout=True, capture_stderr=True, quiet=True)
+            cmd=ffmpeg_tools.ffmpeg(), capture_stdout=True, capture_stderr=True, quiet=True)
+    except FileNotFoundError as exc:
+        raise VideoError(path, str(exc)) from exc
     except ffmpeg.Error as exc:
         probe_video(path)  # not a video, or no video stream: the probe names what is wrong
         raise VideoError(path, f"ffmpeg could not decode it ({_last_line(exc.stderr)})") from exc
@@ -225,11 +229,15 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float = 8.0, crf: int
         raise ValueError(f"{path}: expected frames [N, H, W, 3], got shape {frames.shape}")
     n, h, w, _ = frames.shape
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        program = ffmpeg_tools.ffmpeg()
+    except FileNotFoundError as exc:
+        raise VideoError(path, str(exc)) from exc
     process = (ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
                .filter("pad", "ceil(iw/2)*2", "ceil(ih/2)*2")  # yuv420p needs even sizes
                .output(str(path), pix_fmt="yuv420p", vcodec="libx264", crf=crf, movflags="+faststart")
                .overwrite_output()
-               .run_async(pipe_stdin=True, pipe_stderr=True, quiet=True))
+               .run_async(cmd=program, pipe_stdin=True, pipe_stderr=True, quiet=True))
     try:
         _, err = process.communicate(frames.tobytes())
     except (BrokenPipeError, subprocess.SubprocessError) as exc:

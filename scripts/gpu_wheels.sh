@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Collect into .whl/ the wheels a GPU machine without network needs to run nbp_ds on top of its own CUDA
-# torch (an air-gapped cluster node, or this project's lent GPU): DeepSpeed (built here as a pure-Python
+# torch (an air-gapped cluster node): DeepSpeed (built here as a pure-Python
 # wheel) and the small packages that image lacks, at the versions this checkout's .venv tests with.
 #
-#   bash scripts/gpu_wheels.sh                      # for the GPU machine's Python 3.12 (the lent H100's)
+#   bash scripts/gpu_wheels.sh                      # for a GPU machine's Python 3.12 (the default)
 #   PY_VERSION=3.11 bash scripts/gpu_wheels.sh      # another Python there
 #   bash scripts/gpu_wheels.sh --flash4             # also flash-attn-4 and its CUTLASS DSL (Hopper+)
 #
@@ -13,9 +13,9 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD
 #
-# The CUTLASS DSL library wheel (nvidia-cutlass-dsl-libs-*) is ~92 MB. Where one transfer is capped below
-# that (the lent GPU takes 64 MiB per call), --flash4 also splits it into .whl-parts/*.part-aa, -ab: send the
-# parts in two transfers and join them on the GPU machine before installing:
+# The CUTLASS DSL library wheel (nvidia-cutlass-dsl-libs-*) is ~92 MB. For transfers limited in size,
+# --flash4 also splits it into .whl-parts/*.part-aa, -ab (48 MB each): send the parts and join them on the GPU
+# machine before installing:
 #
 #   cat .whl-parts/NAME.whl.part-* > .whl/NAME.whl
 set -euo pipefail

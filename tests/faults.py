@@ -121,16 +121,16 @@ def tokenize_with_faults(argv: list[str]) -> int:
 
 def sample_slowly(write_sleep: float, argv: list[str]) -> int:
     """``nbp-sample argv`` with each video's writing slowed down, so a test can kill the run midway."""
-    from nbp_ds import sampling
     from nbp_ds.cli import sample
+    from nbp_ds.generate import folder
 
-    write = sampling.VideoWriter._write
+    write = folder.VideoWriter._write
 
     def slow(self, *args):
         time.sleep(write_sleep)
         return write(self, *args)
 
-    sampling.VideoWriter._write = slow
+    folder.VideoWriter._write = slow
     return sample.main(argv)
 
 

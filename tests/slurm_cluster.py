@@ -90,6 +90,9 @@ class SlurmCluster:
         self.conf = self.dir / "slurm.conf"
         self.munge_socket = self.dir / "munge" / "munge.socket"
         self.procs: dict[str, subprocess.Popen] = {}
+        # set once the network's start is attempted: a cluster skipped before (no Slurm, no namespaces) has
+        # nothing to tear down, and tearing down without iproute2 would turn the skip into an error
+        self.network_started = False
 
     @property
     def node_names(self) -> list[str]:
@@ -184,6 +187,7 @@ class SlurmCluster:
             if reason:
                 pytest.skip(f"a {self.nodes}-node Slurm cluster needs network namespaces: {reason}")
             try:
+                self.network_started = True
                 self.network.start()
             except virtual_hosts.NamespacesUnavailable as exc:
                 pytest.skip(f"a {self.nodes}-node Slurm cluster needs network namespaces: {exc}")
@@ -257,7 +261,7 @@ class SlurmCluster:
                     proc.kill()
                     proc.wait()
         finally:
-            if self.network:
+            if self.network and self.network_started:
                 self.network.stop()
 
     def __enter__(self) -> SlurmCluster:

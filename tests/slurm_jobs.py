@@ -34,6 +34,27 @@ def submit_train(cluster: SlurmCluster, tmp_path: Path, shards: tuple[Path, Path
     return job, tmp_path / "runs" / name, log
 
 
+# where the one-node CPU smoke test line is documented; the test submits it as written there
+SMOKE_LINE_DOCS = (ROOT / "slurm" / "README.md", ROOT / "slurm" / "train.sbatch", ROOT / "README.md")
+
+
+def documented_cpu_lines(nodes: int) -> list[str]:
+    """Every documented `NBP_CPU=1 sbatch ... slurm/train.sbatch ...` line for ``nodes`` nodes (a line without
+    --nodes is one node), from the READMEs and train.sbatch's header (comment marks and continuations joined)."""
+    lines = []
+    for doc in SMOKE_LINE_DOCS:
+        text = doc.read_text()
+        if doc.suffix == ".sbatch":
+            text = re.sub(r"^#+ ?", "", text, flags=re.M)
+        text = text.replace("\\\n", " ")
+        for found in re.findall(r"^\s*(NBP_CPU=1 [^\n`]*\bsbatch [^\n`]*slurm/train\.sbatch[^\n`]*)", text, flags=re.M):
+            line = " ".join(found.split("#")[0].split())
+            asked = re.search(r"--nodes=(\d+)", line)
+            if (int(asked[1]) if asked else 1) == nodes:
+                lines.append(line)
+    return lines
+
+
 def log_text(log: Path) -> str:
     return log.read_text(errors="replace") if log.is_file() else "(no job log)"
 

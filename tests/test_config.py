@@ -73,3 +73,16 @@ def test_layout_refuses_bad_rules_built_directly():
         Layout(grid=(2, 4, 4), block=(1, 1, 3), vocab_size=16)
     with pytest.raises(ConfigError, match="layout.hybrid=true needs at least 2 blocks, got 1"):
         Layout(grid=(1, 2, 2), block=(1, 2, 2), vocab_size=16, hybrid=True)
+
+
+def test_a_yaml_file_starts_from_another_by_name_or_path(tmp_path):
+    """``base:`` names a shipped config or a file beside this one; the file sets only what differs."""
+    (tmp_path / "mine.yaml").write_text("base: ucf101-700m\ntrain:\n  lr: 1.0e-4\n")
+    (tmp_path / "smaller.yaml").write_text("base: mine.yaml\nmodel:\n  n_layer: 2\n")
+    cfg, shipped = load_config(str(tmp_path / "smaller.yaml")), load_config("ucf101-700m")
+    assert (cfg.train.lr, cfg.model.n_layer) == (1.0e-4, 2) and shipped.model.n_layer == 24
+    assert (cfg.model.d_model, cfg.layout.grid, cfg.layout.hybrid) == (1536, [5, 16, 16], True)  # inherited
+    assert cfg.train.steps == shipped.train.steps
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(str(tmp_path / "loop.yaml"))

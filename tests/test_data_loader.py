@@ -127,10 +127,10 @@ def test_train_is_deterministic_and_resumes_at_a_batch(tmp_path):
     assert not ours & theirs  # ranks read disjoint shards
 
 
-def corrupt_shard(path: Path) -> None:
-    """A real tar with one member of bad npy bytes, one of the wrong shape, and one good sample."""
-    good = encode_sample("good", np.ones(GRID, dtype=int), 1, {})
-    bad_npy = {**encode_sample("badnpy", np.ones(GRID, dtype=int), 1, {}), "tokens.npy": b"\x93NUMPY garbage"}
+def corrupt_shard(path: Path, grid: tuple[int, int, int] = GRID) -> None:
+    """A real tar with one member of bad npy bytes, one of the wrong shape, and one good sample (of ``grid``)."""
+    good = encode_sample("good", np.ones(grid, dtype=int), 1, {})
+    bad_npy = {**encode_sample("badnpy", np.ones(grid, dtype=int), 1, {}), "tokens.npy": b"\x93NUMPY garbage"}
     wrong = encode_sample("wrongshape", np.ones((1, 1, 1), dtype=int), 1, {})
     with tarfile.open(path, "w") as tar:
         for sample in (bad_npy, wrong, good):

@@ -16,6 +16,7 @@ from test_data_loader import GRID, ids_of, write_shards
 from train_helpers import ROOT
 from webdataset.gopen import gopen
 
+from nbp_ds.config import load_config
 from nbp_ds.data import DataReport, RetryPolicy, build_loader, expand_shards, read_shard
 from nbp_ds.data.shards import PipeReader, sample_offsets
 from nbp_ds.errors import ConfigError
@@ -178,3 +179,20 @@ def test_inspect_shards_reads_remote_specs(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert report["shards"] == 4 and report["samples"] == 24 and report["failed_shards"] == 1
     assert report["duplicate_keys"] == 8 and "missing.tar" in result.stdout
+
+
+def test_a_failing_shard_is_retried_after_pauses_that_double(tmp_path, monkeypatch):
+    """data.retries (3 unless set) more attempts, the first after data.retry_backoff seconds, then twice the
+    previous pause each time; then the shard is skipped and counted. The pauses are recorded, not waited."""
+    import nbp_ds.data.shards as shards
+
+    pauses = []
+    monkeypatch.setattr(shards.time, "sleep", pauses.append)
+    report = DataReport()
+    missing = str(tmp_path / "gone.tar")
+    defaults = load_config("tiny")
+    assert (defaults.data.retries, defaults.data.retry_backoff) == (3, 1.0)
+    policy = RetryPolicy(defaults.data.retries, 0.25)
+    assert list(read_shard(missing, policy=policy, report=report)) == []
+    assert pauses == [0.25, 0.5, 1.0]
+    assert (report.counts["shard_retries"], report.counts["failed_shards"]) == (3, 1)

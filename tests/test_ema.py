@@ -56,6 +56,19 @@ def test_zero3_average_matches_the_raw_weights_of_each_step(tmp_path):
         expected = 9 / 16 * raw[0][name] + 3 / 16 * raw[1][name] + 1 / 4 * raw[2][name]
         torch.testing.assert_close(average[name], expected, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(average["head.weight"], raw[2]["head.weight"])
+    # nbp-export --ema writes the average in the export format, which samples like the raw weights' export
+    result = run(["python", "-m", "nbp_ds.cli.export", str(out), str(out / "ema.safetensors"), "--ema"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    from nbp_ds.generate import generate
+    from nbp_ds.train.export import load_exported
+
+    model, _ = load_exported(out / "ema.safetensors")
+    exported = model.state_dict()
+    assert set(average) <= set(exported)
+    for name, value in average.items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)
+    videos, _ = generate(model, 2, label=torch.tensor([0, 1]), temperature=1.0, seed=0)
+    assert videos.shape == (2, 3, 4, 4) and int(videos.max()) < 64
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # one offline W&B run, holding every logged loss
     assert len(runs) == 1
     data = runs[0].read_bytes()

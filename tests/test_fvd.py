@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nbp_ds import ffmpeg_tools
 from nbp_ds.eval import (
     I3DFeatureExtractor,
     compute_fvd,
@@ -290,10 +290,11 @@ def test_tool_end_to_end_npy_and_mp4(tiny_i3d, tmp_path):
     for i, v in enumerate(_videos(6, 4, low=100)):
         np.save(fake_dir / f"f{i}.npy", v)
     np.save(fake_dir / "short.npy", _videos(7, 1, t=5)[0])
-    has_ffmpeg = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
+    has_ffmpeg = all(map(ffmpeg_tools.find_tool, ffmpeg_tools.TOOLS))
     if has_ffmpeg:  # one real mp4 among the real clips exercises the ffmpeg decoding path
-        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=40x24:rate=8:duration=3",
-                        "-pix_fmt", "yuv420p", str(real_dir / "r9.mp4")], check=True, timeout=60)
+        subprocess.run([ffmpeg_tools.ffmpeg(), "-v", "error", "-f", "lavfi",
+                        "-i", "testsrc=size=40x24:rate=8:duration=3", "-pix_fmt", "yuv420p",
+                        str(real_dir / "r9.mp4")], check=True, timeout=60)
 
     out = tmp_path / "res" / "fvd.json"
     args = ["--real", str(real_dir), "--fake", str(fake_dir / "*.npy"), "--i3d", str(tiny_i3d),
@@ -315,12 +316,12 @@ def test_tool_end_to_end_npy_and_mp4(tiny_i3d, tmp_path):
 
 
 def test_decode_mp4_matches_frame_count(tmp_path):
-    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
-        pytest.skip("ffmpeg/ffprobe not installed")
+    if not all(map(ffmpeg_tools.find_tool, ffmpeg_tools.TOOLS)):
+        pytest.skip(f"ffmpeg/ffprobe not installed: {ffmpeg_tools.INSTALL_HINT}")
     from nbp_ds.video_io import decode_video
 
     path = tmp_path / "v.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=40x24:rate=10:duration=2",
+    subprocess.run([ffmpeg_tools.ffmpeg(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=40x24:rate=10:duration=2",
                     "-pix_fmt", "yuv420p", str(path)], check=True, timeout=60)
     clip = decode_video(path, max_frames=16)  # FVD's reading: stored rate and size, the first frames
     assert clip.shape == (16, 24, 40, 3) and clip.dtype == np.uint8

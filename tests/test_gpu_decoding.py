@@ -1,6 +1,6 @@
-"""Decoding on a CUDA GPU: CUDA-graph decoding gives the eager decoder's tokens in fp32 (greedy and seeded), its
-decode loop never synchronises with the host, graphs are captured once per model and batch and again when the
-weights move, and the generation benchmark runs its graph path."""
+"""Decoding on a CUDA GPU: CUDA-graph decoding gives the eager decoder's tokens in fp32 (greedy and seeded) and a
+video the same tokens in any batch, its decode loop never synchronises with the host, graphs are captured once per
+model and batch and again when the weights move, and the generation benchmark runs its graph path."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from batch_invariance import SAMPLINGS as BATCH_SAMPLINGS
+from batch_invariance import assert_drawn_by_video_index
 
 from nbp_ds.config import load_config
 from nbp_ds.generate import Sampling, StaticDecoder, generate, release_decoders, video_keys
@@ -55,11 +57,21 @@ def test_graph_decoding_gives_the_eager_tokens_in_fp32(name):
     for sampling in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 50, "top_p": 0.9, "seed": 5}):
         kwargs = {**inputs(model, 3), **sampling}
         eager, _ = generate(model, 3, mode="eager", **kwargs)
-        graph, stats = generate(model, 3, mode="graph", **kwargs)
+        graph, stats = generate(model, 3, **kwargs)  # mode auto: graph on a GPU
         assert stats["mode"] == "graph"
         assert torch.equal(graph, eager), f"{name} {sampling}: {(graph != eager).sum()} tokens differ"
         again, _ = generate(model, 3, mode="graph", **kwargs)  # replayed, not captured again
         assert torch.equal(again, eager)
+    release_decoders(model)
+
+
+@pytest.mark.parametrize("sampling", list(BATCH_SAMPLINGS))
+def test_a_video_is_the_same_in_any_batch_under_graphs(sampling):
+    """The graph decoder (a captured decoder per batch size) draws a video by its index, never by its place in the
+    batch (the CPU decoders: tests/test_static_decoding.py); 20,000 codes for the paper's top-k of 16,000."""
+    vocab = 20000 if sampling == "paper" else 1000
+    model = cuda_model([*LAYOUTS["hybrid-ucf-grid"], f"model.vocab_size={vocab}"])
+    assert_drawn_by_video_index(model, "graph", BATCH_SAMPLINGS[sampling])
     release_decoders(model)
 
 

@@ -7,7 +7,6 @@ Marked ``gpu``: skipped without CUDA (CI), run by ``make gpu-check`` on a GPU ma
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from train_helpers import (
     wait_for_latest,
 )
 from video_fixtures import dataset
+
+from nbp_ds import ffmpeg_tools
 
 pytestmark = pytest.mark.gpu
 
@@ -77,7 +78,7 @@ def test_export_and_sample_write_playable_mp4s_on_the_gpu(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-5000:]
     weights = tmp_path / "w.safetensors"
     assert run(["python", "-m", "nbp_ds.cli.export", str(out), str(weights)]).returncode == 0
-    if shutil.which("ffmpeg") is None:
+    if ffmpeg_tools.find_tool("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed on this GPU machine: mp4 writing not checked")
     samples = tmp_path / "samples"
     result = run(["python", "-m", "nbp_ds.cli.sample", "--weights", str(weights), "--tokenizer", "random:tiny",
@@ -85,13 +86,14 @@ def test_export_and_sample_write_playable_mp4s_on_the_gpu(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     mp4s = sorted(samples.glob("*.mp4"))
     assert len(mp4s) == 2 * 4  # 2 per class, 4 classes
-    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                            "stream=nb_read_frames", "-of", "csv=p=0", str(mp4s[0])], capture_output=True, text=True)
+    probe = subprocess.run([ffmpeg_tools.ffprobe(), "-v", "error", "-count_frames", "-select_streams", "v:0",
+                            "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0",
+                            str(mp4s[0])], capture_output=True, text=True)
     assert probe.returncode == 0 and int(probe.stdout.strip()) == 9  # 3 latent frames of random:tiny -> 9 frames
 
 
 def test_tokenizer_trains_on_the_gpu(tmp_path):
-    if shutil.which("ffmpeg") is None:
+    if ffmpeg_tools.find_tool("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed on this GPU machine: no videos to train on")
     videos = dataset(tmp_path / "videos", classes=2, per_class=2)
     cmd = ["python", "-m", "nbp_ds.cli.train_tokenizer", "--videos", str(videos), "--out", str(tmp_path / "tok"),

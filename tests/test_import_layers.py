@@ -12,15 +12,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nbp_ds"
 
 # bottom to top; the top-level modules (nbp_ds/x.py) and the sub-packages (nbp_ds/x/) by their names
 LAYERS: list[set[str]] = [
-    {"errors", "files", "worker_pool"},
+    {"errors", "files", "worker_pool", "ffmpeg_tools"},
     {"layout", "video_io", "visualize"},
     {"config"},
     {"runtime"},  # launch, collectives, checkpoints, metrics, schedule, RNG, stop flags: below every program
     {"model", "data"},
-    {"generate", "train"},
+    {"train"},
     {"official"},  # converts the authors' generators into the export format (train/export)
     {"tokenizer"},  # its port of the authors' tokenizer reads their files through official/
-    {"sampling", "sample_log", "eval", "perf"},
+    {"generate"},  # the sampler: generators, the tokenizer that decodes their tokens, the output folder
+    {"sample_log", "eval", "perf"},
     {"cli"},  # the programs; ``python -m nbp_ds.X`` modules (X/__main__.py) are programs too
 ]
 

@@ -1,7 +1,7 @@
 """nbp_ds as a cluster user installs it: a wheel built from the checkout, installed into a fresh virtual
 environment outside it (no network: the wheel with --no-deps, its dependencies seen from this test's
-environment), then used from an unrelated folder: the commands exist, the shipped DeepSpeed config is found
-by name, nbp-train runs 2 steps, and the Slurm scripts written by nbp-slurm-template run as a smoke test."""
+environment), then used from an unrelated folder: the commands exist, the shipped DeepSpeed configs are real files
+found by name, nbp-train runs 2 steps, and the Slurm scripts written by nbp-slurm-template run as a smoke test."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def test_the_installed_package_trains_and_writes_its_slurm_scripts(installed, tm
     venv, env = installed
     where = sh([venv / "bin" / "python", "-c", "import nbp_ds; print(nbp_ds.__file__)"], tmp_path, env).stdout
     assert str(venv) in where and str(ROOT) not in where
+    # the DeepSpeed JSONs of the checkout's ds_configs/ (a link into the package) travel as real files
+    shipped = Path(where.strip()).parent / "ds_configs"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
+    assert all(p.is_file() and not p.is_symlink() for p in shipped.iterdir())
     for tool in ("nbp-tokenize", "nbp-sample", "nbp-export", "nbp-train-tokenizer", "nbp-bench-train"):
         assert "usage:" in sh([venv / "bin" / tool, "--help"], tmp_path, env).stdout
     shards = tmp_path / "shards"

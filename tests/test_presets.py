@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -41,3 +42,22 @@ def test_count_params_tool_prints_the_presets():
     for name in PAPER_PRESETS:
         assert name in out
     print(out)
+
+
+def test_the_readme_tables_preset_sizes_and_zero_stages():
+    """The README's preset table (layers, width, heads, total / non-embedding parameters in millions, read from
+    the README itself) is what the shipped configs build, and its ZeRO choice is theirs: zero2 where the 700M
+    states fit one GPU, zero3 for 1.2B and 3B."""
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (700M|1\.2B|3B) \| (\d+ \| \d+ \| \d+ \| \d+M / \d+M) \|$", readme, re.M))
+    assert sorted(rows) == ["1.2B", "3B", "700M"]
+    for preset, row in rows.items():
+        cfg = load_config(PRESET_CONFIGS[preset.lower()])
+        model = build_model(cfg, device="meta")
+        built = (f"{cfg.model.n_layer} | {cfg.model.d_model} | {cfg.model.n_head} | "
+                 f"{round(model.num_params() / 1e6)}M / {round(model.num_params(exclude_embeddings=True) / 1e6)}M")
+        assert built == row, preset
+    stages = {name: load_config(name).deepspeed.config for name in ("ucf101-700m", "k600-700m", "ucf101-1.2b",
+                                                                     "ucf101-3b")}
+    assert stages == {"ucf101-700m": "zero2", "k600-700m": "zero2", "ucf101-1.2b": "zero3", "ucf101-3b": "zero3"}
+    assert "`ucf101-700m` and `k600-700m` use `deepspeed.config=zero2`" in readme

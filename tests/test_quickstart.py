@@ -16,7 +16,7 @@ from nbp_ds.cli import quickstart
 from nbp_ds.cli.quickstart import STAGES as STAGE_NAMES
 from nbp_ds.eval.consistency import classify_clip
 from nbp_ds.eval.synthetic import CLASSES, parse_class
-from nbp_ds.sampling import recorded_videos
+from nbp_ds.generate.folder import recorded_videos
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -104,3 +104,46 @@ def test_readme_command(where, command):
         if program == "make":
             targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
             assert all(t in targets for t in words[1:] if not t.startswith("-")), f"make {words[1:]}"
+
+
+def test_the_readmes_point_only_inside_the_repository():
+    """Links and quoted paths name files of the project (none outside the checkout, none missing)."""
+    for readme in READMES:
+        text = readme.read_text()
+        outside = re.findall(r"`(\.\./[^`]*)`", text)
+        assert not outside, f"{readme.name} names files outside the repository: {outside}"
+        for target in re.findall(r"\]\(([^)#\s]+)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            resolved = (readme.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT.resolve()), f"{readme.name} links outside the repository: {target}"
+            assert resolved.exists(), f"{readme.name} links a missing file: {target}"
+
+
+def test_the_readme_states_the_python_the_package_requires():
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert f"Python {requires.replace('>=', '>= ')}" in (ROOT / "README.md").read_text()
+
+
+def test_every_command_has_help():
+    """"Every tool has --help": each nbp-* console script, those the READMEs run and the others."""
+    scripts = console_scripts()
+    assert len(scripts) > 15
+    for program, module in scripts.items():
+        assert help_text(module).startswith("usage:"), program
+
+
+def test_make_test_and_test_fast_select_the_markers_they_say():
+    """`make test`: every test but the gpu ones; `make test-fast`: not the slow or Slurm ones either; `make
+    gpu-check` installs nothing."""
+    dry = subprocess.run(["make", "-n", "test", "test-fast"], cwd=ROOT, capture_output=True, text=True, check=True)
+    runs = [line for line in dry.stdout.splitlines() if " -m pytest" in line]
+    assert runs == ['DS_ACCELERATOR=cpu .venv/bin/python -m pytest -m "not gpu"',
+                    'DS_ACCELERATOR=cpu .venv/bin/python -m pytest -m "not gpu and not slow and not slurm"']
+    markers = (ROOT / "pyproject.toml").read_text()
+    assert all(f'"{m}:' in markers for m in ("slow", "gpu", "slurm"))
+    # `make gpu-check` runs no set-up first: it never installs the CPU torch on a GPU machine
+    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "nbp_ds.cli.gpu_check" in dry.stdout and "setup_env" not in dry.stdout

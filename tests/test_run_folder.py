@@ -121,7 +121,8 @@ def test_an_allowed_lr_change_is_the_lr_that_runs(started, tmp_path):
         row = json.loads(line)
         if "train/lr" in row:
             logged[row["step"]] = row["train/lr"]
-    assert [logged[s] for s in (3, 4, 5)] == pytest.approx([expected(s) for s in (3, 4, 5)])
+    # the logged train/lr of step s is the rate that step applied: step index s - 1
+    assert [logged[s] for s in (3, 4, 5, 6)] == pytest.approx([expected(s - 1) for s in (3, 4, 5, 6)])
     # what the folder now records is the new experiment: the same start again needs no allow-list
     assert json.loads((out / "config.json").read_text())["train"]["lr"] == 5e-3
 

@@ -1,24 +1,27 @@
 """The slurm/*.sbatch scripts on a real one-node Slurm cluster (tests/slurm_cluster.py): a CPU
 training job with two srun tasks, a checkpoint-and-requeue on SIGUSR1 (what Slurm sends before the
-time limit), and a tokenization array job whose tasks split the dataset. The same on two hosts:
-tests/test_slurm_multinode.py."""
+time limit), a tokenization array job whose tasks split the dataset, and the CPU smoke-test line of
+slurm/README.md submitted as written. The same on two hosts: tests/test_slurm_multinode.py."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
+import shlex
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from nbp_ds import ffmpeg_tools
 from tests.slurm_cluster import SlurmCluster
 from tests.slurm_jobs import (
     CPU_ENV,
     NO_GPU,
+    documented_cpu_lines,
     expected_keys,
     log_text,
     make_videos,
@@ -36,6 +39,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # a node with few cores runs both tasks: one thread each
 TWO_TASKS_ONE_NODE = ["--ntasks=2", "--ntasks-per-node=2"]
+ONE_TASK = ["--ntasks=1", "--ntasks-per-node=1"]
 
 
 @pytest.fixture(scope="session")
@@ -167,9 +171,23 @@ def test_no_requeue_past_the_failure_budget(slurm_cluster, shards, tmp_path):
     assert "1 failures, more than NBP_MAX_FAILURES=0: not requeueing" in text, slurm_cluster.describe(job)
 
 
+def test_requeues_after_a_checkpointed_stop_end_at_nbp_max_requeues(slurm_cluster, shards, tmp_path):
+    """NBP_MAX_REQUEUES=0: a SIGUSR1 checkpoint leaves the run unfinished and the job is not requeued (exit 1).
+    (Failures have their own budget, NBP_MAX_FAILURES: test_no_requeue_past_the_failure_budget.)"""
+    job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-no-requeue", "train.steps=40",
+                                 layout=ONE_TASK, faults={"step_sleep": 0.2}, NBP_MAX_REQUEUES="0")
+    wait_for_step(slurm_cluster, job, out, 3)
+    slurm_cluster.signal_batch(job, "USR1")
+    slurm_cluster.wait_done(job, timeout=120)
+    info = slurm_cluster.job_info(job)
+    assert info["Restarts"] == "0" and info["ExitCode"] == "1:0", slurm_cluster.describe(job)
+    assert "already restarted 0 times: not requeueing" in log_text(log), slurm_cluster.describe(job)
+    assert (out / "checkpoints" / "latest").is_file() and not (out / "finished").exists()
+
+
 def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
-    if not shutil.which("ffmpeg"):
-        pytest.skip("ffmpeg is not installed (needed to make the test videos)")
+    if ffmpeg_tools.find_tool("ffmpeg") is None:
+        pytest.skip(f"ffmpeg is needed to make the test videos: {ffmpeg_tools.INSTALL_HINT}")
     rels = make_videos(tmp_path / "videos")
     out = tmp_path / "shards"
     job = submit_tokenize(slurm_cluster, tmp_path / "videos", out, tmp_path, array="0-1")
@@ -189,6 +207,8 @@ def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
     assert all(n == 1 for n in keys.values()), f"duplicated clips: {keys}"
     assert set(keys) == expected_keys(rels), slurm_cluster.describe(job)
     assert len(by_task[0]) == len(by_task[1]) == 3  # every second video each
+    for task in (0, 1):  # --workers defaults to the task's --cpus-per-task (1 here; the script's own default is 4)
+        assert ", 1 workers," in log_text(tmp_path / f"tok-{job}_{task}.log")
 
     slurm_cluster.wait_done(check, timeout=120)
     info = slurm_cluster.job_info(check)
@@ -207,3 +227,51 @@ def test_train_sbatch_runs_outside_slurm_as_a_smoke_test(shards, tmp_path):
     assert "not in a Slurm job, running a single process" in result.stdout
     out = tmp_path / "runs" / "tiny"  # no job name: the folder is named after the config
     assert (out / "finished").is_file() and (out / "checkpoints" / "latest").read_text() == "step00000003"
+
+
+# the reasons of a pending job that will never start, whatever it waits for
+NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "BadConstraints", "ReqNodeNotAvail")
+
+
+def test_the_documented_cpu_smoke_test_line_runs_as_written(slurm_cluster, shards, tmp_path):
+    """The one-node CPU line of slurm/README.md (and train.sbatch's header, which must say the same), with the
+    data placeholders filled in and nothing else added: on this small node it must start (not pend on the
+    script's GPU-node core count), train, and build DeepSpeed's op once in the job's node-local folder."""
+    lines = documented_cpu_lines(nodes=1)
+    assert len(lines) >= 2 and len(set(lines)) == 1, f"the docs disagree on the one-node CPU line: {lines}"
+    words = shlex.split(lines[0])
+    env = dict(w.split("=", 1) for w in words[:words.index("sbatch")])
+    train, val = shards
+    filled = {"data.train=...": f"data.train={train}", "data.val=...": f"data.val={val}"}
+    args = [filled.get(w, w) for w in words[words.index("sbatch") + 1:]]
+    assert not [a for a in args if a.endswith("...")], f"unknown placeholder in {lines[0]}"
+    log, node_tmp = tmp_path / "documented.log", tmp_path / "node_tmp"
+    node_tmp.mkdir()
+    # what the user's shell holds: where runs go, the job's name and log (sbatch reads SBATCH_*), its temporary
+    # space; TORCH_EXTENSIONS_DIR unset (the test session's own prebuilt folder would skip the build)
+    job = slurm_cluster.sbatch(args, cwd=ROOT, env={**env, "NBP_RUNS": str(tmp_path / "runs"), "TMPDIR": str(node_tmp),
+                                                     "SBATCH_JOB_NAME": "nbp-documented", "SBATCH_OUTPUT": str(log),
+                                                     "TORCH_EXTENSIONS_DIR": ""})
+    deadline = time.time() + 60
+    while (info := slurm_cluster.job_info(job)).get("JobState") == "PENDING" and time.time() < deadline:
+        assert info.get("Reason") not in NEVER_STARTS, (
+            f"the documented line never starts here: {info.get('Reason')} (NumCPUs={info.get('NumCPUs')})\n"
+            + slurm_cluster.describe(job))
+        time.sleep(0.5)
+    out = tmp_path / "runs" / "nbp-documented"
+    # while it trains, the job's node-local op folder holds DeepSpeed's CPU communication op, compiled once:
+    # one rank built it while the other waited for the lock (two builds would log each object twice)
+    wait_for_step(slurm_cluster, job, out, 1, timeout=300)
+    ops = node_tmp / f"nbp_ds-ops-job{job}-0"
+    built = list(ops.rglob("deepspeed_shm_comm/.ninja_log"))
+    assert len(built) == 1, f"DeepSpeed's op was not built in the job's node-local folder {ops}: {built}"
+    built = built[0]
+    objects = [line.split("\t")[3] for line in built.read_text().splitlines() if not line.startswith("#")]
+    assert sorted(objects) == ["deepspeed_shm_comm.so", "shm.o", "shm_interface.o"], objects
+    slurm_cluster.wait_done(job, timeout=300)
+    info = slurm_cluster.job_info(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_cluster.describe(job)
+    steps = int(re.search(r"train\.steps=(\d+)", lines[0])[1])
+    assert step_counts(out) == {s: 1 for s in range(1, steps + 1)} and (out / "finished").is_file()
+    assert log_text(log).count("deepspeed_shm_comm_op built successfully") == 2, slurm_cluster.describe(job)
+    assert not ops.exists(), "train.sbatch left the job's op folder behind"

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from nbp_ds import ffmpeg_tools
 from tests.slurm_cluster import SlurmCluster
 from tests.slurm_jobs import (
     checkpoint_ranks,
@@ -128,8 +128,8 @@ def test_a_rank_killed_on_the_second_host_requeues_the_job_which_resumes_from_th
 
 
 def test_tokenize_array_spreads_over_both_hosts(two_nodes, tmp_path):
-    if not shutil.which("ffmpeg"):
-        pytest.skip("ffmpeg is not installed (needed to make the test videos)")
+    if ffmpeg_tools.find_tool("ffmpeg") is None:
+        pytest.skip(f"ffmpeg is needed to make the test videos: {ffmpeg_tools.INSTALL_HINT}")
     rels = make_videos(tmp_path / "videos")
     out = tmp_path / "shards"
     # one CPU per task, two per host: the four tasks run at once, two on each host

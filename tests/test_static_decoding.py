@@ -1,7 +1,7 @@
 """The static decoder (fixed-shape passes, device tables, on-device sampling) gives exactly the eager decoder's
-tokens for every layout and both architectures, greedily and with a seed; it reads nothing back to the host while
-it decodes; its plan has the passes the layout implies; and the random stream it draws from is a well-mixed pure
-function of (seed, video, position)."""
+tokens for every layout and both architectures, greedily and with a seed; in both CPU decoders a video is the same
+in any batch; it reads nothing back to the host while it decodes; its plan has the passes the layout implies; and
+the random stream it draws from is a well-mixed pure function of (seed, video, position)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from batch_invariance import SAMPLINGS as BATCH_SAMPLINGS
+from batch_invariance import assert_drawn_by_video_index
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nbp_ds.config import load_config
@@ -89,14 +91,24 @@ def test_static_guided_decoding_gives_the_eager_tokens():
     assert not torch.equal(static, plain)
 
 
-def test_a_videos_draws_do_not_depend_on_its_batch():
-    """Video 6 of a run is the same video whether generated alone or as the middle of a batch of three."""
+@pytest.mark.parametrize("sampling", list(BATCH_SAMPLINGS))
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_a_video_is_the_same_in_any_batch(mode, sampling):
+    """Video 6 of a run is the same video alone, in the middle of one batch and first in another, in every decoder
+    that runs on the CPU (the GPU's graph decoder: tests/test_gpu_decoding.py). The paper's sampling needs more
+    codes than its top-k of 16,000 to filter anything: 20,000, on a grid of 2x2x4 to keep the passes few."""
+    paper = ["model.vocab_size=20000", "layout.grid=[2,2,4]"] if sampling == "paper" else []
+    model = model_for([*CASES["hybrid-class"], *paper])
+    assert_drawn_by_video_index(model, mode, BATCH_SAMPLINGS[sampling])
+
+
+def test_auto_decodes_eagerly_on_the_cpu_and_graph_needs_cuda():
+    """The default mode on a CPU is the eager decoder (on a GPU the graph one: tests/test_gpu_decoding.py)."""
     model = model_for(CASES["nbp-class"])
-    batch, _ = generate(model, 3, label=torch.tensor([2, 1, 0]), temperature=1.0, seed=9, video_index=[5, 6, 7])
-    alone, _ = generate(model, 1, label=1, temperature=1.0, seed=9, video_index=[6])
-    assert torch.equal(batch[1:2], alone)
-    other, _ = generate(model, 1, label=1, temperature=1.0, seed=9, video_index=[8])
-    assert not torch.equal(other, alone)
+    _, stats = generate(model, 1, label=0, temperature=0)
+    assert stats["mode"] == "eager"
+    with pytest.raises(ValueError, match="mode='graph' needs a model on a CUDA device"):
+        generate(model, 1, label=0, mode="graph")
 
 
 def test_a_decoder_is_reused_across_batches():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nbp_ds import ffmpeg_tools
 from nbp_ds.eval.consistency import analyze_clip, classify_clip, consistency_report, format_report
 from nbp_ds.eval.synthetic import BACKGROUND, CLASSES, DIRECTIONS, SHAPES, parse_class, render_clip
 
@@ -21,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ["-m", "nbp_ds.cli.make_synthetic_videos"]
 CHECKER = ["-m", "nbp_ds.cli.check_consistency"]
 
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
-                                  reason="needs ffmpeg and ffprobe on PATH")
+needs_ffmpeg = pytest.mark.skipif(not all(map(ffmpeg_tools.find_tool, ffmpeg_tools.TOOLS)),
+                                  reason=f"needs ffmpeg and ffprobe: {ffmpeg_tools.INSTALL_HINT}")
 
 
 def rendered(per_class: int, frames: int = 9, size: int = 32, seed: int = 0):

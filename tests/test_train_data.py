@@ -5,6 +5,7 @@ another number of processes through DeepSpeed's universal checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,11 @@ def test_resume_on_another_number_of_processes_carries_weights_optimizer_and_dat
     loaded = torch.load(tmp_path / "state.pt", weights_only=False)
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(first / "checkpoints"), tag="step00000010")
     assert loaded.pop("weight_decay") == [0.05, 0.0]  # norm gains are not decayed, as before the resume
+    # the LR schedule goes on where it was: step k applies the cosine k - 3 steps past the 2 steps of warmup
+    # (tiny: lr 1e-3 down to 10% over 18 steps), as the logged train/lr (the rate each step applied) shows
+    applied = {r["step"]: r["train/lr"] for r in rows(second)}
+    assert applied == pytest.approx({k: 1e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * (k - 3) / 18)) / 2)
+                                     for k in range(11, 21)}, rel=1e-9)
     assert set(loaded) == set(consolidated)
     for name, (fp32, exp_avg, exp_avg_sq) in loaded.items():
         torch.testing.assert_close(fp32, consolidated[name], rtol=0, atol=0)

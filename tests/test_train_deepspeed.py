@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -42,6 +43,7 @@ def trained(shards, tmp_path_factory):
     """One 40-step ZeRO-3 run shared by the assertions that only read its outputs."""
     out = tmp_path_factory.mktemp("run") / "out"
     result = run(train_cmd(out, shards, "train.steps=40", "train.save_every=20", "train.eval_every=20",
+                           "train.sample_every=20", "train.sample_tokenizer=random:tiny",
                            "deepspeed.config=tests/data/zero3_no_persistence.json"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
@@ -57,7 +59,17 @@ def test_zero3_learns_and_logs(trained):
     assert len(val) == 2 and val[1] < val[0]
     assert {"train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time", "perf/data_wait",
             "sys/memory_gib", "data/samples"} <= set(rows[0])
-    assert list((trained / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (trained / "tb").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events), size_guidance={"images": 0})
+    board.Reload()
+    # train.sample_every: a video per class (tiny: 4) and the grid of them all, at steps 20 and 40
+    samples = [tag for tag in board.Tags()["images"] if tag.startswith("samples/")]
+    assert "samples/grid" in samples and len(samples) == 5
+    assert all([e.step for e in board.Images(tag)] == [20, 40] for tag in samples)
+    scalars = set(board.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "perf/tokens_per_s", "data/samples", "sys/memory_gib"} <= scalars
     assert (trained / "checkpoints" / "latest").read_text() == "step00000040"
 
 
@@ -178,19 +190,63 @@ def test_latest_moves_only_after_every_rank_has_written(shards, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step00000010"
 
 
-def test_validation_counts_every_sample_once_with_uneven_ranks(tmp_path):
-    """Validation shards of 40, 40 and 8 samples: rank 0 reads 48, rank 1 reads 40. val/loss must be the mean
-    over all 88 samples, computed independently here from the exported weights in one process."""
+def test_figures_summed_over_ranks_and_the_applied_lr_match_hand_counts(tmp_path):
+    """Two ranks of unequal data, 6 steps of 2 micro-batches of 4. Training: rank 0 reads a shard of 40 good
+    samples, rank 1 a shard of one corrupt member, one of the wrong shape and one good sample, read in stored
+    order (a shuffle buffer of one), so rank 1 skips one of each before each good sample. Validation: shards of
+    40, 40 and 8 samples, rank 0 reads 48 and rank 1 40; val/loss is the mean over all 88, computed here from
+    the exported weights in one process. The learning rate each step applies is read from the optimizer
+    (tests/readback.py) and compared with warmup + cosine + floor written out here."""
+    from test_data_loader import corrupt_shard
+
     shards = tmp_path / "shards"
-    make_shards(shards, train=80, val=0)
+    make_shards(shards, train=40, val=0)  # train/shard-000000.tar: rank 0's
+    corrupt_shard(shards / "train" / "shard-000001.tar", GRID)  # rank 1's
     rng = np.random.default_rng(5)
     with TokenShardWriter(shards / "val", maxcount=40) as writer:
         for i in range(88):
             writer.write(f"v{i:04d}", rng.integers(0, 64, GRID), i % 4, {})
-    out = tmp_path / "out"
-    result = run(train_cmd(out, shards, "train.steps=2", "train.eval_every=2", "train.save_every=2",
-                           "data.val_batches=0"))
+    out, lrs = tmp_path / "out", tmp_path / "lrs.json"
+    steps, accum, micro, ranks, peak, warmup, floor = 6, 2, 4, 2, 1e-3, 2, 0.1
+    result = run(["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                  "tests/readback.py", str(lrs), f"data.train={shards / 'train'}", f"data.val={shards / 'val'}",
+                  f"train.out_dir={out}", "train.log_every=1", f"train.steps={steps}", f"train.grad_accum={accum}",
+                  f"train.micro_batch={micro}", f"train.lr={peak}", f"train.warmup_steps={warmup}",
+                  f"train.min_lr_ratio={floor}", f"train.eval_every={steps}", f"train.save_every={steps}",
+                  "data.val_batches=0", "data.shuffle_buffer=1", "data.num_workers=1"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r}
+    assert sorted(rows) == list(range(1, steps + 1))
+
+    # data counters, summed over both ranks: every micro-batch of both is 4 good samples; only rank 1 skips
+    for step, row in rows.items():
+        good = step * accum * micro * ranks
+        assert (row["data/samples"], row["data/source/train"], row["data/batches"]) == (good, good, good // micro)
+        assert row["data/corrupt"] == row["data/bad_shape"] == step * accum * micro  # rank 1's skips
+        assert row["data/failed_shards"] == row["data/shard_retries"] == 0
+        # tokens/s: every rank's sequences (class token + BOV block + 11 blocks of 4 = 49 positions) per second
+        assert row["perf/tokens_per_s"] * row["perf/step_time"] == pytest.approx(ranks * accum * micro * 49)
+        assert row["perf/tokens_per_s_per_device"] == pytest.approx(row["perf/tokens_per_s"] / ranks)
+
+    # the learning rate: linear warmup over 2 steps, then half a cosine from the peak to peak * floor over the
+    # other 4, read before each step's updates; after the last step the optimizer holds the floor
+    def expected(step: int) -> float:
+        if step <= warmup:
+            return peak * step / warmup
+        progress = (step - 1 - warmup) / (steps - warmup)
+        return peak * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+
+    read = json.loads(lrs.read_text())
+    applied = {int(step): group_lrs for step, group_lrs in read["applied"].items()}
+    assert sorted(applied) == list(range(1, steps + 1))
+    for step, group_lrs in applied.items():
+        assert group_lrs == pytest.approx([expected(step)] * 2, rel=1e-9), step  # decayed and not decayed groups
+        assert rows[step]["train/lr"] == pytest.approx(expected(step), rel=1e-9), step  # the figure logged
+    assert [applied[s][0] / peak for s in (1, 2, 3, 5)] == pytest.approx([0.5, 1.0, 1.0, 0.55])
+    assert read["after_last"] == pytest.approx([peak * floor] * 2, rel=1e-9)
+
+    # validation: every sample once, whatever rank read it
     logged = [json.loads(line)["val/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "val/loss" in line]
     from nbp_ds.data import build_loader
@@ -203,7 +259,7 @@ def test_validation_counts_every_sample_once_with_uneven_ranks(tmp_path):
             losses += [model.loss({"tokens": t[None], "label": y[None]})[0].item()
                        for t, y in zip(batch["tokens"], batch["label"], strict=True)]
     assert len(losses) == 88  # every sample has the same number of targets: the mean of per-sample losses
-    assert logged[-1] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert logged == [pytest.approx(sum(losses) / len(losses), rel=1e-5)]
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(shards, tmp_path):

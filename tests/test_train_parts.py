@@ -22,6 +22,7 @@ from nbp_ds.runtime.checkpoint import (
     find_checkpoint,
     read_latest,
 )
+from nbp_ds.runtime.metrics import console_line
 from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.train.ds_config import build_ds_config
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
@@ -41,6 +42,15 @@ def test_lr_factor_warmup_cosine_and_floor():
 
 
 # ---- DeepSpeed config completion ---------------------------------------------------------------------
+def test_the_console_line_ends_with_the_eta():
+    """The rest of the run at the interval's step time: 90 steps x 1.5 s, then 4000 x 1.5 s."""
+    values = {"train/loss": 2.0, "train/acc": 0.5, "train/lr": 1e-3, "train/grad_norm": 1.0,
+              "perf/tokens_per_s": 1000.0, "perf/step_time": 1.5, "perf/data_wait_share": 0.1,
+              "sys/memory_gib": 1.0, "perf/mfu": 0.25}
+    assert console_line(10, 100, values).endswith(" | ETA 2m15s")
+    assert console_line(0, 4000, values).endswith(" | ETA 1h40m")
+
+
 def test_ds_config_takes_batch_clipping_precision_and_optimizer_from_the_run_config():
     cfg = load_config("tiny", ["train.micro_batch=3", "train.grad_accum=2", "train.grad_clip=0.5",
                                "train.precision=bf16", "train.lr=2e-4", "train.weight_decay=0.1"])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from nbp_ds import ffmpeg_tools
+
 
 def ffmpeg(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True)
+    subprocess.run([ffmpeg_tools.ffmpeg(), "-loglevel", "error", "-y", *args], check=True)
 
 
 def lavfi_video(path: Path, size: str = "64x48", rate: int = 8, seconds: float = 3.0, source: str = "testsrc",

@@ -18,78 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
 from nbp_ds.cli import command
-
-
-def bench_loader(folder: Path, grid: tuple[int, int, int], samples: int, workers: int, batch: int) -> float:
-    from nbp_ds.data import build_loader
-
-    # more workers than cores is what this measures (a node has many more): not a mistake to warn about
-    warnings.filterwarnings("ignore", message="This DataLoader will create")
-    loader = build_loader(folder, grid=grid, batch_size=batch, mode="train", num_workers=workers, seed=0,
-                          shuffle_buffer=1000)
-    it = iter(loader)
-    next(it)  # worker start-up is not throughput
-    began, seen = time.perf_counter(), 0
-    while seen < samples:
-        seen += next(it)["tokens"].shape[0]
-    return seen / (time.perf_counter() - began)
-
-
-def bench_resume(folder: Path, grid: tuple[int, int, int], seen: list[int], workers: int, batch: int,
-                 replay_first: bool = True) -> list[tuple[int, float, float, float | None]]:
-    """For each number of samples seen: (samples, seconds to reach it, seconds from a saved state to the
-    first batch of a new loader, seconds for the same by reading the stream again up to there)."""
-    import json
-
-    from nbp_ds.data import build_loader
-
-    warnings.filterwarnings("ignore", message="This DataLoader will create")
-    kwargs = dict(grid=grid, batch_size=batch, mode="train", num_workers=workers, seed=0, shuffle_buffer=1000)
-    loader = build_loader(folder, **kwargs)
-    it, done, results = iter(loader), 0, []
-    began = time.perf_counter()
-    for target in sorted(seen):
-        while done * batch < target:
-            next(it)
-            done += 1
-        reached = time.perf_counter() - began
-        state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint keeps it
-        start = time.perf_counter()
-        resumed = build_loader(folder, **kwargs)
-        resumed.load_state_dict(state)
-        next(iter(resumed))
-        seek = time.perf_counter() - start
-        replay = None
-        if replay_first and not results:
-            start = time.perf_counter()
-            next(iter(build_loader(folder, start_batch=done, **kwargs)))
-            replay = time.perf_counter() - start
-        results.append((done * batch, reached, seek, replay))
-        began = time.perf_counter() - reached  # the resume measurements do not count as reaching
-    return results
-
-
-def bench_tokenize(tmp: Path, preset: str, videos: int, frames: int, resolution: int, workers: int) -> tuple:
-    from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
-    from nbp_ds.video_io import ClipSpec
-
-    src = tmp / "videos"
-    src.mkdir()
-    for i in range(videos):
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=8",
-                        "-t", str(frames / 8 + 0.5), str(src / f"v{i:03d}.mp4")], check=True)
-    opts = TokenizeOptions(videos=str(src), out=str(tmp / "tok"), tokenizer=f"random:{preset}",
-                           clip=ClipSpec(frames, resolution, 8.0), workers=workers, batch_size=8, progress=False)
-    summary = tokenize_dataset(opts)
-    return summary.clips, summary.seconds
 
 
 @command
@@ -107,17 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
     import numpy as np
 
-    from nbp_ds.data import TokenShardWriter
+    from nbp_ds.perf.data_bench import bench_loader, bench_resume, bench_tokenize, write_token_shards
 
     grid = tuple(int(x) for x in args.grid.split(","))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        rng = np.random.default_rng(0)
         n = min(args.samples, 10000)  # the train stream loops over them
-        with TokenShardWriter(tmp / "shards", maxcount=500) as writer:
-            for i in range(n):
-                writer.write(f"s{i:07d}", rng.integers(0, 64000, grid), int(i % 101), {"source": f"v{i}"})
-        size = sum(f.stat().st_size for f in (tmp / "shards").glob("*.tar")) / n
+        size = write_token_shards(tmp / "shards", grid, n)
         print(f"loader: {n} samples of {grid} in {len(list((tmp / 'shards').glob('*.tar')))} shards "
               f"({size / 1024:.1f} KiB each), batch {args.batch_size}, {os.cpu_count()} cores")
         for w in args.workers:

@@ -21,107 +21,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
 
 import torch
 
 from nbp_ds.cli import command
 from nbp_ds.config import load_config
 from nbp_ds.errors import UsageError
-from nbp_ds.generate import MODES, PAPER_SAMPLING, Sampling, generate, release_decoders, resolve_mode
-from nbp_ds.generate.decode import kept_decoder
-from nbp_ds.generate.draw import video_keys
-from nbp_ds.generate.static import StaticDecoder
+from nbp_ds.generate import MODES, PAPER_SAMPLING, release_decoders, resolve_mode
 from nbp_ds.model import build_model
+from nbp_ds.perf.generate_bench import (
+    Row,
+    copy_bandwidth,
+    time_decoding,
+    variants,
+    video_frames,
+    weight_bytes,
+)
 
 SMALL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=64000"]
 SAMPLINGS = {"paper": {k: v for k, v in PAPER_SAMPLING.items() if k != "cfg_scale"},
              "plain": {"temperature": 1.0}, "greedy": {"temperature": 0.0}}
-
-
-def variants(width: int) -> dict[str, list[str]]:
-    """NBP with one row of the latent grid per block (the paper's 1x1x16 on its 16-wide grid), its hybrid
-    form, and next-token prediction."""
-    row = f"layout.block=[1,1,{width}]"
-    return {f"NBP 1x1x{width}": [row, "layout.hybrid=false"],
-            "NBP hybrid": [row, "layout.hybrid=true"],
-            "NTP 1x1x1": ["layout.block=[1,1,1]", "layout.hybrid=false"]}
-
-
-def video_frames(latent_frames: int, temporal_compression: int) -> int:
-    """Frames of the decoded video: the first latent frame is one frame, each later one several."""
-    return 1 + (latent_frames - 1) * temporal_compression
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second a device-to-device copy moves (each byte read once and written once)."""
-    size = (256 if device.type == "cuda" else 64) * 2**20
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    synchronize(device)
-    repeats = 10
-    began = time.perf_counter()
-    for _ in range(repeats):
-        dst.copy_(src)
-    synchronize(device)
-    return 2 * size * repeats / (time.perf_counter() - began)
-
-
-@dataclass
-class Row:
-    passes: int
-    seconds: float  # per batch (best of the timed runs, or scaled from the timed passes)
-    estimated_from: int = 0  # passes timed when the row is an estimate
-
-
-def inputs(model, batch: int) -> dict:
-    lay = model.layout
-    device = next(model.parameters()).device
-    if lay.condition == "class":
-        return {"label": torch.arange(batch) % lay.num_classes}
-    if lay.condition == "frames":
-        return {"context": torch.zeros(batch, lay.context_frames, *lay.grid[1:], dtype=torch.long, device=device)}
-    return {}
-
-
-def time_whole_videos(model, batch: int, sampling: dict, mode: str, repeats: int, budget: float) -> Row:
-    """Best wall-clock time of whole decodes after a warm-up (allocations, kernel choice, graph capture); stops
-    early once the timed runs took ``budget`` seconds (at least one run)."""
-    args = {**inputs(model, batch), **sampling, "mode": mode}
-    _, stats = generate(model, batch, seed=0, **args)
-    times: list[float] = []
-    while len(times) < repeats and (not times or sum(times) < budget):
-        began = time.perf_counter()
-        generate(model, batch, seed=len(times) + 1, **args)
-        times.append(time.perf_counter() - began)  # generate synchronises the device before it returns
-    return Row(stats["forward_passes"], min(times))
-
-
-def time_spread_passes(model, batch: int, sampling: dict, mode: str, timed: int) -> Row:
-    """Time ``timed`` passes spread evenly over the video (every attention length in proportion) with the static
-    decoder, and scale to all passes: a long next-token decode estimated without running all of it."""
-    lay = model.layout
-    settings = Sampling(**sampling)
-    decoder = (kept_decoder(model, batch, settings) if mode == "graph" else StaticDecoder(model, batch, settings))
-    device = decoder.device
-    label = inputs(model, batch).get("label")
-    condition = lay.condition_ids(label.to(device)) if lay.prefix_len else None
-    decoder.prepare(torch.zeros_like(decoder.tokens), condition, video_keys(0, torch.arange(batch, device=device)))
-    passes = decoder.passes
-    steps = sorted({round(i * (passes - 1) / (timed - 1)) for i in range(timed)})
-    decoder.decode(steps[: max(1, len(steps) // 8)])  # warm-up
-    synchronize(device)
-    began = time.perf_counter()
-    decoder.decode(steps)
-    synchronize(device)
-    return Row(passes, (time.perf_counter() - began) * passes / len(steps), estimated_from=len(steps))
 
 
 def print_row(name: str, batch: int, row: Row, frames: int, floor_seconds: float) -> None:
@@ -181,19 +100,15 @@ def main(argv: list[str] | None = None) -> int | None:
         except ValueError as exc:
             raise UsageError(f"--mode {args.mode}: {exc}") from exc
         if not header_done:
-            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            floor = weight_bytes / bandwidth
-            print(f"decoder {mode}; bandwidth floor: {weight_bytes / 1e9:.3f} GB of weights / {bandwidth / 1e9:.0f} "
+            weights = weight_bytes(model)
+            floor = weights / bandwidth
+            print(f"decoder {mode}; bandwidth floor: {weights / 1e9:.3f} GB of weights / {bandwidth / 1e9:.0f} "
                   f"GB/s measured copy bandwidth = {1000 * floor:.3f} ms per pass", flush=True)
             print(f"{'variant':<12} {'batch':>5} {'passes':>7} {'s/video':>9} {'frames/s':>9} {'videos/s':>9} "
                   f"{'ms/pass':>8} {'floor f/s':>10}", flush=True)
             header_done = True
         for batch in args.batch_sizes:
-            passes = len(model.layout.generation_steps)
-            if mode != "eager" and batch >= 32 and args.estimate_passes and passes > args.estimate_passes:
-                row = time_spread_passes(model, batch, sampling, mode, args.estimate_passes)
-            else:
-                row = time_whole_videos(model, batch, sampling, mode, args.repeats, args.row_seconds)
+            row = time_decoding(model, batch, sampling, mode, args.repeats, args.row_seconds, args.estimate_passes)
             print_row(name, batch, row, frames, floor)
             seconds[name, batch] = row.seconds
             release_decoders(model)

@@ -42,7 +42,7 @@ from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 from nbp_ds.eval.consistency import consistency_report, format_report
 from nbp_ds.eval.synthetic import CLASSES, parse_class
-from nbp_ds.sampling import RECORDS_FILE, recorded_videos
+from nbp_ds.generate.folder import RECORDS_FILE, recorded_videos
 
 log = logging.getLogger(__name__)
 ARRAY_NAMES = ("videos.npy", "frames.npy")

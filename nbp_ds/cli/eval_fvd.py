@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nbp_ds import ffmpeg_tools
 from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 from nbp_ds.eval.fvd import (
@@ -39,7 +39,7 @@ from nbp_ds.eval.fvd import (
     iter_clips,
     missing_detector_message,
 )
-from nbp_ds.sampling import sampled_frame_files
+from nbp_ds.generate.folder import sampled_frame_files
 from nbp_ds.video_io import ARRAY_SUFFIXES, VIDEO_SUFFIXES, find_videos
 
 logger = logging.getLogger(__name__)
@@ -76,9 +76,10 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError("--num-frames and --batch-size must be >= 1")
     if args.max_videos is not None and args.max_videos < 2:
         raise UsageError("--max-videos must be >= 2 (a covariance needs at least 2 clips)")
-    for tool in ("ffmpeg", "ffprobe"):
-        if shutil.which(tool) is None:
-            logger.warning("%s not found on PATH: .mp4 inputs cannot be decoded (.npy inputs still work)", tool)
+    for tool in ffmpeg_tools.TOOLS:
+        if ffmpeg_tools.find_tool(tool) is None:
+            logger.warning("%s not found: .mp4 inputs cannot be decoded (.npy inputs still work); %s", tool,
+                           ffmpeg_tools.INSTALL_HINT)
 
     sets: dict[str, list[Path]] = {}
     for name, spec in (("real", args.real), ("fake", args.fake)):

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbp_ds import ffmpeg_tools
 from nbp_ds.cli import command
 from nbp_ds.errors import UsageError
 
@@ -77,7 +77,7 @@ def check_environment() -> list[str]:
              f"{props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"]
     flash = [m for m in ("flash_attn.cute", "flash_attn") if _importable(m)]
     lines.append(f"flash attention: {', '.join(flash) if flash else 'not installed (optional: flash-attn-4)'}")
-    lines.append(f"ffmpeg: {shutil.which('ffmpeg') or 'not found (mp4 steps of the tests skip)'}")
+    lines.append(f"ffmpeg: {ffmpeg_tools.find_tool('ffmpeg') or 'not found (mp4 steps of the tests skip)'}")
     return lines
 
 

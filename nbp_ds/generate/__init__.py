@@ -8,6 +8,12 @@ logits per token of the block it predicts. The KV cache is allocated once for th
 * ``static``: the static decoder (fixed-shape passes, no host synchronisation, CUDA graphs).
 * ``plan``: the generation steps as device tables grouped by pass shape.
 * ``draw``: sampling on the device (temperature, top-k, top-p, guidance) from a counter-based random stream.
+* ``conditions``: the label, guidance and context a model's condition takes, checked once for every caller.
+* ``sampler``: nbp-sample's work: loading weights, tokenizer, labels and context, checked before any work.
+* ``folder``: a sampler output folder: videos streamed to per-video files as they come, a record, resume.
+
+``sampler`` and ``folder`` load tokenizers and write files: import them by module (``nbp_ds.generate.sampler``);
+``import nbp_ds.generate`` stays the decoder alone.
 """
 
 from nbp_ds.generate.decode import MODES, generate, release_decoders, resolve_mode

@@ -20,7 +20,8 @@ import weakref
 
 import torch
 
-from nbp_ds.generate.draw import Sampling, draw_tokens, video_keys
+from nbp_ds.generate.conditions import check_conditions, guidance_scale
+from nbp_ds.generate.draw import Sampling, check_seed, draw_tokens, video_keys
 from nbp_ds.generate.plan import DEFAULT_KV_BUCKET
 from nbp_ds.generate.static import StaticDecoder, plan_for
 from nbp_ds.layout import Layout
@@ -85,10 +86,8 @@ def release_decoders(model: torch.nn.Module | None = None) -> None:
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
-def _as_labels(label, batch_size: int, layout: Layout, device: torch.device) -> torch.Tensor:
-    if label is None:
-        raise ValueError("this model is class-conditional: pass label= (an int or LongTensor[B])")
-    label = layout.check_labels(torch.as_tensor(label, dtype=torch.long).cpu())  # checked once, on the host
+def _as_labels(label: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Checked labels (a host LongTensor, one or [B]) as [B] on the device."""
     if label.dim() == 0:
         label = label.expand(batch_size)
     if label.shape != (batch_size,):
@@ -100,18 +99,14 @@ def _initial_tokens(layout: Layout, batch_size: int, context: torch.Tensor | Non
                     device: torch.device) -> torch.Tensor:
     """[B, T*H*W] zeros, with the given context frames of a frame-prediction layout in place."""
     tokens = torch.zeros(batch_size, layout.num_video_tokens, dtype=torch.long, device=device)
-    if layout.condition == "frames":
+    if context is not None:  # a frame-prediction layout (check_conditions)
         t, h, w = layout.grid
         c = layout.context_frames
-        if context is None:
-            raise ValueError(f"this model predicts frames: pass context= LongTensor[{batch_size}, {c}, {h}, {w}]")
         context = torch.as_tensor(context, device=device).long()
         if context.dim() != 4 or context.shape[0] != batch_size or tuple(context.shape[2:]) != (h, w) \
                 or context.shape[1] < c:
             raise ValueError(f"context must be [{batch_size}, >= {c}, {h}, {w}], got {list(context.shape)}")
         tokens[:, : c * h * w] = context[:, :c].reshape(batch_size, -1)
-    elif context is not None:
-        raise ValueError(f"context= is for frame-prediction models; this one has condition={layout.condition!r}")
     return tokens
 
 
@@ -184,24 +179,19 @@ def generate(
     layout = model.layout
     param = next(model.parameters())
     device = param.device
-    scale = None if cfg_scale == 1.0 else cfg_scale  # guidance at scale 1 is the conditional model itself
-    if layout.condition == "class":
-        if scale is not None and not layout.has_null_class:
-            raise ValueError("cfg_scale= needs a null class, and a model conditioned on class text prefixes "
-                             "(layout.class_prefixes) has none: sample without classifier-free guidance")
-    elif label is not None or scale is not None:
-        raise ValueError(f"label= and cfg_scale= need a class-conditional model; condition={layout.condition!r}")
-    sampling = Sampling(temperature, top_k, top_p, scale)
+    if label is not None:
+        label = torch.as_tensor(label, dtype=torch.long).cpu()  # checked once, on the host
+    check_conditions(layout, label, cfg_scale, context is not None)
+    sampling = Sampling(temperature, top_k, top_p, guidance_scale(cfg_scale))
     mode = resolve_mode(mode, model)
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") >> 1
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed(seed)
 
     tokens = _initial_tokens(layout, batch_size, context, device)
     labels = None
-    if layout.condition == "class":
-        labels = _as_labels(label, batch_size, layout, device)
+    if label is not None:
+        labels = _as_labels(label, batch_size, device)
         if sampling.guided:  # the second half of the rows runs unconditionally (null class)
             labels = torch.cat([labels, torch.full_like(labels, layout.null_class)])
     keys = video_keys(seed, _video_index(video_index, batch_size, device))

@@ -122,6 +122,12 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def check_seed(seed: object, name: str = "seed") -> None:
+    """Refuse a seed ``video_keys`` cannot take (anything but a non-negative int), naming it as ``name``."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {seed!r}")
+
+
 def video_keys(seed: int, video_index: torch.Tensor) -> torch.Tensor:
     """One 32-bit stream key per video [B] from a seed (any non-negative int) and the videos' indices [B]."""
     index = video_index.long()

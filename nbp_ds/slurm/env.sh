@@ -5,6 +5,7 @@
 #   NBP_VENV   the Python virtual environment to activate (default: this repository's .venv)
 #   NBP_CPU=1  run on CPU: DeepSpeed's accelerator is forced to cpu and torch.distributed uses gloo
 #              (for smoke tests on nodes without GPUs; the test suite's local Slurm cluster sets it)
+#   TORCH_EXTENSIONS_DIR  where DeepSpeed's compiled ops go (default in a job: node-local, per job; see below)
 
 NBP_ROOT="${NBP_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 export NBP_ROOT
@@ -33,6 +34,23 @@ export PYTHONPATH="$NBP_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Without a cap, every rank's torch / OpenMP starts one thread per core of the node and the ranks
 # sharing it fight over them. Default: the cores Slurm gave each task (--cpus-per-task), else 4.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
+
+# ---- DeepSpeed ops -------------------------------------------------------------------------------
+# DeepSpeed compiles some of its ops with the node's C++ compiler (nvcc too for CUDA ones) the first time a run
+# needs them: FusedAdam on GPUs (the shipped ds_configs' AdamW), CPUAdam for zero3_offload, its shared-memory
+# communication on CPU. Left to the default (~/.cache/torch_extensions, on shared storage at most sites), every
+# rank of every node would build into one folder over the network file system at once. So each job builds in
+# node-local temporary space, a folder per job and restart ($SLURM_TMPDIR, else $TMPDIR, else /tmp): torch's
+# build lock, a file in that folder, lets one rank per node compile while the node's other ranks wait, and a
+# build killed midway leaves no lock behind for later jobs. train.sbatch removes the folder on every node when
+# its training step ends. A TORCH_EXTENSIONS_DIR set before this point is kept (see "DeepSpeed ops" in
+# slurm/README.md): a node-local folder that outlives jobs saves the compile in every job.
+# export TORCH_EXTENSIONS_DIR="/local/scratch/$USER/nbp_ds-ops"
+if [[ -n "${SLURM_JOB_ID:-}" && -z "${TORCH_EXTENSIONS_DIR:-}" ]]; then
+    TORCH_EXTENSIONS_DIR="${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/nbp_ds-ops-job${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+    export TORCH_EXTENSIONS_DIR
+    export NBP_JOB_OPS_DIR="$TORCH_EXTENSIONS_DIR"  # this job's own: train.sbatch removes it at the end
+fi
 
 # ---- NCCL (multi-node GPU communication) -------------------------------------------------------
 # The defaults work on most InfiniBand clusters; uncomment what yours needs.

@@ -102,6 +102,7 @@ class Trainer:
         self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.state = TrainState(world_size=self.world)
         self.loader = self._train_loader()
+        self.step_lr = float("nan")  # the learning rate the latest step applied (logged as train/lr)
         self.val_report = DataReport()  # what validation met, for the end-of-run summary
         self._register_saved_state()
         if self.resume_from:
@@ -172,6 +173,8 @@ class Trainer:
 
     def _train_step(self, batches, meter: StepMeter) -> None:
         """One optimizer step over train.grad_accum micro-batches; nothing here waits for the device."""
+        # the rate this step applies, for the log: the scheduler has moved on to the next step's once it is done
+        self.step_lr = self.engine.get_lr()[0]
         for _ in range(self.cfg.train.grad_accum):
             with meter.timing_data():
                 batch = next(batches)
@@ -199,7 +202,7 @@ class Trainer:
 
     def _log(self, meter: StepMeter) -> None:
         values = meter.flush()
-        values.update({"train/lr": self.engine.get_lr()[0], "train/skipped_steps": self.state.bad_steps,
+        values.update({"train/lr": self.step_lr, "train/skipped_steps": self.state.bad_steps,
                        "train/grad_norm": _float(self.engine.get_global_grad_norm())})
         stats = self.loader.stats()
         values.update({f"data/{k}": v for k, v in zip(stats, distributed.all_reduce(list(stats.values())).tolist(),

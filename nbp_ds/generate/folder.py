@@ -1,4 +1,5 @@
-"""Sampling at FVD scale: thousands of videos generated in batches, decoded and written as they come, resumable.
+"""A sampler output folder: thousands of videos (FVD scale) generated in batches, decoded and written as they come,
+resumable; ``nbp_ds.generate.sampler`` loads and checks what a run samples with, then streams it here.
 
 An output folder holds::
 
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -145,17 +147,6 @@ class RecordLog:
         os.close(self._fd)
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short digest of a model's weights (each tensor's sum, to 6 significant digits: the same on any device and
-    reduction order), so that a run is never resumed with other weights."""
-    import hashlib
-
-    with torch.no_grad():
-        sums = [f"{name}:{float(torch.sum(p, dtype=torch.float64)):.6e}" for name, p in model.state_dict().items()
-                if p.is_floating_point()]
-    return hashlib.sha256("\n".join(sums).encode()).hexdigest()[:16]
-
-
 def clear_run(out: Path) -> int:
     """Delete what an earlier run of the sampler wrote in ``out`` (the files its records name, the record, the
     settings, the preview); other files stay. Returns the number of files deleted."""
@@ -267,6 +258,12 @@ class SamplingSummary:
     forward_passes: int  # per video
     generate_seconds: float  # generation only (device time, synchronised per batch)
     frames: int  # video frames made by this run
+    seconds: float = 0.0  # the whole run: generating, decoding and writing
+
+    @property
+    def finished(self) -> int:
+        """Videos of the run in the folder now."""
+        return self.skipped + self.videos
 
 
 def sample_to_folder(model, tokenizer, jobs: Sequence[VideoJob], out: str | Path, settings: dict, *,
@@ -281,6 +278,7 @@ def sample_to_folder(model, tokenizer, jobs: Sequence[VideoJob], out: str | Path
     from nbp_ds.generate import generate
     from nbp_ds.visualize import frame_grid, save_png
 
+    began = time.perf_counter()
     out = Path(out)
     finished = open_run(out, settings, restart)
     todo = [b for b in batches_of(jobs, batch_size) if any(j.index not in finished for j in b)]
@@ -316,4 +314,5 @@ def sample_to_folder(model, tokenizer, jobs: Sequence[VideoJob], out: str | Path
     preview = recorded_videos(out)[:PREVIEW_VIDEOS]
     if preview:
         save_png(out / "grid.png", frame_grid(np.stack([np.load(r["frames_path"]) for r in preview])))
+    summary.seconds = time.perf_counter() - began
     return summary

