@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -24,6 +24,7 @@ from nbp_ds.errors import ConfigError
 from nbp_ds.layout import Layout
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+T = TypeVar("T")
 
 
 @dataclass
@@ -164,20 +165,14 @@ FLEX_KERNEL_OPTIONS = {"BLOCK_M": int, "BLOCK_N": int, "BLOCK_M1": int, "BLOCK_N
 ARCHS = ("llama", "gpt2")
 
 
-def available_configs() -> list[str]:
-    """Names of the run configs shipped with the package."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
+    """Names of the configs shipped with the package in ``config_dir`` (default: the run configs)."""
+    return sorted(p.stem for p in config_dir.glob("*.yaml"))
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a named or YAML run config, apply ``key=value`` overrides, and validate it."""
-    data, source = _load_yaml_tree(str(name_or_path), seen=())
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(data, key, value)
-    if overrides:
-        source = f"{source} + overrides"
-    cfg = _build(RunConfig, data, prefix="", source=source)
+    cfg = load_dataclass_tree(RunConfig, name_or_path, overrides)
     validate(cfg)
     return cfg
 
@@ -188,6 +183,23 @@ def config_keys() -> list[str]:
     for name, section in RunConfig().to_dict().items():
         keys += [f"{name}.{key}" for key in section] if isinstance(section, dict) else [name]
     return keys
+
+
+def load_dataclass_tree(cls: type[T], name_or_path: str | Path | None, overrides: list[str] | None = None,
+                        config_dir: Path = CONFIG_DIR, settings: dict[str, Any] | None = None) -> T:
+    """A typed dataclass tree ``cls`` from a config named in ``config_dir`` or a YAML path (None: the dataclass
+    defaults alone), with ``settings`` (dotted key -> value, e.g. from a program's flags) and then the
+    ``key=value`` overrides applied. Unknown keys and wrong types are refused by name; the caller checks the
+    values' own rules."""
+    if name_or_path is None:
+        data, source = {}, "defaults"
+    else:
+        data, source = _load_yaml_tree(str(name_or_path), seen=(), config_dir=config_dir)
+    for key, value in [*(settings or {}).items(), *map(parse_override, overrides or [])]:
+        _set_dotted(data, key, value)
+    if overrides or settings:
+        source = f"{source} + overrides"
+    return _build(cls, data, prefix="", source=source)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -205,23 +217,23 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _resolve_path(name_or_path: str) -> Path:
+def _resolve_path(name_or_path: str, config_dir: Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         return path
-    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    named = config_dir / f"{name_or_path}.yaml"
     if not named.is_file():
         raise ConfigError(
             f"unknown config {name_or_path!r}: not a file, and not one of the shipped configs "
-            f"({', '.join(available_configs())})"
+            f"({', '.join(available_configs(config_dir))})"
         )
     return named
 
 
-def _load_yaml_tree(name_or_path: str, seen: tuple[Path, ...]) -> tuple[dict[str, Any], str]:
-    path = _resolve_path(name_or_path).resolve()
+def _load_yaml_tree(name_or_path: str, seen: tuple[Path, ...], config_dir: Path) -> tuple[dict[str, Any], str]:
+    path = _resolve_path(name_or_path, config_dir).resolve()
     if path in seen:
         raise ConfigError(f"config {str(path)!r} includes itself through 'base'")
     try:
@@ -234,9 +246,9 @@ def _load_yaml_tree(name_or_path: str, seen: tuple[Path, ...]) -> tuple[dict[str
     data.setdefault("name", path.stem)
     if base is not None:
         base_ref = str(base)
-        if not (CONFIG_DIR / f"{base_ref}.yaml").is_file() and not Path(base_ref).is_absolute():
+        if not (config_dir / f"{base_ref}.yaml").is_file() and not Path(base_ref).is_absolute():
             base_ref = str(path.parent / base_ref)
-        merged, _ = _load_yaml_tree(base_ref, seen + (path,))
+        merged, _ = _load_yaml_tree(base_ref, seen + (path,), config_dir)
         _deep_update(merged, data)
         data = merged
     return data, str(path)

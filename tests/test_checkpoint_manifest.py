@@ -11,21 +11,28 @@ import zlib
 import pytest
 
 from nbp_ds.errors import CheckpointError
-from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
+from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef, save_rank_state
 from nbp_ds.runtime.manifest import MANIFEST, shares
 
 
-def write_parts(folder, tag):
-    """Two 'rank' files of different sizes, like a save's model and optimizer states."""
-    (folder / tag / "zero_pp_rank_0_optim_states.pt").write_bytes(bytes(range(256)) * 40)
-    (folder / tag / "zero_pp_rank_1_optim_states.pt").write_bytes(b"rank one" * 100)
+class OptimizerStates:
+    """Two 'rank' files of different sizes, like a save's model and optimizer states, and a per-rank record."""
+
+    def save(self, ref):
+        (ref.path / "zero_pp_rank_0_optim_states.pt").write_bytes(bytes(range(256)) * 40)
+        (ref.path / "zero_pp_rank_1_optim_states.pt").write_bytes(b"rank one" * 100)
+        save_rank_state(ref, 0, {"step": ref.step})
+
+    def load(self, ref):
+        pass
 
 
 @pytest.fixture
 def saved(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
+    manager.register("optimizer", OptimizerStates())
     for step in (5, 10):
-        manager.save(step, write_parts, rank_state={"step": step})
+        manager.save(step)
     return manager
 
 

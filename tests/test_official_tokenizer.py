@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from official_fixtures import write_tokenizer_pt
@@ -99,6 +100,73 @@ def test_fsq_index_formula_and_inverse_by_hand():
         assert torch.equal(values[0], target.float() / half)
         assert torch.equal(fsq.indices_to_values(torch.tensor([index]))[0], target.float() / half)
     assert index == 48_952
+
+
+# ---- the released quantizer, written out from the FSQ paper's reference code (appendix A.1) ----------------
+RELEASED_LEVELS = np.array([8, 8, 8, 5, 5, 5])
+RELEASED_BASIS = np.array([1, 8, 64, 512, 2560, 12800])
+
+
+def released_bound(z: np.ndarray, dtype=np.float32, eps_sign: float = -1.0, shift_fn=np.tan) -> np.ndarray:
+    """tanh(z + shift) * half_l - offset with half_l = (L - 1)(1 - eps)/2, offset 1/2 for even L,
+    shift = tan(offset / half_l); in float32 as the authors compute. eps_sign and shift_fn give the variants
+    the test must tell apart (the project's own FSQ: +eps and atanh)."""
+    levels = RELEASED_LEVELS.astype(dtype)
+    half_l = (levels - 1) * (1 + dtype(eps_sign) * dtype(1e-3)) / 2
+    offset = np.where(RELEASED_LEVELS % 2 == 0, 0.5, 0.0).astype(dtype)
+    shift = shift_fn(offset / half_l).astype(dtype)
+    return np.tanh(z.astype(dtype) + shift) * half_l - offset
+
+
+def released_codes(z: np.ndarray, **variant) -> np.ndarray:
+    rounded = np.round(released_bound(z, **variant))
+    return ((rounded + RELEASED_LEVELS // 2) * RELEASED_BASIS).sum(-1).astype(np.int64)
+
+
+def latents_either_side_of_each_rounding_boundary(step: float = 1.5e-6) -> np.ndarray:
+    """float32 latents [N, 6]: for every channel and every boundary k + 1/2 between two of its values, the latent
+    whose released bound is exactly the boundary (float64 inverse), moved `step` down and up; other channels 0.
+    The step is above float32 noise (~5e-7 here) and below the gap to either wrong variant (atanh instead of tan
+    shifts an even channel by ~4e-6; the other eps sign moves the bound by up to 3.5e-3)."""
+    rows = []
+    for d, level in enumerate(RELEASED_LEVELS):
+        half_l = (level - 1) * (1 - 1e-3) / 2
+        offset = 0.5 if level % 2 == 0 else 0.0
+        for k in range(-(level // 2), level - level // 2 - 1):
+            at = np.arctanh((k + 0.5 + offset) / half_l) - np.tan(offset / half_l)
+            for side in (-step, step):
+                row = np.zeros(6)
+                row[d] = at + side
+                rows.append(row)
+    return np.array(rows, dtype=np.float32)
+
+
+def test_released_quantizer_matches_the_reference_formula_at_rounding_boundaries(released):
+    path, _ = released
+    quantizer = load_tokenizer(f"official:{path}").fsq
+    z = latents_either_side_of_each_rounding_boundary()
+    expected = released_codes(z)
+    # the margins hold: float64 agrees with float32, and each side of a boundary rounds to a different code
+    assert np.array_equal(released_codes(z, dtype=np.float64), expected)
+    assert np.all(expected[0::2] != expected[1::2])
+    # and the rows tell the variants apart: one eps sign, or atanh for tan, changes codes
+    assert np.any(released_codes(z, eps_sign=1.0) != expected)
+    assert np.any(released_codes(z, shift_fn=np.arctanh) != expected)
+    values, codes = quantizer(torch.from_numpy(z))
+    assert codes.tolist() == expected.tolist()
+    half = RELEASED_LEVELS // 2
+    assert np.array_equal(values.numpy(), (np.round(released_bound(z)) / half).astype(np.float32))
+    spread = np.random.default_rng(0).normal(0, 2, (20_000, 6)).astype(np.float32)
+    assert quantizer(torch.from_numpy(spread))[1].tolist() == released_codes(spread).tolist()
+
+
+def test_released_tokenizer_encodes_with_the_released_quantizer(released):
+    path, _ = released
+    tok = load_tokenizer(f"official:{path}")
+    video = torch.randint(0, 256, (2, 9, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        latents = tok.video_to_latents(video).permute(0, 2, 3, 4, 1).numpy()
+    assert tok.encode(video).numpy().tolist() == released_codes(latents).tolist()
 
 
 def test_depth_to_space_channel_order_by_hand():

@@ -22,9 +22,17 @@ from nbp_ds.runtime.checkpoint import (
 def test_every_rank_keeps_its_record_and_a_new_rank_can_read_them_all(tmp_path):
     # two ranks of one save without a process group (its collectives see one rank): rank 0 saves, then
     # rank 1 writes its part of the same tag folder
+    class Position:
+        def save(self, ref):
+            save_rank_state(ref, 0, {"rank": 0, "slots": [[1, 2]]})
+
+        def load(self, ref):
+            pass
+
     ref = CheckpointRef(tmp_path, "step00000007")
-    CheckpointManager(tmp_path, keep_last=2, rank=0).save(7, lambda folder, tag: None,
-                                                          rank_state={"rank": 0, "slots": [[1, 2]]})
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    manager.register("data", Position())
+    manager.save(7)
     save_rank_state(ref, 1, {"rank": 1, "slots": [[1, 2]]})
     assert CheckpointManager.rank_state(ref, 1) == {"rank": 1, "slots": [[1, 2]]}
     assert CheckpointManager.rank_state(ref, 2) is None  # a rank the checkpoint did not have

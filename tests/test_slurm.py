@@ -229,6 +229,34 @@ def test_train_sbatch_runs_outside_slurm_as_a_smoke_test(shards, tmp_path):
     assert (out / "finished").is_file() and (out / "checkpoints" / "latest").read_text() == "step00000003"
 
 
+def test_tokenizer_job_checkpoints_requeues_and_resumes_on_sigusr1(slurm_cluster, tmp_path):
+    # slurm/train_tokenizer.sbatch: 2 srun tasks (DDP over gloo), the quickstart tokenizer config, one loader
+    # worker per rank; SIGUSR1 to the batch shell as before the time limit
+    videos = tmp_path / "videos"
+    make_videos(videos, count=7)
+    name = "nbp-tok-requeue"
+    log = tmp_path / f"{name}.log"
+    job = slurm_cluster.sbatch(
+        [f"--job-name={name}", "--cpus-per-task=1", *TWO_TASKS_ONE_NODE, NO_GPU, f"--output={log}",
+         "slurm/train_tokenizer.sbatch", f"data.videos={videos}", "data.workers=1", "train.batch_size=2",
+         "train.steps=16", "train.log_every=1", "train.save_every=100"],
+        env={**CPU_ENV, "NBP_CONFIG": "quickstart", "NBP_RUNS": str(tmp_path / "runs")}, cwd=ROOT)
+    out = tmp_path / "runs" / name
+    wait_for_step(slurm_cluster, job, out, 3, timeout=240)
+    slurm_cluster.signal_batch(job, "USR1")
+    slurm_cluster.wait_done(job, timeout=400)
+
+    info = slurm_cluster.job_info(job)
+    assert info["Restarts"] == "1", slurm_cluster.describe(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_cluster.describe(job)
+    text = log_text(log)
+    assert restarts(log) == ["0", "1"], slurm_cluster.describe(job)
+    assert "requeueing job" in text and "stopped by signal at step" in text
+    assert re.search(r"resumed from \S+step0000000\d at step \d", text), slurm_cluster.describe(job)
+    assert step_counts(out) == {s: 1 for s in range(1, 17)}, slurm_cluster.describe(job)
+    assert (out / "finished").is_file() and (out / "tokenizer" / "tokenizer.safetensors").is_file()
+
+
 # the reasons of a pending job that will never start, whatever it waits for
 NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "BadConstraints", "ReqNodeNotAvail")
 

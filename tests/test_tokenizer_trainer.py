@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from test_tokenizer_losses import write_vgg16_file
 from video_fixtures import dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def train(videos: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "nbp_ds.cli.train_tokenizer", "--videos", str(videos), "--out", str(out),
-           "--preset", "tiny", "--frames", "9", "--resolution", "32", "--batch-size", "2", "--workers", "1",
+           "--preset", "tiny", "--frames", "9", "--resolution", "32", "--batch-size", "2", "--workers", "2",
            "--log-every", "1", "--image-every", "1000", "--warmup", "1", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
@@ -33,13 +35,16 @@ def test_trains_writes_its_outputs_and_resumes_exactly(tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step00000004"
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 4 and report["val_psnr"] > 0 and report["preset"] == "tiny"
+    assert 0 < report["val_ssim"] <= 1
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and list((out / "tb").glob("events.out.tfevents.*"))
     straight = load_file(out / "tokenizer" / "tokenizer.safetensors")
-    clips_failed = json.loads((out / "clips_train.failures.json").read_text())
-    assert sorted(Path(f["video"]).name for f in clips_failed) == ["broken.mp4", "short.mp4"]
+    skipped = json.loads((out / "skipped_videos" / "rank00000.json").read_text())
+    assert sorted(Path(f["video"]).name for f in skipped) == ["broken.mp4", "short.mp4"]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["data/skipped_videos"] == 2
 
-    # as if the run had died after step 2's checkpoint: resuming must give the very same weights
+    # as if the run had died after step 2's checkpoint: resuming (weights, optimizer, and the clip stream where
+    # it stopped) must give the very same weights
     shutil.rmtree(out / "checkpoints" / "step00000004")
     shutil.rmtree(out / "tokenizer")
     (out / "checkpoints" / "latest").write_text("step00000002")
@@ -54,3 +59,55 @@ def test_trains_writes_its_outputs_and_resumes_exactly(tmp_path):
     assert bad.returncode == 2 and "--preset 'huge'" in bad.stderr
     wrong = train(videos, out, "--preset", "small", "--steps", "5")  # the run folder holds a 'tiny' tokenizer
     assert wrong.returncode == 2 and "'tiny' tokenizer, not --preset small" in wrong.stderr
+
+
+def test_recipe_perceptual_gan_lecam_adaptive_weight_trains_and_keeps_its_state(tmp_path):
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    out = tmp_path / "gan"
+    vgg = write_vgg16_file(tmp_path / "vgg16.pth")
+    result = train(videos, out, "--steps", "2", "--save-every", "2", "--adversarial-weight", "0.1",
+                   "--adversarial-start", "0", "loss.lecam_weight=0.001", "loss.lecam_decay=0.5",
+                   "loss.perceptual_weight=0.1", f"loss.perceptual_file={vgg}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["train/perceptual"] > 0 for row in rows)
+    assert all(row["gan/g_weight"] > 0 and row["gan/g_weight"] != 0.1 for row in rows)  # adapted, not the base
+    saved = out / "checkpoints" / "step00000002"
+    lecam = json.loads((saved / "rank00000_lecam.json").read_text())
+    assert lecam["decay"] == 0.5 and lecam["real"] is not None
+    assert torch.load(saved / "discriminator.pt", weights_only=False)["optimizer"]["state"]
+
+
+def test_ema_weights_are_the_saved_tokenizer(tmp_path):
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    out = tmp_path / "ema"
+    result = train(videos, out, "--steps", "2", "--save-every", "1", "train.ema=0.25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the average copies the weights after step 1, then ema = 0.25 * w1 + 0.75 * w2
+    w1, w2 = (torch.load(out / "checkpoints" / f"step0000000{s}" / "state.pt", weights_only=False)["model"]
+              for s in (1, 2))
+    saved = load_file(out / "tokenizer" / "tokenizer.safetensors")
+    params = {k for k in w2 if "weight" in k or "bias" in k}
+    assert params and any(not torch.equal(w1[k], w2[k]) for k in params)
+    for k in params:
+        torch.testing.assert_close(saved[k], 0.25 * w1[k] + 0.75 * w2[k], rtol=1e-5, atol=1e-6)
+
+
+def test_report_gives_the_reconstruction_fvd_with_an_i3d_file(tmp_path):
+    import numpy as np
+    from test_fvd import _save_detector
+
+    from nbp_ds.eval.fvd import I3DFeatureExtractor, compute_fvd
+    from nbp_ds.tokenizer import load_tokenizer
+
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    out = tmp_path / "fvd"
+    detector = _save_detector(tmp_path / "i3d.pt", 32)  # a small TorchScript stand-in with the detector's call
+    result = train(videos, out, "--steps", "1", "--val-videos", str(videos), f"train.i3d={detector}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    # the same figure from the saved tokenizer's codes and nbp-eval-fvd's code
+    clips = np.load(out / "clips_val.npy")
+    recon = load_tokenizer(out).decode(load_tokenizer(out).encode(torch.from_numpy(clips))).numpy()
+    expected = compute_fvd(clips, recon, I3DFeatureExtractor(detector, num_frames=9))
+    assert report["val_rfvd"] == pytest.approx(expected, rel=1e-6) and report["val_rfvd"] > 0

@@ -122,15 +122,27 @@ def test_hooks_load_by_name_and_refuse_what_is_not_hooks():
 
 
 # ---- checkpoint manager (one process; the 2-rank ordering test is in test_train_deepspeed.py) ----------------
-def write_part(folder: Path, tag: str) -> None:
-    (folder / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+class ModelStates:
+    """A part with one file, as DeepSpeed's engine writes its model states."""
+
+    def save(self, ref) -> None:
+        (ref.path / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+
+    def load(self, ref) -> None:
+        assert (ref.path / "mp_rank_00_model_states.pt").read_bytes() == b"weights"
+
+
+def model_manager(folder: Path, keep_last: int) -> CheckpointManager:
+    manager = CheckpointManager(folder, keep_last=keep_last, rank=0)
+    manager.register("engine", ModelStates())
+    return manager
 
 
 def test_save_moves_latest_and_keeps_exactly_keep_last(tmp_path):
-    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, rank=0)
+    manager = model_manager(tmp_path / "ckpt", keep_last=2)
     assert manager.latest() is None
     for step in (10, 20, 30, 40):
-        ref = manager.save(step, write_part)
+        ref = manager.save(step)
         assert read_latest(manager.folder) == ref.tag == f"step{step:08d}"
         assert (ref.path / "rank00000_rng.pt").is_file()
     assert sorted(p.name for p in manager.folder.iterdir() if p.is_dir()) == ["step00000030", "step00000040"]
@@ -138,9 +150,9 @@ def test_save_moves_latest_and_keeps_exactly_keep_last(tmp_path):
 
 
 def test_pruning_never_deletes_the_checkpoint_latest_names(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=1, rank=0)
+    manager = model_manager(tmp_path, keep_last=1)
     for step in (1, 2, 3):
-        manager.save(step, write_part)
+        manager.save(step)
     # a run resumed from an older checkpoint: 'latest' names step 1 again while newer tags exist
     (tmp_path / "step00000001").mkdir()
     (tmp_path / "latest").write_text("step00000001")
@@ -159,9 +171,9 @@ def test_a_dangling_latest_is_refused_with_both_names(tmp_path):
 
 
 def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
-    manager = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=3, rank=0)
-    manager.save(5, write_part)
-    manager.save(6, write_part)
+    manager = model_manager(tmp_path / "run" / "checkpoints", keep_last=3)
+    manager.save(5)
+    manager.save(6)
     expected = CheckpointRef(tmp_path / "run" / "checkpoints", "step00000006")
     assert find_checkpoint(tmp_path / "run") == expected
     assert find_checkpoint(tmp_path / "run" / "checkpoints") == expected
@@ -174,14 +186,16 @@ def test_find_checkpoint_accepts_run_checkpoints_and_tag_folders(tmp_path):
 
 
 def test_a_failed_write_leaves_latest_where_it_was(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
-    manager.save(1, write_part)
+    manager = model_manager(tmp_path, keep_last=3)
+    manager.save(1)
 
-    def crash(folder: Path, tag: str) -> None:
-        raise OSError("disk full")
+    class FullDisk(ModelStates):
+        def save(self, ref) -> None:
+            raise OSError("disk full")
 
+    manager.register("ema", FullDisk())
     with pytest.raises(CheckpointSaveError, match=r"step00000002 was not saved \(rank 0: OSError: disk full\)"):
-        manager.save(2, crash)
+        manager.save(2)
     assert read_latest(tmp_path) == "step00000001"
     assert os.listdir(tmp_path / "step00000001")
     assert not (tmp_path / "step00000002").exists()  # the incomplete folder is removed

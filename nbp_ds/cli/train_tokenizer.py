@@ -2,12 +2,19 @@
 
     nbp-train-tokenizer --videos data/train --val-videos data/val --out runs/tok --preset tiny \\
         --frames 9 --resolution 32 --steps 1500
-    torchrun --nproc_per_node 8 -m nbp_ds.cli.train_tokenizer --videos UCF-101 --val-videos ucf_val --out runs/tok \\
-        --preset paper --frames 17 --resolution 128 --batch-size 4 --steps 200000 --adversarial-weight 0.1
+    nbp-train-tokenizer --config ucf101 data.videos=UCF-101/train data.val_videos=UCF-101/val train.out_dir=runs/tok
+    torchrun --nproc_per_node 8 -m nbp_ds.cli.train_tokenizer --config ucf101 --videos UCF-101 --out runs/tok
+
+--config is a shipped tokenizer config (nbp_ds/configs/tokenizer: quickstart, ucf101) or a YAML file; without
+it the defaults below apply. key=value arguments (values are YAML: train.lr=3e-4, data.clip.frames=17) and the
+flags set config keys; each flag names its key. --print-config prints the resolved config and exits.
 
 Loss: L1 + MSE reconstruction; with --adversarial-weight > 0 a 3D PatchGAN (hinge loss) joins after
 --adversarial-start of the steps (worth it on real footage; the synthetic quickstart does without).
-Clips are decoded once into OUT/clips_*.npy. Several processes (torchrun) train data-parallel.
+Clips are streamed: --workers processes decode fresh random clips every epoch (data.random_crop, data.flip),
+keeping at most data.cache_mb of decoded videos each; only the held-out clips are decoded once, into
+OUT/clips_val.npy. Skipped videos are listed in OUT/skipped_videos/. Several processes (torchrun) train
+data-parallel; a checkpoint keeps the stream's position, so a resume continues it exactly.
 
 Writes OUT/checkpoints/ (every --save-every steps; a rerun resumes from the latest), OUT/tb (TensorBoard:
 losses, PSNR, codebook use, reconstructions as images), OUT/metrics.jsonl, and at the end OUT/tokenizer
@@ -18,51 +25,68 @@ OUT/report.json with the reconstruction PSNR on the held-out clips.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
-from nbp_ds.video_io import add_clip_arguments, clip_from_arguments
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--videos", required=True, help="training videos (folder with class sub-folders, CSV or list)")
-    p.add_argument("--val-videos", help="held-out videos for the PSNR report (default: 5%% of the training clips)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--preset", default="tiny", help="architecture: tiny, small or paper (default tiny)")
-    add_clip_arguments(p)
-    p.add_argument("--max-videos", type=int, help="use at most this many videos (quick runs)")
-    p.add_argument("--steps", type=int, default=10000, help="optimizer steps (default 10000)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per process per step (default 8)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps (default 50)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr x this (default 0.05)")
-    p.add_argument("--adversarial-weight", type=float, default=0.0, help="PatchGAN loss weight (default 0: off)")
-    p.add_argument("--adversarial-start", type=float, default=0.5, help="fraction of steps before the GAN joins")
-    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps (default 250)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--log-every", type=int, default=25, help="console/TensorBoard scalars every N steps")
-    p.add_argument("--image-every", type=int, default=250, help="reconstruction images every N steps")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="video decoding processes")
-    p.add_argument("--device", default="auto", help="cpu, cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    from nbp_ds.tokenizer.config import FLAGS, default_of
+
+    p = argparse.ArgumentParser(prog="nbp-train-tokenizer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="tokenizer config name or YAML path (default: the defaults shown here)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for flag, key, kind, text in FLAGS:
+        default = default_of(key)
+        shown = "" if default is None or "default" in text else f"; default {default}"
+        # no argparse default: an unset flag leaves the config's value alone (one source of defaults)
+        p.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                       help=f"{key}: {text}{shown}")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=1000 data.clip.fps=4")
+    return p
+
+
+def config_from_arguments(argv: list[str] | None = None):
+    """The resolved TokenizerTrainConfig of a command line (flags applied before key=value overrides), and
+    whether --print-config was given."""
+    from nbp_ds.tokenizer.config import FLAGS, load_tokenizer_config
+
+    args = build_parser().parse_intermixed_args(argv)
+    flags = {key: getattr(args, key) for _, key, _, _ in FLAGS if hasattr(args, key)}
+    return load_tokenizer_config(args.config, args.overrides, settings=flags), args.print_config
+
+
+def reconstruction_fvd(i3d: str):
+    """The held-out report's rFVD with the I3D detector file ``i3d`` (nbp-eval-fvd's code; the first
+    min(16, frames) frames of each clip)."""
+    from nbp_ds.eval.fvd import DEFAULT_NUM_FRAMES, I3DFeatureExtractor, compute_fvd
+
+    def rfvd(real, fake, device) -> float:
+        extractor = I3DFeatureExtractor(i3d, device, num_frames=min(DEFAULT_NUM_FRAMES, real.shape[1]))
+        return compute_fvd(real, fake, extractor)
+
+    return rfvd
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(ranked=True)
-    from nbp_ds.tokenizer.trainer import TokenizerTrainConfig, train_tokenizer
+    from nbp_ds.runtime.stop import stop_request
 
-    clip = clip_from_arguments(args)
-    fields = {k: v for k, v in vars(args).items() if k not in ("frames", "resolution", "fps", "clips_per_video")}
-    report = train_tokenizer(TokenizerTrainConfig(clip=clip, **fields))
+    stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
+    cfg, print_config = config_from_arguments(argv)
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    setup_logging(ranked=True)
+    from nbp_ds.tokenizer.trainer import train_tokenizer
+
+    report = train_tokenizer(cfg, reconstruction_fvd(cfg.train.i3d) if cfg.train.i3d else None)
     if report is not None:
-        print(f"tokenizer saved to {Path(args.out) / 'tokenizer'} (version {report['version']}); held-out "
+        print(f"tokenizer saved to {Path(cfg.train.out_dir) / 'tokenizer'} (version {report['version']}); held-out "
               f"reconstruction PSNR {report['val_psnr']:.2f} dB over {report['val_clips']} clips, codebook use "
               f"{100 * report['val_codebook_used']:.0f}%")
     return 0

@@ -2,8 +2,8 @@
 
 A checkpoints folder holds one tag folder per save (``step00001000``) and a ``latest`` file naming the
 last complete one. :class:`CheckpointManager` runs a save in the order that keeps ``latest`` true:
-every rank writes its part of the tag folder (the caller's writer, then every registered
-:class:`CheckpointPart` in registration order: DeepSpeed's sharded states, a moving average, the data
+every rank writes its part of the tag folder (every registered :class:`CheckpointPart` in
+registration order: DeepSpeed's sharded states, a moving average, the data
 loader's position as a small per-rank record ``rankNNNNN_data.json``; last, always, its own RNG
 streams), then all ranks agree on how that went, the ranks hash a share of the files each for the
 manifest, and only when every rank succeeded does rank 0 move ``latest`` (atomically) and delete tags
@@ -141,9 +141,6 @@ def _rank_state_file(ref: CheckpointRef, rank: int) -> Path:
     return ref.path / f"rank{rank:05d}_data.json"
 
 
-Writer = Callable[[Path, str], None]
-
-
 class CheckpointPart(Protocol):
     """One stateful part of a run as its checkpoints keep it. ``save`` writes this rank's share of the part into
     the tag folder ``ref.path``; ``load`` reads the same files back into the part."""
@@ -199,11 +196,9 @@ class CheckpointManager:
         tag = read_latest(self.folder)
         return CheckpointRef(self.folder, tag) if tag else None
 
-    def save(self, step: int, write: Writer | None = None, rank_state: dict[str, Any] | None = None,
-             written: Callable[[CheckpointRef], None] | None = None) -> CheckpointRef:
-        """Every rank calls this: ``write(folder, tag)`` writes this rank's part, every registered part saves
-        itself (and ``rank_state``, a small JSON-ready record of this rank's own, is kept next to them);
-        ``written(ref)`` is told when all of this rank's files are on disk; the ranks hash a share of the
+    def save(self, step: int, written: Callable[[CheckpointRef], None] | None = None) -> CheckpointRef:
+        """Every rank calls this: every registered part saves this rank's share of itself, in registration
+        order; ``written(ref)`` is told when all of this rank's files are on disk; the ranks hash a share of the
         files each for the manifest; then ``latest`` moves. Raises :class:`CheckpointSaveError` on every rank
         when any rank failed (``latest`` stays where it was)."""
         ref = CheckpointRef(self.folder, tag_for(step))
@@ -211,7 +206,7 @@ class CheckpointManager:
         if self.rank == 0:
             self._remove_leftover(ref)
         distributed.barrier()  # nobody writes into a leftover folder before it is gone
-        self._agree(ref, lambda: self._write_part(ref, write, rank_state, written))
+        self._agree(ref, lambda: self._write_parts(ref, written))
         listing = self._agree(ref, lambda: manifest.list_files(ref.path) if self.rank == 0 else None)[0]
         mine = manifest.shares(listing, distributed.world_size())[self.rank]
         files = {name: record for hashed in self._agree(ref, lambda: manifest.hash_files(ref.path, mine))
@@ -221,13 +216,8 @@ class CheckpointManager:
         self._log0("saved checkpoint %s in %.1f s", ref.path, time.time() - began)
         return ref
 
-    def _write_part(self, ref: CheckpointRef, write: Writer | None, rank_state: dict[str, Any] | None,
-                    written: Callable[[CheckpointRef], None] | None) -> None:
+    def _write_parts(self, ref: CheckpointRef, written: Callable[[CheckpointRef], None] | None) -> None:
         ref.path.mkdir(parents=True, exist_ok=True)
-        if write is not None:
-            write(self.folder, ref.tag)
-        if rank_state is not None:
-            save_rank_state(ref, self.rank, rank_state)
         for part in self.parts.values():
             part.save(ref)
         if written is not None:

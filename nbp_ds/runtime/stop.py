@@ -11,6 +11,10 @@ import signal
 
 log = logging.getLogger(__name__)
 
+# the marker a trainer writes into its output folder after the last step's checkpoint (and removes when a run
+# continues): slurm/train.sbatch requeues a job that stopped without it
+FINISHED = "finished"
+
 
 class StopRequest:
     def __init__(self):

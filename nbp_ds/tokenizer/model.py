@@ -234,6 +234,11 @@ class VideoTokenizer(VideoTokenizerBase):
         values, indices = self.fsq(z)
         return self.decoder(values.permute(0, 4, 1, 2, 3).to(x.dtype)), indices
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The decoder's last convolution's weight (where the adaptive GAN weight compares gradients)."""
+        return self.decoder.conv_out.conv.weight
+
     # ---- uint8 paths (tokenizing, sampling) -------------------------------------------------------
     def video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
         return self.encoder(to_float(video))
@@ -305,7 +310,15 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> Vide
                                     f"(written by nbp-train-tokenizer), official:PATH (a released magvit2_*.pt) "
                                     f"or random:<preset> with presets {', '.join(PRESETS)}")
         try:
-            cfg = TokenizerConfig(**json.loads((folder / "config.json").read_text()))
+            saved = json.loads((folder / "config.json").read_text())
+        except ValueError as exc:
+            raise TokenizerError(f"tokenizer {folder / 'config.json'}: not JSON ({exc})") from exc
+        if saved.get("architecture") == "official":  # a fine-tuned released tokenizer (OfficialTokenizer.save)
+            from nbp_ds.tokenizer.official import load_official_tokenizer
+
+            return load_official_tokenizer(folder / "tokenizer.safetensors", device=device, name=saved.get("name"))
+        try:
+            cfg = TokenizerConfig(**saved)
         except (TypeError, ValueError) as exc:
             raise TokenizerError(f"tokenizer {folder / 'config.json'}: {exc}") from exc
         tokenizer = VideoTokenizer(cfg)

@@ -11,6 +11,11 @@ Module names follow the released files (``encoder_layers.*``, ``decoder_layers.*
 index is nbp_ds.tokenizer.fsq.FSQ's: sum_d (code_d * half_d + half_d) * basis_d, channel 0 least
 significant, half = [4,4,4,2,2,2], basis = [1,8,64,512,2560,12800].
 
+Its quantizer is ``ReleasedFSQ``: the FSQ paper's reference bounding (``(1 - eps)`` and ``tan``), which the
+authors' code keeps, not nbp_ds' own FSQ bounding (``(1 + eps)`` and ``atanh``). The two round about one
+code in a hundred differently, so using the project's FSQ here gave other codes than the released generators
+were trained on.
+
 ``width`` scales every channel count (128 in the released files) so tests can build the same structure
 smaller; GroupNorm always has 32 groups, so the width must be a multiple of 32.
 """
@@ -18,6 +23,7 @@ smaller; GroupNorm always has 32 groups, so the width must be a multiple of 32.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbp_ds.errors import CheckpointError
+from nbp_ds.files import write_text_atomic
 from nbp_ds.official.files import read_torch_file, require_matching_state
 from nbp_ds.tokenizer.base import VideoTokenizerBase
 from nbp_ds.tokenizer.fsq import FSQ
@@ -37,6 +44,19 @@ GROUPS = 32
 RELEASED_WIDTH = 128
 SPATIAL_FACTOR = 8
 TEMPORAL_FACTOR = 4
+
+
+class ReleasedFSQ(FSQ):
+    """FSQ with the bounding of the FSQ paper's reference code (Mentzer et al. 2023, appendix), as the released
+    tokenizers compute it in float32: ``half_l = (L - 1) * (1 - eps) / 2``, ``offset = 0.5`` for even L,
+    ``shift = tan(offset / half_l)``, ``tanh(z + shift) * half_l - offset``. Rounding, values and code
+    indices are FSQ's."""
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        half_l = (self._levels - 1) * (1 - self.eps) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        shift = torch.tan(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
 
 
 class Swish(nn.Module):
@@ -152,7 +172,7 @@ class OfficialTokenizer(VideoTokenizerBase):
             raise ValueError(f"official tokenizer width must be a positive multiple of {GROUPS}, got {width}")
         self.width, self._name, self._version = width, name, version
         self.temporal_factor, self.spatial_factor = TEMPORAL_FACTOR, SPATIAL_FACTOR
-        self.fsq = FSQ(LEVELS)
+        self.fsq = ReleasedFSQ(LEVELS)
         self.encoder_layers = encoder_layers(width, self.fsq.dim)
         self.decoder_layers = decoder_layers(width, self.fsq.dim)
 
@@ -181,6 +201,27 @@ class OfficialTokenizer(VideoTokenizerBase):
         for layer in self.decoder_layers:
             values = layer(values)
         return values
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training path (fine-tuning with nbp-train-tokenizer): x float [B,3,N,H,W] in [-1, 1], the trainer's
+        range -> (reconstruction in [-1, 1] (not clamped), code indices [B,T',H',W']); [0, 1] inside, as released."""
+        values, indices = self.fsq(self.encode_latents((x + 1) / 2).permute(0, 2, 3, 4, 1))
+        return self.decode_values(values.permute(0, 4, 1, 2, 3).to(x.dtype)) * 2 - 1, indices
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The decoder's last convolution's weight (where the adaptive GAN weight compares gradients)."""
+        return self.decoder_layers[-1].conv.weight
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/tokenizer.safetensors`` and ``folder/config.json`` (architecture ``official``): a folder
+        ``load_tokenizer`` takes like any trained tokenizer's; the version becomes the hash of the weights."""
+        folder = Path(folder)
+        save_official_tokenizer(self, folder / "tokenizer.safetensors")
+        self._version = state_digest(self.state_dict())
+        write_text_atomic(folder / "config.json", json.dumps({"architecture": "official", "width": self.width,
+                                                              "name": self.name, "version": self.version}) + "\n")
+        return folder
 
     # ---- uint8 paths (tokenizing, sampling): RGB in [0, 1], as released ----------------------------
     def video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
@@ -213,8 +254,8 @@ def read_official_tokenizer_state(path: str | Path, trust_pickle: bool = False) 
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def load_official_tokenizer(path: str | Path, device: str | torch.device = "cpu",
-                            trust_pickle: bool = False) -> OfficialTokenizer:
+def load_official_tokenizer(path: str | Path, device: str | torch.device = "cpu", trust_pickle: bool = False,
+                            name: str | None = None) -> OfficialTokenizer:
     """A released tokenizer file -> OfficialTokenizer in eval mode. Keys and shapes must match exactly;
     the width is read from the first convolution; the version is a hash of the weights."""
     path = Path(path)
@@ -224,7 +265,7 @@ def load_official_tokenizer(path: str | Path, device: str | torch.device = "cpu"
     if width % GROUPS:
         raise CheckpointError(f"{path}: encoder_layers.0.conv.weight has {width} output channels, not a multiple "
                               f"of {GROUPS}: not an NBP tokenizer")
-    tokenizer = OfficialTokenizer(width, name=f"official-{path.stem}", version=state_digest(state))
+    tokenizer = OfficialTokenizer(width, name=name or f"official-{path.stem}", version=state_digest(state))
     expected = {k: v.shape for k, v in tokenizer.state_dict().items()}
     require_matching_state(expected, state, f"{path} does not fit the NBP tokenizer (width {width})")
     tokenizer.load_state_dict({k: v.float() for k, v in state.items()})

@@ -4,11 +4,14 @@ Built on the same parts as the transformer trainer: the launcher's rank detectio
 (:mod:`nbp_ds.runtime.launch`: torchrun, the deepspeed launcher and srun), its process group and
 collectives (:mod:`nbp_ds.runtime.distributed`), the warmup + cosine schedule, the metrics logger
 (TensorBoard + ``metrics.jsonl``) and the checkpoint manager (``checkpoints/stepNNNNNNNN`` + ``latest``,
-a rerun resumes). Several processes train data-parallel (DDP).
+each with its manifest; a rerun resumes from the newest intact one). Several processes train data-parallel
+(DDP). What a checkpoint keeps is the list of parts registered with the manager
+(:mod:`nbp_ds.tokenizer.saved_state`): weights and optimizer, discriminator, EMA, the clip stream's position.
 
-A run folder holds ``clips_*.npy`` (the clips, decoded once), ``checkpoints/``, ``tb/``,
-``metrics.jsonl``, and at the end ``tokenizer/`` (what ``nbp-tokenize --tokenizer`` and
-``nbp-sample --tokenizer`` take) and ``report.json`` (held-out PSNR and codebook use).
+Training clips are streamed (:mod:`nbp_ds.tokenizer.clip_stream`). A run folder holds ``clips_val.npy`` (the
+held-out clips, decoded once), ``skipped_videos/``, ``checkpoints/``, ``tb/``, ``metrics.jsonl``, and at the end
+``tokenizer/`` (what ``nbp-tokenize --tokenizer`` and ``nbp-sample --tokenizer`` take) and ``report.json``
+(held-out PSNR and codebook use).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,191 +28,246 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nbp_ds.errors import UsageError
-from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.files import write_text_atomic
 from nbp_ds.runtime import distributed, launch
 from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
 from nbp_ds.runtime.metrics import MetricsLogger
 from nbp_ds.runtime.rng import seed_everything
 from nbp_ds.runtime.schedule import lr_factor
-from nbp_ds.video_io import ClipSpec
+from nbp_ds.runtime.stop import FINISHED, stop_request
+from nbp_ds.tokenizer.config import TokenizerTrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenizerTrainConfig:
-    """Everything a tokenizer training run needs (``nbp-train-tokenizer --help`` documents each field)."""
-
-    videos: str
-    out: str
-    clip: ClipSpec = field(default_factory=ClipSpec)
-    val_videos: str | None = None
-    preset: str = "tiny"
-    max_videos: int | None = None
-    steps: int = 10000
-    batch_size: int = 8
-    lr: float = 1e-3
-    warmup: int = 50
-    min_lr_ratio: float = 0.05
-    adversarial_weight: float = 0.0
-    adversarial_start: float = 0.5
-    save_every: int = 250
-    keep_last: int = 2
-    log_every: int = 25
-    image_every: int = 250
-    workers: int = 4
-    device: str = "auto"
-    threads: int = 0
-    seed: int = 0
 
 
 class TokenizerTrainer:
     """One tokenizer training run in this process (one rank of the job)."""
 
-    def __init__(self, cfg: TokenizerTrainConfig):
-        from nbp_ds.tokenizer import PRESETS, build_tokenizer
-        from nbp_ds.tokenizer.training import PatchDiscriminator3D
+    def __init__(self, cfg: TokenizerTrainConfig, rfvd: RFVD | None = None):
+        from nbp_ds.tokenizer.training import LeCam, PatchDiscriminator3D
+        from nbp_ds.train.ema import WeightsEMA
 
-        if cfg.preset not in PRESETS:
-            raise UsageError(f"--preset {cfg.preset!r} is not one of {', '.join(PRESETS)}")
-        self.cfg = cfg
+        self.cfg, self.rfvd = cfg, rfvd
+        self.stop = stop_request()  # SIGUSR1 / SIGTERM: checkpoint at the next step boundary and exit 0
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.device = distributed.process_device(self.env, cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.device = distributed.process_device(self.env, cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         distributed.init_process_group(self.env, self.device)
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.train.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model = build_tokenizer(cfg.preset, seed=cfg.seed).to(self.device)
-        self.model.check_clip_shape(cfg.clip.frames, cfg.clip.resolution, cfg.clip.resolution)
-        self.clips, self.val = self._load_clips()
+        self.model = self._initial_model().to(self.device)
+        self.model.check_clip_shape(cfg.data.clip.frames, cfg.data.clip.resolution, cfg.data.clip.resolution)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-4)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=1e-4)
         self.disc = self.disc_opt = None
-        if cfg.adversarial_weight > 0:
+        if cfg.loss.adversarial_weight > 0:
             self.disc = PatchDiscriminator3D().to(self.device)
             self.disc_ddp = torch.nn.parallel.DistributedDataParallel(self.disc) if self.world > 1 else self.disc
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-        self.step = 0
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_last, self.rank)
-        if (ref := self.checkpoints.latest_intact()) is not None:  # checked against its manifest
-            self._load(ref)
-        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
-        log.info("tokenizer %s: %.2fM parameters, %d codes; %d training clips, %d held out; %d process(es) on %s",
-                 cfg.preset, sum(p.numel() for p in self.model.parameters()) / 1e6, self.model.codebook_size,
-                 len(self.clips), len(self.val), self.world, self.device)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
+        self.lecam = LeCam(cfg.loss.lecam_decay)
+        self.perceptual = None
+        if cfg.loss.perceptual_weight > 0:
+            from nbp_ds.tokenizer.perceptual import load_perceptual_loss
 
-    def _load_clips(self) -> tuple[np.ndarray, np.ndarray]:
-        """(training clips, held-out clips), decoded once by rank 0 into the run folder, memory-mapped."""
+            self.perceptual = load_perceptual_loss(cfg.loss.perceptual_file)
+            self.perceptual = self.perceptual.to(self.device) if self.perceptual is not None else None
+        # DDP keeps every rank's weights equal: rank 0 alone keeps the average
+        self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
+        self.step = 0
+        self.train_videos, self.val = self._split_videos()
+        self.stream = self._clip_stream()
+        self.checkpoints = self._checkpoint_manager()
+        if (ref := self.checkpoints.latest_intact()) is not None:  # checked against its manifest
+            self.checkpoints.load(ref)
+            log.info("resumed from %s at step %d", ref.path, self.step)
+        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
+        log.info("tokenizer %s: %.2fM parameters, %d codes; %d training videos streamed, %d held-out clips; "
+                 "%d process(es) on %s", self.model.name, sum(p.numel() for p in self.model.parameters()) / 1e6,
+                 self.model.codebook_size, len(self.train_videos), len(self.val), self.world, self.device)
+
+    def _initial_model(self):
+        """The preset's untrained tokenizer, or with model.init_from the tokenizer it names (fine-tuning: the same
+        architecture and code grid, so shards made with either stay compatible)."""
+        from nbp_ds.tokenizer import build_tokenizer, load_tokenizer
+
+        spec = self.cfg.model.init_from
+        if spec is None:
+            return build_tokenizer(self.cfg.model.preset, seed=self.cfg.train.seed)
+        model = load_tokenizer(spec).train()
+        log.info("fine-tuning %s (version %s, %d codes)", model.name, model.version, model.codebook_size)
+        return model
+
+    def _split_videos(self) -> tuple[list[Path], np.ndarray]:
+        """(training videos, held-out clips): the held-out videos are data.val_videos or else the last 5% of the
+        training listing, at most data.val_max_videos of them, their middle clips decoded once by rank 0 into
+        the run folder and memory-mapped. Files that are not videos and held-out videos that give no clip are
+        listed with rank 0's skipped videos."""
+        from nbp_ds.tokenizer.dataset_listing import list_dataset
         from nbp_ds.tokenizer.training import cached_clips
 
-        c = self.cfg
-        args = (c.clip, c.workers, c.max_videos)
-        if self.rank == 0:
-            cached_clips(c.videos, self.out / "clips_train.npy", *args)
-            if c.val_videos:
-                cached_clips(c.val_videos, self.out / "clips_val.npy", *args)
-        distributed.barrier()
-        clips = cached_clips(c.videos, self.out / "clips_train.npy", *args)
+        c = self.cfg.data
+        listing = list_dataset(c.videos)
+        train = [e.path for e in listing.videos[:c.max_videos]]
         if c.val_videos:
-            return clips, cached_clips(c.val_videos, self.out / "clips_val.npy", *args)
-        cut = max(1, len(clips) // 20)  # hold out the last 5% of the training clips
-        return clips[:-cut], clips[-cut:]
+            held_out = [e.path for e in list_dataset(c.val_videos).videos]
+        else:
+            cut = max(1, len(train) // 20)
+            train, held_out = train[:-cut], train[-cut:]
+        held_out = held_out[:c.val_max_videos]
+        cache = self.out / "clips_val.npy"
+        self.skipped: dict[str, str] = {}
+        if self.rank == 0:
+            _, failures = cached_clips(held_out, cache, c.clip, self.cfg.decode_workers, c.val_video_timeout)
+            self.skipped = {r["video"]: r["reason"] for r in listing.not_video_records() + failures}
+            self._write_skipped()
+        distributed.barrier()
+        return train, cached_clips(held_out, cache, c.clip, self.cfg.decode_workers, c.val_video_timeout)[0]
+
+    def _clip_stream(self):
+        from nbp_ds.tokenizer.clip_stream import Augment, ClipLoader
+
+        c, t = self.cfg.data, self.cfg.train
+        return ClipLoader(self.train_videos, c.clip, t.batch_size, t.seed, self.rank, self.world,
+                          self.cfg.decode_workers, Augment(c.random_crop, c.flip), c.cache_mb * 2**20, c.prefetch,
+                          pin_memory=self.device.type == "cuda")
+
+    def _checkpoint_manager(self) -> CheckpointManager:
+        """The run's checkpoints, with every stateful part registered (nbp_ds.tokenizer.saved_state)."""
+        from nbp_ds.tokenizer.saved_state import ClipStreamPosition, Discriminator, SharedState
+        from nbp_ds.train.saved_state import EmaState
+
+        manager = CheckpointManager(self.out / "checkpoints", self.cfg.train.keep_last, self.rank)
+        manager.register("weights", SharedState("state.pt", self, self.rank))
+        if self.disc is not None:
+            manager.register("discriminator", Discriminator(self.disc, self.disc_opt, self.lecam, self.rank))
+        if self.ema is not None:
+            manager.register("ema", EmaState(self.ema))
+        manager.register("clip_stream", ClipStreamPosition(self.stream, self.rank))
+        return manager
+
+    def _write_skipped(self) -> None:
+        """OUT/skipped_videos/rankNNNNN.json: every video this rank skipped so far, with the reason."""
+        if hasattr(self, "stream"):
+            self.skipped.update(self.stream.skipped)
+        records = [{"video": v, "reason": r} for v, r in sorted(self.skipped.items())]
+        (self.out / "skipped_videos").mkdir(exist_ok=True)
+        write_text_atomic(self.out / "skipped_videos" / f"rank{self.rank:05d}.json", json.dumps(records, indent=1))
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> dict | None:
         """Train to cfg.steps; rank 0 returns the held-out report (others None)."""
         from nbp_ds.tokenizer.model import to_float
-        from nbp_ds.tokenizer.training import hinge_d_loss, psnr
+        from nbp_ds.tokenizer.training import adaptive_generator_weight, hinge_d_loss, psnr
 
-        c = self.cfg
+        c = self.cfg.train
         bar = tqdm(total=c.steps, initial=self.step, unit="step", disable=self.rank != 0, desc="tokenizer")
-        gan_from = int(c.adversarial_start * c.steps)
+        if self.rank == 0 and self.step < c.steps:
+            (self.out / FINISHED).unlink(missing_ok=True)  # a finished run continued with more steps
+        gan_from = int(self.cfg.loss.adversarial_start * c.steps)
         while self.step < c.steps:
-            x = to_float(torch.from_numpy(self._batch(self.step)).to(self.device))
+            x = to_float(next(self.stream).to(self.device, non_blocking=True))
             for group in self.opt.param_groups:
                 group["lr"] = c.lr * lr_factor(self.step, c.steps, c.warmup, c.min_lr_ratio)
             recon, codes = self.ddp(x)
             l1, l2 = (recon - x).abs().mean(), F.mse_loss(recon, x)
             loss = l1 + l2
+            if self.perceptual is not None:
+                perceptual = self.perceptual(recon, x)
+                loss = loss + self.cfg.loss.perceptual_weight * perceptual
             use_gan = self.disc is not None and self.step >= gan_from
             if use_gan:
                 g_loss = -self.disc(recon).mean()
-                loss = loss + c.adversarial_weight * g_loss
+                g_weight = torch.tensor(self.cfg.loss.adversarial_weight, device=self.device)
+                if self.cfg.loss.adaptive_weight:
+                    g_weight = g_weight * adaptive_generator_weight(loss, g_loss, self.model.output_weight)
+                loss = loss + g_weight * g_loss
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
-            scalars = {}
+            if self.ema is not None:
+                self.ema.update()
+            scalars = {"train/perceptual": perceptual} if self.perceptual is not None else {}
             if use_gan:
-                d_loss = hinge_d_loss(self.disc_ddp(x), self.disc_ddp(recon.detach()))
+                real_logits, fake_logits = self.disc_ddp(x), self.disc_ddp(recon.detach())
+                d_loss = hinge_d_loss(real_logits, fake_logits)
+                if self.cfg.loss.lecam_weight > 0:
+                    d_loss = d_loss + self.cfg.loss.lecam_weight * self.lecam.penalty(real_logits, fake_logits)
                 self.disc_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 self.disc_opt.step()
-                scalars = {"gan/g": g_loss, "gan/d": d_loss}
+                scalars.update({"gan/g": g_loss, "gan/d": d_loss, "gan/g_weight": g_weight})
             self.step += 1
             bar.update(1)
+            if len(self.stream.skipped.keys() - self.skipped.keys()):
+                self._write_skipped()
             if self.step % c.log_every == 0 or self.step == 1:
                 scalars.update({"train/loss": loss, "train/l1": l1, "train/psnr": psnr(recon.detach(), x),
                                 "train/codebook_used": codes.unique().numel() / self.model.codebook_size,
-                                "train/grad_norm": grad_norm, "train/lr": self.opt.param_groups[0]["lr"]})
+                                "train/grad_norm": grad_norm, "train/lr": self.opt.param_groups[0]["lr"],
+                                "data/skipped_videos": len(self.skipped)})
                 scalars = {k: float(v) for k, v in scalars.items()}
                 self.metrics.scalars(self.step, scalars)
                 bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", psnr=f"{scalars['train/psnr']:.1f}")
             if self.rank == 0 and self.step % c.image_every == 0:
                 self._log_reconstructions()
+            # every rank stops at the same step
+            if distributed.control_all_reduce([self.stop.signal is not None])[0] > 0:
+                self.save()
+                bar.close()
+                self.stream.close()
+                log.info("stopped by signal at step %d; a restart resumes from here", self.step)
+                self.metrics.close()
+                distributed.leave_process_group()
+                return None
             if self.step % c.save_every == 0 or self.step == c.steps:
                 self.save()
         bar.close()
+        self.stream.close()
         report = self._finish() if self.rank == 0 else None
         self.metrics.close()
         distributed.leave_process_group()
         return report
 
-    def _batch(self, step: int) -> np.ndarray:
-        """This rank's clips at ``step``: a function of (seed, rank, step) only, so a resumed run draws the same."""
-        rng = np.random.default_rng([self.cfg.seed, self.rank, step])
-        idx = np.sort(rng.choice(len(self.clips), size=min(self.cfg.batch_size, len(self.clips)), replace=False))
-        return np.asarray(self.clips[idx])
-
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> CheckpointRef:
-        def write(folder: Path, tag: str) -> None:
-            if self.rank != 0:  # DDP keeps every rank's weights identical: one copy is the checkpoint
-                return
-            state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                     "config": dataclasses.asdict(self.cfg),
-                     "disc": self.disc.state_dict() if self.disc else None,
-                     "disc_opt": self.disc_opt.state_dict() if self.disc else None}
-            with atomic_output(folder / tag / "state.pt") as tmp:
-                torch.save(state, tmp)
-
-        ref = self.checkpoints.save(self.step, write)
+        ref = self.checkpoints.save(self.step)  # every registered part (see _checkpoint_manager)
         self.metrics.flush()
         return ref
 
-    def _load(self, ref: CheckpointRef) -> None:
-        state = torch.load(ref.path / "state.pt", map_location=self.device, weights_only=False)
-        if state["config"]["preset"] != self.cfg.preset:
-            raise UsageError(f"{ref.path} is a '{state['config']['preset']}' tokenizer, not --preset {self.cfg.preset}")
+    def state_dict(self) -> dict:
+        """The tokenizer's weights, its optimizer, the step and the run config (the checkpoint's ``state.pt``)."""
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to :meth:`state_dict`'s state; a checkpoint of another tokenizer is refused."""
+        saved, current = state["config"]["model"], self.cfg.model
+        if saved.get("init_from") != current.init_from:
+            raise UsageError(f"the checkpoint was started from model.init_from={saved.get('init_from')}, this run "
+                             f"from {current.init_from}: use another --out")
+        if current.init_from is None and saved["preset"] != current.preset:
+            raise UsageError(f"the checkpoint is a '{saved['preset']}' tokenizer, not --preset {current.preset}")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        if self.disc is not None and state.get("disc"):
-            self.disc.load_state_dict(state["disc"])
-            self.disc_opt.load_state_dict(state["disc_opt"])
         self.step = state["step"]
-        self.checkpoints.load(ref)  # the parts registered with the manager: this rank's RNG streams
-        log.info("resumed from %s at step %d", ref.path, self.step)
 
     # ---- results ----------------------------------------------------------------------------------
     def _finish(self) -> dict:
         self.model.eval()
+        if self.ema is not None:  # the tokenizer saved and reported is the moving average
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    param.copy_(self.ema.average[name])
         folder = self.model.save(self.out / "tokenizer")
-        report = held_out_report(self.model, self.val, self.device)
-        report.update({"preset": self.cfg.preset, "version": self.model.version, "steps": self.step,
-                       "train_clips": len(self.clips), "clip": dataclasses.asdict(self.cfg.clip)})
+        report = held_out_report(self.model, self.val, self.device, rfvd=self.rfvd)
+        report.update({"preset": self.cfg.model.preset, "init_from": self.cfg.model.init_from,
+                       "version": self.model.version, "steps": self.step,
+                       "train_videos": len(self.train_videos), "clip": dataclasses.asdict(self.cfg.data.clip)})
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=1) + "\n")
+        write_text_atomic(self.out / FINISHED, json.dumps({"step": self.step}) + "\n")
         self._log_reconstructions()
         log.info("tokenizer saved to %s (version %s)", folder, self.model.version)
         return report
@@ -228,23 +286,36 @@ class TokenizerTrainer:
         self.metrics.image("reconstructions", grid, self.step)
 
 
-@torch.no_grad()
-def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int = 16) -> dict:
-    """Mean PSNR (dB) over held-out clips and the share of the codebook they use."""
-    from nbp_ds.tokenizer.model import to_float
-    from nbp_ds.tokenizer.training import psnr
+# (held-out uint8 clips, their uint8 reconstructions, device) -> the reconstruction FVD; the program supplies it
+# (nbp-train-tokenizer: nbp_ds.eval.fvd with train.i3d), as the FVD code sits above the tokenizer
+RFVD = Callable[[np.ndarray, np.ndarray, torch.device], float]
 
-    scores, codes = [], set()
+
+@torch.no_grad()
+def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int = 16, rfvd: RFVD | None = None) -> dict:
+    """Mean PSNR (dB) and SSIM over held-out clips, the share of the codebook they use and, given ``rfvd``, the
+    reconstruction FVD (held-out clips against their reconstructions)."""
+    from nbp_ds.tokenizer.model import to_float, to_uint8
+    from nbp_ds.tokenizer.training import psnr, ssim
+
+    scores, similarity, codes, reconstructions = [], [], set(), []
     for i in range(0, len(clips), batch):
         x = to_float(torch.from_numpy(np.asarray(clips[i:i + batch]).copy()).to(device))
         recon, idx = model(x)
         scores += [psnr(recon[j], x[j]) for j in range(len(x))]
+        similarity += [ssim(recon[j:j + 1], x[j:j + 1]) for j in range(len(x))]
         codes |= set(idx.unique().tolist())
-    return {"val_psnr": float(sum(scores) / len(scores)), "val_clips": len(scores),
-            "val_codebook_used": len(codes) / model.codebook_size}
+        if rfvd is not None:
+            reconstructions.append(to_uint8(recon).cpu().numpy())
+    report = {"val_psnr": float(sum(scores) / len(scores)), "val_ssim": float(sum(similarity) / len(similarity)),
+              "val_clips": len(scores), "val_codebook_used": len(codes) / model.codebook_size}
+    if rfvd is not None:
+        report["val_rfvd"] = rfvd(np.asarray(clips), np.concatenate(reconstructions), device)
+    return report
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig) -> dict | None:
-    """Run a whole tokenizer training job in this process; rank 0 returns the held-out report."""
-    seed_everything(cfg.seed)
-    return TokenizerTrainer(cfg).run()
+def train_tokenizer(cfg: TokenizerTrainConfig, rfvd: RFVD | None = None) -> dict | None:
+    """Run a whole tokenizer training job in this process; rank 0 returns the held-out report (with ``rfvd``,
+    its reconstruction FVD too)."""
+    seed_everything(cfg.train.seed)
+    return TokenizerTrainer(cfg, rfvd).run()

@@ -1,10 +1,10 @@
-"""Pieces of tokenizer training: a decoded-clip cache, the PatchGAN discriminator and the metrics."""
+"""Pieces of tokenizer training: the held-out clips, the PatchGAN discriminator and the metrics."""
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -13,51 +13,60 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.tokenizer.dataset_listing import ListingError, list_dataset
+from nbp_ds.tokenizer.dataset_listing import ListingError
 from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError
+from nbp_ds.worker_pool import LostJob, ordered_map
 
 log = logging.getLogger(__name__)
 
+PREFETCH_PER_WORKER = 2  # held-out videos decoded ahead of the one being collected, per worker
 
-def _decode_one(args: tuple[Path, ClipSpec]) -> tuple[str, list[np.ndarray], str | None]:
+
+def _decode_one(args: tuple[Path, ClipSpec]) -> tuple[list[np.ndarray], str | None]:
     path, clip = args
     try:
-        return str(path), [frames for _, frames in clip.read(path)], None
+        return [frames for _, frames in clip.read(path)], None
     except (ClipTooShort, VideoError) as exc:
-        return str(path), [], exc.reason
+        return [], exc.reason
 
 
-def cached_clips(videos: str | Path, cache: Path, clip: ClipSpec, workers: int,
-                 max_videos: int | None = None) -> np.ndarray:
-    """All clips of a video folder as one uint8 array [N, frames, R, R, 3], decoded once into `cache`
-    (a .npy, memory-mapped on later calls); failed videos are logged and listed in `cache`.failures.json."""
+def cached_clips(paths: list[Path], cache: Path, clip: ClipSpec, workers: int,
+                 timeout: float) -> tuple[np.ndarray, list[dict]]:
+    """The middle clip of each of ``paths`` as one uint8 array [N, frames, R, R, 3] (the held-out clips: a small
+    set, so decoded once into ``cache``, a .npy memory-mapped on later calls), and the videos that gave none
+    ({video, reason}). Decoding runs in ``workers`` processes of nbp_ds.worker_pool (0: in this one), so a
+    decoder that crashes or runs past ``timeout`` seconds costs its video only (reason worker_died / timeout)."""
     from tqdm import tqdm
 
-    params = {"videos": str(Path(videos).resolve()), "frames": clip.frames, "fps": clip.fps,
-              "resolution": clip.resolution, "clips_per_video": clip.per_video, "max_videos": max_videos}
-    meta = cache.with_suffix(".json")
+    params = {"videos": [str(p) for p in paths], "frames": clip.frames, "fps": clip.fps,
+              "resolution": clip.resolution}
+    meta, failures_file = cache.with_suffix(".json"), cache.with_suffix(".failures.json")
     if cache.is_file() and meta.is_file() and json.loads(meta.read_text()) == params:
-        return np.load(cache, mmap_mode="r")
-    listing = list_dataset(videos)
-    entries = listing.videos[:max_videos]
-    jobs = [(e.path, clip) for e in entries]
-    clips, failures = [], listing.not_video_records()
-    with mp.get_context("spawn").Pool(max(1, workers)) as pool:
-        for path, got, reason in tqdm(pool.imap(_decode_one, jobs, chunksize=4), total=len(jobs), unit="video",
-                                      desc=f"decode {Path(videos).name}"):
+        return np.load(cache, mmap_mode="r"), json.loads(failures_file.read_text())
+    one_clip = ClipSpec(clip.frames, clip.resolution, clip.fps, 1)
+    clips, failures = [], []
+    jobs = [(p, one_clip) for p in paths]
+    decoded = ((_decode_one(job) for job in jobs) if workers == 0 else
+               ordered_map(_decode_one, jobs, workers=min(workers, len(jobs)) or 1, timeout=timeout,
+                           window=PREFETCH_PER_WORKER * workers))
+    with closing(decoded):
+        for path, result in tqdm(zip(paths, decoded, strict=True), total=len(paths), unit="video",
+                                 desc=f"decode {cache.stem}"):
+            got, reason = ([], f"{result.reason}: {result.detail}") if isinstance(result, LostJob) else result
             clips += got
             if reason is not None:
-                failures.append({"video": path, "reason": reason})
+                failures.append({"video": str(path), "reason": reason})
                 log.warning("skipped %s: %s", path, reason)
     if not clips:
-        raise ListingError(f"--videos {videos}: no usable clips ({clip.describe()}) in {len(jobs)} videos "
-                           f"(reasons: {sorted({f['reason'] for f in failures})})")
+        raise ListingError(f"no usable held-out clips ({clip.describe()}) in {len(paths)} videos "
+                           f"(reasons: {sorted({f['reason'] for f in failures})}); name held-out videos with "
+                           f"--val-videos")
     array = np.stack(clips)
     with atomic_output(cache, suffix=".npy") as tmp:
         np.save(tmp, array)
-    write_text_atomic(cache.with_suffix(".failures.json"), json.dumps(failures, indent=1))
+    write_text_atomic(failures_file, json.dumps(failures, indent=1))
     write_text_atomic(meta, json.dumps(params))
-    return array
+    return array, failures
 
 
 class PatchDiscriminator3D(nn.Module):
@@ -79,6 +88,63 @@ class PatchDiscriminator3D(nn.Module):
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+class LeCam:
+    """LeCAM regularisation of the discriminator (Tseng et al. 2021, used by MAGVIT-v2): with a_r, a_f moving
+    averages (``decay``) of the mean logits on real and on reconstructed clips,
+    ``R = mean(relu(D(real) - a_f)^2) + mean(relu(a_r - D(fake))^2)``, added to the discriminator's loss.
+    The averages start at the first batch's means and are part of the run's saved state."""
+
+    def __init__(self, decay: float = 0.999):
+        self.decay = decay
+        self.real: float | None = None
+        self.fake: float | None = None
+
+    def penalty(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        """R for this batch; then the averages take the batch in (first batch: they become its means)."""
+        real_mean, fake_mean = float(real_logits.detach().mean()), float(fake_logits.detach().mean())
+        if self.real is None:
+            self.real, self.fake = real_mean, fake_mean
+        penalty = (F.relu(real_logits - self.fake).pow(2).mean() + F.relu(self.real - fake_logits).pow(2).mean())
+        self.real = self.decay * self.real + (1 - self.decay) * real_mean
+        self.fake = self.decay * self.fake + (1 - self.decay) * fake_mean
+        return penalty
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "real": self.real, "fake": self.fake}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.real, self.fake = state["decay"], state["real"], state["fake"]
+
+
+def adaptive_generator_weight(reconstruction_loss: torch.Tensor, generator_loss: torch.Tensor,
+                              last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """VQGAN's adaptive weight of the generator's GAN loss (used by MAGVIT-v2): the ratio of the gradient norms
+    the reconstruction and the GAN losses give the decoder's last layer,
+    ``||d L_rec / d w|| / (||d L_gan / d w|| + 1e-4)``, clamped to [0, max_weight], without gradient."""
+    rec = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    gan = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    return (rec.norm() / (gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004: Gaussian window, C1 = 0.01^2, C2 = 0.03^2 on a [0, 1] scale) between two float
+    videos [B, 3, N, H, W] in [-1, 1], over every channel of every frame; windows lie inside the frame."""
+    h, w = a.shape[-2:]
+    size = min(window, h, w)
+    size -= 1 - size % 2  # odd: the window has a center
+    x, y = (((v.float().clamp(-1, 1) + 1) / 2).reshape(-1, 1, h, w) for v in (a, b))
+    g = torch.exp(-((torch.arange(size, dtype=torch.float32, device=x.device) - size // 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :])[None, None]
+    mean_x, mean_y = F.conv2d(x, kernel), F.conv2d(y, kernel)
+    var_x = F.conv2d(x * x, kernel) - mean_x ** 2
+    var_y = F.conv2d(y * y, kernel) - mean_y ** 2
+    cov = F.conv2d(x * y, kernel) - mean_x * mean_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    score = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2))
+    return float(score.mean())
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

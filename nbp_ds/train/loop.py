@@ -29,7 +29,7 @@ from nbp_ds.runtime.checkpoint import (
 )
 from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
 from nbp_ds.runtime.schedule import lr_factor
-from nbp_ds.runtime.stop import stop_request
+from nbp_ds.runtime.stop import FINISHED, stop_request
 from nbp_ds.runtime.watchdog import StepWatchdog
 from nbp_ds.train.batch import describe as describe_batch
 from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
@@ -43,8 +43,6 @@ from nbp_ds.train.saved_state import EmaState, EngineState, LoaderPosition
 from nbp_ds.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-FINISHED = "finished"  # the marker slurm/train.sbatch reads to decide whether to requeue
 
 
 class Trainer:

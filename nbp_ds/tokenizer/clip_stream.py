@@ -1,0 +1,210 @@
+"""Training clips streamed from videos, in constant memory: what the tokenizer trainer reads.
+
+The videos are split once (a seeded shuffle) over the ranks and, within a rank, over its DataLoader workers,
+so each worker always reads the same share (its small cache of decoded videos then serves later epochs).
+Every epoch a worker shuffles its share again and takes from each video ``clip.per_video`` fresh random
+clips: a random start, optionally a random crop (``random_crop``: the video is decoded that much larger and
+a window of the clip size is cut at random) and a horizontal flip. The randomness of a clip is a function of
+(seed, epoch, video), so it does not depend on which worker or rank reads it.
+
+Workers decode in their own processes and fill whole batches; the DataLoader hands the batches to the trainer
+in a fixed worker cycle, so the sequence of batches is a function of the seed, the world size and the number
+of workers. Each batch carries its worker's position after it (epoch, index in the shuffled share, clips
+already taken from that video); :class:`ClipLoader` keeps the position of the last batch it handed out per
+worker and the count of batches, which is the whole state a checkpoint needs: a resumed loader starts each
+worker at its position and turns the worker cycle so that the next batch comes from the worker whose turn
+it was. Videos that cannot be decoded, or are too short for a clip, are skipped, counted and listed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from nbp_ds.tokenizer.dataset_listing import ListingError
+from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError, decode_video
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-clip randomness beyond the start time: ``random_crop`` is the margin (a fraction of the clip side)
+    the video is decoded larger by, ``flip`` a horizontal flip with probability 1/2."""
+
+    random_crop: float = 0.0
+    flip: bool = False
+
+    def decoded_side(self, resolution: int) -> int:
+        return int(round(resolution * (1.0 + self.random_crop)))
+
+
+def random_clips(video: np.ndarray, frames: int, resolution: int, count: int, augment: Augment,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """``count`` random clips [frames, resolution, resolution, 3] of a decoded video [N, S, S, 3]."""
+    if len(video) < frames:
+        raise ClipTooShort("-", f"{len(video)} frames, a clip needs {frames}")
+    clips = []
+    side = video.shape[1]
+    for _ in range(count):
+        start = int(rng.integers(0, len(video) - frames + 1))
+        y, x = (int(v) for v in rng.integers(0, side - resolution + 1, size=2))
+        clip = video[start:start + frames, y:y + resolution, x:x + resolution]
+        if augment.flip and rng.random() < 0.5:
+            clip = clip[:, :, ::-1]
+        clips.append(np.ascontiguousarray(clip))
+    return clips
+
+
+class DecodedVideos:
+    """A worker's least-recently-used cache of decoded videos, bounded in bytes (0: no cache)."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity = capacity_bytes
+        self.videos: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.size = 0
+
+    def get(self, path: str, decode) -> np.ndarray:
+        if path in self.videos:
+            self.videos.move_to_end(path)
+            return self.videos[path]
+        video = decode(path)
+        if video.nbytes <= self.capacity:
+            self.videos[path] = video
+            self.size += video.nbytes
+            while self.size > self.capacity:
+                _, old = self.videos.popitem(last=False)
+                self.size -= old.nbytes
+        return video
+
+
+def worker_share(count: int, seed: int, rank: int, world: int, worker: int, workers: int) -> np.ndarray:
+    """Indices of the videos (of ``count``) that loader worker ``worker`` of rank ``rank`` reads, every epoch."""
+    order = np.random.default_rng([seed, 0x5EED]).permutation(count)
+    return order[rank::world][worker::workers]
+
+
+class VideoClipStream(IterableDataset):
+    """Endless batches of random clips for one rank; each DataLoader worker reads its own share of videos."""
+
+    def __init__(self, videos: list[str], clip: ClipSpec, batch_size: int, seed: int, rank: int, world: int,
+                 workers: int, augment: Augment, cache_bytes: int, positions: list[list[int]], rotation: int):
+        super().__init__()
+        self.videos, self.clip, self.batch_size, self.seed = videos, clip, batch_size, seed
+        self.rank, self.world, self.workers = rank, world, workers
+        self.augment, self.cache_bytes = augment, cache_bytes
+        self.positions, self.rotation = positions, rotation
+
+    def _decode(self, path: str) -> np.ndarray:
+        return decode_video(path, self.clip.fps, self.augment.decoded_side(self.clip.resolution))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.rotation) % self.workers
+        share = worker_share(len(self.videos), self.seed, self.rank, self.world, worker, self.workers)
+        if len(share) == 0:
+            raise ListingError(f"{len(self.videos)} training videos cannot feed {self.world} rank(s) x "
+                               f"{self.workers} loader worker(s): lower data.workers")
+        cache = DecodedVideos(self.cache_bytes)
+        epoch, index, taken = self.positions[worker]
+        batch: list[np.ndarray] = []
+        skipped: list[tuple[str, str]] = []
+        while True:
+            order = np.random.default_rng([self.seed, epoch, 0xC11B]).permutation(len(share))
+            whole_pass, good = index == 0, 0
+            while index < len(order):
+                video_id = int(share[order[index]])
+                path = self.videos[video_id]
+                try:
+                    rng = np.random.default_rng([self.seed, epoch, video_id])
+                    clips = random_clips(cache.get(path, self._decode), self.clip.frames, self.clip.resolution,
+                                         self.clip.per_video, self.augment, rng)
+                except (ClipTooShort, VideoError) as exc:
+                    skipped.append((path, exc.reason))
+                    index, taken = index + 1, 0
+                    continue
+                good += 1
+                for clip in clips[taken:]:
+                    batch.append(clip)
+                    taken += 1
+                    if taken == len(clips):
+                        index, taken = index + 1, 0
+                    if len(batch) == self.batch_size:
+                        yield {"clips": np.stack(batch), "worker": worker, "position": [epoch, index, taken],
+                               "skipped": skipped}
+                        batch, skipped = [], []
+            if whole_pass and good == 0:
+                raise ListingError(f"none of the {len(share)} videos of rank {self.rank}, loader worker {worker} "
+                                   f"gave a clip ({self.clip.describe()}); reasons: "
+                                   f"{sorted({reason for _, reason in skipped})[:5]}")
+            epoch, index, taken = epoch + 1, 0, 0
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers share the CPUs with the training step
+
+
+class ClipLoader:
+    """Batches of uint8 clips [B, frames, R, R, 3] for one rank, with the state that resumes them exactly
+    (:meth:`state_dict`, :meth:`load_state_dict` before the first batch)."""
+
+    def __init__(self, videos: list[str], clip: ClipSpec, batch_size: int, seed: int, rank: int, world: int,
+                 workers: int, augment: Augment = Augment(), cache_bytes: int = 0, prefetch: int = 2,
+                 pin_memory: bool = False):
+        self.world = world
+        self.slots = max(1, workers)
+        self.skipped: dict[str, str] = {}
+        self.dataset = VideoClipStream([str(v) for v in videos], clip, batch_size, seed, rank, world, self.slots,
+                                       augment, cache_bytes, [[0, 0, 0] for _ in range(self.slots)], rotation=0)
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, worker_init_fn=_one_thread,
+                                 prefetch_factor=prefetch if workers else None, pin_memory=pin_memory)
+        self.batches = 0
+        self._iterator = None
+
+    @property
+    def positions(self) -> list[list[int]]:
+        return self.dataset.positions
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where :meth:`state_dict` was taken: exactly with the same number of ranks and workers, else
+        from the start of the furthest epoch any worker had reached."""
+        if self._iterator is not None:
+            raise RuntimeError("a clip stream's state is loaded before its first batch")
+        if (state["workers"], state["world"]) == (self.slots, self.world):
+            self.batches, positions = state["batches"], [list(p) for p in state["positions"]]
+        else:
+            epoch = max(p[0] for p in state["positions"])
+            log.warning("the clip stream was saved with %d rank(s) x %d worker(s), this run has %d x %d: it "
+                        "starts epoch %d from its beginning", state["world"], state["workers"], self.world,
+                        self.slots, epoch)
+            self.batches, positions = 0, [[epoch, 0, 0] for _ in range(self.slots)]
+        self.dataset.positions[:] = positions
+        self.dataset.rotation = self.batches % self.slots
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        item = next(self._iterator)
+        self.positions[int(item["worker"])] = [int(v) for v in item["position"]]
+        self.batches += 1
+        for path, reason in item["skipped"]:
+            if path not in self.skipped:
+                self.skipped[path] = reason
+                log.warning("skipped %s: %s", path, reason)
+        return item["clips"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "workers": self.slots, "world": self.world,
+                "positions": [list(p) for p in self.positions]}
+
+    def close(self) -> None:
+        self._iterator = None  # the DataLoader's workers end with their iterator

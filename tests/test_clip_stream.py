@@ -1,0 +1,76 @@
+"""The tokenizer trainer's clip stream: real videos decoded by ffmpeg in DataLoader workers, split over ranks and
+workers, fresh random clips every epoch, bad videos skipped and listed, and an exact resume from its state."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from video_fixtures import dataset, lavfi_video
+
+from nbp_ds.tokenizer.clip_stream import Augment, ClipLoader, random_clips, worker_share
+from nbp_ds.video_io import ClipSpec, ClipTooShort, decode_video, find_videos
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = dataset(tmp_path_factory.mktemp("stream") / "videos", classes=2, per_class=3)
+    return [str(p) for p in find_videos(root)]
+
+
+def test_every_video_goes_to_exactly_one_rank_and_worker():
+    shares = [worker_share(23, seed=4, rank=r, world=2, worker=w, workers=3) for r in range(2) for w in range(3)]
+    seen = np.concatenate(shares)
+    assert sorted(seen.tolist()) == list(range(23))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_resumed_stream_continues_exactly(videos):
+    # two clips per video and batches of three: saved states fall in the middle of a video; 3 batches saved
+    # with 2 workers: the resumed loader's worker cycle must be turned by one
+    kwargs = dict(clip=ClipSpec(9, 32, 8.0, 2), batch_size=3, seed=0, rank=0, world=1, workers=2,
+                  augment=Augment(random_crop=0.25, flip=True), cache_bytes=1 << 24)
+    straight = ClipLoader(videos, **kwargs)
+    batches = [next(straight).clone() for _ in range(8)]  # 6 good videos x 2 clips = 12 a epoch: two epochs
+    straight.close()
+    assert all(b.shape == (3, 9, 32, 32, 3) and b.dtype == torch.uint8 for b in batches)
+    assert {p.rsplit("/", 1)[1] for p in straight.skipped} == {"broken.mp4", "short.mp4"}
+    first = ClipLoader(videos, **kwargs)
+    for _ in range(3):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps
+    first.close()
+    assert state["batches"] == 3 and state["positions"][0][2] in (0, 1)
+    resumed = ClipLoader(videos, **kwargs)
+    resumed.load_state_dict(state)
+    for i, expected in enumerate(batches[3:], start=3):
+        assert torch.equal(next(resumed), expected), f"batch {i} differs after the resume"
+    resumed.close()
+
+
+def test_each_epoch_draws_fresh_random_clips(videos):
+    # the moving ones (testsrc, testsrc2, mandelbrot): a clip's frames tell its start time
+    good = [v for v in videos if v.endswith(("class0/v00.mp4", "class0/v01.mp4", "class1/v01.mp4"))]
+    loader = ClipLoader(good, ClipSpec(9, 32, 8.0, 1), batch_size=1, seed=0, rank=0, world=1, workers=0)
+    epoch0 = [next(loader)[0] for _ in good]
+    epoch1 = [next(loader)[0] for _ in good]
+    assert {int(p[0]) for p in loader.positions} == {1}  # two epochs read, one video a batch
+    key = {clip.numpy().tobytes() for clip in epoch0}
+    assert len(key) == len(good) == 3 and sum(c.numpy().tobytes() in key for c in epoch1) < len(good)
+
+
+def test_random_clips_are_windows_of_the_video(tmp_path):
+    video = decode_video(lavfi_video(tmp_path / "v.mp4", size="64x48", seconds=2.0), 8.0, 40)
+    rng = np.random.default_rng(0)
+    clips = random_clips(video, 5, 32, 20, Augment(0.25, True), rng)
+    flipped = 0
+    for clip in clips:
+        windows = [(s, y, x, f) for s in range(len(video) - 4) for y in range(9) for x in range(9) for f in (0, 1)
+                   if np.array_equal(clip, (video[s:s + 5, y:y + 32, x:x + 32])[:, :, ::-1 if f else 1])]
+        assert windows, "a clip that is no window of the video"
+        flipped += all(f for *_, f in windows)
+    assert 0 < flipped < 20  # about half flipped
+    with pytest.raises(ClipTooShort):
+        random_clips(video[:4], 5, 32, 1, Augment(), rng)
