@@ -88,6 +88,9 @@ class TrainConfig:
     steps: int = 1000
     micro_batch: int = 8  # per device
     grad_accum: int = 1
+    # samples per optimizer step over all processes; when set it stays fixed and grad_accum is derived from it, the
+    # micro-batch and the number of processes (nbp_ds.train.batch); None = micro_batch x grad_accum x processes
+    global_batch: int | None = None
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -112,6 +115,9 @@ class TrainConfig:
     stall_timeout_s: float = 600.0
     stall_factor: float = 20.0
     init_from: str | None = None  # exported .safetensors whose weights start a new run (fine-tuning); not on resume
+    # keys that may differ from the run folder's recorded experiment (e.g. [train.steps, train.lr]); any other
+    # change of data, schedule, seed, ... is refused on resume (nbp_ds.train.experiment)
+    allow_changes: list[str] = field(default_factory=list)
     peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
     hooks: str | None = None  # "module:Class", a nbp_ds.train.hooks.TrainerHooks subclass (profiling, custom logs)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = none; e.g. 0.9999); nbp-export --ema
@@ -122,6 +128,9 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     config: str = "zero3"  # a shipped DeepSpeed JSON (zero2, zero3, zero3_offload) or a path to one
+    # DeepSpeed JSON keys set over the file's, by dotted path: deepspeed.set.zero_optimization.reduce_bucket_size=5e8
+    # (nbp_ds.train.ds_config; the keys the run config owns, batch, optimizer, clipping, precision, are refused)
+    set: Any = field(default_factory=dict)
 
 
 @dataclass
@@ -166,6 +175,14 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     cfg = load_dataclass_tree(RunConfig, name_or_path, overrides)
     validate(cfg)
     return cfg
+
+
+def config_keys() -> list[str]:
+    """Every dotted key of a run config (``section.field``, and the top-level ``name``)."""
+    keys = []
+    for name, section in RunConfig().to_dict().items():
+        keys += [f"{name}.{key}" for key in section] if isinstance(section, dict) else [name]
+    return keys
 
 
 def load_dataclass_tree(cls: type[T], name_or_path: str | Path | None, overrides: list[str] | None = None,
@@ -317,6 +334,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 _YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def yaml_number(value: Any) -> Any:
+    """A string YAML 1.1 did not read as the number it is (3e-4, 5e8: no dot) as a float; anything else as given.
+    For values whose type the run config does not declare (deepspeed.set)."""
+    if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def checkpointing_mode(value: bool | str) -> str:
     """train.activation_checkpointing as one of CHECKPOINTING_MODES (true and false, as older configs say,
     mean full and none)."""
@@ -376,6 +401,8 @@ def validate(cfg: RunConfig) -> None:
     _require(tr.steps > 0, f"train.steps must be positive, got {tr.steps}")
     _require(tr.micro_batch > 0, f"train.micro_batch must be positive, got {tr.micro_batch}")
     _require(tr.grad_accum > 0, f"train.grad_accum must be positive, got {tr.grad_accum}")
+    _require(tr.global_batch is None or tr.global_batch > 0,
+             f"train.global_batch must be positive (or unset), got {tr.global_batch}")
     _require(tr.lr > 0, f"train.lr must be positive, got {tr.lr}")
     _require(0.0 <= tr.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {tr.min_lr_ratio}")
     _require(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")
@@ -385,10 +412,16 @@ def validate(cfg: RunConfig) -> None:
         _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(tr.keep_last >= 1, f"train.keep_last must be >= 1, got {tr.keep_last}")
     _require(tr.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {tr.max_bad_steps}")
+    unknown = sorted(set(tr.allow_changes) - set(config_keys()))
+    _require(not unknown, f"train.allow_changes names {unknown[0] if unknown else ''!r}, not a config key "
+                          f"(keys are dotted, e.g. train.lr, data.train)")
     _require(tr.collective_timeout_s > 0, f"train.collective_timeout_s must be positive, got {tr.collective_timeout_s}")
     for key in ("stall_timeout_s", "stall_factor"):
         _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
+    _require(isinstance(cfg.deepspeed.set, dict),
+             f"deepspeed.set must be a mapping of DeepSpeed JSON keys (set one with "
+             f"deepspeed.set.zero_optimization.reduce_bucket_size=5e8), got {cfg.deepspeed.set!r}")
     _validate_data(cfg.data)
 
 

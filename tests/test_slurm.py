@@ -251,7 +251,7 @@ def test_train_sbatch_runs_outside_slurm_as_a_smoke_test(shards, tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "not in a Slurm job, running a single process" in result.stdout
-    out = tmp_path / "runs" / "nbp-train"
+    out = tmp_path / "runs" / "tiny"  # no job name: the folder is named after the config
     assert (out / "finished").is_file() and (out / "checkpoints" / "latest").read_text() == "step00000003"
 
 

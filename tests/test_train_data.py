@@ -70,7 +70,9 @@ trainer.close()
 @pytest.mark.parametrize("before, after, zero", [(2, 1, "zero3"), (1, 2, "zero3"), (2, 1, "zero2")])
 def test_resume_on_another_number_of_processes_carries_weights_optimizer_and_data(shards, tmp_path, before, after,
                                                                                   zero):
-    common = ["train.steps=20", "train.save_every=10", "data.num_workers=1", f"deepspeed.config={zero}"]
+    # 8 samples a step whatever the number of processes (tiny: 4 per micro-batch): accumulation 2 on one process
+    common = ["train.steps=20", "train.save_every=10", "data.num_workers=1", f"deepspeed.config={zero}",
+              "train.global_batch=8"]
     first = tmp_path / "first"
     result = run(train_cmd(first, str(shards / "train"), *common, nproc=before))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -86,6 +88,14 @@ def test_resume_on_another_number_of_processes_carries_weights_optimizer_and_dat
     assert f"through its universal copy (saved by {before} processes, now {after})" in result.stderr
     assert f"continues the interrupted epoch on {after} ranks" in result.stderr
     assert (ckpt / "universal" / "zero").is_dir()
+    accum = {1: "2 accumulation steps x 1 process", 2: "1 accumulation step x 2 processes"}
+    assert f"global batch 8 samples = micro-batch 4 x {accum[after]}" in result.stderr
+    # the same samples per step and the same LR schedule on either side of the resume
+    first_rows, second_rows = ({r["step"]: r for r in rows(out) if "train/loss" in r} for out in (first, second))
+    for by_step in (first_rows, second_rows):
+        assert by_step[20]["data/samples"] - by_step[11]["data/samples"] == 9 * 8
+    assert [second_rows[s]["train/lr"] for s in range(11, 21)] == pytest.approx(
+        [first_rows[s]["train/lr"] for s in range(11, 21)], rel=1e-12)
 
     # what the engine holds on the new number of processes is the saved state: the converted files (DeepSpeed's
     # layout, one folder per parameter), whose weights are those zero_to_fp32 reads from the original shards
@@ -107,7 +117,8 @@ def test_resume_on_another_number_of_processes_carries_weights_optimizer_and_dat
             converted = converted["param"] if isinstance(converted, dict) else converted  # ZeRO-2 | ZeRO-3 (flat)
             torch.testing.assert_close(value, converted.reshape(value.shape), rtol=0, atol=0)
         assert exp_avg_sq.abs().sum() > 0  # ten steps of moments, not a fresh optimizer
-    # the loss goes on from where it was (the global batch differs, so not the same numbers), far from its start
+    # the loss goes on from where it was (other processes, other random streams: not the same numbers), far from its
+    # start
     a, b = step_losses(first), step_losses(second)
     assert sorted(b) == list(range(11, 21))
     start, at_save = a[1], sum(a[s] for s in (8, 9, 10)) / 3

@@ -1,4 +1,4 @@
-"""The trainer's parts on their own: LR schedule, DeepSpeed config completion, checkpoint compatibility,
+"""The trainer's parts on their own: LR schedule, DeepSpeed config completion,
 collectives' devices, trainer state, hooks, and the checkpoint manager's files (no DeepSpeed needed)."""
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from nbp_ds.runtime.checkpoint import (
     CheckpointManager,
     CheckpointRef,
     CheckpointSaveError,
-    check_compatible,
     find_checkpoint,
     read_latest,
 )
@@ -122,21 +121,6 @@ def test_a_users_json_gets_bf16_from_the_precision(tmp_path):
     for precision, bf16 in (("bf16", True), ("fp32", False)):
         ds = build_ds_config(load_config("tiny", [f"train.precision={precision}", f"deepspeed.config={mine}"]), 1)
         assert ds["bf16"]["enabled"] is bf16
-
-
-# ---- checkpoint compatibility --------------------------------------------------------------------------
-def test_check_compatible_names_every_differing_shape_key():
-    cfg = load_config("tiny")
-    saved = cfg.to_dict()
-    check_compatible(saved, cfg, "ckpt")  # identical: fine
-    saved["train"]["lr"] = 1.0  # optimisation settings may change on resume
-    check_compatible(saved, cfg, "ckpt")
-    saved["model"]["d_model"] = 128
-    saved["layout"]["block"] = [1, 2, 2]
-    with pytest.raises(ConfigError) as info:
-        check_compatible(saved, cfg, "ckpt")
-    assert "model.d_model: checkpoint 128, run 64" in str(info.value)
-    assert "layout.block: checkpoint [1, 2, 2], run [1, 1, 4]" in str(info.value)
 
 
 # ---- collectives -------------------------------------------------------------------------------------------
@@ -275,15 +259,133 @@ def test_deepspeed_configs_are_found_by_name_anywhere(tmp_path, monkeypatch):
         build_ds_config(load_config("tiny", ["deepspeed.config=zero9"]), 1)
 
 
-def test_each_process_computes_on_its_own_gpu_or_the_cpu():
+# ---- which GPU ------------------------------------------------------------------------------------------------
+def test_each_process_computes_on_its_own_gpu_or_the_cpu(monkeypatch):
     from nbp_ds.runtime.launch import DistEnv
 
-    env = DistEnv(rank=5, world_size=8, local_rank=1, master_addr="h", master_port=1, launcher="srun")
-    auto = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
-    assert distributed.process_device(env) == auto
+    env = DistEnv(rank=5, world_size=8, local_rank=1, master_addr="h", master_port=1, launcher="srun",
+                  local_world_size=4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.process_device(env) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a host's 4 GPUs, all visible to each task
+    assert distributed.process_device(env) == torch.device("cuda", 1)
     assert distributed.process_device(env, "cuda") == torch.device("cuda", 1)  # its own, not cuda:0
     assert distributed.process_device(env, "cuda:0") == torch.device("cuda", 0)  # as named
     assert distributed.process_device(env, "cpu") == torch.device("cpu")
+
+
+def launched(launcher_env: dict[str, str]):
+    from nbp_ds.runtime import launch
+
+    return launch.detect({"MASTER_ADDR": "node1", **launcher_env})
+
+
+SRUN_4_PER_HOST = {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_STEP_NODELIST": "node[1-2]",
+                   "SLURMD_NODENAME": "node2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+TORCHRUN_4 = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}
+
+
+@pytest.mark.parametrize("launcher_env, visible, expected", [
+    # every task sees the host's GPUs: the local rank picks one
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_ON_NODE": "4"}, 4, 2),
+    (TORCHRUN_4, 4, 3),
+    # srun --gpus-per-task=1 / --gpu-bind=single:1: each task sees only its own GPU, as device 0
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_ON_NODE": "4"}, 1, 0),
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_PER_TASK": "2", "SLURM_GPUS_ON_NODE": "8"}, 2, 0),
+    (SRUN_4_PER_HOST, 1, 0),  # Slurm names no GPU count: its per-task visibility is trusted
+    # fewer GPUs than processes on the host
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_ON_NODE": "2"}, 2, "4 processes of this job run on this host"),
+    ({**SRUN_4_PER_HOST, "SLURM_GPUS_ON_NODE": "1"}, 1, "Slurm allocated 1 on this host"),
+    (TORCHRUN_4, 2, "sees 2 GPUs"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "0"}, 1, "sees 1 GPU "),
+])
+def test_the_gpu_is_an_index_among_the_visible_ones(monkeypatch, launcher_env, visible, expected):
+    from nbp_ds.runtime.launch import LaunchError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    env = launched(launcher_env)
+    if isinstance(expected, int):
+        assert distributed.process_device(env) == torch.device("cuda", expected)
+    else:
+        with pytest.raises(LaunchError, match=expected):
+            distributed.process_device(env)
+
+
+def test_slurm_task_counts_per_node_are_expanded():
+    from nbp_ds.runtime.launch import LaunchError, tasks_per_node
+
+    assert tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert tasks_per_node("8") == [8] and tasks_per_node("") == []
+    assert launched(SRUN_4_PER_HOST).local_world_size == 4
+    assert launched({**SRUN_4_PER_HOST, "SLURM_STEP_TASKS_PER_NODE": "3,1"}).local_world_size == 1  # node2's
+    with pytest.raises(LaunchError, match="x3"):
+        tasks_per_node("2x3")
+
+
+# ---- the global batch -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, world, accum, ds_batch", [
+    (["train.micro_batch=4", "train.grad_accum=3"], 2, 3, 24),  # not set: micro x accum x processes
+    (["train.micro_batch=4", "train.global_batch=32"], 2, 4, 32),
+    (["train.micro_batch=4", "train.global_batch=32"], 8, 1, 32),
+    (["train.micro_batch=4", "train.global_batch=32", "train.grad_accum=4"], 2, 4, 32),  # consistent: fine
+])
+def test_the_global_batch_derives_the_accumulation(overrides, world, accum, ds_batch):
+    from nbp_ds.train.batch import resolve_global_batch
+
+    cfg = load_config("tiny", overrides)
+    tr = resolve_global_batch(cfg.train, world)
+    assert (tr.grad_accum, tr.global_batch) == (accum, ds_batch)
+    ds = build_ds_config(cfg, world)
+    assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (accum, ds_batch)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["train.micro_batch=4", "train.global_batch=30"], 2, r"nearest global batches that work: 24 or 32, or "
+                                                           r"train.micro_batch=3 \(accumulating 5\)"),
+    (["train.micro_batch=4", "train.global_batch=4"], 2, r"work: 8(, |$)"),
+    (["train.micro_batch=4", "train.global_batch=32", "train.grad_accum=2"], 2, "contradicts"),
+])
+def test_a_global_batch_that_does_not_divide_is_refused_with_sizes_that_do(overrides, world, message):
+    from nbp_ds.train.batch import resolve_global_batch
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_global_batch(load_config("tiny", overrides).train, world)
+
+
+# ---- DeepSpeed JSON keys from the command line -----------------------------------------------------------------
+def test_deepspeed_json_keys_are_set_from_the_command_line():
+    cfg = load_config("tiny", ["deepspeed.set.zero_optimization.stage3_prefetch_bucket_size=1e8",
+                               "deepspeed.set.zero_optimization.offload_optimizer.device=cpu",
+                               "deepspeed.set.wall_clock_breakdown=true", "deepspeed.set.steps_per_print=50"])
+    ds = build_ds_config(cfg, 1)
+    zero = ds["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 100_000_000 and isinstance(zero["stage3_prefetch_bucket_size"], int)
+    assert zero["offload_optimizer"] == {"device": "cpu"}  # a new mapping inside the file's
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 200_000_000  # the file's other keys stay
+    assert ds["wall_clock_breakdown"] is True and ds["steps_per_print"] == 50
+    assert build_ds_config(load_config("tiny"), 1)["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000
+
+
+@pytest.mark.parametrize("key, owner", [
+    ("train_batch_size=64", "train.global_batch"),
+    ("gradient_accumulation_steps=2", "train.grad_accum"),
+    ("train_micro_batch_size_per_gpu=2", "train.micro_batch"),
+    ("gradient_clipping=0.5", "train.grad_clip"),
+    ("bf16.enabled=false", "train.precision"),
+    ("optimizer.params.lr=0.1", "train.lr"),
+    ("optimizer.type=Adam", "the optimizer's type is part of the experiment"),
+    ("scheduler.type=WarmupLR", "train.warmup_steps"),
+    ("checkpoint.load_universal=true", "--universal"),
+])
+def test_deepspeed_keys_the_run_config_owns_are_refused_with_the_reason(key, owner):
+    cfg = load_config("tiny", [f"deepspeed.set.{key}"])
+    with pytest.raises(ConfigError, match=rf"deepspeed.set.{key.split('=')[0]}: the run config decides this "
+                                          rf"DeepSpeed key, from .*{owner}"):
+        build_ds_config(cfg, 1)
+    with pytest.raises(ConfigError, match="deepspeed.set must be a mapping"):
+        load_config("tiny", ["deepspeed.set=5"])
 
 
 class CountPart:

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="latent grid; only without hyper_parameters (default 5 16 16)")
     g.add_argument("--context-frames", type=int, default=2, help="K600: latent frames given when sampling (2)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="stored precision (default fp32)")
+    g.add_argument("--shard-size", metavar="SIZE",
+                   help="write OUT as a folder of shards of at most SIZE each (5GB, 2GiB) with an index, as "
+                        "nbp-export --shard-size does")
     g.add_argument("--trust-pickle", action="store_true",
                    help="read the file with torch.load(weights_only=False) if it needs it (runs code from the file)")
     t = sub.add_parser("tokenizer", help="a released tokenizer .pt -> .safetensors (loadable as official:OUT)")
@@ -63,15 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.what == "generator":
         from nbp_ds.official.generator import convert_generator
+        from nbp_ds.train.export_files import parse_size
 
-        if not args.out.endswith(".safetensors"):
-            raise UsageError(f"output {args.out} must end in .safetensors")
+        try:
+            shard_bytes = parse_size(args.shard_size) if args.shard_size else None
+        except ValueError as exc:
+            raise UsageError(f"--shard-size: {exc}") from exc
+        if shard_bytes is None and not args.out.endswith(".safetensors"):
+            raise UsageError(f"output {args.out} must end in .safetensors (or pass --shard-size for a folder)")
         cfg = convert_generator(args.ckpt, args.out, trust_pickle=args.trust_pickle, classes=args.classes,
                                 sentencepiece_model=args.llama_tokenizer, kind=args.kind, n_head=args.n_head,
                                 block_size=args.block_size, grid=args.grid, context_frames=args.context_frames,
-                                dtype=args.dtype)
-        print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}: {cfg.name}, "
-              f"{len(cfg.layout.class_prefixes) or 'no'} class prefixes")
+                                dtype=args.dtype, shard_bytes=shard_bytes)
+        written = f"{args.out}/ (shards, index, config.json)" if shard_bytes else \
+            f"{args.out} and {Path(args.out).with_suffix('.json')}"
+        print(f"wrote {written}: {cfg.name}, {len(cfg.layout.class_prefixes) or 'no'} class prefixes")
     else:
         from nbp_ds.tokenizer.official import load_official_tokenizer, save_official_tokenizer
 

@@ -152,7 +152,7 @@ class Pipeline:
         print(f"  frame grid       {samples / 'grid.png'}")
         print(f"  class check      {samples / 'consistency.json'}")
         print(f"  TensorBoard      tensorboard --logdir {self.out}   (training: {train / 'tb'}, tokenizer: "
-              f"{tok_run / 'tb'})")
+              f"{tok_run / 'tb'}; the training's sample videos: Time Series tab, filter tags by 'samples')")
 
 
 @command

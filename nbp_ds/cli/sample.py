@@ -7,8 +7,9 @@
         --paper-sampling --num 100 --batch-size 32 --no-mp4 --out fvd_samples/   # 101 classes x 100 for FVD
     nbp-eval-fvd --real REAL_VIDEOS --fake fvd_samples/ --i3d i3d_torchscript.pt
 
---weights is an exported .safetensors file (nbp-export) or a training output folder /
-DeepSpeed checkpoint folder (consolidated in memory); the model is built on --device and runs in --dtype.
+--weights is an export of nbp-export (a .safetensors file, or a sharded export's folder or index json) or a
+training output folder / DeepSpeed checkpoint folder (consolidated in memory); the model is built on --device and
+runs in --dtype.
 Batches are generated on the device and written as they come by --writers threads: per video an mp4
 (unless --no-mp4), its decoded frames frames/<stem>.npy and its tokens tokens/<stem>.npy, and a line in
 videos.jsonl once all three are in place; grid.png shows the first videos. nbp-eval-fvd and
@@ -40,7 +41,9 @@ from nbp_ds.generate.sampler import DTYPES, SamplerOptions, sample_videos
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="exported .safetensors, or a training output / checkpoint folder")
+    p.add_argument("--weights", required=True,
+                   help="an export (.safetensors file, or a sharded export's folder or index json), or a training "
+                        "output / checkpoint folder")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer folder (nbp-train-tokenizer), official:PATH (a released magvit2_*.pt) "
                         "or random:<preset>")

@@ -37,7 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class SamplerOptions:
     """One sampling run, field by field nbp-sample's flags (see its --help)."""
 
-    weights: str  # an exported .safetensors file, or a training output / DeepSpeed checkpoint folder
+    weights: str  # an export (.safetensors file, sharded folder or its index), or a training output / checkpoint folder
     tokenizer: str  # a tokenizer folder, official:PATH or random:<preset>
     out: str
     num: int = 1  # videos per label (in all, for models without classes)

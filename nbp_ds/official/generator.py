@@ -218,9 +218,11 @@ def convert_weights(released: ReleasedGenerator, cfg: RunConfig) -> dict[str, to
 def convert_generator(path: str | Path, out: str | Path, *, trust_pickle: bool = False,
                       classes: str | Path | None = None, sentencepiece_model: str | Path | None = None,
                       kind: str | None = None, n_head: int | None = None, block_size: int | None = None,
-                      grid: list[int] | None = None, context_frames: int = 2, dtype: str = "fp32") -> RunConfig:
-    """Convert a released ``.ckpt`` into ``out`` (.safetensors + .json, as nbp_ds.train.export writes;
-    classes.json beside it for a class-conditional model) and return its run config."""
+                      grid: list[int] | None = None, context_frames: int = 2, dtype: str = "fp32",
+                      shard_bytes: int | None = None) -> RunConfig:
+    """Convert a released ``.ckpt`` into ``out`` (.safetensors + .json as nbp_ds.train.export writes, or with
+    ``shard_bytes`` its sharded form in the folder ``out``; classes.json beside the weights for a class-conditional
+    model) and return its run config."""
     import json
 
     from nbp_ds.train.export import save_export
@@ -230,7 +232,7 @@ def convert_generator(path: str | Path, out: str | Path, *, trust_pickle: bool =
     cfg = generator_config(released, kind=kind, n_head=n_head, block_size=block_size, grid=grid,
                            context_frames=context_frames, class_names=names, sentencepiece_model=sentencepiece_model)
     state = convert_weights(released, cfg)
-    out = save_export(state, cfg, out, dtype)
+    out = save_export(state, cfg, out, dtype, shard_bytes)
     if names is not None:
         (out.parent / "classes.json").write_text(json.dumps({n: i for i, n in enumerate(names)}, indent=1))
     log.info("converted %s -> %s (%s, %d layers, width %d, %d heads)", path, out, cfg.name, cfg.model.n_layer,

@@ -50,8 +50,7 @@ from typing import Any, Protocol
 
 import torch
 
-from nbp_ds.config import RunConfig
-from nbp_ds.errors import CheckpointError, ConfigError
+from nbp_ds.errors import CheckpointError
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.runtime import distributed, manifest
 from nbp_ds.runtime.rng import rng_state, set_rng_state
@@ -60,9 +59,6 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TAG_PREFIX = "step"
-# the keys whose change makes a checkpoint unusable for this run
-SHAPE_KEYS = {"layout": ("grid", "block", "hybrid", "condition", "num_classes", "context_frames"),
-              "model": ("n_layer", "d_model", "n_head", "vocab_size", "ffn_dim")}
 
 
 class CheckpointSaveError(RuntimeError):
@@ -135,16 +131,6 @@ def peek_client_config(ref: CheckpointRef) -> dict | None:
     """The run config stored with a DeepSpeed checkpoint (rank 0's model-states file), without DeepSpeed."""
     state = peek_client_state(ref)
     return None if state is None else state.get("config")
-
-
-def check_compatible(saved: dict, cfg: RunConfig, where: str) -> None:
-    """Refuse a checkpoint whose model or layout differs from the run's, naming the keys."""
-    current = cfg.to_dict()
-    diffs = [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, run {current[section][key]!r}"
-             for section, keys in SHAPE_KEYS.items() for key in keys
-             if saved.get(section, {}).get(key) != current[section][key]]
-    if diffs:
-        raise ConfigError(f"checkpoint {where} was trained with a different model shape: " + "; ".join(diffs))
 
 
 def _rng_file(ref: CheckpointRef, rank: int) -> Path:

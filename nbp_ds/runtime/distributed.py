@@ -8,6 +8,7 @@ into one float64 tensor so a training step costs one reduction, not one per figu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -15,18 +16,43 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nbp_ds.runtime.launch import DistEnv, export_for_torch
+from nbp_ds.runtime.launch import DistEnv, LaunchError, export_for_torch
 
 OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 def process_device(env: DistEnv, name: str = "auto") -> torch.device:
-    """The device this process computes on: ``auto`` is its own GPU (the launcher's local rank) when there is
-    one, else the CPU; ``cuda`` without an index is its own GPU too; anything else as named."""
+    """The device this process computes on: ``auto`` is its own GPU (:func:`gpu_index`) when there is one, else
+    the CPU; ``cuda`` without an index is its own GPU too; anything else as named."""
     if name == "auto":
-        return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", gpu_index(env, torch.cuda.device_count())) if torch.cuda.is_available() \
+            else torch.device("cpu")
     device = torch.device(name)
-    return torch.device("cuda", env.local_rank) if device.type == "cuda" and device.index is None else device
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", gpu_index(env, torch.cuda.device_count()))
+    return device
+
+
+def gpu_index(env: DistEnv, visible: int) -> int:
+    """This process' GPU, an index among the ``visible`` devices (CUDA_VISIBLE_DEVICES). When every process of a
+    host sees all of the host's GPUs (torchrun, the deepspeed launcher, srun with --gpus-per-node), the local rank
+    picks one. When Slurm gives each task only its own (--gpus-per-task=1, --gpu-bind=single:1, a cgroup per
+    task), a process sees fewer GPUs than there are tasks on its host though the host has enough: its own are the
+    first it sees. Fewer GPUs than local processes is refused (two processes on one GPU fail later, in NCCL)."""
+    needed = max(env.local_world_size, env.local_rank + 1)
+    if visible >= needed:
+        return env.local_rank
+    bound_per_task = env.launcher == "srun" and visible >= 1 and (env.gpus_on_node is None
+                                                                 or env.gpus_on_node >= needed)
+    if bound_per_task:
+        return 0
+    where = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}" if "CUDA_VISIBLE_DEVICES" in os.environ \
+        else "no CUDA_VISIBLE_DEVICES"
+    allocated = f", Slurm allocated {env.gpus_on_node} on this host" if env.gpus_on_node is not None else ""
+    raise LaunchError(f"{needed} processes of this job run on this host ({env.launcher}, local rank "
+                      f"{env.local_rank}) but this process sees {visible} GPU{'s' * (visible != 1)} ({where}"
+                      f"{allocated}): start one process per GPU (torchrun --nproc_per_node {visible}), or give each "
+                      f"task its own GPU (srun --gpus-per-task=1, or --gpus-per-node={needed})")
 
 
 def backend_for(device: torch.device) -> str:

@@ -36,6 +36,8 @@ class DistEnv:
     launcher: str  # torchrun | deepspeed | srun | single
     hosts: tuple[str, ...] = ()  # srun: the step's hosts, in Slurm's order (the first is the master)
     host: str = ""  # srun: the host this process runs on (SLURMD_NODENAME)
+    local_world_size: int = 1  # processes of the job on this host (0: the launcher does not say)
+    gpus_on_node: int | None = None  # srun: the GPUs Slurm allocated on this host (SLURM_GPUS_ON_NODE)
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -115,8 +117,10 @@ def detect(env: dict | None = None) -> DistEnv:
             raise LaunchError(f"WORLD_SIZE={world} but MASTER_ADDR is not set")
         # the deepspeed launcher's workers also carry CROSS_RANK / CROSS_SIZE; torchrun's, TORCHELASTIC_RUN_ID
         launcher = "deepspeed" if "CROSS_RANK" in env and "TORCHELASTIC_RUN_ID" not in env else "torchrun"
+        # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+        local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", 0))
         return DistEnv(_int(env, "RANK"), world, _int(env, "LOCAL_RANK", 0), env.get("MASTER_ADDR", "127.0.0.1"),
-                       _int(env, "MASTER_PORT", 29500), launcher)
+                       _int(env, "MASTER_PORT", 29500), launcher, local_world_size=local_world)
     ntasks = _int(env, "SLURM_NTASKS", _int(env, "SLURM_NPROCS", 1))
     if "SLURM_PROCID" in env and ntasks > 1:
         # the step's hosts, not the allocation's: `srun -N1` inside a two-node job runs on one of them
@@ -125,12 +129,27 @@ def detect(env: dict | None = None) -> DistEnv:
         addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
         # the port depends on the job: two jobs sharing a host do not collide, a requeued job gets its own back
         port = _int(env, "MASTER_PORT", 10000 + _int(env, "SLURM_JOB_ID", 0) % 50000)
+        host = env.get("SLURMD_NODENAME", "")
+        counts = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+        local_world = counts[hosts.index(host)] if host in hosts and len(counts) == len(hosts) else 0
+        gpus = _int(env, "SLURM_GPUS_ON_NODE", -1)
         return DistEnv(_int(env, "SLURM_PROCID"), ntasks, _int(env, "SLURM_LOCALID", 0), addr, port, "srun",
-                       hosts=hosts, host=env.get("SLURMD_NODENAME", ""))
+                       hosts=hosts, host=host, local_world_size=local_world, gpus_on_node=None if gpus < 0 else gpus)
     if ntasks > 1 and "SLURM_STEP_ID" not in env:
         raise LaunchError(f"this Slurm allocation has SLURM_NTASKS={ntasks} tasks but the trainer was not started "
                           f"by srun (no SLURM_PROCID): run `srun python -m nbp_ds.train ...` (see slurm/train.sbatch)")
     return DistEnv(0, 1, 0, "127.0.0.1", _int(env, "MASTER_PORT", 29500), "single")
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compact task counts per node, expanded in node order: "2(x3),1" -> [2, 2, 2, 1]; "" -> []."""
+    counts = []
+    for part in filter(None, spec.split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise LaunchError(f"cannot read Slurm's tasks per node {spec!r} (expected e.g. 2(x3),1)")
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts
 
 
 # ---- gloo's network interface ----------------------------------------------------------------------

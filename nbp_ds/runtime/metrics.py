@@ -148,6 +148,24 @@ class MetricsLogger:
 
                 self.wandb.log({tag: wandb.Image(image)}, step=step)
 
+    def video(self, tag: str, video: np.ndarray, step: int, fps: float = 8.0) -> None:
+        """A uint8 video [N, H, W, 3] as an animated GIF: TensorBoard's image panel plays it (what add_video writes,
+        without its moviepy dependency); W&B gets a wandb.Video."""
+        if not self.enabled:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from nbp_ds.visualize import gif_bytes
+
+        _, height, width, _ = video.shape
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif_bytes(video, fps))
+        # the SummaryWriter's own event file, as its add_video does
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Video(video.transpose(0, 3, 1, 2), fps=fps, format="gif")}, step=step)
+
     def flush(self) -> None:
         if self.enabled:
             self.writer.flush()

@@ -2,18 +2,25 @@
 
 The JSON holds what is DeepSpeed's own business (ZeRO stage, buckets, offload, optimizer type);
 batch sizes, gradient clipping, precision and the optimizer's hyper-parameters come from the run
-config. A JSON that sets one of those to a different value is refused, naming the key.
+config. A JSON that sets one of those to a different value is refused, naming the key. Single keys of the JSON
+are set from the command line with ``deepspeed.set.<dotted JSON path>=value`` (for example
+``deepspeed.set.zero_optimization.stage3_prefetch_bucket_size=1e8``); the keys the run config owns are refused
+there, with the run config's key to use instead (:data:`OWNED_KEYS`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from nbp_ds.config import RunConfig
+from nbp_ds.config import RunConfig, yaml_number
 from nbp_ds.errors import ConfigError
+from nbp_ds.train.batch import resolve_global_batch
+
+log = logging.getLogger(__name__)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -53,11 +60,63 @@ def _fill(ds: dict, key: str, value: Any, source: str, path: str) -> None:
     ds[key] = value
 
 
+# DeepSpeed JSON keys the run config decides (deepspeed.set refuses them): the path, and the run config's say
+OWNED_KEYS = {
+    "train_batch_size": "train.global_batch (or train.micro_batch x train.grad_accum x processes)",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum (derived from train.global_batch when that is set)",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision", "fp16": "train.precision (fp16 is not supported: bf16 or fp32)",
+    "optimizer": "train.lr, train.betas and train.weight_decay; the optimizer's type is part of the experiment: "
+                 "choose it in the JSON (deepspeed.config)",
+    "scheduler": "train.lr, train.warmup_steps and train.min_lr_ratio (warmup + cosine)",
+    "checkpoint.load_universal": "nbp-train --universal (chosen by itself when the number of processes changed)",
+}
+
+
+def set_keys(ds: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """Set ``deepspeed.set``'s keys in the DeepSpeed config ``ds`` (nested mappings merge, anything else replaces);
+    a key the run config owns is refused with the reason. Returns what was set, as ``path = value`` lines."""
+    done = []
+    for path, value in _leaves(overrides, ""):
+        owner = next((OWNED_KEYS[k] for k in OWNED_KEYS if path == k or path.startswith(k + ".")), None)
+        if owner is not None:
+            raise ConfigError(f"deepspeed.set.{path}: the run config decides this DeepSpeed key, from {owner}")
+        *parents, last = path.split(".")
+        node = ds
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = _number(value)
+        done.append(f"{path} = {node[last]!r}")
+    return done
+
+
+def _leaves(tree: dict[str, Any], prefix: str):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 5e8 (no dot) as a string, and DeepSpeed's sizes are integers: 5e8 -> 500000000."""
+    value = yaml_number(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return int(value)
+    return value
+
+
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run and data-parallel world size."""
+    """The DeepSpeed config dict for this run and data-parallel world size: the JSON ``deepspeed.config`` names,
+    ``deepspeed.set``'s keys over it, then the run config's batch, clipping, precision and optimizer settings."""
     path = cfg.deepspeed.config
     ds = copy.deepcopy(load_ds_json(path))
-    tr = cfg.train
+    for line in set_keys(ds, cfg.deepspeed.set):
+        log.info("DeepSpeed config: %s (deepspeed.set)", line)
+    tr = resolve_global_batch(cfg.train, world_size)
     _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch, "train.micro_batch", path)
     _fill(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum", path)
     _fill(ds, "train_batch_size", tr.micro_batch * tr.grad_accum * world_size,

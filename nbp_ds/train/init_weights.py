@@ -1,15 +1,14 @@
 """Start a run from exported weights (``train.init_from``): fine-tuning a converted release or an export.
 
-The file is what nbp_ds.train.export writes (nbp-export, nbp-convert-official): a
-.safetensors with the run config in its metadata. Its weights must fit the run's model exactly (keys and
-shapes), and the settings that give the weights their meaning (architecture, heads, layout and token ids)
-must be the run's. Under ZeRO-3 each parameter is gathered, filled on rank 0 and re-partitioned, so no rank
-ever holds more than one full parameter at a time.
+The export is what nbp_ds.train.export writes (nbp-export, nbp-convert-official): a .safetensors with the
+run config in its metadata, or the sharded form (nbp-export --shard-size). Its weights must fit the run's
+model exactly (keys and shapes), and the settings that give the weights their meaning
+(nbp_ds.train.experiment.WEIGHT_KEYS) must be the run's. Under ZeRO-3 each parameter is gathered, filled on
+rank 0 and re-partitioned, so no rank ever holds more than one full parameter at a time.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,40 +19,36 @@ from torch import nn
 
 from nbp_ds.config import RunConfig
 from nbp_ds.errors import ConfigError
+from nbp_ds.train.experiment import check_weights_meaning
+from nbp_ds.train.export_files import CONFIG_NAME, open_export
 
 log = logging.getLogger(__name__)
 
-# settings the weights were trained for: a run that changes one reads them with another meaning
-MEANING_KEYS = {"model": ("arch", "n_head"),
-                "layout": ("grid", "block", "hybrid", "condition", "bov", "class_prefixes", "text_vocab_size",
-                           "token_ids")}
-
-
 def load_initial_weights(model: nn.Module, path: str | Path, cfg: RunConfig) -> None:
-    """Copy the weights of an exported .safetensors into ``model`` (plain or ZeRO-3 partitioned)."""
-    from safetensors import safe_open
-
+    """Copy the weights of an export (a .safetensors file, or a sharded export's folder or index) into ``model``
+    (plain or ZeRO-3 partitioned), one tensor at a time."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"train.init_from={path}: no such file")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "nbp_ds_config" not in meta:
-            raise ConfigError(f"train.init_from={path}: not an nbp_ds export (no nbp_ds_config metadata)")
-        _check_meaning(json.loads(meta["nbp_ds_config"]), cfg, path)
-        params = dict(model.named_parameters())
-        missing, unexpected = sorted(set(params) - set(f.keys())), sorted(set(f.keys()) - set(params))
-        wrong = [f"{k} {f.get_slice(k).get_shape()} (model {list(_full_shape(p))})" for k, p in params.items()
-                 if k in f.keys() and list(f.get_slice(k).get_shape()) != list(_full_shape(p))]
-        if missing or unexpected or wrong:
-            raise ConfigError(f"train.init_from={path} does not fit the run's model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, shapes {wrong[:5]}")
-        writer = not dist.is_initialized() or dist.get_rank() == 0
-        for name, param in params.items():
-            with _gathered(param):
-                if writer or not hasattr(param, "ds_id"):
-                    with torch.no_grad():
-                        param.data.copy_(f.get_tensor(name).to(param.dtype))
+    try:
+        files = open_export(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"train.init_from={path}: {exc}") from exc
+    config_file = path / CONFIG_NAME if path.is_dir() else path.with_suffix(".json")
+    check_weights_meaning(files.config, cfg, f"train.init_from={path}",
+                          hint=f" (start from the export's own config: --config {config_file})")
+    params = dict(model.named_parameters())
+    stored = set(files.keys())
+    missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params))
+    wrong = [f"{k} {files.shape(k)} (model {list(_full_shape(p))})" for k, p in params.items()
+             if k in stored and files.shape(k) != list(_full_shape(p))]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"train.init_from={path} does not fit the run's model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}, shapes {wrong[:5]}")
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    for name, param in params.items():
+        with _gathered(param):
+            if writer or not hasattr(param, "ds_id"):
+                with torch.no_grad():
+                    param.data.copy_(files.tensor(name).to(param.dtype))
     log.info("initialized %d parameters from %s", len(params), path)
 
 
@@ -68,13 +63,3 @@ def _gathered(param: torch.Tensor):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
-
-
-def _check_meaning(saved: dict, cfg: RunConfig, path: Path) -> None:
-    current = cfg.to_dict()
-    diffs = [f"{section}.{key}: file {saved.get(section, {}).get(key)!r}, run {current[section][key]!r}"
-             for section, keys in MEANING_KEYS.items() for key in keys
-             if saved.get(section, {}).get(key, current[section][key]) != current[section][key]]
-    if diffs:
-        raise ConfigError(f"train.init_from={path} was made for another model or sequence: " + "; ".join(diffs)
-                          + " (start from the file's own config: --config " + str(path.with_suffix(".json")) + ")")

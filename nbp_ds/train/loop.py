@@ -4,6 +4,7 @@ and graceful stops, nothing else."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nbp_ds.config import RunConfig
+from nbp_ds.config import RunConfig, TrainConfig
 from nbp_ds.data import DataReport, TokenLoader, build_loader, expand_shards, parse_sources, to_device
 from nbp_ds.data.report import summarize
 from nbp_ds.errors import ConfigError
@@ -20,7 +21,6 @@ from nbp_ds.runtime import distributed, launch
 from nbp_ds.runtime.checkpoint import (
     CheckpointManager,
     CheckpointRef,
-    check_compatible,
     find_checkpoint,
     peek_client_state,
     saved_world_size,
@@ -28,12 +28,16 @@ from nbp_ds.runtime.checkpoint import (
     with_universal_load,
 )
 from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
+from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.runtime.stop import FINISHED, stop_request
 from nbp_ds.runtime.watchdog import StepWatchdog
+from nbp_ds.train.batch import describe as describe_batch
+from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
 from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
+from nbp_ds.train.experiment import check_same_experiment
 from nbp_ds.train.hooks import TrainerHooks, load_hooks
 from nbp_ds.train.saved_state import EmaState, EngineState, LoaderPosition
 from nbp_ds.train.state import TrainState
@@ -48,9 +52,11 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None = None,
                  universal: bool | None = None):
-        self.cfg, self.hooks = cfg, hooks or load_hooks(cfg.train.hooks)
+        self.hooks = hooks or load_hooks(cfg.train.hooks)
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
+        # the batch as it runs here: train.grad_accum and train.global_batch fixed for this number of processes
+        cfg = self.cfg = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, self.world))
         self.out_dir = Path(cfg.train.out_dir)
 
         # everything that can be wrong is found before the model build, and most of it before the first collective
@@ -73,9 +79,13 @@ class Trainer:
         self.saved_world = None
         if self.resume_from:
             client = peek_client_state(self.resume_from)  # read once: with ZeRO-2 it holds the whole model
-            if client is not None and client.get("config") is not None:
-                check_compatible(client["config"], cfg, str(self.resume_from.path))
             self.saved_world = saved_world_size(self.resume_from, client)
+            if client is not None and client.get("config") is not None:
+                check_same_experiment(recorded_global_batch(client["config"], self.saved_world), cfg,
+                                      f"checkpoint {self.resume_from.path}")
+        elif (self.out_dir / "config.json").is_file():  # a run started here, stopped before its first checkpoint
+            check_same_experiment(json.loads((self.out_dir / "config.json").read_text()), cfg,
+                                  f"run folder {self.out_dir}", resuming=False)
         if universal is None:  # ZeRO's optimizer partitions fit only the world size that saved them
             universal = self.saved_world not in (None, self.world) and zero_stage(self.ds_config) > 0
         self.universal = bool(universal and self.resume_from)
@@ -232,8 +242,7 @@ class Trainer:
             return self.load_from if universal else ref
 
         def after_load() -> None:
-            if universal:
-                restore_group_hyperparameters(self.engine.optimizer, self.cfg.train.weight_decay)
+            set_optimizer_hyperparameters(self.engine, self.cfg.train)
 
         self.checkpoints.register("engine", EngineState(
             self.engine, {"train_state": self.state}, self.cfg.to_dict(), source=source, after_load=after_load,
@@ -250,7 +259,8 @@ class Trainer:
         self.state.world_size = self.world
         how = (f" through its universal copy (saved by {self.saved_world} processes, now {self.world})"
                if self.universal else "")
-        self._log0("resumed from %s at step %d%s", ref.path, self.state.step, how)
+        self._log0("resumed from %s at step %d%s; LR now %.3g", ref.path, self.state.step, how,
+                   self.engine.get_lr()[0])
 
     # ---- set-up and tear-down ---------------------------------------------------------------------
     def _train_loader(self) -> TokenLoader:
@@ -283,6 +293,7 @@ class Trainer:
             self.metrics.text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=1) + "\n```")
             log.info("model %.2fM parameters, ZeRO-%d over %d processes (%s): rank 0 holds %.2fM",
                      total / 1e6, info["zero_stage"], self.world, self.env.launcher, local / 1e6)
+            log.info("%s", describe_batch(self.cfg.train, self.world))
 
     def _log0(self, *args) -> None:
         if self.rank == 0:
@@ -295,13 +306,20 @@ class Trainer:
         distributed.leave_process_group()
 
 
-def restore_group_hyperparameters(optimizer, weight_decay: float) -> None:
-    """Undo what a universal load does to the parameter groups under ZeRO-3: DeepSpeed gives every group the
-    first group's hyper-parameters, so norm gains (group 1, no weight decay; nbp_ds.train.engine.param_groups)
-    would be decayed from then on. (ZeRO-1/2 keep each group's own; setting them again changes nothing.)"""
-    groups = optimizer.param_groups
-    if len(groups) == 2:
-        groups[0]["weight_decay"], groups[1]["weight_decay"] = weight_decay, 0.0
+def set_optimizer_hyperparameters(engine, tr: TrainConfig) -> None:
+    """After a checkpoint load, the run config's optimizer settings in every parameter group: the loaded state
+    holds the saved run's (its peak LR, betas, weight decay), and a change train.allow_changes let through must
+    be what runs. The LR is the schedule's value at the loaded step for the current train.lr. (This also undoes
+    what a universal load does under ZeRO-3: it gives every group the first group's hyper-parameters, so norm
+    gains, group 1 of nbp_ds.train.engine.param_groups, would be decayed.)"""
+    scheduler = engine.lr_scheduler
+    factor = lr_factor(scheduler.last_epoch, tr.steps, tr.warmup_steps, tr.min_lr_ratio)
+    groups = scheduler.optimizer.param_groups
+    decays = (tr.weight_decay, 0.0) if len(groups) == 2 else (tr.weight_decay,) * len(groups)
+    for group, decay in zip(groups, decays, strict=True):
+        group.update(initial_lr=tr.lr, lr=tr.lr * factor, betas=tuple(tr.betas), weight_decay=decay)
+    scheduler.base_lrs = [tr.lr] * len(groups)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports until the next step
 
 
 def train(cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None = None,

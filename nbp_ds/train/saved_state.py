@@ -34,7 +34,8 @@ class Stateful(Protocol):
 class EngineState:
     """DeepSpeed's engine (model, optimizer, LR schedule) and the ``client`` parts that travel in its client
     state. ``source`` gives the checkpoint to read for ``ref`` (its universal copy when the world size
-    changed), and ``after_load`` fixes what that copy does not keep (the parameter groups' settings).
+    changed), and ``after_load`` runs after the engine's load (the trainer sets the run config's optimizer
+    hyper-parameters there: a universal copy does not keep each group's, and train.allow_changes may change them).
     A file DeepSpeed fails to write raises only once its save is over on every rank
     (nbp_ds.train.deferred_writes); ``before_write(path)`` runs before each of its files is written."""
 
