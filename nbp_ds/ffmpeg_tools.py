@@ -39,13 +39,27 @@ def packaged_tool(name: str) -> Path | None:
     return None
 
 
+def is_wheel_launcher(path: str) -> bool:
+    """Is ``path`` the wheel's own ``ffmpeg`` console script (in a venv's bin, so on PATH once the venv is
+    activated)? It runs the static build but exits 0 whatever ffmpeg's status, so a failed decode or encode would
+    pass unseen, and it would hide the machine's own ffmpeg further down PATH."""
+    try:
+        with open(path, "rb") as script:
+            head = script.read(512)
+    except OSError:
+        return False
+    return head.startswith(b"#!") and WHEEL_MODULE.encode() in head
+
+
 def find_tool(name: str) -> str | None:
-    """The path of ``name`` (ffmpeg or ffprobe): PATH first, then the wheel's static build; None if neither."""
+    """The path of ``name`` (ffmpeg or ffprobe): PATH first (never the wheel's launcher script), then the wheel's
+    static build; None if neither."""
     if name not in TOOLS:
         raise ValueError(f"unknown tool {name!r}: one of {', '.join(TOOLS)}")
-    on_path = shutil.which(name)
-    if on_path:
-        return on_path
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        on_path = shutil.which(name, path=folder)
+        if on_path and not is_wheel_launcher(on_path):
+            return on_path
     packaged = packaged_tool(name)
     return str(packaged) if packaged else None
 

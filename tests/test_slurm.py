@@ -5,6 +5,7 @@ slurm/README.md submitted as written. The same on two hosts: tests/test_slurm_mu
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -169,6 +171,30 @@ def test_no_requeue_past_the_failure_budget(slurm_cluster, shards, tmp_path):
     assert re.search(r"the trainer failed with status \d+ at step none \(latest checkpoint: none\)", text), \
         slurm_cluster.describe(job)
     assert "1 failures, more than NBP_MAX_FAILURES=0: not requeueing" in text, slurm_cluster.describe(job)
+
+
+def test_a_failure_is_kept_as_a_line_naming_job_restart_step_status_checkpoint_nodes_and_time(
+        slurm_cluster, shards, tmp_path):
+    """slurm/README.md, Failures: each failure is a line of `<out dir>/train_failures.log` with the job, the
+    restart, the last step logged, the exit status, the latest checkpoint, the nodes and the time; each field
+    compared with what the job's own record, metrics.jsonl and checkpoints/latest say (NBP_MAX_FAILURES=0: one
+    failure, no requeue)."""
+    began = datetime.now(UTC)
+    job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-failure-line", "train.steps=20",
+                                 "train.save_every=5", layout=TWO_TASKS_ONE_NODE, faults={"crash_at_step": 7},
+                                 NBP_MAX_FAILURES="0")
+    slurm_cluster.wait_done(job, timeout=300)
+    info = slurm_cluster.job_info(job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", slurm_cluster.describe(job)
+    lines = (out / "train_failures.log").read_text().splitlines()
+    assert len(lines) == 1, lines
+    fields = dict(word.split("=", 1) for word in lines[0].split())
+    assert list(fields) == ["job", "restart", "step", "status", "checkpoint", "nodes", "time"], lines[0]
+    last_step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert fields["job"] == job and fields["restart"] == "0" and fields["step"] == str(last_step), lines[0]
+    assert int(fields["status"]) != 0 and fields["nodes"] == info["NodeList"], lines[0]
+    assert fields["checkpoint"] == (out / "checkpoints" / "latest").read_text().strip() == "step00000005"
+    assert began - timedelta(seconds=1) <= datetime.fromisoformat(fields["time"]) <= datetime.now(UTC)
 
 
 def test_requeues_after_a_checkpointed_stop_end_at_nbp_max_requeues(slurm_cluster, shards, tmp_path):

@@ -259,3 +259,50 @@ def test_bad_arguments_are_refused_by_name(videos, tmp_path):
     assert result.returncode == 2 and "tok: expected a folder with config.json" in result.stderr
     result = tokenize(videos, tmp_path / "o", "--video-timeout", "0")
     assert result.returncode == 2 and "--video-timeout must be > 0 seconds, got 0.0" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_timed_out_video_is_retried_by_deleting_the_manifest_that_names_it(videos, tokenized, tmp_path):
+    """README: a rerun keeps finished shards; to retry a video that timed out, delete the manifest that names it
+    (`grep -l NAME OUT/manifests/*.json`) and run the same command: the shards and failures.jsonl are then those of
+    a run in which it never hung."""
+    out = tmp_path / "out"
+    faults = {"decode_hang": ["class0/v02.mp4"]}
+    hung = tokenize(videos, out, "--workers", "2", "--video-timeout", "2", program=WITH_FAULTS,
+                    env={"NBP_FAULTS": json.dumps(faults)})
+    assert hung.returncode == 0 and failures(out)["class0/v02.mp4"]["reason"] == "timeout", hung.stderr[-3000:]
+    naming = [m for m in (out / "manifests").glob("*.json") if "class0/v02.mp4" in m.read_text()]
+    assert len(naming) == 1, naming
+    naming[0].unlink()
+    again = tokenize(videos, out, "--workers", "2", "--video-timeout", "60")  # the decoder no longer hangs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert shard_members(out) == shard_members(tokenized)
+    assert (out / "failures.jsonl").read_text() == (tokenized / "failures.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_the_array_script_lists_a_video_past_video_timeout_and_the_task_goes_on(videos, tokenized, tmp_path):
+    """slurm/README.md: `--video-timeout` passed after slurm/tokenize.sbatch's name reaches nbp-tokenize; a video
+    still decoding then (a named pipe whose reads never return, as on a hung file system) is listed in that task's
+    failures-t<i>.jsonl and the tasks finish, their shards holding every other clip. Run outside Slurm, each task
+    given its array variables as Slurm would."""
+    folder = shutil.copytree(videos, tmp_path / "videos")
+    os.mkfifo(folder / "class1" / "stuck.mp4")
+    out = tmp_path / "out"
+    listed = {}
+    for task in (0, 1):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env.update(NBP_CPU="1", OMP_NUM_THREADS="1", SLURM_CPUS_PER_TASK="1", SLURM_ARRAY_TASK_ID=str(task),
+                   SLURM_ARRAY_TASK_COUNT="2", VIDEOS=str(folder), OUT=str(out), TOKENIZER="random:tiny")
+        done = subprocess.run(["bash", "slurm/tokenize.sbatch", *CLIP[:6], "--clips-per-video", "2",
+                               "--shard-size", "2", "--video-timeout", "3"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        rows = out / f"failures-t{task:03d}.jsonl"
+        listed.update({row["video"]: row for row in map(json.loads, rows.read_text().splitlines())})
+    assert listed["class1/stuck.mp4"]["reason"] == "timeout", listed
+    assert "not done after 3 s" in listed["class1/stuck.mp4"]["detail"]
+    assert {video: row["reason"] for video, row in listed.items()} == {
+        **{video: row["reason"] for video, row in failures(tokenized).items()}, "class1/stuck.mp4": "timeout"}
+    assert shard_members(out) == shard_members(tokenized)
+    assert processes_mentioning(str(folder / "class1" / "stuck.mp4")) == [], "ffmpeg reading the pipe outlived the run"

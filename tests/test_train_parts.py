@@ -77,6 +77,52 @@ def test_ds_config_refuses_a_json_that_disagrees_with_the_run_config(tmp_path):
         build_ds_config(load_config("tiny", ["deepspeed.config=nowhere.json"]), world_size=1)
 
 
+# what the run config owns, written out by hand for RUN_OWNED below (4 processes: 3 x 2 x 4 = 24 samples a step)
+RUN_OWNED = ["train.micro_batch=3", "train.grad_accum=2", "train.grad_clip=0.5", "train.lr=2e-4",
+             "train.betas=[0.9, 0.95]", "train.weight_decay=0.1"]
+OWNED_KEYS = [  # (where in the JSON, the run config's value, another value)
+    (("train_micro_batch_size_per_gpu",), 3, 5), (("gradient_accumulation_steps",), 2, 8),
+    (("train_batch_size",), 24, 32), (("gradient_clipping",), 0.5, 1.0),
+    (("optimizer", "params", "lr"), 2e-4, 3e-4), (("optimizer", "params", "betas"), [0.9, 0.95], [0.9, 0.999]),
+    (("optimizer", "params", "weight_decay"), 0.1, 0.05)]
+
+
+@pytest.mark.parametrize("where, ours, other", OWNED_KEYS, ids=[where[-1] for where, _, _ in OWNED_KEYS])
+def test_a_users_copy_of_a_shipped_json_may_repeat_what_the_run_config_owns_but_not_contradict_it(
+        tmp_path, where, ours, other):
+    """README, "DeepSpeed configs": `cp ds_configs/zero3.json my_zero3.json`, edit, pass its path. Each key the run
+    config owns: the same value is taken, another is refused with both values named."""
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json").read_text())
+    mine = tmp_path / "my_zero3.json"
+
+    def build_with(value):
+        edited = json.loads(json.dumps(shipped))
+        node = edited
+        for key in where[:-1]:
+            node = node.setdefault(key, {})
+        node[where[-1]] = value
+        mine.write_text(json.dumps(edited))
+        return build_ds_config(load_config("tiny", [*RUN_OWNED, f"deepspeed.config={mine}"]), world_size=4)
+
+    ds = build_with(ours)
+    node = ds
+    for key in where:
+        node = node[key]
+    assert node == ours and ds["zero_optimization"] == shipped["zero_optimization"]
+    with pytest.raises(ConfigError) as refused:
+        build_with(other)
+    message = str(refused.value)
+    assert str(mine) in message and where[-1] in message and repr(other) in message and repr(ours) in message
+
+
+def test_a_users_json_gets_bf16_from_the_precision(tmp_path):
+    mine = tmp_path / "my_zero3.json"
+    mine.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}))
+    for precision, bf16 in (("bf16", True), ("fp32", False)):
+        ds = build_ds_config(load_config("tiny", [f"train.precision={precision}", f"deepspeed.config={mine}"]), 1)
+        assert ds["bf16"]["enabled"] is bf16
+
+
 # ---- collectives -------------------------------------------------------------------------------------------
 def test_reductions_make_their_tensors_on_the_device_they_are_given():
     # no process group here: the helper still returns a tensor on the requested device, so the trainer's
