@@ -17,6 +17,16 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_exte
 
 
 @pytest.fixture(autouse=True)
+def restore_environment():
+    """A test that runs a trainer in this process leaves the launcher's variables (RANK, WORLD_SIZE, ...) in
+    os.environ; later tests, and the Slurm jobs they submit, must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def kill_leftover_launches():
     """A test that fails while a training launch runs must not leave it running (and holding the CPUs)."""
     yield

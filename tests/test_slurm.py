@@ -57,9 +57,12 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_train_job_runs_to_completion(slurm_cluster, shards, tmp_path):
     # submitted from outside the repository, with the script's absolute path: the job still finds
-    # slurm/env.sh and the venv through its Command
+    # slurm/env.sh and the venv through its Command; and from a shell holding a launcher's stale variables (a
+    # trainer run in-process before sets them): the tasks still form one run of two processes
+    stale = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     job, out, log = submit_train(slurm_cluster, tmp_path, shards, "nbp-complete", "train.steps=20",
-                                 layout=TWO_TASKS_ONE_NODE, cwd=tmp_path, script=str(ROOT / "slurm" / "train.sbatch"))
+                                 layout=TWO_TASKS_ONE_NODE, cwd=tmp_path, script=str(ROOT / "slurm" / "train.sbatch"),
+                                 **stale)
     slurm_cluster.wait_done(job, timeout=240)
     info = slurm_cluster.job_info(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_cluster.describe(job)
