@@ -1,4 +1,4 @@
-"""The NBP authors' released video tokenizers (``magvit2_ucf.pt``, ``magvit2_k600.pt``): an exact port.
+"""The NBP authors' released video tokenizers (``magvit2_ucf.pt``, ``magvit2_k600.pt``): a port, key for key.
 
 A causal 3D CNN (MAGVIT-v2 style) with FSQ levels [8,8,8,5,5,5] (64,000 codes): RGB in [0, 1], 17 frames
 at 128x128 -> 5x16x16 latents of 6 channels. Its pieces differ from nbp_ds' own tokenizer (learned-beta
@@ -11,10 +11,11 @@ Module names follow the released files (``encoder_layers.*``, ``decoder_layers.*
 index is nbp_ds.tokenizer.fsq.FSQ's: sum_d (code_d * half_d + half_d) * basis_d, channel 0 least
 significant, half = [4,4,4,2,2,2], basis = [1,8,64,512,2560,12800].
 
-Its quantizer is ``ReleasedFSQ``: the FSQ paper's reference bounding (``(1 - eps)`` and ``tan``), which the
-authors' code keeps, not nbp_ds' own FSQ bounding (``(1 + eps)`` and ``atanh``). The two round about one
-code in a hundred differently, so using the project's FSQ here gave other codes than the released generators
-were trained on.
+Its quantizer is ``ReleasedFSQ``: the FSQ paper's reference bounding (``(1 - eps)`` and ``tan``), not nbp_ds'
+own FSQ bounding (``(1 + eps)`` and ``atanh``, the later form of the public FSQ ports). With nbp_ds' bounding
+9 of 1,280 codes differed from the authors' tokenizer's on seeded weights (99.3%); the two bounding forms
+round about one code in a hundred differently. The authors' ``nbp/quantizers/fsq.py`` was not available to
+compare line by line, so the reference form is the one their code most likely keeps, not a verified copy.
 
 ``width`` scales every channel count (128 in the released files) so tests can build the same structure
 smaller; GroupNorm always has 32 groups, so the width must be a multiple of 32.
