@@ -87,3 +87,26 @@ def test_gpu_check_lists_its_steps_and_refuses_to_run_without_a_gpu():
     assert run_tool("-m", "nbp_ds.cli.gpu_check", "--only", "nope").stderr.startswith("error: no step 'nope'")
     result = run_tool("-m", "nbp_ds.cli.gpu_check", "--out", "/tmp/nbp-gpu-check-test")
     assert result.returncode == 2 and "no CUDA device" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_clip_stream_prints_memory_and_clips_per_second_without_ffmpeg_on_path(tmp_path):
+    """nbp-bench-clip-stream makes its videos and reads them as every program does, through nbp_ds.ffmpeg_tools:
+    with nothing on PATH it runs on the ffmpeg wheel's static build and prints one row per measurement."""
+    import os
+
+    from nbp_ds import ffmpeg_tools
+
+    if ffmpeg_tools.packaged_tool("ffmpeg") is None:
+        pytest.skip(f"the {ffmpeg_tools.WHEEL} wheel is not installed (make setup installs it)")
+    empty = tmp_path / "empty_path"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.bench_clip_stream", "--videos", "3", "6",
+                             "--workers", "1", "--cache-mb", "0", "--frames", "9", "--resolution", "32",
+                             "--batch-size", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PATH": str(empty)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, *rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert header[:3] == ["videos", "workers", "cache"] and "clips/s" in header
+    assert [row[:3] for row in rows] == [["3", "1", "0"], ["6", "1", "0"]]
+    assert all(float(value) > 0 for row in rows for value in row[3:])  # clips/s, per worker, both peak RSS

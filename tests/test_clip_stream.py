@@ -74,3 +74,28 @@ def test_random_clips_are_windows_of_the_video(tmp_path):
     assert 0 < flipped < 20  # about half flipped
     with pytest.raises(ClipTooShort):
         random_clips(video[:4], 5, 32, 1, Augment(), rng)
+
+
+def test_a_workers_cache_holds_at_most_its_bytes_and_a_small_dataset_is_decoded_once():
+    """data.cache_mb: a worker keeps at most that many bytes of decoded videos, least recently used out first;
+    a dataset that fits is decoded once whatever the number of epochs."""
+    from nbp_ds.tokenizer.clip_stream import DecodedVideos
+
+    decoded: list[str] = []
+
+    def decode(path: str) -> np.ndarray:  # a "video" of 100 bytes
+        decoded.append(path)
+        return np.zeros(100, np.uint8)
+
+    cache = DecodedVideos(250)  # room for two
+    for path in ["a", "b", "a", "c", "b", "a"]:  # by hand: a b (a hit) c evicts b; b evicts a; a evicts c
+        assert cache.get(path, decode).nbytes == 100
+        assert cache.size <= 250 and sum(v.nbytes for v in cache.videos.values()) == cache.size
+    assert decoded == ["a", "b", "c", "b", "a"] and list(cache.videos) == ["b", "a"]
+    decoded.clear()
+    small = DecodedVideos(1000)
+    for _ in range(3):  # three epochs of a dataset that fits
+        for path in ["a", "b", "c"]:
+            small.get(path, decode)
+    assert decoded == ["a", "b", "c"]
+    assert DecodedVideos(0).get("a", decode) is not None and decoded == ["a", "b", "c", "a"]  # 0: no cache

@@ -190,3 +190,16 @@ def test_a_resume_on_another_number_of_processes_must_keep_the_global_batch():
     del older["train"]["global_batch"]  # a checkpoint from before the key: its batch from the processes that saved it
     with pytest.raises(ConfigError, match="train.global_batch: 8 -> 4"):
         check_same_experiment(recorded_global_batch(older, world=2), on(1), "ckpt")
+
+
+@pytest.mark.parametrize("key, value", [("train.seed", "7"), ("train.init_from", "other.safetensors"),
+                                        ("model.init_std", "0.05")])
+def test_the_seed_and_the_initialization_cannot_change_on_a_resume_even_when_allowed(key, value):
+    """README: train.seed, train.init_from and model.init_std cannot change on a resume even when allowed (the
+    random streams and the weights continue from the checkpoint); other allowed keys go through."""
+    recorded = load_config("tiny").to_dict()
+    cfg = load_config("tiny", [f"{key}={value}", f"train.allow_changes=[{key}]"])
+    with pytest.raises(ConfigError, match=rf"{key}: .* -> .*\(cannot change on a resume"):
+        check_same_experiment(recorded, cfg, "ckpt")
+    allowed = load_config("tiny", ["train.lr=5e-3", "train.allow_changes=[train.lr]"])
+    assert set(check_same_experiment(recorded, allowed, "ckpt")) == {"train.lr"}

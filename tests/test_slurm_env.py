@@ -39,3 +39,31 @@ def test_a_job_builds_its_ops_in_node_local_space_per_job_and_restart_and_a_user
         "/scratch/me/ops", "<unset>")
     # outside a job (a smoke test on this machine): torch's own default
     assert ops_folders(TMPDIR="/local/tmp") == ("<unset>", "<unset>")
+
+
+def run_folder_of(script: str, **env: str) -> tuple[str, str]:
+    """(the config, train.out_dir) that ``bash slurm/SCRIPT`` outside a job would start the trainer with, as its
+    "running a single process" line says; the program it starts is NBP_TRAIN_MODULE (a stand-in that exits)."""
+    done = subprocess.run(["bash", f"slurm/{script}", "train.steps=1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "NBP_VENV": str(VENV), **env})
+    line = next(x for x in done.stdout.splitlines() if "running a single process:" in x)
+    words = line.split(": ", 1)[1].split()
+    out_dir = next(w.split("=", 1)[1] for w in words if w.startswith("train.out_dir="))
+    return words[words.index("--config") + 1], out_dir
+
+
+@pytest.mark.skipif(not (VENV / "bin" / "activate").is_file(), reason="needs a virtual environment for env.sh")
+def test_the_run_folder_is_the_job_name_or_with_the_default_name_the_configs(tmp_path):
+    """slurm/README.md: output in ${NBP_RUNS:-runs}/<job name>/; without --job-name (sbatch then sets the script's
+    default, nbp-train) the folder is named after the config (a YAML path: its stem); the tokenizer script's run
+    folder is runs/<job name>/ too, its default config quickstart."""
+    runs = str(tmp_path / "runs")
+    quick = {"NBP_RUNS": runs, "NBP_TRAIN_MODULE": "json.tool"}  # a program that exits at once
+    assert run_folder_of("train.sbatch", SLURM_JOB_NAME="nbp-train", NBP_CONFIG="ucf101-700m", **quick) == (
+        "ucf101-700m", f"{runs}/ucf101-700m")
+    assert run_folder_of("train.sbatch", SLURM_JOB_NAME="nbp-train", NBP_CONFIG="configs/my_run.yaml", **quick) == (
+        "configs/my_run.yaml", f"{runs}/my_run")
+    assert run_folder_of("train.sbatch", SLURM_JOB_NAME="ucf700m", NBP_CONFIG="ucf101-700m", **quick) == (
+        "ucf101-700m", f"{runs}/ucf700m")
+    assert run_folder_of("train_tokenizer.sbatch", SLURM_JOB_NAME="tok-ucf", NBP_RUNS=runs) == (
+        "quickstart", f"{runs}/tok-ucf")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_tokenizer_losses import write_vgg16_file
-from video_fixtures import dataset
+from video_fixtures import dataset, lavfi_video
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -111,3 +111,103 @@ def test_report_gives_the_reconstruction_fvd_with_an_i3d_file(tmp_path):
     recon = load_tokenizer(out).decode(load_tokenizer(out).encode(torch.from_numpy(clips))).numpy()
     expected = compute_fvd(clips, recon, I3DFeatureExtractor(detector, num_frames=9))
     assert report["val_rfvd"] == pytest.approx(expected, rel=1e-6) and report["val_rfvd"] > 0
+
+
+def test_a_resume_with_the_gan_on_gives_the_weights_of_a_straight_run(tmp_path):
+    """The whole recipe's state through a resume: the GAN joins after a warm-up (adversarial_start 0.25 of 4 steps:
+    from the second step), the checkpoint of step 2 holds a discriminator one step trained, its optimizer and the
+    LeCAM averages; resuming from it must end with the straight run's tokenizer and discriminator."""
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    out = tmp_path / "gan"
+    recipe = ("--steps", "4", "--save-every", "2", "--adversarial-weight", "0.1", "--adversarial-start", "0.25",
+              "loss.lecam_weight=0.1", "loss.lecam_decay=0.5")
+    first = train(videos, out, *recipe)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = {row["step"]: row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert "gan/d" not in rows[1] and all("gan/d" in rows[s] for s in (2, 3, 4))  # the warm-up, then the GAN
+    straight = load_file(out / "tokenizer" / "tokenizer.safetensors")
+    straight_disc = torch.load(out / "checkpoints" / "step00000004" / "discriminator.pt", weights_only=False)
+
+    shutil.rmtree(out / "checkpoints" / "step00000004")  # as if the run had died after step 2's checkpoint
+    shutil.rmtree(out / "tokenizer")
+    (out / "checkpoints" / "latest").write_text("step00000002")
+    again = train(videos, out, *recipe)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "step00000002" in again.stderr
+    resumed = load_file(out / "tokenizer" / "tokenizer.safetensors")
+    resumed_disc = torch.load(out / "checkpoints" / "step00000004" / "discriminator.pt", weights_only=False)
+    assert [k for k in straight if not torch.equal(resumed[k], straight[k])] == [], "the tokenizer differs"
+    disc, disc_again = straight_disc["model"], resumed_disc["model"]
+    assert [k for k in disc if not torch.equal(disc_again[k], disc[k])] == [], "the discriminator differs"
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return found
+
+
+def test_a_held_out_video_whose_decoder_dies_or_hangs_is_listed_and_training_goes_on(tmp_path):
+    """Two held-out "videos" are named pipes, whose reads never return (a file on a hung network file system):
+    the decoding worker of crash.mp4 is killed by this test (as a decoder crash or the OOM killer would), stuck.mp4
+    runs past data.val_video_timeout. Both are listed with their reason, their processes are gone, the held-out
+    clips are the good video's, and the run trains to the end."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import numpy as np
+
+    from nbp_ds.video_io import ClipSpec
+
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    val = tmp_path / "val"
+    good = lavfi_video(val / "good.mp4", source="testsrc2")
+    crash, stuck = val / "crash.mp4", val / "stuck.mp4"
+    os.mkfifo(crash)
+    os.mkfifo(stuck)
+    killed: list[int] = []
+
+    def kill_the_worker_decoding_crash():  # the worker leads a process group holding its ffmpeg
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for pid in processes_mentioning(str(crash)):
+                try:
+                    worker = os.getpgid(pid)
+                    if worker != os.getpgid(0):
+                        os.kill(worker, signal.SIGKILL)
+                        killed.append(worker)
+                        break
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_worker_decoding_crash)
+    killer.start()
+    out = tmp_path / "run"
+    result = train(videos, out, "--steps", "2", "--val-videos", str(val), "data.val_video_timeout=30")
+    killer.join()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert killed, "no decoder of crash.mp4 was ever seen"
+    skipped = {Path(r["video"]).name: r["reason"]
+               for r in json.loads((out / "skipped_videos" / "rank00000.json").read_text())}
+    assert skipped["crash.mp4"].startswith("worker_died") and "SIGKILL" in skipped["crash.mp4"], skipped
+    assert skipped["stuck.mp4"].startswith("timeout") and "30 s" in skipped["stuck.mp4"], skipped
+    clip = ClipSpec(9, 32, 8.0, 1).read(good)[0][1]  # the good video's one held-out clip, decoded here
+    held_out = np.load(out / "clips_val.npy")
+    assert held_out.shape == (1, *clip.shape) and np.array_equal(held_out[0], clip)
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 2 and report["val_clips"] == 1
+    # the report's codebook use: the share of the codes the saved tokenizer gives the held-out clip
+    from nbp_ds.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(out)
+    codes = tokenizer.encode(torch.from_numpy(held_out))
+    assert report["val_codebook_used"] == codes.unique().numel() / tokenizer.codebook_size
+    assert processes_mentioning(str(crash)) == [] and processes_mentioning(str(stuck)) == []

@@ -388,6 +388,27 @@ def test_deepspeed_keys_the_run_config_owns_are_refused_with_the_reason(key, own
         load_config("tiny", ["deepspeed.set=5"])
 
 
+def test_the_readmes_global_batch_example_and_the_logged_batch_and_deepspeed_keys(caplog):
+    """README: `train.global_batch=512 train.micro_batch=32` accumulates 2 on 8 GPUs (512 / (32 x 8)), 1 on 16
+    (512 / (32 x 16)); the log states the effective batch in the README's words; each deepspeed.set key is logged."""
+    import logging
+
+    from nbp_ds.train.batch import describe, resolve_global_batch
+
+    cfg = load_config("tiny", ["train.global_batch=512", "train.micro_batch=32",
+                               "deepspeed.set.zero_optimization.reduce_bucket_size=5e8",
+                               "deepspeed.set.wall_clock_breakdown=true"])
+    on_8, on_16 = (resolve_global_batch(cfg.train, world) for world in (8, 16))
+    assert (on_8.grad_accum, on_16.grad_accum) == (2, 1)
+    line = "global batch 512 samples = micro-batch 32 x 2 accumulation steps x 8 processes"
+    assert describe(on_8, 8) == line and f"(`{line}`)" in (Path(__file__).parents[1] / "README.md").read_text()
+    with caplog.at_level(logging.INFO, logger="nbp_ds.train.ds_config"):
+        build_ds_config(cfg, 8)
+    logged = [r.getMessage() for r in caplog.records]
+    assert "DeepSpeed config: zero_optimization.reduce_bucket_size = 500000000 (deepspeed.set)" in logged
+    assert "DeepSpeed config: wall_clock_breakdown = True (deepspeed.set)" in logged
+
+
 class CountPart:
     """A stateful part with a file of its own: a number, and the order the walk reached it in."""
 

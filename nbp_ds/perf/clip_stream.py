@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from nbp_ds import ffmpeg_tools
 from nbp_ds.tokenizer.clip_stream import ClipLoader
 from nbp_ds.video_io import ClipSpec, find_videos
 
@@ -21,10 +22,10 @@ def make_dataset(folder: Path, count: int, distinct: int = 20, seconds: float = 
     sources = folder.parent / "sources"
     sources.mkdir(parents=True, exist_ok=True)
     patterns = ("testsrc", "testsrc2", "mandelbrot", "smptebars", "rgbtestsrc")
-    for i in range(distinct):
+    for i in range(min(distinct, count)):  # no more sources than videos
         path = sources / f"s{i:03d}.mp4"
         if not path.is_file():
-            subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+            subprocess.run([ffmpeg_tools.ffmpeg(), "-loglevel", "error", "-y", "-f", "lavfi", "-i",
                             f"{patterns[i % len(patterns)]}=size=64x48:rate=8", "-t", str(seconds + i % 3),
                             str(path)], check=True)
     for i in range(count):
