@@ -44,13 +44,13 @@ def names_shards(spec: str | Path) -> bool:
         top = [p for p in path.iterdir() if not p.name.startswith(".")]
         return any(p.suffix == SHARD_SUFFIX for p in top) and not any(
             p.suffix.lower() in VIDEO_SUFFIXES or p.is_dir() for p in top)
-    if path.is_file() and path.suffix.lower() != ".csv":
+    if path.is_file() and path.suffix.lower() not in (".csv", *VIDEO_SUFFIXES):  # a text list
         return any(_is_shard_address(line) for line in _lines(path)[:1])
     return False
 
 
 def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip() and not line.startswith("#")]
 
 
 def expand_video_shards(spec: str | Path, policy: RetryPolicy | None = None) -> VideoShards:
