@@ -50,7 +50,8 @@ def names_shards(spec: str | Path) -> bool:
 
 
 def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip() and not line.startswith("#")]
+    text = path.read_text(errors="replace")  # a binary file is no list, and must not stop the check
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def expand_video_shards(spec: str | Path, policy: RetryPolicy | None = None) -> VideoShards:
