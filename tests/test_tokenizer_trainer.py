@@ -233,3 +233,5 @@ def test_trains_from_shards_of_raw_videos_and_lists_their_bad_members(tmp_path):
     assert {f"{shards}/shard-000000.tar#broken", f"{shards}/shard-000001.tar#short"} <= skipped
     positions = json.loads(next((out / "checkpoints" / "step00000003").glob("rank00000*.json")).read_text())
     assert all(len(p) == 4 for p in positions["positions"])  # (epoch, shard, member, clips taken)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["data/failed_shards"] == 0 and last["data/skipped_videos"] >= 2

@@ -224,6 +224,9 @@ class TokenizerTrainer:
                                 "train/codebook_used": codes.unique().numel() / self.model.codebook_size,
                                 "train/grad_norm": grad_norm, "train/lr": self.opt.param_groups[0]["lr"],
                                 "data/skipped_videos": len(self.skipped)})
+                if self._train_unit == "shards":  # read as the token loader reads: retries and shards given up
+                    scalars.update({f"data/{k}": self.stream.report.counts[k]
+                                    for k in ("failed_shards", "shard_retries")})
                 scalars = {k: float(v) for k, v in scalars.items()}
                 self.metrics.scalars(self.step, scalars)
                 bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", psnr=f"{scalars['train/psnr']:.1f}")
