@@ -211,3 +211,27 @@ def test_a_held_out_video_whose_decoder_dies_or_hangs_is_listed_and_training_goe
     codes = tokenizer.encode(torch.from_numpy(held_out))
     assert report["val_codebook_used"] == codes.unique().numel() / tokenizer.codebook_size
     assert processes_mentioning(str(crash)) == [] and processes_mentioning(str(stuck)) == []
+
+
+def test_trains_from_shards_of_raw_videos_and_lists_their_bad_members(tmp_path):
+    import webdataset as wds
+
+    videos = dataset(tmp_path / "videos", classes=2, per_class=3)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for c in (0, 1):  # one shard per class: the broken file in the first, the too-short video in the second
+        with wds.TarWriter(str(shards / f"shard-{c:06d}.tar")) as sink:
+            for video in sorted((videos / f"class{c}").glob("*.mp4")):
+                sink.write({"__key__": video.stem, "mp4": video.read_bytes(), "cls": str(c).encode()})
+    out = tmp_path / "run"
+    refused = train(f"{shards}/shard-{{000000..000001}}.tar", out, "--steps", "2")
+    assert refused.returncode == 2 and "data.val_videos (--val-videos) is required" in refused.stderr
+    run = train(f"{shards}/shard-{{000000..000001}}.tar", out, "--steps", "3", "--val-videos", str(videos / "class1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["train_shards"] == 2
+    skipped = {f["video"] for f in json.loads((out / "skipped_videos" / "rank00000.json").read_text())}
+    assert {f"{shards}/shard-000000.tar#broken", f"{shards}/shard-000001.tar#short"} <= skipped
+    positions = json.loads(next((out / "checkpoints" / "step00000003").glob("rank00000*.json")).read_text())
+    assert all(len(p) == 4 for p in positions["positions"])  # (epoch, shard, member, clips taken)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["data/failed_shards"] == 0 and last["data/skipped_videos"] >= 2

@@ -14,20 +14,32 @@ already taken from that video); :class:`ClipLoader` keeps the position of the la
 worker and the count of batches, which is the whole state a checkpoint needs: a resumed loader starts each
 worker at its position and turns the worker cycle so that the next batch comes from the worker whose turn
 it was. Videos that cannot be decoded, or are too short for a clip, are skipped, counted and listed.
+
+Videos in WebDataset shards (:class:`~nbp_ds.tokenizer.video_shards.VideoShards`) are split the same way, whole
+shards per worker (:class:`ShardClipStream`): every epoch a worker shuffles its shards and reads each one's
+samples in stored order; a video member is written to a file in the worker's own temporary folder (ffmpeg
+seeks in mp4), decoded and removed at once, and gives the same random clips, keyed by (seed, epoch, a hash of
+shard and key). Its position is (epoch, index in the shuffled shards, sample ordinal in the shard, clips
+taken); shards that cannot be read are retried, then skipped and counted (``ClipLoader.report``).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from nbp_ds.data.report import DataReport
+from nbp_ds.data.shards import read_shard
 from nbp_ds.tokenizer.dataset_listing import ListingError
+from nbp_ds.tokenizer.video_shards import VideoShards, member_id, member_name, video_member
 from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError, decode_video
 
 log = logging.getLogger(__name__)
@@ -93,6 +105,11 @@ def worker_share(count: int, seed: int, rank: int, world: int, worker: int, work
 class VideoClipStream(IterableDataset):
     """Endless batches of random clips for one rank; each DataLoader worker reads its own share of videos."""
 
+    @staticmethod
+    def start(epoch: int) -> list[int]:
+        """A worker's position at the start of ``epoch``: [epoch, index in the shuffled share, clips taken]."""
+        return [epoch, 0, 0]
+
     def __init__(self, videos: list[str], clip: ClipSpec, batch_size: int, seed: int, rank: int, world: int,
                  workers: int, augment: Augment, cache_bytes: int, positions: list[list[int]], rotation: int):
         super().__init__()
@@ -146,6 +163,78 @@ class VideoClipStream(IterableDataset):
             epoch, index, taken = epoch + 1, 0, 0
 
 
+class ShardClipStream(IterableDataset):
+    """Endless batches of random clips for one rank from shards of raw videos; each DataLoader worker reads its
+    own whole shards (see the module docstring)."""
+
+    def __init__(self, shards: VideoShards, clip: ClipSpec, batch_size: int, seed: int, rank: int, world: int,
+                 workers: int, augment: Augment, positions: list[list[int]], rotation: int):
+        super().__init__()
+        self.shards, self.clip, self.batch_size, self.seed = shards, clip, batch_size, seed
+        self.rank, self.world, self.workers = rank, world, workers
+        self.augment, self.positions, self.rotation = augment, positions, rotation
+
+    @staticmethod
+    def start(epoch: int) -> list[int]:
+        """A worker's position at the start of ``epoch``: [epoch, index in the shuffled shards, sample ordinal
+        in that shard, clips taken from that sample]."""
+        return [epoch, 0, 0, 0]
+
+    def _clips(self, sample: dict, epoch: int, folder: str) -> list[np.ndarray]:
+        suffix, data = video_member(sample)
+        path = f"{folder}/member{suffix}"
+        with open(path, "wb") as file:
+            file.write(data)
+        try:
+            video = decode_video(path, self.clip.fps, self.augment.decoded_side(self.clip.resolution))
+        finally:
+            Path(path).unlink()
+        rng = np.random.default_rng([self.seed, epoch, member_id(sample["__shard__"], sample["__key__"])])
+        return random_clips(video, self.clip.frames, self.clip.resolution, self.clip.per_video, self.augment, rng)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.rotation) % self.workers
+        share = worker_share(len(self.shards), self.seed, self.rank, self.world, worker, self.workers)
+        epoch, index, ordinal_next, taken = self.positions[worker]
+        batch: list[np.ndarray] = []
+        skipped: list[tuple[str, str]] = []
+        report = DataReport()
+        with tempfile.TemporaryDirectory(prefix="nbp-clip-stream-") as folder:
+            while True:
+                order = np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(len(share))
+                whole_pass, good = index == 0 and ordinal_next == 0, 0
+                while index < len(order):
+                    url = self.shards.urls[int(share[order[index]])]
+                    reading = DataReport()  # this shard's: whether it was given up
+                    for ordinal, sample in read_shard(url, ordinal_next, policy=self.shards.policy, report=reading):
+                        try:
+                            clips = self._clips(sample, epoch, folder)
+                        except (ClipTooShort, VideoError) as exc:
+                            skipped.append((member_name(url, sample["__key__"]), exc.reason))
+                            ordinal_next, taken = ordinal + 1, 0
+                            continue
+                        good += 1
+                        for clip in clips[taken:]:
+                            batch.append(clip)
+                            taken += 1
+                            if taken == len(clips):
+                                ordinal_next, taken = ordinal + 1, 0
+                            if len(batch) == self.batch_size:
+                                yield {"clips": np.stack(batch), "worker": worker, "skipped": skipped,
+                                       "position": [epoch, index, ordinal_next, taken], "report": report.take()}
+                                batch, skipped = [], []
+                    if reading.counts["failed_shards"]:
+                        skipped.append((url, "unreadable shard: retried, then skipped (failed_shards)"))
+                    report.add(*reading.take())
+                    index, ordinal_next, taken = index + 1, 0, 0
+                if whole_pass and good == 0:
+                    raise ListingError(f"none of the {len(share)} shard(s) of rank {self.rank}, loader worker "
+                                       f"{worker} gave a clip ({self.clip.describe()}); reasons: "
+                                       f"{sorted({reason for _, reason in skipped})[:5]}")
+                epoch, index, ordinal_next, taken = epoch + 1, 0, 0, 0
+
+
 def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers share the CPUs with the training step
 
@@ -154,14 +243,27 @@ class ClipLoader:
     """Batches of uint8 clips [B, frames, R, R, 3] for one rank, with the state that resumes them exactly
     (:meth:`state_dict`, :meth:`load_state_dict` before the first batch)."""
 
-    def __init__(self, videos: list[str], clip: ClipSpec, batch_size: int, seed: int, rank: int, world: int,
-                 workers: int, augment: Augment = Augment(), cache_bytes: int = 0, prefetch: int = 2,
+    def __init__(self, videos: list[str] | VideoShards, clip: ClipSpec, batch_size: int, seed: int, rank: int,
+                 world: int, workers: int, augment: Augment = Augment(), cache_bytes: int = 0, prefetch: int = 2,
                  pin_memory: bool = False):
+        """``videos``: video files, or shards of raw videos (``cache_bytes`` applies to files only)."""
         self.world = world
         self.slots = max(1, workers)
         self.skipped: dict[str, str] = {}
-        self.dataset = VideoClipStream([str(v) for v in videos], clip, batch_size, seed, rank, world, self.slots,
-                                       augment, cache_bytes, [[0, 0, 0] for _ in range(self.slots)], rotation=0)
+        self.report = DataReport()  # shards read, retried and given up (a stream of shards)
+        if isinstance(videos, VideoShards):
+            if len(videos) < world * self.slots:
+                raise ListingError(
+                    f"{len(videos)} shard(s) cannot feed {world} rank(s) x {self.slots} loader worker(s): each "
+                    f"worker reads whole shards; " + (f"set data.workers to at most {len(videos) // world}"
+                                                      if len(videos) >= world else "use fewer ranks")
+                    + " or write the videos into more, smaller shards")
+            self.dataset = ShardClipStream(videos, clip, batch_size, seed, rank, world, self.slots, augment,
+                                           [ShardClipStream.start(0) for _ in range(self.slots)], rotation=0)
+        else:
+            self.dataset = VideoClipStream([str(v) for v in videos], clip, batch_size, seed, rank, world,
+                                           self.slots, augment, cache_bytes,
+                                           [VideoClipStream.start(0) for _ in range(self.slots)], rotation=0)
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, worker_init_fn=_one_thread,
                                  prefetch_factor=prefetch if workers else None, pin_memory=pin_memory)
         self.batches = 0
@@ -176,6 +278,11 @@ class ClipLoader:
         from the start of the furthest epoch any worker had reached."""
         if self._iterator is not None:
             raise RuntimeError("a clip stream's state is loaded before its first batch")
+        width = len(self.dataset.start(0))
+        if any(len(p) != width for p in state["positions"]):
+            raise ListingError(f"the clip stream was saved reading {'video files' if width == 4 else 'shards'}, "
+                               f"this run reads {'shards' if width == 4 else 'video files'} (data.videos): use "
+                               f"another run folder")
         if (state["workers"], state["world"]) == (self.slots, self.world):
             self.batches, positions = state["batches"], [list(p) for p in state["positions"]]
         else:
@@ -183,7 +290,7 @@ class ClipLoader:
             log.warning("the clip stream was saved with %d rank(s) x %d worker(s), this run has %d x %d: it "
                         "starts epoch %d from its beginning", state["world"], state["workers"], self.world,
                         self.slots, epoch)
-            self.batches, positions = 0, [[epoch, 0, 0] for _ in range(self.slots)]
+            self.batches, positions = 0, [self.dataset.start(epoch) for _ in range(self.slots)]
         self.dataset.positions[:] = positions
         self.dataset.rotation = self.batches % self.slots
 
@@ -196,6 +303,8 @@ class ClipLoader:
         item = next(self._iterator)
         self.positions[int(item["worker"])] = [int(v) for v in item["position"]]
         self.batches += 1
+        if "report" in item:
+            self.report.add(*item["report"])
         for path, reason in item["skipped"]:
             if path not in self.skipped:
                 self.skipped[path] = reason

@@ -32,8 +32,13 @@ class TokenizerModelConfig:
 
 @dataclass
 class TokenizerDataConfig:
-    videos: str | None = None  # training videos: a folder with class sub-folders, a CSV path,label or a list
-    val_videos: str | None = None  # held-out videos for the report; None = the last 5% of the training clips
+    # training videos: a folder with class sub-folders, a CSV path,label or a list; or WebDataset shards of raw
+    # videos (KEY.mp4 [+ KEY.cls]): a brace pattern or path of .tar files, a folder of them, a list of shard
+    # addresses, pipe:COMMAND or http(s):// (nbp_ds.tokenizer.video_shards)
+    videos: str | None = None
+    # held-out videos for the report (a folder, CSV or list); None = the last 5% of the training videos (required
+    # with shards)
+    val_videos: str | None = None
     max_videos: int | None = None  # use at most this many videos (quick runs)
     workers: int | None = None  # video decoding processes (DataLoader workers); None = min(8, CPU count)
     prefetch: int = 2  # batches each decoding process prepares ahead
@@ -95,7 +100,8 @@ class TokenizerTrainConfig:
 
 # nbp-train-tokenizer's flags, each a spelling of one config key: (flag, key, type, help)
 FLAGS: list[tuple[str, str, type, str]] = [
-    ("--videos", "data.videos", str, "training videos (folder with class sub-folders, CSV or list)"),
+    ("--videos", "data.videos", str, "training videos (folder with class sub-folders, CSV or list) or shards of "
+                                     "raw videos (.tar pattern, folder or list of shards, pipe:CMD, http(s)://)"),
     ("--val-videos", "data.val_videos", str, "held-out videos for the PSNR report (default: 5%% of the clips)"),
     ("--out", "train.out_dir", str, "run folder"),
     ("--preset", "model.preset", str, "architecture: tiny, small or paper"),
@@ -149,12 +155,19 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: TokenizerTrainConfig) -> None:
     """Refuse configurations that cannot work, naming the key and value."""
     from nbp_ds.tokenizer import PRESETS
+    from nbp_ds.tokenizer.video_shards import names_shards
 
     d, t, lo = cfg.data, cfg.train, cfg.loss
     _require(cfg.model.preset in PRESETS,
              f"model.preset: --preset {cfg.model.preset!r} is not one of {', '.join(PRESETS)}")
     _require(bool(d.videos), "data.videos (--videos) is required: the training videos")
     _require(bool(t.out_dir), "train.out_dir (--out) is required: the run folder")
+    if names_shards(d.videos):
+        _require(bool(d.val_videos), f"data.val_videos (--val-videos) is required when data.videos names shards "
+                                     f"({d.videos}): the held-out videos (a folder, CSV or list of video files); "
+                                     f"the last 5% rule needs a listing of the training videos")
+        _require(d.max_videos is None, f"data.max_videos ({d.max_videos}) applies to a listing of video files, "
+                                       f"not to shards ({d.videos}): name fewer shards instead")
     for key, value in (("data.clip.frames", d.clip.frames), ("data.clip.resolution", d.clip.resolution),
                        ("data.clip.per_video", d.clip.per_video), ("train.steps", t.steps),
                        ("train.batch_size", t.batch_size), ("train.keep_last", t.keep_last),

@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from nbp_ds.runtime.rng import seed_everything
 from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.runtime.stop import FINISHED, stop_request
 from nbp_ds.tokenizer.config import TokenizerTrainConfig
+
+if TYPE_CHECKING:
+    from nbp_ds.tokenizer.video_shards import VideoShards
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +87,14 @@ class TokenizerTrainer:
             self.checkpoints.load(ref)
             log.info("resumed from %s at step %d", ref.path, self.step)
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
-        log.info("tokenizer %s: %.2fM parameters, %d codes; %d training videos streamed, %d held-out clips; "
+        log.info("tokenizer %s: %.2fM parameters, %d codes; %d training %s streamed, %d held-out clips; "
                  "%d process(es) on %s", self.model.name, sum(p.numel() for p in self.model.parameters()) / 1e6,
-                 self.model.codebook_size, len(self.train_videos), len(self.val), self.world, self.device)
+                 self.model.codebook_size, len(self.train_videos), self._train_unit, len(self.val), self.world,
+                 self.device)
+
+    @property
+    def _train_unit(self) -> str:
+        return "videos" if isinstance(self.train_videos, list) else "shards"
 
     def _initial_model(self):
         """The preset's untrained tokenizer, or with model.init_from the tokenizer it names (fine-tuning: the same
@@ -99,28 +108,35 @@ class TokenizerTrainer:
         log.info("fine-tuning %s (version %s, %d codes)", model.name, model.version, model.codebook_size)
         return model
 
-    def _split_videos(self) -> tuple[list[Path], np.ndarray]:
-        """(training videos, held-out clips): the held-out videos are data.val_videos or else the last 5% of the
-        training listing, at most data.val_max_videos of them, their middle clips decoded once by rank 0 into
-        the run folder and memory-mapped. Files that are not videos and held-out videos that give no clip are
-        listed with rank 0's skipped videos."""
+    def _split_videos(self) -> tuple[list[Path] | VideoShards, np.ndarray]:
+        """(training videos or shards, held-out clips): the held-out videos are data.val_videos or else the last 5%
+        of the training listing (shards need data.val_videos), at most data.val_max_videos of them, their middle
+        clips decoded once by rank 0 into the run folder and memory-mapped. Files that are not videos and held-out
+        videos that give no clip are listed with rank 0's skipped videos."""
         from nbp_ds.tokenizer.dataset_listing import list_dataset
         from nbp_ds.tokenizer.training import cached_clips
+        from nbp_ds.tokenizer.video_shards import expand_video_shards, names_shards
 
         c = self.cfg.data
-        listing = list_dataset(c.videos)
-        train = [e.path for e in listing.videos[:c.max_videos]]
-        if c.val_videos:
+        held_out: list[Path]
+        if names_shards(c.videos):  # raw videos in shards: no listing to cut the held-out videos from
+            listing, train = None, expand_video_shards(c.videos)
             held_out = [e.path for e in list_dataset(c.val_videos).videos]
         else:
-            cut = max(1, len(train) // 20)
-            train, held_out = train[:-cut], train[-cut:]
+            listing = list_dataset(c.videos)
+            train = [e.path for e in listing.videos[:c.max_videos]]
+            if c.val_videos:
+                held_out = [e.path for e in list_dataset(c.val_videos).videos]
+            else:
+                cut = max(1, len(train) // 20)
+                train, held_out = train[:-cut], train[-cut:]
         held_out = held_out[:c.val_max_videos]
         cache = self.out / "clips_val.npy"
         self.skipped: dict[str, str] = {}
         if self.rank == 0:
             _, failures = cached_clips(held_out, cache, c.clip, self.cfg.decode_workers, c.val_video_timeout)
-            self.skipped = {r["video"]: r["reason"] for r in listing.not_video_records() + failures}
+            not_videos = listing.not_video_records() if listing is not None else []
+            self.skipped = {r["video"]: r["reason"] for r in not_videos + failures}
             self._write_skipped()
         distributed.barrier()
         return train, cached_clips(held_out, cache, c.clip, self.cfg.decode_workers, c.val_video_timeout)[0]
@@ -208,6 +224,9 @@ class TokenizerTrainer:
                                 "train/codebook_used": codes.unique().numel() / self.model.codebook_size,
                                 "train/grad_norm": grad_norm, "train/lr": self.opt.param_groups[0]["lr"],
                                 "data/skipped_videos": len(self.skipped)})
+                if self._train_unit == "shards":  # read as the token loader reads: retries and shards given up
+                    scalars.update({f"data/{k}": self.stream.report.counts[k]
+                                    for k in ("failed_shards", "shard_retries")})
                 scalars = {k: float(v) for k, v in scalars.items()}
                 self.metrics.scalars(self.step, scalars)
                 bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", psnr=f"{scalars['train/psnr']:.1f}")
@@ -265,7 +284,8 @@ class TokenizerTrainer:
         report = held_out_report(self.model, self.val, self.device, rfvd=self.rfvd)
         report.update({"preset": self.cfg.model.preset, "init_from": self.cfg.model.init_from,
                        "version": self.model.version, "steps": self.step,
-                       "train_videos": len(self.train_videos), "clip": dataclasses.asdict(self.cfg.data.clip)})
+                       f"train_{self._train_unit}": len(self.train_videos),
+                       "clip": dataclasses.asdict(self.cfg.data.clip)})
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=1) + "\n")
         write_text_atomic(self.out / FINISHED, json.dumps({"step": self.step}) + "\n")
         self._log_reconstructions()
