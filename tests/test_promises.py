@@ -23,9 +23,12 @@ def promise_rows() -> dict[str, str]:
             continue
         for line in body.splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if line.startswith("|") and re.fullmatch(r"S?\d+[a-z]?", cells[0]):
-                assert cells[0] not in rows, f"row {cells[0]} appears twice"
-                rows[cells[0]] = line
+            if not line.startswith("|") or cells[0] == "#" or set(cells[0]) <= set("-:"):
+                continue  # not a row, the header or the separator
+            # 12, 12a (inserted after 12), 12a1 (after 12a), S3, S3a: a row with another id would not be checked
+            assert re.fullmatch(r"S?\d+(?:[a-z]\d*)?", cells[0]), f"row id {cells[0]!r}: not 12, 12a or 12a1"
+            assert cells[0] not in rows, f"row {cells[0]} appears twice"
+            rows[cells[0]] = line
     return rows
 
 

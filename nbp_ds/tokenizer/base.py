@@ -8,8 +8,11 @@ first frame stands alone), space by ``spatial_factor``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nbp_ds.errors import UsageError
 
@@ -22,9 +25,21 @@ class TokenizerNotFound(TokenizerError, FileNotFoundError):
     """No tokenizer where one was named."""
 
 
+def run_layers(layers: Iterable[nn.Module], x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    """``x`` through ``layers`` in turn. ``checkpointed`` (while gradients are on) keeps only each layer's input
+    and recomputes its activations in backward: the paper-size tokenizer's activations at 17x128x128 are what
+    fills a GPU's memory, its weights are small."""
+    recompute = checkpointed and torch.is_grad_enabled()
+    for layer in layers:
+        x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
+    return x
+
+
 class VideoTokenizerBase(nn.Module):
     temporal_factor: int
     spatial_factor: int
+    # training only, not part of the architecture (see run_layers); the trainer sets it from the run config
+    activation_checkpointing: bool = False
 
     @property
     def name(self) -> str:

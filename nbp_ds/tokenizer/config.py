@@ -20,6 +20,7 @@ from nbp_ds.config import CONFIG_DIR, ConfigError, load_dataclass_tree
 from nbp_ds.video_io import ClipSpec
 
 TOKENIZER_CONFIG_DIR = CONFIG_DIR / "tokenizer"
+PRECISIONS = ("fp32", "bf16")  # train.precision
 
 
 @dataclass
@@ -78,6 +79,8 @@ class TokenizerOptimConfig:
     seed: int = 0
     ema: float = 0.0  # decay of a moving average of the weights (e.g. 0.999); the saved tokenizer is the average
     i3d: str | None = None  # StyleGAN-V's i3d_torchscript.pt: the report adds the held-out rFVD (nbp-eval-fvd's code)
+    precision: str = "fp32"  # fp32, or bf16: autocast of the networks on CUDA (losses and quantization in fp32)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward (paper size on a GPU)
 
 
 @dataclass
@@ -186,6 +189,7 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _require(t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _require(0.0 <= t.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {t.ema}")
     _require(lo.adversarial_weight >= 0, f"loss.adversarial_weight must be >= 0, got {lo.adversarial_weight}")
     _require(lo.perceptual_weight >= 0, f"loss.perceptual_weight must be >= 0, got {lo.perceptual_weight}")

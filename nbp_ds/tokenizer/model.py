@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.tokenizer.base import TokenizerError, TokenizerNotFound, VideoTokenizerBase
+from nbp_ds.tokenizer.base import TokenizerError, TokenizerNotFound, VideoTokenizerBase, run_layers
 from nbp_ds.tokenizer.fsq import FSQ
 
 TEMPORAL_STAGES = 2  # two 2x temporal downsamplings: 1 + 4k frames -> 1 + k latent frames
@@ -159,8 +159,9 @@ class Encoder(nn.Module):
         self.blocks = nn.Sequential(*layers)
         self.norm_out, self.conv_out = FrameNorm(c), nn.Conv3d(c, latent_dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(space_to_depth(x, self.patch))))))
+    def forward(self, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        x = run_layers(self.blocks, self.conv_in(space_to_depth(x, self.patch)), checkpointed)
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -181,8 +182,9 @@ class Decoder(nn.Module):
         self.patch = cfg.patch_size
         self.norm_out, self.conv_out = FrameNorm(c), CausalConv3d(c, 3 * self.patch ** 2, time_kernel=tk)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return depth_to_space(self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z))))), self.patch)
+    def forward(self, z: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        x = run_layers(self.blocks, self.conv_in(z), checkpointed)
+        return depth_to_space(self.conv_out(F.silu(self.norm_out(x))), self.patch)
 
 
 def space_to_depth(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -229,10 +231,12 @@ class VideoTokenizer(VideoTokenizerBase):
 
     # ---- float paths (training) -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x float [B,3,N,H,W] in [-1,1] -> (reconstruction, same shape; code indices [B,T',H',W'])."""
-        z = self.encoder(x).permute(0, 2, 3, 4, 1)
+        """x float [B,3,N,H,W] in [-1,1] -> (reconstruction, same shape; code indices [B,T',H',W']).
+
+        Under bf16 autocast the latents are quantized in float32: rounding them in bf16 would move codes."""
+        z = self.encoder(x, self.activation_checkpointing).float().permute(0, 2, 3, 4, 1)
         values, indices = self.fsq(z)
-        return self.decoder(values.permute(0, 4, 1, 2, 3).to(x.dtype)), indices
+        return self.decoder(values.permute(0, 4, 1, 2, 3).to(x.dtype), self.activation_checkpointing), indices
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch import nn
 from nbp_ds.errors import CheckpointError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.official.files import read_torch_file, require_matching_state
-from nbp_ds.tokenizer.base import VideoTokenizerBase
+from nbp_ds.tokenizer.base import VideoTokenizerBase, run_layers
 from nbp_ds.tokenizer.fsq import FSQ
 
 log = logging.getLogger(__name__)
@@ -193,20 +193,17 @@ class OfficialTokenizer(VideoTokenizerBase):
     # ---- float paths ------------------------------------------------------------------------------
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """RGB float [B, 3, N, H, W] in [0, 1] -> latents before quantization [B, 6, T', H', W']."""
-        for layer in self.encoder_layers:
-            x = layer(x)
-        return x
+        return run_layers(self.encoder_layers, x, self.activation_checkpointing)
 
     def decode_values(self, values: torch.Tensor) -> torch.Tensor:
         """Quantized values [B, 6, T', H', W'] in [-1, 1] -> RGB float [B, 3, N, H, W] (not clamped)."""
-        for layer in self.decoder_layers:
-            values = layer(values)
-        return values
+        return run_layers(self.decoder_layers, values, self.activation_checkpointing)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The training path (fine-tuning with nbp-train-tokenizer): x float [B,3,N,H,W] in [-1, 1], the trainer's
         range -> (reconstruction in [-1, 1] (not clamped), code indices [B,T',H',W']); [0, 1] inside, as released."""
-        values, indices = self.fsq(self.encode_latents((x + 1) / 2).permute(0, 2, 3, 4, 1))
+        # quantized in float32 under bf16 autocast (rounding in bf16 would move codes)
+        values, indices = self.fsq(self.encode_latents((x + 1) / 2).float().permute(0, 2, 3, 4, 1))
         return self.decode_values(values.permute(0, 4, 1, 2, 3).to(x.dtype)) * 2 - 1, indices
 
     @property

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nbp_ds.errors import UsageError
+from nbp_ds.errors import ConfigError, UsageError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.runtime import distributed, launch
 from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
@@ -56,6 +56,9 @@ class TokenizerTrainer:
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = distributed.process_device(self.env, cfg.train.device)
+        if cfg.train.precision == "bf16" and self.device.type != "cuda":
+            raise ConfigError(f"train.precision=bf16 needs a CUDA device; this run is on {self.device.type}: "
+                              f"train.precision=fp32")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         distributed.init_process_group(self.env, self.device)
@@ -63,6 +66,7 @@ class TokenizerTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.model = self._initial_model().to(self.device)
         self.model.check_clip_shape(cfg.data.clip.frames, cfg.data.clip.resolution, cfg.data.clip.resolution)
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=1e-4)
         self.disc = self.disc_opt = None
@@ -186,19 +190,21 @@ class TokenizerTrainer:
             x = to_float(next(self.stream).to(self.device, non_blocking=True))
             for group in self.opt.param_groups:
                 group["lr"] = c.lr * lr_factor(self.step, c.steps, c.warmup, c.min_lr_ratio)
-            recon, codes = self.ddp(x)
-            l1, l2 = (recon - x).abs().mean(), F.mse_loss(recon, x)
-            loss = l1 + l2
-            if self.perceptual is not None:
-                perceptual = self.perceptual(recon, x)
-                loss = loss + self.cfg.loss.perceptual_weight * perceptual
             use_gan = self.disc is not None and self.step >= gan_from
-            if use_gan:
-                g_loss = -self.disc(recon).mean()
-                g_weight = torch.tensor(self.cfg.loss.adversarial_weight, device=self.device)
-                if self.cfg.loss.adaptive_weight:
-                    g_weight = g_weight * adaptive_generator_weight(loss, g_loss, self.model.output_weight)
-                loss = loss + g_weight * g_loss
+            with self._autocast():
+                recon, codes = self.ddp(x)
+                recon = recon.float()  # the losses in float32 whatever the networks compute in
+                l1, l2 = (recon - x).abs().mean(), F.mse_loss(recon, x)
+                loss = l1 + l2
+                if self.perceptual is not None:
+                    perceptual = self.perceptual(recon, x).float()
+                    loss = loss + self.cfg.loss.perceptual_weight * perceptual
+                if use_gan:
+                    g_loss = -self.disc(recon).float().mean()
+                    g_weight = torch.tensor(self.cfg.loss.adversarial_weight, device=self.device)
+                    if self.cfg.loss.adaptive_weight:
+                        g_weight = g_weight * adaptive_generator_weight(loss, g_loss, self.model.output_weight)
+                    loss = loss + g_weight * g_loss
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -207,7 +213,9 @@ class TokenizerTrainer:
                 self.ema.update()
             scalars = {"train/perceptual": perceptual} if self.perceptual is not None else {}
             if use_gan:
-                real_logits, fake_logits = self.disc_ddp(x), self.disc_ddp(recon.detach())
+                with self._autocast():
+                    real_logits = self.disc_ddp(x).float()
+                    fake_logits = self.disc_ddp(recon.detach()).float()
                 d_loss = hinge_d_loss(real_logits, fake_logits)
                 if self.cfg.loss.lecam_weight > 0:
                     d_loss = d_loss + self.cfg.loss.lecam_weight * self.lecam.penalty(real_logits, fake_logits)
@@ -249,6 +257,10 @@ class TokenizerTrainer:
         self.metrics.close()
         distributed.leave_process_group()
         return report
+
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast of the networks' forward when train.precision=bf16 (CUDA only), else a no-op."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> CheckpointRef:
