@@ -191,14 +191,14 @@ def test_a_held_out_video_whose_decoder_dies_or_hangs_is_listed_and_training_goe
     killer = threading.Thread(target=kill_the_worker_decoding_crash)
     killer.start()
     out = tmp_path / "run"
-    result = train(videos, out, "--steps", "2", "--val-videos", str(val), "data.val_video_timeout=30")
+    result = train(videos, out, "--steps", "2", "--val-videos", str(val), "data.val_video_timeout=12")
     killer.join()
     assert result.returncode == 0, result.stderr[-3000:]
     assert killed, "no decoder of crash.mp4 was ever seen"
     skipped = {Path(r["video"]).name: r["reason"]
                for r in json.loads((out / "skipped_videos" / "rank00000.json").read_text())}
     assert skipped["crash.mp4"].startswith("worker_died") and "SIGKILL" in skipped["crash.mp4"], skipped
-    assert skipped["stuck.mp4"].startswith("timeout") and "30 s" in skipped["stuck.mp4"], skipped
+    assert skipped["stuck.mp4"].startswith("timeout") and "12 s" in skipped["stuck.mp4"], skipped
     clip = ClipSpec(9, 32, 8.0, 1).read(good)[0][1]  # the good video's one held-out clip, decoded here
     held_out = np.load(out / "clips_val.npy")
     assert held_out.shape == (1, *clip.shape) and np.array_equal(held_out[0], clip)

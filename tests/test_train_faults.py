@@ -111,8 +111,9 @@ def test_a_stopped_rank_ends_the_job_within_the_bound_naming_the_step(shards, tm
         assert took < 3 + 25, f"rank 0 ended {took:.0f} s after rank 1 stopped"
         stalled = int(found[1])
     else:
-        found = re.search(r"\[rank 0\] .*rank 0 failed after step (\d+) \(the last one it finished\): .*Timed out",
-                          text)
+        # gloo words its timeout two ways: "Timed out waiting ..." or "Application timeout caused pair closure"
+        found = re.search(r"\[rank 0\] .*rank 0 failed after step (\d+) \(the last one it finished\): "
+                          r".*(?:Timed out|timeout caused)", text)
         assert found, text[-5000:]
         assert 8 <= took < 8 + 25, f"rank 0 ended {took:.0f} s after rank 1 stopped"
         stalled = int(found[1]) + 1
