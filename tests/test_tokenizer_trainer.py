@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_tokenize_pipeline import processes_mentioning
 from test_tokenizer_losses import write_vgg16_file
 from video_fixtures import dataset, lavfi_video
 
@@ -139,17 +140,6 @@ def test_a_resume_with_the_gan_on_gives_the_weights_of_a_straight_run(tmp_path):
     assert [k for k in straight if not torch.equal(resumed[k], straight[k])] == [], "the tokenizer differs"
     disc, disc_again = straight_disc["model"], resumed_disc["model"]
     assert [k for k in disc if not torch.equal(disc_again[k], disc[k])] == [], "the discriminator differs"
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().decode(errors="replace"):
-                found.append(int(cmdline.parent.name))
-        except OSError:  # the process ended meanwhile
-            pass
-    return found
 
 
 def test_a_held_out_video_whose_decoder_dies_or_hangs_is_listed_and_training_goes_on(tmp_path):

@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
-from nbp_ds.errors import UsageError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,14 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.what == "generator":
         from nbp_ds.official.generator import convert_generator
-        from nbp_ds.train.export_files import parse_size
+        from nbp_ds.train.export_files import output_shard_bytes
 
-        try:
-            shard_bytes = parse_size(args.shard_size) if args.shard_size else None
-        except ValueError as exc:
-            raise UsageError(f"--shard-size: {exc}") from exc
-        if shard_bytes is None and not args.out.endswith(".safetensors"):
-            raise UsageError(f"output {args.out} must end in .safetensors (or pass --shard-size for a folder)")
+        shard_bytes = output_shard_bytes(args.out, args.shard_size)
         cfg = convert_generator(args.ckpt, args.out, trust_pickle=args.trust_pickle, classes=args.classes,
                                 sentencepiece_model=args.llama_tokenizer, kind=args.kind, n_head=args.n_head,
                                 block_size=args.block_size, grid=args.grid, context_frames=args.context_frames,

@@ -21,7 +21,6 @@ import json
 import sys
 
 from nbp_ds.cli import command, setup_logging
-from nbp_ds.errors import UsageError
 
 
 @command
@@ -38,14 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(fmt="%(message)s")
     from nbp_ds.train.export import export
-    from nbp_ds.train.export_files import parse_size
+    from nbp_ds.train.export_files import output_shard_bytes
 
-    try:
-        shard_bytes = parse_size(args.shard_size) if args.shard_size else None
-    except ValueError as exc:
-        raise UsageError(f"--shard-size: {exc}") from exc
-    if shard_bytes is None and not args.out.endswith(".safetensors"):
-        raise UsageError(f"OUT {args.out} must end in .safetensors (or pass --shard-size to write a folder of shards)")
+    shard_bytes = output_shard_bytes(args.out, args.shard_size)
     out = export(args.checkpoint, args.out, dtype=args.dtype, tag=args.tag, ema=args.ema, shard_bytes=shard_bytes)
     if shard_bytes is None:
         print(f"wrote {out} and {out.with_suffix('.json')}")

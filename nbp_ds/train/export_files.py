@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
 
 CONFIG_KEY = "nbp_ds_config"  # the run config (JSON) in a file's metadata or the index's
@@ -38,6 +39,18 @@ def parse_size(text: str) -> int:
     if match is None or float(match[1]) <= 0:
         raise ValueError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
     return int(float(match[1]) * _UNITS[(match[2] or "B").lower()])
+
+
+def output_shard_bytes(out: str, shard_size: str | None) -> int | None:
+    """What a program writing weights to ``out`` makes of its ``--shard-size``: bytes per shard, or None for one
+    file, whose name must then end in .safetensors. A bad value is a UsageError naming the flag or the file."""
+    try:
+        shard_bytes = parse_size(shard_size) if shard_size else None
+    except ValueError as exc:
+        raise UsageError(f"--shard-size: {exc}") from exc
+    if shard_bytes is None and not out.endswith(".safetensors"):
+        raise UsageError(f"OUT {out} must end in .safetensors (or pass --shard-size to write a folder of shards)")
+    return shard_bytes
 
 
 def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
