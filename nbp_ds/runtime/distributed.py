@@ -8,6 +8,7 @@ into one float64 tensor so a training step costs one reduction, not one per figu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -152,7 +153,8 @@ def end_launched_process(status: int) -> int:
         return status
     logging.shutdown()  # flushes every handler
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said anyway
+            stream.flush()
     os._exit(status)
 
 
