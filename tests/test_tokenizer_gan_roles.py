@@ -36,8 +36,12 @@ def test_the_trainer_gives_lecam_the_real_and_the_fake_logits_in_their_roles(tmp
         "--videos", str(videos), "--out", str(tmp_path / "run"), "--preset", "tiny", "--frames", "5",
         "--resolution", "16", "--batch-size", "2", "--workers", "1", "--log-every", "1", "--image-every", "1000",
         "--warmup", "1", "--steps", "1", "--adversarial-weight", "0.1", "--adversarial-start", "0",
-        "loss.lecam_weight=10", "loss.lecam_decay=0.5"])
-    train_tokenizer(cfg)
+        "loss.lecam_weight=10", "loss.lecam_decay=0.5", "train.threads=1"])
+    threads = torch.get_num_threads()
+    try:
+        train_tokenizer(cfg)
+    finally:
+        torch.set_num_threads(threads)  # train.threads sets this process' torch, which the next tests share
 
     # the step calls the discriminator on the reconstruction (the generator's loss), then on the real clips and
     # on the reconstruction again (its own loss); the real clips are the input unlike the other two
