@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import re
 import zlib
 
 import pytest
@@ -100,3 +102,59 @@ def test_the_hashing_is_shared_by_bytes_and_the_same_on_every_rank():
     loads = sorted(sum(dict(files)[n] for n in part) for part in split)
     assert loads == [100, 100, 100]  # 100 | 90+10 | 50+40+5+5
     assert shares(list(reversed(files)), 3) == split
+
+
+def random_bytes(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
+
+
+# ---- at real sizes (issue 36): files larger than the piece the hash reads at a time, several checkpoints ----
+
+@pytest.mark.parametrize("where", ["first piece", "middle piece", "last byte"])
+def test_a_flipped_byte_anywhere_in_a_file_larger_than_the_hashing_piece_is_found(tmp_path, where):
+    """Real checkpoint files are gigabytes, many times the piece :func:`manifest.hash_file` reads at a time: a
+    flipped byte in a later piece must change the hash as one in the first does (size unchanged)."""
+    from nbp_ds.runtime import manifest
+
+    size = 2 * manifest._CHUNK + 4099  # three pieces, the last a partial one
+    data = bytearray(random_bytes(size))
+    position = {"first piece": 17, "middle piece": manifest._CHUNK + 12345, "last byte": size - 1}[where]
+    (tmp_path / "big.pt").write_bytes(bytes(data))
+    record = {"files": manifest.hash_files(tmp_path, ["big.pt"])}
+    assert record["files"]["big.pt"]["crc32"] == f"{zlib.crc32(bytes(data)):08x}"  # the whole file, by zlib alone
+    data[position] ^= 0x01
+    (tmp_path / "big.pt").write_bytes(bytes(data))
+    assert manifest.check_files(tmp_path, record, ["big.pt"]) == [
+        f"{tmp_path / 'big.pt'} does not match its crc32 hash in the manifest (its bytes changed)"]
+
+
+def torch_free_random_bytes(size: int) -> bytes:
+    import random
+
+    return random.Random(size).randbytes(size)
+
+
+@pytest.fixture
+def four_saved(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=4, rank=0)
+    manager.register("optimizer", OptimizerStates())
+    for step in (5, 10, 15, 20):
+        manager.save(step)
+    return manager
+
+
+@pytest.mark.parametrize("damaged, expected", [
+    ((20,), 15),  # the one just before latest, not an older one (which would redo steps)
+    ((20, 15), 10),
+    ((20, 15, 10), 5),
+    ((15,), 20),  # a damaged older one does not matter while latest is intact
+])
+def test_the_fallback_takes_the_newest_intact_of_several_earlier_checkpoints(four_saved, caplog, damaged, expected):
+    for step in damaged:
+        bad = four_saved.folder / f"step{step:08d}" / "zero_pp_rank_0_optim_states.pt"
+        data = bad.read_bytes()
+        bad.write_bytes(data[:5000] + bytes([data[5000] ^ 0x80]) + data[5001:])
+    with caplog.at_level(logging.WARNING):
+        assert four_saved.latest_intact().tag == f"step{expected:08d}"
+    assert sorted(int(s) for s in re.findall(r"step(\d{8}) is damaged", caplog.text)) \
+        == sorted(s for s in damaged if s > expected)

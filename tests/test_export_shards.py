@@ -86,8 +86,17 @@ def test_sizes_and_the_shard_plan():
     for bad in ("5XB", "GB", "0GB", "-1GB"):
         with pytest.raises(ValueError, match="not a size"):
             parse_size(bad)
-    # in order, never over the limit, a tensor larger than the limit alone in its shard
-    assert plan_shards({"a": 4, "b": 4, "c": 30, "d": 2, "e": 8}, 10) == [["a", "b"], ["c"], ["d", "e"]]
+    # huggingface_hub's plan: in order, never over the limit; a tensor larger than the limit alone in a shard
+    # placed before the one being filled; one shard keeps the numbered name
+    sizes = {"a": 4, "b": 4, "c": 30, "d": 2, "e": 8}
+    fresh = {name: torch.zeros(size, dtype=torch.uint8) for name, size in sizes.items()}
+    flat = torch.zeros(sum(sizes.values()), dtype=torch.uint8)  # a consolidated checkpoint: views of one buffer
+    views = dict(zip(sizes, flat.split(list(sizes.values())), strict=True))
+    for state in (fresh, views):
+        assert plan_shards(state, 10) == {"model-00001-of-00003.safetensors": ["c"],
+                                          "model-00002-of-00003.safetensors": ["a", "b", "d"],
+                                          "model-00003-of-00003.safetensors": ["e"]}
+        assert plan_shards(state, 100) == {"model-00001-of-00001.safetensors": list(sizes)}
 
 
 def test_nbp_sample_reads_the_sharded_form(tmp_path):

@@ -203,3 +203,20 @@ def test_the_seed_and_the_initialization_cannot_change_on_a_resume_even_when_all
         check_same_experiment(recorded, cfg, "ckpt")
     allowed = load_config("tiny", ["train.lr=5e-3", "train.allow_changes=[train.lr]"])
     assert set(check_same_experiment(recorded, allowed, "ckpt")) == {"train.lr"}
+
+
+@pytest.mark.parametrize("named", ["train.lr", "train.warmup_steps", "data.train"])
+def test_naming_one_changed_key_lets_only_that_one_through(named):
+    """Three experiment keys changed, one named in train.allow_changes: the other two are refused by name, the
+    named one is not among the refused (issue 36: a rule letting every change through once any key is named
+    passed the earlier tests, which changed one key at a time)."""
+    recorded = load_config("tiny").to_dict()
+    changes = {"train.lr": "5e-3", "train.warmup_steps": "3", "data.train": "elsewhere/shard-{000000..000003}.tar"}
+    cfg = load_config("tiny", [f"{k}={v}" for k, v in changes.items()] + [f"train.allow_changes=[{named}]"])
+    with pytest.raises(ConfigError) as refused:
+        check_same_experiment(recorded, cfg, "ckpt")
+    message = str(refused.value).split(". Use another")[0]  # the refused keys, not the hint listing all three
+    assert sorted(k for k in changes if f"{k}: " in message) == sorted(set(changes) - {named})
+    everything = load_config("tiny", [f"{k}={v}" for k, v in changes.items()]
+                             + [f"train.allow_changes=[{','.join(changes)}]"])
+    assert set(check_same_experiment(recorded, everything, "ckpt")) == set(changes)

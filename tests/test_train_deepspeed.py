@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 from train_helpers import (
     GRID,
+    env,
     kill_group,
     make_shards,
     run,
@@ -24,6 +26,7 @@ from train_helpers import (
     train_cmd,
     wait_for,
     wait_for_latest,
+    with_shutdown_probe,
 )
 
 from nbp_ds.data import TokenShardWriter
@@ -39,12 +42,19 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory):
-    """One 40-step ZeRO-3 run shared by the assertions that only read its outputs."""
+def trained_launch(shards, tmp_path_factory):
+    """One 40-step ZeRO-3 run shared by the assertions that only read its outputs, with the shutdown probe of
+    tests/data/shutdown_probe: (its output folder, the launch's result)."""
     out = tmp_path_factory.mktemp("run") / "out"
     result = run(train_cmd(out, shards, "train.steps=40", "train.save_every=20", "train.eval_every=20",
                            "train.sample_every=20", "train.sample_tokenizer=random:tiny",
-                           "deepspeed.config=tests/data/zero3_no_persistence.json"))
+                           "deepspeed.config=tests/data/zero3_no_persistence.json"), **with_shutdown_probe())
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def trained(trained_launch):
+    out, result = trained_launch
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -284,3 +294,46 @@ def test_bad_input_is_refused_before_work(trained, shards, tmp_path):
     result = run([*base, "--resume", str(trained), "model.d_model=128"])
     assert result.returncode == 2 and "trained for another model or sequence" in result.stderr
     assert "model.d_model: 64 -> 128" in result.stderr
+
+
+def test_deepspeeds_own_zero_to_fp32_script_rebuilds_the_exported_weights(trained, tmp_path):
+    """DeepSpeed writes zero_to_fp32.py beside the checkpoints; run as DeepSpeed documents (`python zero_to_fp32.py
+    . OUT [--safe_serialization] [--max_shard_size]` in that folder) it needs huggingface_hub, a dependency of the
+    package (issue 36). Its weights are nbp-export's bit for bit, and sharded at the same size its files and
+    weight map are nbp-export's too (both plan with huggingface_hub)."""
+    from safetensors.torch import load_file
+
+    checkpoints = trained / "checkpoints"
+    script = checkpoints / "zero_to_fp32.py"
+    assert script.is_file()
+    exported = tmp_path / "export"
+    result = run(["python", "-m", "nbp_ds.cli.export", str(trained), str(exported), "--shard-size", "100KB"])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    for how, args in (("pytorch", []), ("sharded", ["--safe_serialization", "--max_shard_size", "100KB"])):
+        out = tmp_path / how.replace(" ", "_")
+        result = subprocess.run([sys.executable, script.name, ".", str(out), *args], cwd=checkpoints,
+                                env=env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{how}: {result.stderr[-3000:]}"
+        if how == "pytorch":
+            theirs = torch.load(out / "pytorch_model.bin", weights_only=True)
+        else:
+            index = json.loads((out / "model.safetensors.index.json").read_text())
+            ours = json.loads((exported / "model.safetensors.index.json").read_text())
+            assert len(set(ours["weight_map"].values())) > 2  # several shards to tell the plans apart
+            assert index["weight_map"] == ours["weight_map"]
+            assert sorted(p.name for p in out.glob("model-*")) == sorted(p.name for p in exported.glob("model-*"))
+            theirs = {k: v for f in out.glob("model-*.safetensors") for k, v in load_file(f).items()}
+        mine = {k: v for f in exported.glob("model-*.safetensors") for k, v in load_file(f).items()}
+        assert theirs.keys() == mine.keys(), how
+        assert [k for k in mine if not torch.equal(theirs[k].float(), mine[k])] == [], how
+
+
+def test_a_finished_run_ends_every_rank_with_0_before_the_interpreters_shutdown(trained_launch):
+    """Issue 36: a finished 2-process run exits 0 every time. Each rank of a finished job ends as soon as it has
+    left the process group (nbp_ds.runtime.distributed.end_launched_process), never in the interpreter's shutdown
+    with gloo's threads alive, where a rank aborted now and then; the probe fails a rank that gets there."""
+    _, result = trained_launch
+    assert "the interpreter's shutdown began with gloo's threads running" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished 40 steps" in result.stderr

@@ -65,3 +65,55 @@ def test_work_under_a_pause_is_not_counted_as_step_time():
         time.sleep(0.3)  # a save or a hook: not a step
     watchdog.step_done(2)
     assert len(watchdog._times) == 1 and watchdog._times[0] < 0.2
+
+
+# ---- between-step work longer than the step bound (issue 36) ----------------------------------------------
+
+BETWEEN_STEPS = """
+import logging, time
+from nbp_ds.runtime.watchdog import StepWatchdog
+logging.basicConfig(level=logging.INFO)
+watchdog = StepWatchdog(timeout_s=0.5, factor=0, rank=0, poll_s=0.05)
+watchdog.start(0, first_within_s=5)
+for step in range(1, 4):
+    time.sleep(0.05)
+    watchdog.step_done(step)
+with watchdog.pause(6):  # a save: it may take twelve times the step bound of 0.5 s
+    print("saving at", time.monotonic(), flush=True)
+    time.sleep({save_s})
+print("saved at", time.monotonic(), flush=True)
+for step in range(4, 7):
+    time.sleep({step_s})
+    watchdog.step_done(step)
+print("finished", flush=True)
+"""
+
+
+def run_between_steps(save_s: float, step_s: float, since: str) -> tuple[subprocess.CompletedProcess, float]:
+    """The run's result and the seconds from its line ``since`` (the save's start or end) to its exit (the
+    monotonic clock is the machine's, the same in both processes)."""
+    result = subprocess.run([sys.executable, "-c", BETWEEN_STEPS.format(save_s=save_s, step_s=step_s)], env=env(),
+                            capture_output=True, text=True, timeout=60)
+    ended = time.monotonic()
+    marks = dict(line.rsplit(" at ", 1) for line in result.stdout.splitlines() if " at " in line)
+    return result, ended - float(marks[since]) if since in marks else float("nan")
+
+
+def test_a_save_longer_than_the_step_bound_does_not_end_a_healthy_run():
+    result, _ = run_between_steps(save_s=1.5, step_s=0.05, since="saving")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finished" in result.stdout and "stalled" not in result.stderr
+
+
+def test_a_hang_during_between_step_work_is_still_ended_after_its_allowance():
+    result, waited = run_between_steps(save_s=60, step_s=0.05, since="saving")
+    assert result.returncode == STALLED_EXIT, result.stderr[-2000:]
+    assert "rank 0 stalled in step 4: no training step finished within 6 s of step 3" in result.stderr
+    assert 6.0 <= waited < 17
+
+
+def test_a_hang_in_the_step_after_between_step_work_gets_the_step_bound_again():
+    result, waited = run_between_steps(save_s=1.5, step_s=60, since="saved")
+    assert result.returncode == STALLED_EXIT, result.stderr[-2000:]
+    assert "rank 0 stalled in step 4" in result.stderr
+    assert 0.5 <= waited < 3.5  # the step's 0.5 s from the save's end, not the 4.5 s left of the save's 6 s

@@ -44,6 +44,12 @@ def env(**extra: str) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
 
 
+def with_shutdown_probe() -> dict[str, str]:
+    """Extra environment that puts tests/data/shutdown_probe first on PYTHONPATH: a rank whose interpreter begins
+    its shutdown with gloo's threads alive exits 134, saying so (see that module)."""
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "data" / "shutdown_probe"), env()["PYTHONPATH"]])}
+
+
 def with_faults(cmd: list[str], faults: dict | None) -> tuple[list[str], dict[str, str]]:
     """A training command with tests/faults.py's hooks injecting ``faults`` (see that module), and its env."""
     if not faults:

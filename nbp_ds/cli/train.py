@@ -66,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from nbp_ds.runtime import distributed
     from nbp_ds.sample_log import SampleLogger
     from nbp_ds.train.hooks import HookChain, load_hooks
     from nbp_ds.train.loop import train
 
     hooks = HookChain([load_hooks(cfg.train.hooks), SampleLogger()])  # train.hooks, then sample videos
-    return train(cfg, resume=args.resume, universal=args.universal, hooks=hooks)
+    status = train(cfg, resume=args.resume, universal=args.universal, hooks=hooks)
+    return distributed.end_launched_process(status)  # a finished rank of a job ends here (see there why)
 
 
 if __name__ == "__main__":

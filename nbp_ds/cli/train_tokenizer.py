@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     setup_logging(ranked=True)
+    from nbp_ds.runtime import distributed
     from nbp_ds.tokenizer.trainer import train_tokenizer
 
     report = train_tokenizer(cfg, reconstruction_fvd(cfg.train.i3d) if cfg.train.i3d else None)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenizer saved to {Path(cfg.train.out_dir) / 'tokenizer'} (version {report['version']}); held-out "
               f"reconstruction PSNR {report['val_psnr']:.2f} dB over {report['val_clips']} clips, codebook use "
               f"{100 * report['val_codebook_used']:.0f}%")
-    return 0
+    return distributed.end_launched_process(0)  # a finished rank of a job ends here (see there why)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@
   run config).
 - **Sharded** (``nbp-export --shard-size 5GB``), the Hugging Face layout: a folder holding
   ``model-00001-of-0000N.safetensors`` ..., ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes,
-  "nbp_ds_config": ...}, "weight_map": {tensor name: shard file}}``) and ``config.json`` (the run config). No shard
-  is larger than the size asked for unless one tensor alone is; tensors keep their order across the shards.
+  "nbp_ds_config": ...}, "weight_map": {tensor name: shard file}}``) and ``config.json`` (the run config). The shards
+  are planned by ``huggingface_hub.split_torch_state_dict_into_shards`` (the planner DeepSpeed's ``zero_to_fp32.py``
+  and the Hugging Face libraries use): tensors fill shards in order, none larger than the size asked for; a tensor
+  larger than that alone gets a shard of its own, placed before the one being filled. One shard is named
+  ``model-00001-of-00001.safetensors`` all the same (huggingface_hub would call it ``model.safetensors``).
 
 :func:`open_export` reads both (the file, the folder or its index), one tensor at a time, so a caller that copies
 weights into a partitioned model never holds the whole export.
@@ -53,17 +56,20 @@ def output_shard_bytes(out: str, shard_size: str | None) -> int | None:
     return shard_bytes
 
 
-def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """Tensor names (in order) grouped into shards of at most ``max_bytes`` each (a larger tensor alone)."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, size in sizes.items():
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += size
-    return shards
+def plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> dict[str, list[str]]:
+    """Shard file name -> the names of its tensors, shards of at most ``max_bytes`` each (a larger tensor alone),
+    as huggingface_hub plans them (see the module docstring)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    # planned on meta copies: a consolidated checkpoint's tensors are views of one flat buffer, which the planner
+    # would take for one tensor of the buffer's size (it groups tensors by storage); a meta tensor counts its own
+    # bytes and shares nothing
+    shapes = {name: torch.empty_like(tensor, device="meta") for name, tensor in state.items()}
+    split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_bytes)
+    if not split.is_sharded:
+        return {shard_name(1, 1): list(shapes)}
+    return split.filename_to_tensors
 
 
 def shard_name(index: int, count: int) -> str:
@@ -91,13 +97,12 @@ def write_sharded(state: dict[str, torch.Tensor], config: dict[str, Any], folder
     for stale in folder.glob("model-*-of-*.safetensors"):  # an earlier export's shards (maybe another count)
         stale.unlink()
     sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in state.items()}
-    groups = plan_shards(sizes, max_bytes)
-    weight_map = {}
-    for i, names in enumerate(groups, 1):
-        name = shard_name(i, len(groups))
+    shard_of = {}
+    for name, names in plan_shards(state, max_bytes).items():
         with atomic_output(folder / name) as tmp:
             save_file({k: state[k] for k in names}, str(tmp), metadata={"format": "pt", "dtype": dtype})
-        weight_map.update(dict.fromkeys(names, name))
+        shard_of.update(dict.fromkeys(names, name))
+    weight_map = {k: shard_of[k] for k in state}  # the state's order, whatever order the shards hold them in
     write_text_atomic(folder / CONFIG_NAME, json.dumps(config, indent=1))
     index = {"metadata": {"total_size": sum(sizes.values()), "dtype": dtype, CONFIG_KEY: json.dumps(config)},
              "weight_map": weight_map}
