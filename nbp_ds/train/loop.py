@@ -147,9 +147,10 @@ class Trainer:
             self.profile_window.before_step(state.step + 1)
             self._train_step(batches, meter)
             state.step += 1
-            self.profile_window.after_step(state.step)
             self.tally.add_step(tr.global_batch, self.layout.seq_len)
             self.watchdog.step_done(state.step)
+            with self.watchdog.pause(tr.collective_timeout_s):  # writing a trace is no part of a step's time
+                self.profile_window.after_step(state.step)
             bad_in_row = bad_in_row + 1 if not self.engine.was_step_applied() else 0
             if bad_in_row:
                 self._skipped_step(bad_in_row)
