@@ -123,6 +123,13 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = none; e.g. 0.9999); nbp-export --ema
     wandb: bool = False  # also log to Weights & Biases (pip install 'nbp_ds[wandb]'; WANDB_MODE=offline works)
     wandb_project: str = "nbp_ds"
+    wandb_entity: str | None = None  # the W&B team or user (None: the account's default)
+    wandb_group: str | None = None  # W&B group, e.g. one sweep or one model size
+    wandb_tags: list[str] = field(default_factory=list)
+    # [start, stop]: a torch.profiler trace of steps start..stop (1-based, both included) in <out_dir>/profile,
+    # for TensorBoard's profiler view and Perfetto (nbp_ds.runtime.profiling); None = no profiling
+    profile: list[int] | None = None
+    profile_all_ranks: bool = False  # trace every rank, not only rank 0
 
 
 @dataclass
@@ -419,6 +426,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("stall_timeout_s", "stall_factor"):
         _require(getattr(tr, key) >= 0, f"train.{key} must be >= 0, got {getattr(tr, key)}")
     _require(0.0 <= tr.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {tr.ema}")
+    _require(tr.profile is None or (len(tr.profile) == 2 and 1 <= tr.profile[0] <= tr.profile[1]),
+             f"train.profile is [start, stop], steps with 1 <= start <= stop (e.g. train.profile=[10,12]), "
+             f"got {tr.profile}")
     _require(isinstance(cfg.deepspeed.set, dict),
              f"deepspeed.set must be a mapping of DeepSpeed JSON keys (set one with "
              f"deepspeed.set.zero_optimization.reduce_bucket_size=5e8), got {cfg.deepspeed.set!r}")

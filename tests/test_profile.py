@@ -81,3 +81,52 @@ def test_bench_train_profile_prints_the_shares(tmp_path, capsys):
     shares = {line.split()[0]: float(line.split()[-1].rstrip("%")) for line in out.splitlines()
               if line.startswith("  ") and line.split()[0] in CATEGORIES}
     assert set(shares) == set(CATEGORIES) and sum(shares.values()) == pytest.approx(100, abs=6)
+
+
+def _trace_steps(folder) -> list[list[int]]:
+    """The ProfilerStep numbers of each trace in ``folder`` (a Chrome trace: what Perfetto and TensorBoard read)."""
+    return [sorted(int(e["name"].split("#")[1]) for e in json.loads(trace.read_text())["traceEvents"]
+                   if e.get("name", "").startswith("ProfilerStep#"))
+            for trace in sorted(folder.glob("*.pt.trace.json"))]
+
+
+@pytest.mark.parametrize("window, first_step, traced", [
+    ([3, 5], 1, [3, 4, 5]),  # a warm-up step (2) runs untraced
+    ([1, 2], 1, [1, 2]),
+    ([3, 5], 4, [4, 5]),  # resumed inside the window: the rest of it
+    ([3, 5], 6, None),  # resumed after it: nothing
+])
+def test_the_trainers_profile_window_traces_exactly_its_steps(tmp_path, window, first_step, traced):
+    from nbp_ds.runtime.profiling import StepWindow
+
+    cpu = torch.device("cpu")
+    x = torch.randn(64, 64)
+    profiled = StepWindow(window, tmp_path / "profile", cpu, rank=0, enabled=True)
+    for step in range(first_step, 9):
+        profiled.before_step(step)
+        (x @ x).sum()
+        profiled.after_step(step)
+    profiled.close()
+    assert _trace_steps(tmp_path / "profile") == ([traced] if traced else [])
+    StepWindow(window, tmp_path / "other", cpu, rank=1, enabled=False).before_step(window[0])
+    assert not (tmp_path / "other").exists()  # a rank not asked to trace writes nothing
+
+
+def test_an_out_of_memory_error_leaves_a_snapshot_beside_the_trace(tmp_path, monkeypatch):
+    """The CUDA calls are replaced (no GPU here): what is checked is that recording starts, that the error
+    dumps the history into the profile folder and goes on, and that the CPU does none of it."""
+    from nbp_ds.runtime import profiling
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda path: open(path, "wb").write(b"snapshot"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        with profiling.oom_snapshot(tmp_path, torch.device("cuda", 0), rank=3, enabled=True):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert (tmp_path / "oom_rank3.pickle").read_bytes() == b"snapshot"
+    assert calls == [{"max_entries": profiling.MEMORY_HISTORY_ENTRIES}, {"enabled": None}]
+    calls.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        with profiling.oom_snapshot(tmp_path / "cpu", torch.device("cpu"), rank=0, enabled=True):
+            raise torch.cuda.OutOfMemoryError("not from this device")
+    assert calls == [] and not (tmp_path / "cpu").exists()

@@ -47,7 +47,7 @@ def trained_launch(shards, tmp_path_factory):
     tests/data/shutdown_probe: (its output folder, the launch's result)."""
     out = tmp_path_factory.mktemp("run") / "out"
     result = run(train_cmd(out, shards, "train.steps=40", "train.save_every=20", "train.eval_every=20",
-                           "train.sample_every=20", "train.sample_tokenizer=random:tiny",
+                           "train.sample_every=20", "train.sample_tokenizer=random:tiny", "train.profile=[2,3]",
                            "deepspeed.config=tests/data/zero3_no_persistence.json"), **with_shutdown_probe())
     return out, result
 
@@ -81,6 +81,30 @@ def test_zero3_learns_and_logs(trained):
     scalars = set(board.Tags()["scalars"])
     assert {"train/loss", "val/loss", "perf/tokens_per_s", "data/samples", "sys/memory_gib"} <= scalars
     assert (trained / "checkpoints" / "latest").read_text() == "step00000040"
+
+
+def test_the_run_summary_counts_what_was_trained(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    # tiny: 4 samples per rank x 2 ranks a step; a sample is 49 positions (class token, a 16-token BOV block,
+    # then the 3x4x4 video's blocks but the last)
+    assert {k: summary[k] for k in ("status", "steps", "samples", "tokens", "restarts", "skipped_steps",
+                                    "failed_shards")} == {"status": "finished", "steps": 40, "samples": 320,
+                                                          "tokens": 320 * 49, "restarts": 0, "skipped_steps": 0,
+                                                          "failed_shards": 0}
+    assert (summary["final_val_loss"], summary["best_val_loss"]) == (val[-1], min(val))
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["wall_time_s"], rel=1e-3)
+    assert summary["mfu"] is None  # no peak FLOP/s on the CPU
+
+
+def test_the_profile_window_is_traced_on_rank_0_only(trained):
+    (trace,) = (trained / "profile").glob("*.pt.trace.json")
+    assert trace.name.startswith("rank0.")
+    events = json.loads(trace.read_text())["traceEvents"]  # a Chrome trace: Perfetto, TensorBoard's profiler
+    assert sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")) == [
+        "ProfilerStep#2", "ProfilerStep#3"]
+    assert any(e.get("name") == "aten::scaled_dot_product_attention" for e in events)  # the model's work is in it
 
 
 def test_parameters_are_sharded(trained):
@@ -128,7 +152,7 @@ trainer.close()
 
 
 def test_exact_resume_after_sigkill(shards, tmp_path):
-    steps = ["train.steps=24", "train.save_every=12", "train.eval_every=0", "data.num_workers=2"]
+    steps = ["train.steps=24", "train.save_every=12", "train.eval_every=12", "data.num_workers=2"]
     straight = tmp_path / "straight"
     result = run(train_cmd(straight, shards, *steps))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -145,6 +169,14 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
     assert "data stream continues at batch 12 of this rank (seeks" in result.stderr  # the saved state, no replay
     a, b = step_losses(straight), step_losses(interrupted)
     assert [b[s] for s in range(13, 25)] == [a[s] for s in range(13, 25)]
+    # summary.json of the requeued run: the straight run's, but for the figures of time and the restart
+    from nbp_ds.runtime.summary import TIME_AND_STARTS
+
+    first, second = (json.loads((out / "summary.json").read_text()) for out in (straight, interrupted))
+    assert (first["restarts"], second["restarts"]) == (0, 1) and first["best_val_loss"] is not None
+    assert {k: v for k, v in first.items() if k not in TIME_AND_STARTS} == {
+        k: v for k, v in second.items() if k not in TIME_AND_STARTS}
+    assert "run summary" in result.stderr
 
 
 def test_sigterm_saves_exits_zero_and_resumes(shards, tmp_path):

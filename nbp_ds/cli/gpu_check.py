@@ -4,14 +4,15 @@
     nbp-gpu-check --skip 3b-offload      # leave a step out; --only STEP runs one
     nbp-gpu-check --list                 # the steps, their time limits and what they run
 
-Steps, in order, each a subprocess under its own time limit, its name and time printed as it ends, its
-log in the output folder: the environment (CUDA, the card, the packages: a missing one is named with the
-way to install it, and nothing else runs); the ``gpu`` tests (trainer with NCCL + bf16 on ZeRO-2/3,
-resume, export -> sample -> mp4, tokenizer training, attention backends against sdpa); the attention
-benchmark; training throughput of the 700M preset per attention backend (tokens/s, MFU, peak memory);
+Steps, in order, each a subprocess under its own time limit, its name and time printed as it ends, its log in
+the output folder: the environment (CUDA, the card, the packages: a missing one is named with the way to install
+it, and nothing else runs); the ``gpu`` tests (trainer with NCCL + bf16 on ZeRO-2/3, resume, export -> sample ->
+mp4, tokenizer training, attention backends against sdpa); the attention benchmark; training throughput of the
+700M preset per attention backend (tokens/s, MFU, peak memory); one AdamW step per implementation on a ZeRO
+rank's share of the 700M model (torch fused, the shipped configs' choice; torch foreach; DeepSpeed's FusedAdam);
 generation speed of the 700M model (frames/s); and, with --with-3b, the 3B preset with optimizer offload
-(minutes of its own: it saves ~50 GB of optimizer state). A table ends the run; the exit status is non-zero
-when any step failed. The default steps share a budget of 470 s (--budget), one call of under 8 minutes.
+(minutes of its own: it saves ~50 GB of optimizer state). A table ends the run; the exit status is non-zero when
+any step failed. The default steps share a budget of 470 s (--budget), one call of under 8 minutes.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def steps(py: str, tests: Path | None) -> list[Step]:
         Step("train-700m", 150, [*bench, "nbp_ds.cli.bench_train", "--config", "ucf101-700m", "--device", "cuda",
                                  "--dtype", "bf16", "--attention", "flex", "sdpa", "--micro-batch", "8", "--steps", "6",
                                  "--warmup", "3"], 6),
+        Step("optimizer", 90, [*bench, "nbp_ds.cli.bench_optimizer", "--device", "cuda", "--config", "ucf101-700m",
+                               "--world-size", "8"], 7),
         Step("generate-700m", 90, [*bench, "nbp_ds.cli.bench_generate", "--config", "ucf101-700m", "--full-size",
                                    "--device", "cuda", "--dtype", "bf16", "--repeats", "1"], 13),
         Step("3b-offload", 600, [py, "-m", "pytest", str(tests), "-m", "gpu", "-k", "3b", "-q", "-s", "-rs",

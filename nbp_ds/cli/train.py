@@ -5,6 +5,8 @@
     deepspeed --hostfile hostfile -m nbp_ds.train --config ucf101-700m ...      (passes --local_rank)
     srun python -m nbp_ds.train --config ucf101-3b ...                         (see slurm/train.sbatch)
 
+nbp-train --dry-run --world-size 64 --config ucf101-3b data.train=...    (checks it all here, launches nothing)
+
 --config is a shipped config name (tiny, quickstart, ucf101-700m, ucf101-1.2b, ucf101-3b, k600-700m)
 or a YAML file; key=value arguments override it (values are YAML: train.lr=3e-4, layout.block=[1,1,16]).
 A run whose train.out_dir holds a checkpoint resumes from it; --resume PATH resumes from another. The
@@ -37,7 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--universal", action="store_true", default=None,
                         help="load the checkpoint through DeepSpeed's universal format, converting it once into "
                              "<tag>/universal (default: only when it was saved by another number of processes)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved run config and DeepSpeed JSON (for --world-size processes) and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the run for --world-size processes in this one process, launching nothing: the "
+                             "resolved configs, the parameter count, model-state memory per rank under ZeRO-2/3 and "
+                             "offload, one batch read and one optimizer step; exit 0, or 2 naming the problem")
+    parser.add_argument("--world-size", type=int,
+                        help="processes the job will have, for --dry-run and --print-config (default: the launcher's "
+                             "WORLD_SIZE / SLURM_NTASKS, else 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="GPUs per node, for --dry-run's memory estimates (default 8)")
     parser.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank",
                         help="set by the deepspeed launcher; LOCAL_RANK in the environment wins")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=1000")
@@ -61,10 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     from nbp_ds.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        import yaml
+    if args.print_config or args.dry_run:
+        from nbp_ds.perf.dry_run import config_text, dry_run, resolved_configs
+        from nbp_ds.runtime.launch import detect
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        world = args.world_size or detect().world_size
+        if args.dry_run:
+            checked = dry_run(cfg, world, args.gpus_per_node)
+            print(config_text(checked.cfg, checked.ds_config, world) + checked.report())
+        else:
+            print(config_text(*resolved_configs(cfg, world), world), end="")
         return 0
     from nbp_ds.runtime import distributed
     from nbp_ds.sample_log import SampleLogger

@@ -1,6 +1,7 @@
 """Where a training step's time goes: a torch.profiler trace and the share of the step per category.
 
-:func:`profile_steps` runs a step function under ``torch.profiler`` and writes the trace as
+:func:`profile_steps` runs a step function under ``torch.profiler`` (started as the trainer's ``train.profile``
+starts it, nbp_ds.runtime.profiling) and writes the trace as
 ``<worker>.<time>.pt.trace.json`` into a folder (open it in Perfetto, chrome://tracing, or TensorBoard with
 the torch-tb-profiler plugin: ``tensorboard --logdir FOLDER``). :func:`step_shares` then sorts the step's
 time into categories:
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from nbp_ds.runtime.profiling import TRACE_GLOB, trace_profiler
 
 CATEGORIES = ("matmul", "attention", "norm/rope/activation", "loss/head", "optimizer", "communication", "other",
               "idle")
@@ -147,21 +150,18 @@ def profile_steps(step: Callable[[], None], folder: Path | str, steps: int, devi
                   worker: str = "bench_train") -> tuple[object, Path]:
     """Run ``step`` 1 + ``steps`` times under the profiler (the first untraced, a warm-up) and write the
     trace into ``folder``; (the profiler, the trace file)."""
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    from torch.profiler import schedule
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    before = set(folder.glob("*.pt.trace.json"))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
-                 on_trace_ready=tensorboard_trace_handler(str(folder), worker_name=worker),
-                 record_shapes=True) as prof:  # shapes in the trace, for reading it
+    before = set(folder.glob(TRACE_GLOB))
+    with trace_profiler(folder, device, worker, schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
         for _ in range(1 + steps):
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             prof.step()
-    written = sorted(set(folder.glob("*.pt.trace.json")) - before)
+    written = sorted(set(folder.glob(TRACE_GLOB)) - before)
     if not written:
         raise RuntimeError(f"the profiler wrote no trace into {folder}")
     return prof, written[-1]

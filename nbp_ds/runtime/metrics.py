@@ -19,12 +19,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from nbp_ds.config import TrainConfig
 from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.runtime import distributed
@@ -106,13 +108,42 @@ class StepMeter:
         return values
 
 
+@dataclass(frozen=True)
+class WandbSettings:
+    """Where a run logs in Weights & Biases: ``train.wandb_project``, ``_entity``, ``_group`` and ``_tags``."""
+
+    project: str
+    entity: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+def wandb_settings(tr: TrainConfig) -> WandbSettings:
+    return WandbSettings(tr.wandb_project, tr.wandb_entity, tr.wandb_group, tuple(tr.wandb_tags))
+
+
+WANDB_ID_FILE = "wandb_id"
+
+
+def wandb_init_arguments(out_dir: Path, settings: WandbSettings, config: dict) -> dict[str, Any]:
+    """The arguments of ``wandb.init`` for the run in ``out_dir``: its id is made once and kept in
+    ``out_dir/wandb_id``, and ``resume="allow"``, so every start of the run (a requeue, a resume) continues the
+    same W&B run; the run is named after the folder."""
+    id_file = out_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    write_text_atomic(id_file, run_id)
+    return {"project": settings.project, "entity": settings.entity, "group": settings.group,
+            "tags": list(settings.tags) or None, "id": run_id, "resume": "allow", "name": out_dir.name,
+            "dir": str(out_dir), "config": config}
+
+
 class MetricsLogger:
-    """TensorBoard (``tb/``), ``metrics.jsonl`` and, with a ``wandb_project``, Weights & Biases; rank 0 only.
+    """TensorBoard (``tb/``), ``metrics.jsonl`` and, with ``wandb`` settings, Weights & Biases; rank 0 only.
 
     The W&B run id is kept in ``wandb_id`` in the output folder, so a resumed run continues the same W&B run.
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, wandb_project: str | None = None, config: dict | None = None):
+    def __init__(self, out_dir: Path, enabled: bool, wandb: WandbSettings | None = None, config: dict | None = None):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -122,8 +153,8 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(out_dir / "tb"))
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
-            if wandb_project:
-                self.wandb = _wandb_run(out_dir, wandb_project, config or {})
+            if wandb is not None:
+                self.wandb = _wandb_run(out_dir, wandb, config or {})
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if not self.enabled:
@@ -178,17 +209,13 @@ class MetricsLogger:
                 self.wandb.finish()
 
 
-def _wandb_run(out_dir: Path, project: str, config: dict):
+def _wandb_run(out_dir: Path, settings: WandbSettings, config: dict):
     try:
         import wandb
     except ImportError as exc:
         raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
                           "or set train.wandb=false") from exc
-    id_file = out_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-    write_text_atomic(id_file, run_id)
-    return wandb.init(project=project, id=run_id, resume="allow", name=out_dir.name, dir=str(out_dir),
-                      config=config)
+    return wandb.init(**wandb_init_arguments(out_dir, settings, config))
 
 
 def format_duration(seconds: float) -> str:

@@ -37,8 +37,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
 
 # ---- DeepSpeed ops -------------------------------------------------------------------------------
 # DeepSpeed compiles some of its ops with the node's C++ compiler (nvcc too for CUDA ones) the first time a run
-# needs them: FusedAdam on GPUs (the shipped ds_configs' AdamW), CPUAdam for zero3_offload, its shared-memory
-# communication on CPU. Left to the default (~/.cache/torch_extensions, on shared storage at most sites), every
+# needs them: CPUAdam for zero3_offload, its shared-memory communication on CPU, FusedAdam for a JSON that asks for
+# it (the shipped zero2/zero3 use torch's fused AdamW, which compiles nothing). Left to the default (~/.cache/torch_extensions, on shared storage at most sites), every
 # rank of every node would build into one folder over the network file system at once. So each job builds in
 # node-local temporary space, a folder per job and restart ($SLURM_TMPDIR, else $TMPDIR, else /tmp): torch's
 # build lock, a file in that folder, lets one rank per node compile while the node's other ranks wait, and a

@@ -2,7 +2,8 @@
 
 The JSON holds what is DeepSpeed's own business (ZeRO stage, buckets, offload, optimizer type);
 batch sizes, gradient clipping, precision and the optimizer's hyper-parameters come from the run
-config. A JSON that sets one of those to a different value is refused, naming the key. Single keys of the JSON
+config. A JSON that sets one of those to a different value is refused, naming the key; ``"auto"`` there (the
+Hugging Face convention) means the run config's value (nbp_ds.train.ds_auto). Single keys of the JSON
 are set from the command line with ``deepspeed.set.<dotted JSON path>=value`` (for example
 ``deepspeed.set.zero_optimization.stage3_prefetch_bucket_size=1e8``); the keys the run config owns are refused
 there, with the run config's key to use instead (:data:`OWNED_KEYS`).
@@ -19,6 +20,7 @@ from typing import Any
 from nbp_ds.config import RunConfig, yaml_number
 from nbp_ds.errors import ConfigError
 from nbp_ds.train.batch import resolve_global_batch
+from nbp_ds.train.ds_auto import drop_auto
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds = copy.deepcopy(load_ds_json(path))
     for line in set_keys(ds, cfg.deepspeed.set):
         log.info("DeepSpeed config: %s (deepspeed.set)", line)
+    drop_auto(ds, path)  # "auto": filled below from the run config, as a key the JSON leaves out
     tr = resolve_global_batch(cfg.train, world_size)
     _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch, "train.micro_batch", path)
     _fill(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum", path)

@@ -33,6 +33,7 @@ WEIGHT_KEYS = ("model.arch", "model.n_layer", "model.d_model", "model.n_head", "
 FREE_KEYS = ("name", "train.out_dir", "train.allow_changes", "train.save_every", "train.keep_last",
              "train.eval_every", "train.log_every", "train.sample_every", "train.sample_tokenizer", "train.hooks",
              "train.peak_tflops", "train.wandb", "train.wandb_project", "train.max_bad_steps",
+             "train.wandb_entity", "train.wandb_group", "train.wandb_tags", "train.profile", "train.profile_all_ranks",
              "train.activation_checkpointing",
              "train.collective_timeout_s", "train.stall_timeout_s", "train.stall_factor",  # failure detection
              "train.micro_batch", "train.grad_accum",  # how the global batch is made: train.global_batch is compared

@@ -27,9 +27,11 @@ from nbp_ds.runtime.checkpoint import (
     universal_checkpoint,
     with_universal_load,
 )
-from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
+from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops, wandb_settings
+from nbp_ds.runtime.profiling import StepWindow, oom_snapshot
 from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.runtime.stop import FINISHED, stop_request
+from nbp_ds.runtime.summary import RunTally, run_summary, summary_table, write_summary
 from nbp_ds.runtime.watchdog import StepWatchdog
 from nbp_ds.train.batch import describe as describe_batch
 from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
@@ -102,12 +104,15 @@ class Trainer:
         self.loader = self._train_loader()
         self.step_lr = float("nan")  # the learning rate the latest step applied (logged as train/lr)
         self.val_report = DataReport()  # what validation met, for the end-of-run summary
+        self.tally = RunTally()  # samples, tokens, time, validation losses over every start (summary.json)
         self._register_saved_state()
         if self.resume_from:
             self._load(self.resume_from)
         self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0,
-                                     wandb_project=cfg.train.wandb_project if cfg.train.wandb else None,
+                                     wandb=wandb_settings(cfg.train) if cfg.train.wandb else None,
                                      config=cfg.to_dict())
+        self.profile_window = StepWindow(cfg.train.profile, self.out_dir / "profile", self.device, self.rank,
+                                         enabled=self.rank == 0 or cfg.train.profile_all_ranks)
         self.peak = peak_tflops(cfg.train.peak_tflops, self.device)
         self.watchdog = StepWatchdog(cfg.train.stall_timeout_s, cfg.train.stall_factor, self.rank)
         self._report_setup()
@@ -118,12 +123,14 @@ class Trainer:
         the process (the watchdog); an error is logged with the last step finished."""
         self.watchdog.start(self.state.step, first_within_s=self.cfg.train.collective_timeout_s)
         try:
-            return self._run()
+            with oom_snapshot(self.out_dir / "profile", self.device, self.rank, self.cfg.train.profile is not None):
+                return self._run()
         except Exception as exc:
             log.error("rank %d failed after step %d (the last one it finished): %s: %s", self.rank, self.state.step,
                       type(exc).__name__, exc)
             raise
         finally:
+            self.profile_window.close()
             self.watchdog.stop()
 
     def _run(self) -> int:
@@ -133,12 +140,17 @@ class Trainer:
         meter = StepMeter(self.device, tokens_per_step, self.model.flops_per_token(), self.peak)
         bad_in_row = 0
         self.engine.train()
+        self.tally.start_clock()
         if self.rank == 0 and state.step < tr.steps:
             (self.out_dir / FINISHED).unlink(missing_ok=True)  # e.g. a finished run continued with more steps
         while state.step < tr.steps:
+            self.profile_window.before_step(state.step + 1)
             self._train_step(batches, meter)
             state.step += 1
+            self.tally.add_step(tr.global_batch, self.layout.seq_len)
             self.watchdog.step_done(state.step)
+            with self.watchdog.pause(tr.collective_timeout_s):  # writing a trace is no part of a step's time
+                self.profile_window.after_step(state.step)
             bad_in_row = bad_in_row + 1 if not self.engine.was_step_applied() else 0
             if bad_in_row:
                 self._skipped_step(bad_in_row)
@@ -156,14 +168,14 @@ class Trainer:
                     self.hooks.on_samples_due(self, state.step)
             if stop:
                 self.save()
-                self._report_data()
+                self._report_summary("stopped", self._report_data())
                 self._log0("stopped by signal at step %d; a restart resumes from here", state.step)
                 return 0
             if _due(state.step, tr.save_every):
                 self.save()
         if not _due(state.step, tr.save_every):
             self.save()
-        self._report_data()
+        self._report_summary("finished", self._report_data())
         if self.rank == 0:
             write_text_atomic(self.out_dir / FINISHED, json.dumps({"step": state.step}) + "\n")
         self._log0("finished %d steps; checkpoints in %s", state.step, self.checkpoints.folder)
@@ -221,6 +233,8 @@ class Trainer:
         loss, batches = evaluate(self.engine, loader, placeholder, self.device, cfg.data.val_batches)
         self.engine.train()
         self.val_report.add(dict(loader.report.counts), loader.problems)
+        failed = distributed.all_reduce([loader.report.counts.get("failed_shards", 0)]).tolist()[0]
+        self.tally.add_validation(self.state.step, loss, failed_shards=int(failed))
         self.metrics.scalars(self.state.step, {"val/loss": loss, "val/batches": batches})
         self._log0("step %d: val/loss %.4f (%d batches on rank 0)", self.state.step, loss, batches)
         return loss
@@ -245,7 +259,8 @@ class Trainer:
             set_optimizer_hyperparameters(self.engine, self.cfg.train)
 
         self.checkpoints.register("engine", EngineState(
-            self.engine, {"train_state": self.state}, self.cfg.to_dict(), source=source, after_load=after_load,
+            self.engine, {"train_state": self.state, "run_tally": self.tally}, self.cfg.to_dict(), source=source,
+            after_load=after_load,
             before_write=lambda path: self.hooks.on_checkpoint_file(path, self.rank)))
         if self.ema is not None:
             self.checkpoints.register("ema", EmaState(self.ema))
@@ -257,6 +272,7 @@ class Trainer:
         """Every registered part as it was at ``ref`` (through its universal copy when the world size changed)."""
         self.checkpoints.load(ref)
         self.state.world_size = self.world
+        self.tally.restarts += 1
         how = (f" through its universal copy (saved by {self.saved_world} processes, now {self.world})"
                if self.universal else "")
         self._log0("resumed from %s at step %d%s; LR now %.3g", ref.path, self.state.step, how,
@@ -271,13 +287,26 @@ class Trainer:
                             shuffle_buffer=cfg.data.shuffle_buffer, retries=cfg.data.retries,
                             retry_backoff=cfg.data.retry_backoff)
 
-    def _report_data(self) -> None:
-        """The data problems of every rank (training and validation), summed and named in rank 0's log."""
+    def _report_data(self) -> int:
+        """The data problems of every rank (training and validation), summed and named in rank 0's log; the
+        number of training shards given up, summed over ranks (the loaders' counts are restored on a resume)."""
         mine = [(self.loader.stats(), self.loader.problems)]
         mine.append((dict(self.val_report.counts), [f"validation {p}" for p in self.val_report.problems]))
         gathered = distributed.all_gather_object(mine)
         if self.rank == 0 and (summary := summarize([item for rank in gathered for item in rank])):
             log.warning(summary)
+        return sum(int(rank[0][0].get("failed_shards", 0)) for rank in gathered)
+
+    def _report_summary(self, status: str, failed_shards: int) -> None:
+        """summary.json in the run folder and its table in the log (rank 0; nbp_ds.runtime.summary)."""
+        if self.rank != 0:
+            return
+        summary = run_summary(self.tally, status=status, steps=self.state.step, skipped_steps=self.state.bad_steps,
+                              failed_shards=failed_shards + self.tally.val_failed_shards,
+                              flops_per_token=self.model.flops_per_token(), devices=self.world,
+                              peak_tflops=self.peak)
+        write_summary(self.out_dir, summary)
+        log.info("%s", summary_table(summary))
 
     def _report_setup(self) -> None:
         model = self.model

@@ -61,7 +61,7 @@ class EngineState:
             raise FileNotFoundError(f"checkpoint {source.path} could not be loaded")
         self.after_load()
         for name, part in self.client.items():
-            part.load_state_dict(client[name])
+            part.load_state_dict(client.get(name, {}))  # a part newer than the checkpoint starts from its defaults
 
 
 class EmaState:
