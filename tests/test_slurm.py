@@ -372,7 +372,7 @@ def toy_size(command: str, tmp: Path, i3d: Path) -> str:
     test cluster's CPU node instead of GPU nodes. Whatever is not replaced runs as written."""
     toy = [("/data/ucf101/", f"{tmp}/ucf101/"), ("/data/shards/ucf101/", f"{tmp}/shards/"),
            ("TOKENIZER=runs/tok/tokenizer", "TOKENIZER=random:tiny"),
-           ("--frames 17 --resolution 128", "--frames 9 --resolution 32"),
+           ("--frames 17 --resolution 128", "--frames 9 --resolution 16"),  # tokens (3, 4, 4): the tiny grid
            ("--array=0-15", "--array=0-1"), ("--array=0-3", "--array=1-2"),
            ("NBP_CONFIG=ucf101-700m", "NBP_CONFIG=tiny"),
            ("--nodes=4", "--nodes=1 --ntasks-per-node=1"), ("--num 100", "--num 1"),
