@@ -123,10 +123,12 @@ class SlurmCluster:
             "SlurmdDebug": "info",
             # the CPUs declared below count, not this machine's: nodes sharing it each declare a few
             "SlurmdParameters": "config_overrides",
-            # no cgroups (containers rarely allow them): track processes by /proc; tasks bound to their CPUs by
-            # sched_setaffinity (task/affinity), as on a real cluster, so a task sees the cores it was given
+            # no cgroups (containers rarely allow them): track processes by /proc. task/affinity binds a task to
+            # its CPUs (sched_setaffinity) when asked (--cpu-bind, SLURM_CPU_BIND), so a test can read the cores a
+            # task was given; nothing is bound by default (None), so the other jobs run as before on a few cores
             "ProctrackType": "proctrack/linuxproc",
             "TaskPlugin": "task/affinity",
+            "TaskPluginParam": "None",
             "JobAcctGatherType": "jobacct_gather/none",
             "AccountingStorageType": "accounting_storage/none",
             "JobCompType": "jobcomp/none",
