@@ -390,7 +390,8 @@ def test_deepspeed_keys_the_run_config_owns_are_refused_with_the_reason(key, own
 
 def test_the_readmes_global_batch_example_and_the_logged_batch_and_deepspeed_keys(caplog):
     """docs/configuration.md: `train.global_batch=512 train.micro_batch=32` accumulates 2 on 8 GPUs (512 / (32 x 8)),
-    1 on 16 (512 / (32 x 16)); the log states the effective batch in the page's words; each deepspeed.set key is logged."""
+    1 on 16 (512 / (32 x 16)); the log states the effective batch in the page's words; each deepspeed.set key is
+    logged."""
     import logging
 
     from nbp_ds.train.batch import describe, resolve_global_batch
