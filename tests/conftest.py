@@ -42,3 +42,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def slurm_installed() -> None:
+    """Slurm's programs on PATH: installed with apt-get on first use where this process may (root), as the Slurm
+    cluster tests install them; skipped, naming the packages, elsewhere."""
+    from tests.slurm_cluster import ensure_installed
+
+    ensure_installed()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory, slurm_installed):
+    """One throw-away one-node Slurm cluster (tests/slurm_cluster.py) for every test of the session that submits
+    jobs: starting one takes seconds, and two at once would clash over the machine's CPUs."""
+    from tests.slurm_cluster import SlurmCluster
+
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

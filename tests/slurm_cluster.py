@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests import virtual_hosts
+from tests.system_packages import ensure_programs
 from tests.virtual_hosts import Host, VirtualHosts
 
 PACKAGES = ("slurm-wlm", "munge")
@@ -46,22 +46,7 @@ QUEUED_STATES = "PD,R,CG,S,RQ,RS,RF,CF,SE"
 
 def ensure_installed() -> None:
     """Install slurm-wlm and munge if absent, or skip the calling test with the reason."""
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch", "srun")):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Slurm is not installed and cannot be installed here (needs root and apt-get): "
-                    f"apt-get install {' '.join(PACKAGES)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
-        try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.skip(f"installing {' '.join(PACKAGES)} failed: {exc}")
-        if done.returncode != 0:
-            pytest.skip(f"installing {' '.join(PACKAGES)} failed ({' '.join(cmd)}): {done.stderr[-2000:]}")
-    if not shutil.which("slurmctld"):
-        pytest.skip("apt-get installed slurm-wlm but slurmctld is still not on PATH")
+    ensure_programs(("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol"), PACKAGES, "Slurm")
 
 
 def free_port() -> int:
@@ -138,9 +123,12 @@ class SlurmCluster:
             "SlurmdDebug": "info",
             # the CPUs declared below count, not this machine's: nodes sharing it each declare a few
             "SlurmdParameters": "config_overrides",
-            # no cgroups (containers rarely allow them): track processes by /proc, bind nothing
+            # no cgroups (containers rarely allow them): track processes by /proc. task/affinity binds a task to
+            # its CPUs (sched_setaffinity) when asked (--cpu-bind, SLURM_CPU_BIND), so a test can read the cores a
+            # task was given; nothing is bound by default (None), so the other jobs run as before on a few cores
             "ProctrackType": "proctrack/linuxproc",
-            "TaskPlugin": "task/none",
+            "TaskPlugin": "task/affinity",
+            "TaskPluginParam": "None",
             "JobAcctGatherType": "jobacct_gather/none",
             "AccountingStorageType": "accounting_storage/none",
             "JobCompType": "jobcomp/none",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -133,12 +135,22 @@ def expected_keys(rels: list[str]) -> set[str]:
 
 
 def submit_tokenize(cluster: SlurmCluster, videos: Path, out: Path, log_dir: Path, array: str,
-                    layout: tuple[str, ...] = ("--cpus-per-task=1",)) -> str:
-    """sbatch slurm/tokenize.sbatch as an array job over ``videos`` into ``out`` on CPU, tiny clips."""
+                    layout: tuple[str, ...] = ("--cpus-per-task=1",), cwd: Path = ROOT) -> str:
+    """sbatch slurm/tokenize.sbatch (the one in ``cwd``) as an array job over ``videos`` into ``out`` on CPU, tiny
+    clips."""
     env = {"NBP_CPU": "1", "OMP_NUM_THREADS": "1", "VIDEOS": str(videos), "OUT": str(out), "TOKENIZER": "random:tiny"}
     return cluster.sbatch([f"--array={array}", *layout, NO_GPU, f"--output={log_dir / 'tok-%A_%a.log'}",
                            "slurm/tokenize.sbatch", "--frames", "9", "--resolution", "32", "--fps", "8"],
-                          env=env, cwd=ROOT)
+                          env=env, cwd=cwd)
+
+
+def write_job_scripts(folder: Path) -> Path:
+    """`nbp-slurm-template --out FOLDER` with this test session's Python (its venv becomes the scripts' default, as
+    for a user's installed copy); the folder holding the written slurm/."""
+    done = subprocess.run([sys.executable, "-m", "nbp_ds.cli.slurm_template", "--out", str(folder)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return folder
 
 
 def shard_keys_by_task(out: Path) -> dict[int, list[str]]:

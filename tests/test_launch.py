@@ -44,8 +44,8 @@ def test_expand_hostlist(nodelist):
     assert launch.expand_hostlist(nodelist) == HOSTLISTS[nodelist]
 
 
-@pytest.mark.skipif(not shutil.which("scontrol"), reason="Slurm's scontrol is not installed")
-def test_expand_hostlist_reads_lists_as_scontrol_does(tmp_path):
+@pytest.mark.slurm
+def test_expand_hostlist_reads_lists_as_scontrol_does(slurm_installed, tmp_path):
     conf = tmp_path / "slurm.conf"  # scontrol reads a configuration even to expand a host list
     conf.write_text("ClusterName=t\nSlurmctldHost=localhost\n")
     for nodelist in HOSTLISTS:

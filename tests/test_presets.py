@@ -45,10 +45,10 @@ def test_count_params_tool_prints_the_presets():
 
 
 def test_the_readme_tables_preset_sizes_and_zero_stages():
-    """The README's preset table (layers, width, heads, total / non-embedding parameters in millions, read from
-    the README itself) is what the shipped configs build, and its ZeRO choice is theirs: zero2 where the 700M
-    states fit one GPU, zero3 for 1.2B and 3B."""
-    readme = (ROOT / "README.md").read_text()
+    """The preset table of docs/configuration.md (layers, width, heads, total / non-embedding parameters in
+    millions, read from the page itself) is what the shipped configs build, and the ZeRO choice docs/training.md
+    states is theirs: zero2 where the 700M states fit one GPU, zero3 for 1.2B and 3B."""
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     rows = dict(re.findall(r"^\| (700M|1\.2B|3B) \| (\d+ \| \d+ \| \d+ \| \d+M / \d+M) \|$", readme, re.M))
     assert sorted(rows) == ["1.2B", "3B", "700M"]
     for preset, row in rows.items():
@@ -60,4 +60,4 @@ def test_the_readme_tables_preset_sizes_and_zero_stages():
     stages = {name: load_config(name).deepspeed.config for name in ("ucf101-700m", "k600-700m", "ucf101-1.2b",
                                                                      "ucf101-3b")}
     assert stages == {"ucf101-700m": "zero2", "k600-700m": "zero2", "ucf101-1.2b": "zero3", "ucf101-3b": "zero3"}
-    assert "`ucf101-700m` and `k600-700m` use `deepspeed.config=zero2`" in readme
+    assert "`ucf101-700m` and `k600-700m` use `deepspeed.config=zero2`" in (ROOT / "docs" / "training.md").read_text()

@@ -1,5 +1,6 @@
 """The promise table (docs/PROMISES.md) cannot rot: every row names at least one test, every test it names
-exists (a module-level ``test_*`` function of that file), and the README links the table."""
+exists (a module-level ``test_*`` function of that file), the README links the table and every reference page
+of docs/, and each section of the table names one of those documents."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "PROMISES.md"
-SECTIONS = ("README.md", "slurm/README.md")  # the headings of the tables of promises
+# the headings of the tables of promises: the READMEs and the reference pages of docs/ the README links
+DOCS = tuple(sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md") if p.name != "PROMISES.md"))
+SECTIONS = ("README.md", "slurm/README.md", *DOCS)
 TEST_REF = re.compile(r"`(tests/[\w/]+\.py)::(test_\w+)`")
 
 
@@ -53,3 +56,14 @@ def test_every_row_names_tests_that_exist():
 
 def test_the_readme_links_the_table():
     assert "(docs/PROMISES.md)" in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_links_every_reference_page_and_every_section_names_one():
+    """A page moved or renamed takes its section of the table along: a section named after a file that is not
+    there (or not linked) would hold rows no reader finds."""
+    readme = (ROOT / "README.md").read_text()
+    for page in DOCS:
+        assert f"]({page})" in readme, f"README.md does not link {page}"
+    headings = [h.strip() for h in re.findall(r"^## (.+)$", TABLE.read_text(), flags=re.M)]
+    files = [h for h in headings if h.endswith(".md")]
+    assert set(files) <= set(SECTIONS) and len(files) > 2, files

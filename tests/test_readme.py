@@ -15,7 +15,9 @@ import pytest
 from nbp_ds.config import available_configs, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-READMES = [ROOT / "README.md", ROOT / "slurm" / "README.md"]
+# the README, the Slurm scripts' README and the reference pages of docs/ it links
+READMES = [ROOT / "README.md", ROOT / "slurm" / "README.md",
+           *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "PROMISES.md")]
 
 
 def shell_commands(markdown: str) -> list[str]:

@@ -26,6 +26,7 @@ from nbp_ds.data import TokenShardWriter
 from nbp_ds.runtime.metrics import MetricsLogger
 from nbp_ds.tokenizer import build_tokenizer
 from nbp_ds.visualize import GIVEN_COLOR, PREDICTED_COLOR, mark_given_frames
+from tests.system_packages import ensure_packages
 
 CLASSES = ["ApplyEyeMakeup", "Archery", "Basketball", "Biking"]
 
@@ -125,11 +126,18 @@ def close(pixel: np.ndarray, color: tuple[int, int, int]) -> bool:
     return bool(np.abs(pixel.astype(int) - np.array(color)).max() <= 16)
 
 
-BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+BROWSERS = ("chromium-headless-shell", "chromium")
 
 
-@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium (apt-get install chromium-headless-shell)")
-def test_tensorboard_shows_the_scalars_and_the_sample_videos_in_a_browser(class_run, tmp_path):
+@pytest.fixture(scope="session")
+def browser() -> str:
+    """A headless Chromium: Debian's chromium-headless-shell, installed with apt-get on first use where this
+    process may (root, as CI runs `make test`), as the Slurm tests install Slurm."""
+    ensure_packages(("chromium-headless-shell",), lambda: any(shutil.which(b) for b in BROWSERS), "headless Chromium")
+    return next(shutil.which(b) for b in BROWSERS if shutil.which(b))
+
+
+def test_tensorboard_shows_the_scalars_and_the_sample_videos_in_a_browser(class_run, browser, tmp_path):
     """What a user sees: TensorBoard serving the run folder, its page rendered by a headless Chromium."""
     out, _ = class_run
     with socket.socket() as s:
@@ -154,7 +162,7 @@ def test_tensorboard_shows_the_scalars_and_the_sample_videos_in_a_browser(class_
             TensorBoard's data requests, so on a busy machine a dump can come before the cards are drawn."""
             page_url = f"{url}/?tagFilter={tag_filter}#timeseries"
             for _ in range(3):
-                page = subprocess.run([BROWSER, "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+                page = subprocess.run([browser, "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
                                        "--window-size=1600,3000", "--dump-dom", page_url],
                                       capture_output=True, text=True, timeout=180).stdout
                 if all(text in page for text in expected):

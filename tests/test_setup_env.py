@@ -12,6 +12,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import urllib.parse
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -269,3 +271,78 @@ def test_make_passes_python_to_the_set_up(tmp_path):
                           env={"PATH": str(path)}, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "no Python found at 'nbp-no-such-python'" in done.stderr, done.stderr
     assert not (repo / ".venv").exists()
+
+
+# ---- which torch the set-up installs (scripts/install_torch.sh) ---------------------------------------------
+def fake_torch_wheel(folder: Path, version: str, cuda: str | None) -> Path:
+    """A wheel of a package named torch that is only its version and build (torch.version.cuda): what pip installs
+    offline in a second, and enough for the script to tell which build it got."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = f"torch-{version}.dist-info"
+    files = {
+        "torch/__init__.py": f"__version__ = {version!r}\nfrom torch import version\n",
+        "torch/version.py": f"cuda = {cuda!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    wheel = folder / f"torch-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def torch_choices(tmp_path_factory) -> dict[str, Path]:
+    """An empty venv (pip, no torch), a find-links folder holding only a "CUDA" torch 2.13.0 (what PyPI's default
+    is on Linux), and a PEP 503 index holding only a "CPU-only" torch 2.13.0+cpu (what download.pytorch.org/whl/cpu
+    serves)."""
+    tmp = tmp_path_factory.mktemp("torch_choices")
+    subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=300)
+    cuda = fake_torch_wheel(tmp / "links", "2.13.0", "12.8")
+    cpu = fake_torch_wheel(tmp / "index" / "torch", "2.13.0+cpu", None)
+    (cpu.parent / "index.html").write_text(f'<a href="{urllib.parse.quote(cpu.name)}">{cpu.name}</a>\n')
+    return {"venv": tmp / "venv", "links": cuda.parent, "index": tmp / "index", "cpu_wheel": cpu}
+
+
+def install_torch(venv: Path, **env: str) -> subprocess.CompletedProcess:
+    """scripts/install_torch.sh into ``venv`` with pip's configuration files ignored: only ``env`` tells pip where
+    to look."""
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "PIP_CONFIG_FILE": os.devnull,
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    return subprocess.run(["bash", "scripts/install_torch.sh", str(venv / "bin" / "python")], cwd=ROOT,
+                          env={**base, **env}, capture_output=True, text=True, timeout=300)
+
+
+def uninstall_torch(venv: Path) -> None:
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "torch"], check=True,
+                   env={**os.environ, "PIP_CONFIG_FILE": os.devnull}, timeout=120)
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_the_set_up_installs_the_torch_asked_for_and_says_which_and_why(torch_choices):
+    venv, links, index, cpu_wheel = (torch_choices[k] for k in ("venv", "links", "index", "cpu_wheel"))
+    offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links)}
+    # the default: torch==2.13.0 as pip's configuration finds it (here the "CUDA" one), then kept on a rerun
+    line = last_line(install_torch(venv, **offline))
+    assert line.startswith("[setup] torch 2.13.0 (CUDA 12.8 build): installed torch==2.13.0 as pip's"), line
+    assert last_line(install_torch(venv, **offline)) == (
+        "[setup] torch 2.13.0 (CUDA 12.8 build): kept, already installed and within pyproject.toml's range")
+    # the CPU-only index the README names for machines without a GPU
+    uninstall_torch(venv)
+    line = last_line(install_torch(venv, NBP_TORCH_INDEX_URL=index.as_uri()))
+    assert line == f"[setup] torch 2.13.0+cpu (CPU-only build): installed from the index " \
+                   f"NBP_TORCH_INDEX_URL={index.as_uri()}", line
+    # a wheel file, offline
+    uninstall_torch(venv)
+    line = last_line(install_torch(venv, PIP_NO_INDEX="1", NBP_TORCH_WHEEL=str(cpu_wheel)))
+    assert line == f"[setup] torch 2.13.0+cpu (CPU-only build): installed from the wheel NBP_TORCH_WHEEL={cpu_wheel}"
+    uninstall_torch(venv)
+    missing = install_torch(venv, PIP_NO_INDEX="1", NBP_TORCH_WHEEL=str(cpu_wheel.with_name("nothing.whl")))
+    assert missing.returncode == 1 and "nothing.whl: no such file" in missing.stderr, missing.stderr

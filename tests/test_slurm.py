@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from nbp_ds import ffmpeg_tools
-from tests.slurm_cluster import SlurmCluster
 from tests.slurm_jobs import (
     CPU_ENV,
     NO_GPU,
@@ -34,7 +33,9 @@ from tests.slurm_jobs import (
     submit_train,
     task_pid,
     wait_for_step,
+    write_job_scripts,
 )
+from tests.test_readme import shell_commands
 from tests.train_helpers import ROOT, make_shards, step_counts
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -44,15 +45,19 @@ TWO_TASKS_ONE_NODE = ["--ntasks=2", "--ntasks-per-node=2"]
 ONE_TASK = ["--ntasks=1", "--ntasks-per-node=1"]
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
-        yield cluster
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[Path, Path]:
     return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def written_jobs(tmp_path_factory) -> Path:
+    """The folder a user gets from `nbp-slurm-template --out ~/jobs` (its slurm/ holds every script); the tests
+    below submit from there, as that user would."""
+    folder = write_job_scripts(tmp_path_factory.mktemp("jobs"))
+    assert sorted(p.name for p in (folder / "slurm").iterdir()) == sorted(
+        p.name for p in (ROOT / "nbp_ds" / "slurm").iterdir()), "nbp-slurm-template left a script out"
+    return folder
 
 
 def test_train_job_runs_to_completion(slurm_cluster, shards, tmp_path):
@@ -214,30 +219,46 @@ def test_requeues_after_a_checkpointed_stop_end_at_nbp_max_requeues(slurm_cluste
     assert (out / "checkpoints" / "latest").is_file() and not (out / "finished").exists()
 
 
-def test_tokenize_array_tasks_split_the_dataset(slurm_cluster, tmp_path):
+def test_a_tokenize_array_task_rerun_alone_redoes_its_share_once(slurm_cluster, written_jobs, tmp_path):
+    """The written slurm/tokenize.sbatch as a 1-based array of four tasks (--array=1-4: task 4 takes share 0), then
+    task 2 rerun alone after its shards were lost (`--array=2`, an array of one task for Slurm): it redoes its own
+    share, the other tasks' files stay untouched, and the union holds every clip once. (0-based arrays:
+    tests/test_slurm_multinode.py; the rule itself: tests/test_tokenize_array_split.py.)"""
     if ffmpeg_tools.find_tool("ffmpeg") is None:
         pytest.skip(f"ffmpeg is needed to make the test videos: {ffmpeg_tools.INSTALL_HINT}")
     rels = make_videos(tmp_path / "videos")
     out = tmp_path / "shards"
-    job = submit_tokenize(slurm_cluster, tmp_path / "videos", out, tmp_path, array="0-1")
-    # the check the header of slurm/tokenize.sbatch recommends, as a dependent job; like a user with
-    # the venv activated, the submitting environment (which sbatch passes on) has its python first
+    job = submit_tokenize(slurm_cluster, tmp_path / "videos", out, tmp_path, array="1-4", cwd=written_jobs)
+    slurm_cluster.wait_done(job, timeout=300)
+    assert slurm_cluster.array_states(job) == ["COMPLETED"] * 4, slurm_cluster.describe(job)
+    first = shard_keys_by_task(out)
+    # every video dealt once: shares 0..3 of the six sorted videos hold 2, 2, 1, 1 of them
+    assert sorted(len(first[t]) for t in range(4)) == [1, 1, 2, 2], first
+    for task in (1, 2, 3, 4):  # --workers defaults to the task's --cpus-per-task (1 here; the script's own is 4)
+        assert ", 1 workers," in log_text(tmp_path / f"tok-{job}_{task}.log")
+
+    lost = sorted(out.glob("shard-t002-*.tar")) + sorted((out / "manifests").glob("shard-t002-*.json"))
+    assert lost, sorted(p.name for p in out.iterdir())
+    for f in lost:  # task 2's work lost (a node's disk, a task killed before its manifests)
+        f.unlink()
+    kept = {f: f.stat().st_mtime_ns for f in out.glob("shard-t00[013]-*.tar")}
+    rerun = submit_tokenize(slurm_cluster, tmp_path / "videos", out, tmp_path, array="2", cwd=written_jobs)
     check_log = tmp_path / "inspect.log"
     path = f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"
-    check = slurm_cluster.sbatch([f"--dependency=afterok:{job}", NO_GPU, f"--output={check_log}",
+    # the check the header of slurm/tokenize.sbatch recommends, as a dependent job; like a user with the venv
+    # activated, the submitting environment (which sbatch passes on) has its python first
+    check = slurm_cluster.sbatch([f"--dependency=afterok:{rerun}", NO_GPU, f"--output={check_log}",
                                   "--wrap", f"python -m nbp_ds.cli.inspect_shards {out}"],
-                                 env={**CPU_ENV, "PATH": path}, cwd=ROOT)
-    slurm_cluster.wait_done(job, timeout=240)
-    assert slurm_cluster.array_states(job) == ["COMPLETED", "COMPLETED"], slurm_cluster.describe(job)
-
-    by_task = shard_keys_by_task(out)
-    assert sorted(by_task) == [0, 1], f"{sorted(p.name for p in out.iterdir())}\n{slurm_cluster.describe(job)}"
-    keys = Counter(k for task_keys in by_task.values() for k in task_keys)
+                                 env={**CPU_ENV, "PATH": path}, cwd=written_jobs)
+    slurm_cluster.wait_done(rerun, timeout=240)
+    assert slurm_cluster.array_states(rerun) == ["COMPLETED"], slurm_cluster.describe(rerun)
+    assert "shard index 2 of 4" in log_text(tmp_path / f"tok-{rerun}_2.log"), slurm_cluster.describe(rerun)
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept, "the rerun rewrote another task's shards"
+    again = shard_keys_by_task(out)
+    assert again == first, (first, again)
+    keys = Counter(k for task_keys in again.values() for k in task_keys)
     assert all(n == 1 for n in keys.values()), f"duplicated clips: {keys}"
     assert set(keys) == expected_keys(rels), slurm_cluster.describe(job)
-    assert len(by_task[0]) == len(by_task[1]) == 3  # every second video each
-    for task in (0, 1):  # --workers defaults to the task's --cpus-per-task (1 here; the script's own default is 4)
-        assert ", 1 workers," in log_text(tmp_path / f"tok-{job}_{task}.log")
 
     slurm_cluster.wait_done(check, timeout=120)
     info = slurm_cluster.job_info(check)
@@ -258,9 +279,10 @@ def test_train_sbatch_runs_outside_slurm_as_a_smoke_test(shards, tmp_path):
     assert (out / "finished").is_file() and (out / "checkpoints" / "latest").read_text() == "step00000003"
 
 
-def test_tokenizer_job_checkpoints_requeues_and_resumes_on_sigusr1(slurm_cluster, tmp_path):
-    # slurm/train_tokenizer.sbatch: 2 srun tasks (DDP over gloo), the quickstart tokenizer config, one loader
-    # worker per rank; SIGUSR1 to the batch shell as before the time limit
+def test_tokenizer_job_checkpoints_requeues_and_resumes_on_sigusr1(slurm_cluster, written_jobs, tmp_path):
+    # the written slurm/train_tokenizer.sbatch (nbp-slurm-template), submitted from its folder: 2 srun tasks (DDP
+    # over gloo), the quickstart tokenizer config, one loader worker per rank; SIGUSR1 to the batch shell as before
+    # the time limit
     videos = tmp_path / "videos"
     make_videos(videos, count=7)
     name = "nbp-tok-requeue"
@@ -269,7 +291,7 @@ def test_tokenizer_job_checkpoints_requeues_and_resumes_on_sigusr1(slurm_cluster
         [f"--job-name={name}", "--cpus-per-task=1", *TWO_TASKS_ONE_NODE, NO_GPU, f"--output={log}",
          "slurm/train_tokenizer.sbatch", f"data.videos={videos}", "data.workers=1", "train.batch_size=2",
          "train.steps=16", "train.log_every=1", "train.save_every=100"],
-        env={**CPU_ENV, "NBP_CONFIG": "quickstart", "NBP_RUNS": str(tmp_path / "runs")}, cwd=ROOT)
+        env={**CPU_ENV, "NBP_CONFIG": "quickstart", "NBP_RUNS": str(tmp_path / "runs")}, cwd=written_jobs)
     out = tmp_path / "runs" / name
     wait_for_step(slurm_cluster, job, out, 3, timeout=240)
     slurm_cluster.signal_batch(job, "USR1")
@@ -332,3 +354,97 @@ def test_the_documented_cpu_smoke_test_line_runs_as_written(slurm_cluster, shard
     assert step_counts(out) == {s: 1 for s in range(1, steps + 1)} and (out / "finished").is_file()
     assert log_text(log).count("deepspeed_shm_comm_op built successfully") == 2, slurm_cluster.describe(job)
     assert not ops.exists(), "train.sbatch left the job's op folder behind"
+
+
+# the README's recipe at toy size: what each placeholder of "UCF-101 on N GPU nodes" becomes on this machine
+# (one CPU node, two classes of six short test videos, the tiny model, the random tiny tokenizer, a stand-in I3D)
+RECIPE_HEADING = "## UCF-101 on N GPU nodes"
+
+
+def recipe_commands() -> list[str]:
+    """The commands of the README's recipe, continuation lines joined, comments dropped."""
+    section = (ROOT / "README.md").read_text().split(RECIPE_HEADING, 1)[1].split("\n## ", 1)[0]
+    return shell_commands(section)
+
+
+def toy_size(command: str, tmp: Path, i3d: Path) -> str:
+    """The recipe's command at toy size: data paths into ``tmp``, small clips, arrays, model and sampling, the
+    test cluster's CPU node instead of GPU nodes. Whatever is not replaced runs as written."""
+    toy = [("/data/ucf101/", f"{tmp}/ucf101/"), ("/data/shards/ucf101/", f"{tmp}/shards/"),
+           ("TOKENIZER=runs/tok/tokenizer", "TOKENIZER=random:tiny"),
+           ("--frames 17 --resolution 128", "--frames 9 --resolution 16"),  # tokens (3, 4, 4): the tiny grid
+           ("--array=0-15", "--array=0-1"), ("--array=0-3", "--array=1-2"),
+           ("NBP_CONFIG=ucf101-700m", "NBP_CONFIG=tiny"),
+           ("--nodes=4", "--nodes=1 --ntasks-per-node=1"), ("--num 100", "--num 1"),
+           ("i3d_torchscript.pt", f"{i3d} --num-frames 8 --device cpu")]
+    for placeholder, value in toy:
+        command = command.replace(placeholder, value)
+    if " sbatch " in f" {command} ":
+        command = command.replace("sbatch ", f"sbatch --parsable {NO_GPU} --cpus-per-task=1 ", 1)
+    if "slurm/train.sbatch" in command:
+        command += " train.steps=2 train.save_every=0 train.eval_every=0 model.vocab_size=1000"
+    if "slurm/sample.sbatch" in command:
+        command += " --device cpu --writers 1"
+    return command
+
+
+def test_the_ucf101_recipe_runs_at_toy_size(slurm_cluster, tmp_path):
+    """README, "UCF-101 on N GPU nodes": every command, in order, as written but for toy_size's replacements, from
+    the folder `nbp-slurm-template --out ~/jobs` writes (HOME is a temporary folder): the array jobs tokenize,
+    the training job finishes, the watching commands find its queue entry, log and TensorBoard events, the
+    sampling job samples from the run, and FVD is computed from what it wrote."""
+    from test_fvd import _save_detector  # the suite's stand-in for StyleGAN-V's I3D detector
+
+    if ffmpeg_tools.find_tool("ffmpeg") is None:
+        pytest.skip(f"ffmpeg is needed to make the test videos: {ffmpeg_tools.INSTALL_HINT}")
+    make_videos(tmp_path / "ucf101" / "train", count=4)
+    make_videos(tmp_path / "ucf101" / "val", count=2)
+    i3d = _save_detector(tmp_path / "i3d.pt", 32)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = slurm_cluster.env(**CPU_ENV, HOME=str(home), PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
+    commands = recipe_commands()
+    assert commands[0].startswith("nbp-slurm-template --out ~/jobs"), commands[0]
+    cwd = tmp_path
+    for command in commands:
+        toy = toy_size(command, tmp_path, i3d)
+        if toy.startswith("tensorboard --logdir "):  # a server for a browser: what it would serve is there
+            logdir = cwd / toy.split()[2]
+            assert list(logdir.glob("events.out.tfevents.*")), f"nothing for TensorBoard in {logdir}"
+            continue
+        done = subprocess.run(["bash", "-c", toy], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{toy}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        if command.startswith("nbp-slurm-template"):
+            cwd = home / "jobs"
+        if "sbatch" in toy:
+            job = done.stdout.strip().split(";")[0]
+            slurm_cluster.wait_done(job, timeout=400)
+            states = slurm_cluster.array_states(job)
+            assert states and set(states) == {"COMPLETED"}, f"{toy}\n{slurm_cluster.describe(job)}"
+        if toy.startswith("tail "):
+            assert "train.sbatch: training finished" in done.stdout, done.stdout
+    assert sorted(p.name for p in (home / "jobs" / "slurm").iterdir()) == sorted(
+        p.name for p in (ROOT / "nbp_ds" / "slurm").iterdir()), "nbp-slurm-template left a script out"
+    assert sorted(shard_keys_by_task(tmp_path / "shards" / "train")) == [0, 1]
+    assert sorted(shard_keys_by_task(tmp_path / "shards" / "val")) == [0, 1]  # --array=1-2: task 2 takes share 0
+    assert (home / "jobs" / "runs" / "ucf700m" / "finished").is_file()
+    assert list((home / "jobs" / "samples" / "ucf700m" / "frames").glob("*.npy"))
+    assert "FVD" in done.stdout + done.stderr, done.stdout
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a node of 2 CPUs for a task of 2")
+def test_every_srun_task_gets_the_cores_it_asked_for_and_omp_threads_follow(slurm_cluster, written_jobs, tmp_path):
+    """Since Slurm 22.05 srun does not take --cpus-per-task from sbatch: train.sbatch passes it on
+    (SRUN_CPUS_PER_TASK). Read inside the job (tests/slurm_probe.py in the trainer's place): a task of
+    --cpus-per-task=2, bound to its CPUs as srun binds threads (SLURM_CPU_BIND=threads), may run on 2 of them,
+    and OMP_NUM_THREADS says 2 although the submitting shell held 1."""
+    out, log = tmp_path / "probe", tmp_path / "probe.log"
+    job = slurm_cluster.sbatch(["--cpus-per-task=2", *ONE_TASK, NO_GPU, f"--output={log}", "slurm/train.sbatch",
+                                f"train.out_dir={out}"],
+                               env={**CPU_ENV, "NBP_TRAIN_MODULE": "tests.slurm_probe", "PYTHONPATH": str(ROOT),
+                                    "SLURM_CPU_BIND": "threads"}, cwd=written_jobs)
+    slurm_cluster.wait_done(job, timeout=120)
+    info = slurm_cluster.job_info(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_cluster.describe(job)
+    seen = json.loads((out / "cores-rank0.json").read_text())
+    assert len(seen["affinity"]) == 2 and seen["omp_num_threads"] == "2", seen

@@ -1,5 +1,6 @@
 """tools/*.py, the first layout's programs, are aliases of the package's commands: each names a command
-that exists, and the stable surface's programs (DESIGN.md) run from a checkout as they did."""
+that exists, and the first layout's programs (tokenize_videos, inspect_shards, export_weights, sample) run from
+a checkout as they did."""
 
 from __future__ import annotations
 

@@ -389,8 +389,9 @@ def test_deepspeed_keys_the_run_config_owns_are_refused_with_the_reason(key, own
 
 
 def test_the_readmes_global_batch_example_and_the_logged_batch_and_deepspeed_keys(caplog):
-    """README: `train.global_batch=512 train.micro_batch=32` accumulates 2 on 8 GPUs (512 / (32 x 8)), 1 on 16
-    (512 / (32 x 16)); the log states the effective batch in the README's words; each deepspeed.set key is logged."""
+    """docs/configuration.md: `train.global_batch=512 train.micro_batch=32` accumulates 2 on 8 GPUs (512 / (32 x 8)),
+    1 on 16 (512 / (32 x 16)); the log states the effective batch in the page's words; each deepspeed.set key is
+    logged."""
     import logging
 
     from nbp_ds.train.batch import describe, resolve_global_batch
@@ -401,7 +402,8 @@ def test_the_readmes_global_batch_example_and_the_logged_batch_and_deepspeed_key
     on_8, on_16 = (resolve_global_batch(cfg.train, world) for world in (8, 16))
     assert (on_8.grad_accum, on_16.grad_accum) == (2, 1)
     line = "global batch 512 samples = micro-batch 32 x 2 accumulation steps x 8 processes"
-    assert describe(on_8, 8) == line and f"(`{line}`)" in (Path(__file__).parents[1] / "README.md").read_text()
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert describe(on_8, 8) == line and f"(`{line}`)" in page
     with caplog.at_level(logging.INFO, logger="nbp_ds.train.ds_config"):
         build_ds_config(cfg, 8)
     logged = [r.getMessage() for r in caplog.records]

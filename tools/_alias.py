@@ -1,6 +1,6 @@
 """The programs in tools/ are aliases of the package's commands (`nbp-*`, code in nbp_ds/cli/), kept so that
-scripts written for the first layout (`python tools/sample.py ...`, the stable surface of DESIGN.md) keep
-working. New scripts should call the `nbp-*` commands, which an installed copy has without a checkout."""
+scripts written for the first layout (`python tools/sample.py ...`, the programs the project first documented)
+keep working. New scripts should call the `nbp-*` commands, which an installed copy has without a checkout."""
 
 from __future__ import annotations
 

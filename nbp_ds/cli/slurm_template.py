@@ -1,6 +1,6 @@
 """Write the Slurm scripts of nbp_ds into a folder, for an installed copy (a checkout has them in slurm/).
 
-    nbp-slurm-template                      # ./slurm/{train,tokenize,sample}.sbatch, env.sh, README.md
+    nbp-slurm-template                      # ./slurm/: every sbatch script, env.sh, README.md
     nbp-slurm-template --out ~/jobs         # ~/jobs/slurm/...
     sbatch slurm/train.sbatch data.train=... data.val=...      (from the folder holding slurm/)
 
@@ -19,7 +19,8 @@ from nbp_ds.errors import UsageError
 from nbp_ds.files import write_text_atomic
 
 SOURCE = Path(__file__).resolve().parents[1] / "slurm"
-FILES = ("train.sbatch", "tokenize.sbatch", "sample.sbatch", "env.sh", "README.md")
+# every file of the package's slurm/ folder: a script added there is written too (the README names them all)
+FILES = tuple(sorted(p.name for p in SOURCE.iterdir() if p.is_file() and not p.name.startswith(".")))
 VENV_LINE = 'NBP_VENV="${NBP_VENV:-$NBP_ROOT/.venv}"'
 
 

@@ -18,22 +18,28 @@ the kernel's out-of-memory killer) is listed with reason worker_died, one still 
 seconds (a decoder stuck, a file whose reads never return on a hung network file system) with reason timeout;
 the worker (and its ffmpeg) is stopped, a fresh one takes its place, the other videos go on unharmed.
 
-Under a Slurm array job (see slurm/tokenize.sbatch) the task count and index come from
-SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID: task i writes only shard-tIII-*.tar. Interrupted? Run the
-same command again: finished shards are kept, unfinished ones redone; no clip is lost or duplicated.
+Under a Slurm array job (see slurm/tokenize.sbatch) the number of shards comes from $NBP_NUM_SHARDS, else from
+the split OUT/split.json recorded when the first task ran, else from the array's bounds; array task id i writes
+only shard-tIII-*.tar, III = i modulo the number of shards (0- and 1-based arrays both cover every share once).
+So a failed task can be rerun alone (`sbatch --array=7 ...`). Interrupted? Run the same command again: finished
+shards are kept, unfinished ones redone; no clip is lost or duplicated.
 Check the result with `nbp-inspect-shards OUT`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
+from nbp_ds.tokenizer.array_split import resolve_split
 from nbp_ds.tokenizer.pipeline import DEFAULT_VIDEO_TIMEOUT_S, TokenizeOptions, tokenize_dataset
 from nbp_ds.video_io import add_clip_arguments, clip_from_arguments
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,10 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="clips per tokenizer forward pass (default 16)")
     p.add_argument("--device", default="cpu", help="tokenizer device: cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--classes", help="classes.json fixing label ids (default: sorted class names)")
-    p.add_argument("--num-shards", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
-                   help="number of array tasks splitting the dataset (default $SLURM_ARRAY_TASK_COUNT or 1)")
-    p.add_argument("--shard-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
-                   help="this task's index (default $SLURM_ARRAY_TASK_ID or 0)")
+    p.add_argument("--num-shards", type=int,
+                   help="number of tasks splitting the dataset (default $NBP_NUM_SHARDS, else OUT/split.json, "
+                        "else the Slurm array's bounds, else 1)")
+    p.add_argument("--shard-index", type=int,
+                   help="this task's share, 0..num-shards-1 (default $SLURM_ARRAY_TASK_ID modulo the number of "
+                        "shards, else 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (batch logs)")
     return p.parse_args(argv)
 
@@ -68,16 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     clip = clip_from_arguments(args)
     for name in ("shard_size", "batch_size", "num_shards"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if not args.video_timeout > 0:
         raise UsageError(f"--video-timeout must be > 0 seconds, got {args.video_timeout}")
+    split = resolve_split(args.out, os.environ, args.num_shards, args.shard_index)
+    log.info("shard index %d of %d (the number of shards from %s)", split.index, split.count, split.source)
     opts = TokenizeOptions(
         videos=args.videos, out=args.out, tokenizer=args.tokenizer, clip=clip, shard_size=args.shard_size,
         workers=args.workers, video_timeout=args.video_timeout,
-        batch_size=args.batch_size, device=args.device, num_shards=args.num_shards, shard_index=args.shard_index,
+        batch_size=args.batch_size, device=args.device, num_shards=split.count, shard_index=split.index,
         classes=args.classes, progress=not args.no_progress)
     summary = tokenize_dataset(opts)
     print(summary.line())

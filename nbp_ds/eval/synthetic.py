@@ -53,14 +53,6 @@ SPEED_RANGE_AT_32: tuple[float, float] = (0.6, 1.5)
 BACKGROUND_JITTER = 6
 
 
-def class_id(name: str) -> int:
-    """The id of a class name (its index in CLASSES)."""
-    try:
-        return CLASSES.index(name)
-    except ValueError:
-        raise ValueError(f"unknown class {name!r}; the synthetic classes are {', '.join(CLASSES)}") from None
-
-
 def parse_class(name: str) -> tuple[str, str]:
     """Split a class name like ``'circle_down'`` into ``('circle', 'down')``; raise ValueError for other names."""
     shape, _, direction = name.partition("_")

@@ -32,8 +32,13 @@ export PYTHONPATH="$NBP_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- threads -----------------------------------------------------------------------------------
 # Without a cap, every rank's torch / OpenMP starts one thread per core of the node and the ranks
-# sharing it fight over them. Default: the cores Slurm gave each task (--cpus-per-task), else 4.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
+# sharing it fight over them. In a job: the cores Slurm gave each task (--cpus-per-task), whatever the
+# submitting shell held (sbatch passes its environment on); outside one: OMP_NUM_THREADS if set, else 4.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    export OMP_NUM_THREADS="$SLURM_CPUS_PER_TASK"
+else
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+fi
 
 # ---- DeepSpeed ops -------------------------------------------------------------------------------
 # DeepSpeed compiles some of its ops with the node's C++ compiler (nvcc too for CUDA ones) the first time a run

@@ -44,11 +44,6 @@ class Listing:
                            f"({', '.join(VIDEO_SUFFIXES)})"} for rel in self.not_videos[task::tasks]]
 
 
-def list_videos(source: str | Path) -> list[VideoEntry]:
-    """All videos of a folder, CSV or text list, sorted by relative path (the order every array task shares)."""
-    return list_dataset(source).videos
-
-
 def list_dataset(source: str | Path) -> Listing:
     """The videos of a folder, CSV or text list, sorted by relative path (the order every array task shares),
     and for a folder the other files in it (hidden files and its classes.json aside)."""

@@ -24,6 +24,7 @@ import torch
 from nbp_ds.data.writer import TokenShardWriter
 from nbp_ds.errors import UsageError
 from nbp_ds.files import write_text_atomic
+from nbp_ds.tokenizer.array_split import record_split
 from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_dataset, sample_key
 from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError
 from nbp_ds.worker_pool import LostJob, ordered_map
@@ -113,6 +114,7 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
     out = Path(opts.out)
     manifests = out / "manifests"
     manifests.mkdir(parents=True, exist_ok=True)
+    record_split(out, opts.num_shards)
     listing = list_dataset(opts.videos)
     entries = listing.videos
     classes_file = opts.classes or (Path(opts.videos) / "classes.json"
