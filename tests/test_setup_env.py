@@ -346,3 +346,44 @@ def test_the_set_up_installs_the_torch_asked_for_and_says_which_and_why(torch_ch
     uninstall_torch(venv)
     missing = install_torch(venv, PIP_NO_INDEX="1", NBP_TORCH_WHEEL=str(cpu_wheel.with_name("nothing.whl")))
     assert missing.returncode == 1 and "nothing.whl: no such file" in missing.stderr, missing.stderr
+
+
+def _pyenv_like(root: Path, target: Path) -> Path:
+    """A pyenv layout as pyenv writes it: shims/ffmpeg hands the name to libexec/pyenv, whose `which` answers
+    ``target``. Returns the shims folder."""
+    (root / "libexec").mkdir(parents=True)
+    pyenv = root / "libexec" / "pyenv"
+    pyenv.write_text(f'#!/bin/sh\n[ "$1" = which ] && [ "$2" = ffmpeg ] && echo "{target}" && exit 0\nexit 127\n')
+    shims = root / "shims"
+    shims.mkdir()
+    shim = shims / "ffmpeg"
+    shim.write_text(f'#!/usr/bin/env bash\nset -e\nprogram="${{0##*/}}"\nexport PYENV_ROOT="{root}"\n'
+                    f'exec "{pyenv}" exec "$program" "$@"\n')
+    for script in (pyenv, shim):
+        script.chmod(0o755)
+    return shims
+
+
+def test_a_pyenv_shim_that_leads_to_the_wheels_launcher_is_passed_over(tmp_path, monkeypatch):
+    """A pyenv-managed Python with the wheel installed puts the launcher (exits 0 whatever ffmpeg's status)
+    behind a pyenv shim on PATH: the lookup follows the shim and passes it over for the machine's ffmpeg further
+    down PATH; a shim that leads to a real program is used."""
+    launcher = tmp_path / "site" / "ffmpeg"
+    launcher.parent.mkdir()
+    launcher.write_text(f"#!/usr/bin/python3\nfrom {ffmpeg_tools.WHEEL_MODULE} import main\nmain()\n")
+    machine = tmp_path / "usr-bin" / "ffmpeg"
+    machine.parent.mkdir()
+    machine.write_bytes(b"\x7fELF stand-in for the machine's ffmpeg")
+    for program in (launcher, machine):
+        program.chmod(0o755)
+    shims = _pyenv_like(tmp_path / "pyenv", launcher)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{machine.parent}")
+    assert ffmpeg_tools.find_tool("ffmpeg") == str(machine)
+
+    real = tmp_path / "other" / "ffmpeg"
+    real.parent.mkdir()
+    real.write_bytes(b"\x7fELF stand-in for a real ffmpeg that pyenv manages")
+    real.chmod(0o755)
+    shims = _pyenv_like(tmp_path / "pyenv2", real)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{machine.parent}")
+    assert ffmpeg_tools.find_tool("ffmpeg") == str(shims / "ffmpeg")
