@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -173,3 +176,38 @@ def test_a_bad_member_is_warned_about_once_per_slot_but_counted_every_epoch(tmp_
     skips = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert sum("badnpy" in m for m in skips) == 1, skips
     assert sum("wrongshape" in m for m in skips) == 1, skips
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_train_stream_with_no_usable_sample_stops_with_an_error_instead_of_hanging(tmp_path, num_workers):
+    """Training resamples endlessly: shards of another grid (every member skipped as bad_shape) once made the
+    stream read for ever and the run hang without a step. It stops after a few passes over the shards, naming
+    a shard and the shapes. Read in a child process, so that a stream that hangs fails this test in 120 s."""
+    write_shards(tmp_path, n=12, per_shard=4)  # clips of GRID (2,3,4)
+    script = ("import sys\nfrom nbp_ds.data import build_loader\n"
+              f"loader = build_loader({str(tmp_path)!r}, grid=(3, 3, 4), batch_size=2, mode='train', "
+              f"num_workers={num_workers}, shuffle_buffer=8)\n"
+              "next(iter(loader))\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the stream with no usable sample was still reading after 120 s")
+    assert done.returncode != 0
+    assert re.search(r"no usable sample in \d+ in a row", done.stderr), done.stderr[-2000:]
+    assert "shard-0000" in done.stderr and "(2, 3, 4) != layout.grid (3, 3, 4)" in done.stderr
+
+
+def test_rare_usable_samples_keep_the_stream_going(tmp_path):
+    """One usable clip among 24 of another grid, a shuffle buffer larger than the data: no error, every batch
+    is that clip."""
+    rng = np.random.default_rng(1)
+    with TokenShardWriter(tmp_path, prefix="mixed", maxcount=5) as writer:
+        for i in range(25):
+            grid = GRID if i == 17 else (3, 3, 4)
+            writer.write(f"clip{i:05d}", rng.integers(1, 1000, grid), label=0, meta={"source": f"v{i}.mp4"})
+    loader = build_loader(tmp_path, grid=GRID, batch_size=1, mode="train", num_workers=0, shuffle_buffer=32)
+    batches = [b for _, b in zip(range(6), loader, strict=False)]
+    # each epoch reads all 25 once: the 6th good one comes at read 5 * 25 + 18 or later, at most 32 of those
+    # reads are still in the buffer, so at least 143 - 32 - 6 of the emitted ones were skipped
+    assert len(batches) == 6 and all(tuple(b["tokens"].shape[1:]) == GRID for b in batches)
+    assert loader.stats()["bad_shape"] >= 5 * 25 + 18 - 32 - 6

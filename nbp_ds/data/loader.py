@@ -84,9 +84,13 @@ class _SlotDataset(IterableDataset):
             # a loader state) is continued by reading its stream again up to where it was
             skip = max(0, -(-(self.consumed - role) // self.roles))
         batch = _Batch(self.with_keys)
+        unusable = _UnusableRun(stream, slot)
         while True:
-            if not batch.add(stream.next_sample(), self.grid, self.sources, report):
+            sample = stream.next_sample()
+            if not batch.add(sample, self.grid, self.sources, report):
+                unusable.add(sample, self.grid)
                 continue
+            unusable.reset()
             if len(batch) < self.batch_size:
                 continue
             if skip > 0:  # trained on before the restart; its problems were reported then
@@ -124,6 +128,40 @@ class _SlotDataset(IterableDataset):
             for ordinal, sample in read_shard(url, policy=self.policy, report=report):
                 if (ordinal + index) % nslots == slot:
                     yield sample
+
+
+class _UnusableRun:
+    """Samples in a row that a slot could not use. Training resamples its shards endlessly, so a slot whose
+    every sample is corrupt or of another grid would read for ever and the run would hang without a step: once
+    every source has gone round its shards ``EPOCHS`` more times and the shuffle buffer has been emptied twice
+    over with nothing usable, the slot stops with an error naming a sample and what is wrong with it."""
+
+    EPOCHS = 3  # whole passes over the slot's shards without one usable sample: no use in a fourth
+
+    def __init__(self, stream: SlotStream, slot: int):
+        self.stream, self.slot = stream, slot
+        self.count, self.start_epochs = 0, self._epochs()
+
+    def _epochs(self) -> list[int]:
+        return [cursor.epoch for cursor in self.stream.cursors]
+
+    def reset(self) -> None:
+        self.count, self.start_epochs = 0, self._epochs()
+
+    def add(self, sample: dict, grid: tuple) -> None:
+        self.count += 1
+        if self.count <= 2 * self.stream.buffer_size:
+            return
+        if all(now - then >= self.EPOCHS for now, then in zip(self._epochs(), self.start_epochs, strict=True)):
+            try:
+                decode_sample(sample, grid)
+                why = "unusable"
+            except SampleError as exc:
+                why = str(exc)
+            raise SampleError(
+                f"loader slot {self.slot}: no usable sample in {self.count} in a row ({self.EPOCHS} passes over "
+                f"its shards); the last one, from {sample.get('__shard__')}: {why} (data.train holds tokens of "
+                f"another grid or tokenizer, or only damaged samples)")
 
 
 class _Batch:
