@@ -116,10 +116,10 @@ class TrainConfig:
     stall_factor: float = 20.0
     init_from: str | None = None  # exported .safetensors whose weights start a new run (fine-tuning); not on resume
     # keys that may differ from the run folder's recorded experiment (e.g. [train.steps, train.lr]); any other
-    # change of data, schedule, seed, ... is refused on resume (nbp_ds.train.experiment)
+    # change of data, schedule, seed, ... is refused on resume (nbp_ds.weights.identity)
     allow_changes: list[str] = field(default_factory=list)
     peak_tflops: float | None = None  # device peak for MFU; None = looked up from the device name
-    hooks: str | None = None  # "module:Class", a nbp_ds.train.hooks.TrainerHooks subclass (profiling, custom logs)
+    hooks: str | None = None  # "module:Class", a nbp_ds.runtime.hooks.TrainerHooks subclass (profiling, custom logs)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = none; e.g. 0.9999); nbp-export --ema
     wandb: bool = False  # also log to Weights & Biases (pip install 'nbp_ds[wandb]'; WANDB_MODE=offline works)
     wandb_project: str = "nbp_ds"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nbp_ds.train.export import consolidate, load_exported
+from nbp_ds.weights.export import consolidate, load_exported
 
 FIXTURE = Path(__file__).parent / "data" / "compat"
 ROOT = Path(__file__).resolve().parents[1]

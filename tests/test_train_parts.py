@@ -22,10 +22,10 @@ from nbp_ds.runtime.checkpoint import (
     find_checkpoint,
     read_latest,
 )
+from nbp_ds.runtime.hooks import TrainerHooks, load_hooks
 from nbp_ds.runtime.metrics import console_line
 from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.train.ds_config import build_ds_config
-from nbp_ds.train.hooks import TrainerHooks, load_hooks
 from nbp_ds.train.state import TrainState
 
 

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from nbp_ds.runtime.hooks import HookChain, load_hooks
     from nbp_ds.sample_log import SampleLogger
-    from nbp_ds.train.hooks import HookChain, load_hooks
     from nbp_ds.train.loop import train
 
     hooks = HookChain([load_hooks(cfg.train.hooks), SampleLogger()])  # train.hooks, then sample videos

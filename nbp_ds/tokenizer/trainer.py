@@ -32,6 +32,7 @@ from nbp_ds.errors import ConfigError, UsageError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.runtime import distributed, launch
 from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
+from nbp_ds.runtime.ema import EmaState, WeightsEMA
 from nbp_ds.runtime.metrics import MetricsLogger
 from nbp_ds.runtime.rng import seed_everything
 from nbp_ds.runtime.schedule import lr_factor
@@ -49,7 +50,6 @@ class TokenizerTrainer:
 
     def __init__(self, cfg: TokenizerTrainConfig, rfvd: RFVD | None = None):
         from nbp_ds.tokenizer.training import LeCam, PatchDiscriminator3D
-        from nbp_ds.train.ema import WeightsEMA
 
         self.cfg, self.rfvd = cfg, rfvd
         self.stop = stop_request()  # SIGUSR1 / SIGTERM: checkpoint at the next step boundary and exit 0
@@ -156,7 +156,6 @@ class TokenizerTrainer:
     def _checkpoint_manager(self) -> CheckpointManager:
         """The run's checkpoints, with every stateful part registered (nbp_ds.tokenizer.saved_state)."""
         from nbp_ds.tokenizer.saved_state import ClipStreamPosition, Discriminator, SharedState
-        from nbp_ds.train.saved_state import EmaState
 
         manager = CheckpointManager(self.out / "checkpoints", self.cfg.train.keep_last, self.rank)
         manager.register("weights", SharedState("state.pt", self, self.rank))

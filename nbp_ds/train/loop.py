@@ -27,6 +27,8 @@ from nbp_ds.runtime.checkpoint import (
     universal_checkpoint,
     with_universal_load,
 )
+from nbp_ds.runtime.ema import EmaState, WeightsEMA
+from nbp_ds.runtime.hooks import TrainerHooks, load_hooks
 from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops
 from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.runtime.stop import FINISHED, stop_request
@@ -34,13 +36,11 @@ from nbp_ds.runtime.watchdog import StepWatchdog
 from nbp_ds.train.batch import describe as describe_batch
 from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
-from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
-from nbp_ds.train.experiment import check_same_experiment
-from nbp_ds.train.hooks import TrainerHooks, load_hooks
-from nbp_ds.train.saved_state import EmaState, EngineState, LoaderPosition
+from nbp_ds.train.saved_state import EngineState, LoaderPosition
 from nbp_ds.train.state import TrainState
+from nbp_ds.weights.identity import check_same_experiment
 
 log = logging.getLogger(__name__)
 
