@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nbp_ds"
 # bottom to top; the top-level modules (nbp_ds/x.py) and the sub-packages (nbp_ds/x/) by their names
 LAYERS: list[set[str]] = [
     {"errors", "files", "worker_pool", "ffmpeg_tools"},
-    {"layout", "video_io", "visualize"},
-    {"config"},
+    {"layout", "video_io", "visualize", "typed_yaml"},  # typed_yaml: the generic YAML loader of every config
+    {"config"},  # the NBP run schema and its validation
     {"runtime"},  # launch, collectives, checkpoints, metrics, schedule, RNG, stop flags, the saved-parts protocol,
     #               the EMA, the trainers' hooks: below every program and both trainers
     {"model", "data"},

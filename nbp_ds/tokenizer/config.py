@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbp_ds.config import CONFIG_DIR, ConfigError, load_dataclass_tree
+from nbp_ds.errors import ConfigError
+from nbp_ds.typed_yaml import load_dataclass_tree
 from nbp_ds.video_io import ClipSpec
 
-TOKENIZER_CONFIG_DIR = CONFIG_DIR / "tokenizer"
+TOKENIZER_CONFIG_DIR = Path(__file__).parents[1] / "configs" / "tokenizer"
 PRECISIONS = ("fp32", "bf16")  # train.precision
 
 

@@ -16,9 +16,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from nbp_ds.config import RunConfig, yaml_number
+from nbp_ds.config import RunConfig
 from nbp_ds.errors import ConfigError
 from nbp_ds.train.batch import resolve_global_batch
+from nbp_ds.typed_yaml import yaml_number
 
 log = logging.getLogger(__name__)
 
