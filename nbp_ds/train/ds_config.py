@@ -18,7 +18,7 @@ from typing import Any
 
 from nbp_ds.config import RunConfig
 from nbp_ds.errors import ConfigError
-from nbp_ds.train.batch import resolve_global_batch
+from nbp_ds.train.batch import GlobalBatch, plan_batch
 from nbp_ds.typed_yaml import yaml_number
 
 log = logging.getLogger(__name__)
@@ -110,18 +110,22 @@ def _number(value: Any) -> Any:
     return value
 
 
-def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg: RunConfig, world_size: int, batch: GlobalBatch | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for this run and data-parallel world size: the JSON ``deepspeed.config`` names,
-    ``deepspeed.set``'s keys over it, then the run config's batch, clipping, precision and optimizer settings."""
+    ``deepspeed.set``'s keys over it, then the run config's batch (``batch``, as the trainer worked it out; by
+    default planned here from the run config), clipping, precision and optimizer settings."""
     path = cfg.deepspeed.config
     ds = copy.deepcopy(load_ds_json(path))
     for line in set_keys(ds, cfg.deepspeed.set):
         log.info("DeepSpeed config: %s (deepspeed.set)", line)
-    tr = resolve_global_batch(cfg.train, world_size)
-    _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch, "train.micro_batch", path)
-    _fill(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum", path)
-    _fill(ds, "train_batch_size", tr.micro_batch * tr.grad_accum * world_size,
-          f"train.micro_batch x train.grad_accum x {world_size} processes", path)
+    tr = cfg.train
+    batch = batch or plan_batch(tr, world_size)
+    if batch.processes != world_size:
+        raise ValueError(f"a batch planned for {batch.processes} processes given for {world_size}")
+    _fill(ds, "train_micro_batch_size_per_gpu", batch.micro_batch, "train.micro_batch", path)
+    _fill(ds, "gradient_accumulation_steps", batch.grad_accum, "train.grad_accum", path)
+    _fill(ds, "train_batch_size", batch.samples, f"train.micro_batch x train.grad_accum x {world_size} processes",
+          path)
     _fill(ds, "gradient_clipping", tr.grad_clip, "train.grad_clip", path)
     if "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'scheduler': the LR schedule comes from train.lr / train.warmup_steps / "

@@ -35,7 +35,7 @@ from nbp_ds.runtime.stop import stop_request
 from nbp_ds.runtime.trainer_loop import TrainerLoop, due
 from nbp_ds.runtime.watchdog import StepWatchdog
 from nbp_ds.train.batch import describe as describe_batch
-from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
+from nbp_ds.train.batch import plan_batch, recorded_global_batch
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
@@ -56,8 +56,10 @@ class Trainer:
         self.hooks = hooks or load_hooks(cfg.train.hooks)
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
-        # the batch as it runs here: train.grad_accum and train.global_batch fixed for this number of processes
-        cfg = self.cfg = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, self.world))
+        # the batch as it runs here, worked out once: train.grad_accum and train.global_batch fixed for this number
+        # of processes, before the DeepSpeed config is written from it
+        self.batch = plan_batch(cfg.train, self.world)
+        cfg = self.cfg = dataclasses.replace(cfg, train=self.batch.applied_to(cfg.train))
         self.out_dir = Path(cfg.train.out_dir)
 
         # everything that can be wrong is found before the model build, and most of it before the first collective
@@ -66,7 +68,7 @@ class Trainer:
             self.val_shards = expand_shards(cfg.data.val) if cfg.data.val else None
         except FileNotFoundError as exc:
             raise ConfigError(f"data: {exc}") from exc
-        self.ds_config = build_ds_config(cfg, self.world)
+        self.ds_config = build_ds_config(cfg, self.world, self.batch)
         if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
                               "or set train.wandb=false")
@@ -119,9 +121,8 @@ class Trainer:
     def run(self) -> int:
         """Train to ``train.steps``; 0 when finished or stopped by a signal at a checkpoint. A stalled step ends
         the process (the watchdog); an error is logged with the last step finished."""
-        tr = self.cfg.train
         self._batches = iter(self.loader)
-        tokens_per_step = tr.micro_batch * tr.grad_accum * self.world * self.layout.seq_len
+        tokens_per_step = self.batch.samples * self.layout.seq_len
         self._meter = StepMeter(self.device, tokens_per_step, self.model.flops_per_token(), self.peak)
         self._bad_in_row = 0
         self.engine.train()
