@@ -24,6 +24,7 @@ from nbp_ds.generate.decode import resolve_mode
 from nbp_ds.generate.draw import check_seed
 from nbp_ds.generate.folder import SamplingSummary, plan_jobs, sample_to_folder
 from nbp_ds.tokenizer import load_tokenizer
+from nbp_ds.video_io import VideoError, read_clips
 from nbp_ds.weights.export import load_exported
 
 if TYPE_CHECKING:
@@ -120,8 +121,6 @@ def load_inputs(options: SamplerOptions) -> SamplerInputs:
 
 def encode_context(path: Path, tokenizer: VideoTokenizerBase, layout: Layout) -> torch.Tensor:
     """The first latent frames of a video, as the frame-prediction model's context [1, c, H, W]."""
-    from nbp_ds.video_io import VideoError, read_clips
-
     frames, height, width = tokenizer.clip_shape(layout.grid)
     try:
         clip = read_clips(path, frames=frames, fps=8.0, resolution=height, clips=1)[0]

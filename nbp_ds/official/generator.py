@@ -29,6 +29,7 @@ import torch
 
 from nbp_ds.config import RunConfig
 from nbp_ds.errors import CheckpointError
+from nbp_ds.model import build_model
 from nbp_ds.official.class_text import PREFIX_LENGTH, class_prefixes, read_class_names
 from nbp_ds.official.files import ConversionError, read_torch_file, require_matching_state
 from nbp_ds.weights.export import save_export
@@ -196,8 +197,6 @@ def official_key(ours: str) -> str:
 
 def convert_weights(released: ReleasedGenerator, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The released weights under our names; every key and shape checked against the model ``cfg`` builds."""
-    from nbp_ds.model import build_model
-
     expected = {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
     ours_pos, theirs_pos = POSITIONS
     seq_len = expected.pop(ours_pos)[0]

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from nbp_ds.errors import ConfigError
+from nbp_ds.tokenizer.model import PRESETS
+from nbp_ds.tokenizer.video_shards import names_shards
 from nbp_ds.typed_yaml import load_dataclass_tree
 from nbp_ds.video_io import ClipSpec
 
@@ -158,9 +160,6 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: TokenizerTrainConfig) -> None:
     """Refuse configurations that cannot work, naming the key and value."""
-    from nbp_ds.tokenizer import PRESETS
-    from nbp_ds.tokenizer.video_shards import names_shards
-
     d, t, lo = cfg.data, cfg.train, cfg.loss
     _require(cfg.model.preset in PRESETS,
              f"model.preset: --preset {cfg.model.preset!r} is not one of {', '.join(PRESETS)}")

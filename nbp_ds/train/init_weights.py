@@ -60,6 +60,6 @@ def _gathered(param: torch.Tensor):
     """ZeRO-3: the whole parameter on every rank, rank 0's values partitioned again on exit."""
     if not hasattr(param, "ds_id"):
         return nullcontext()
-    import deepspeed
+    import deepspeed  # local: DeepSpeed takes seconds to import
 
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)

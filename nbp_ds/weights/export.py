@@ -24,9 +24,7 @@ def consolidate(path: str | Path, tag: str | None = None, ema: bool = False
                 ) -> tuple[dict[str, torch.Tensor], RunConfig]:
     """Full fp32 state dict and run config of a checkpoint, gathered from every rank's shards: the trained
     weights, or with ``ema`` their moving average (train.ema)."""
-    from deepspeed.utils.zero_to_fp32 import (
-        get_fp32_state_dict_from_zero_checkpoint,  # local: DeepSpeed takes seconds to import
-    )
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # local: slow import
 
     ref = find_checkpoint(path, tag)
     config = peek_client_config(ref)
