@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write OUT as a folder of shards of at most SIZE each (5GB, 500MB, 2GiB) with an index")
     args = parser.parse_args(argv)
     setup_logging(fmt="%(message)s")
-    from nbp_ds.weights.export import export
-    from nbp_ds.weights.files import output_shard_bytes
+    from nbp_ds.weights.export import export  # local: --help answers before torch loads
+    from nbp_ds.weights.files import output_shard_bytes  # local: --help answers before torch loads
 
     shard_bytes = output_shard_bytes(args.out, args.shard_size)
     out = export(args.checkpoint, args.out, dtype=args.dtype, tag=args.tag, ema=args.ema, shard_bytes=shard_bytes)
