@@ -6,6 +6,8 @@ rank), or passed as ``Trainer(cfg, hooks=MyHooks())`` (several through :class:`H
 profiler or custom logging, the sample videos in TensorBoard (nbp_ds.sample_log, which ``nbp-train``
 adds), and the test suite's fault injection (``tests/faults.py``: a poisoned loss, slowed steps, a rank
 that stalls in the middle of a checkpoint, a full disk). Production code never reads test switches itself.
+The seam sits in the runtime so that a hook's module (nbp_ds.sample_log, a user's) imports no trainer;
+``nbp_ds.train.hooks`` is its first path, the same classes.
 """
 
 from __future__ import annotations
