@@ -1,4 +1,4 @@
-"""Sample videos in TensorBoard (and W&B) while a transformer trains: a trainer hook (nbp_ds.train.hooks),
+"""Sample videos in TensorBoard (and W&B) while a transformer trains: a trainer hook (nbp_ds.runtime.hooks),
 called every ``train.sample_every`` steps, that generates a few videos and decodes them with the tokenizer
 ``train.sample_tokenizer`` names. It lives above the trainer because it needs the tokenizer; ``nbp-train`` adds
 it to the run's hooks.
@@ -22,8 +22,8 @@ import torch
 from nbp_ds.data import build_loader
 from nbp_ds.data.classes import shard_class_names
 from nbp_ds.generate import generate
+from nbp_ds.runtime.hooks import TrainerHooks
 from nbp_ds.tokenizer import VideoTokenizer, load_tokenizer
-from nbp_ds.train.hooks import TrainerHooks
 from nbp_ds.visualize import enlarged, frame_grid, mark_given_frames, side_by_side
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nbp_ds import ffmpeg_tools
+from nbp_ds.errors import UsageError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".gif")
 ARRAY_SUFFIXES = (".npy",)  # decoded frames saved by nbp-sample: uint8 [T, H, W, 3]
@@ -65,8 +66,6 @@ def add_clip_arguments(parser, default_frames: int = 17, default_resolution: int
 
 def clip_from_arguments(args) -> ClipSpec:
     """The ClipSpec of parsed add_clip_arguments flags, refused by name when a value cannot work."""
-    from nbp_ds.errors import UsageError
-
     for flag, value in (("--frames", args.frames), ("--resolution", args.resolution),
                         ("--clips-per-video", args.clips_per_video)):
         if value < 1:
@@ -86,7 +85,7 @@ class VideoInfo:
 
 def _ffmpeg():
     try:
-        import ffmpeg
+        import ffmpeg  # local: a broken install is reported as a VideoError
     except ImportError as exc:  # pragma: no cover - a broken install
         raise VideoError("-", "the ffmpeg-python package is missing: run `make setup`") from exc
     return ffmpeg

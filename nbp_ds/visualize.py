@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def frame_grid(videos: np.ndarray, gap: int = 2) -> np.ndarray:
@@ -22,8 +24,6 @@ def frame_grid(videos: np.ndarray, gap: int = 2) -> np.ndarray:
 
 def save_png(path: str | Path, image: np.ndarray) -> None:
     """Write an RGB uint8 image [H, W, 3] as PNG (Pillow comes with TensorBoard)."""
-    from PIL import Image
-
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(str(path))
 
 
@@ -65,10 +65,6 @@ def enlarged(video: np.ndarray, min_height: int = 128) -> np.ndarray:
 
 def gif_bytes(video: np.ndarray, fps: float = 8.0) -> bytes:
     """A uint8 video [N, H, W, 3] as an animated GIF that loops (what TensorBoard's image panel plays)."""
-    import io
-
-    from PIL import Image
-
     frames = [Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8)) for frame in video]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], loop=0,

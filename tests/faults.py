@@ -1,4 +1,4 @@
-"""Fault injection for the tests, through the trainer's hook seam (nbp_ds.train.hooks).
+"""Fault injection for the tests, through the trainer's hook seam (nbp_ds.runtime.hooks).
 
 A test adds ``train.hooks=faults:FaultHooks`` to a training command (tests/ is on PYTHONPATH) and sets
 ``NBP_FAULTS`` to a JSON object of the faults to inject. Only this test module reads that variable:
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from nbp_ds.runtime.hooks import TrainerHooks
 from nbp_ds.tokenizer import pipeline  # imported with this module, as a worker imports the real decoding: untimed
-from nbp_ds.train.hooks import TrainerHooks
 
 
 class FaultHooks(TrainerHooks):

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from nbp_ds.config import load_config
-from nbp_ds.train.hooks import TrainerHooks
+from nbp_ds.runtime.hooks import TrainerHooks
 from nbp_ds.train.loop import Trainer
 
 

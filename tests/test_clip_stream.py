@@ -10,14 +10,49 @@ import pytest
 import torch
 from video_fixtures import dataset, lavfi_video
 
-from nbp_ds.tokenizer.clip_stream import Augment, ClipLoader, random_clips, worker_share
-from nbp_ds.video_io import ClipSpec, ClipTooShort, decode_video, find_videos
+from nbp_ds.tokenizer.clip_stream import Augment, ClipBatcher, ClipLoader, random_clips, worker_share
+from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError, decode_video, find_videos
 
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     root = dataset(tmp_path_factory.mktemp("stream") / "videos", classes=2, per_class=3)
     return [str(p) for p in find_videos(root)]
+
+
+@pytest.mark.parametrize("first_cursor, names", [(0, "video{}.mp4"), (5, "shard-000.tar#sample{}")],
+                         ids=["files", "shards"])
+def test_take_clips_resumes_exactly_from_every_position_it_gives(first_cursor, names):
+    """The one loop both streams fill batches with (video files: cursors are indices in the shuffled share; a
+    shard's samples: cursors are ordinals, from where the shard was entered). Sources give 1 to 3 clips, some
+    none (skipped); a clip is the number cursor * 10 + j. Expected by hand: every good source's clips in order,
+    cut into batches of 4 (the last, short one not given); from each position given, a new batcher over the
+    sources from that cursor gives exactly the rest."""
+    counts = [3, 0, 2, 1, 3, 3, 0, 2, 1, 2, 3]  # 0: the source fails to decode
+    cursors = range(first_cursor, first_cursor + len(counts))
+
+    def sources(start: int):
+        def decode(cursor: int):
+            count = counts[cursor - first_cursor]
+            if count == 0:
+                raise (VideoError if cursor % 2 else ClipTooShort)(names.format(cursor), "no clip")
+            return [np.array(cursor * 10 + j) for j in range(count)]
+        return ((c, names.format(c), lambda c=c: decode(c)) for c in cursors if c >= start)
+
+    clips = [c * 10 + j for c in cursors for j in range(counts[c - first_cursor])]
+    expected = [clips[i:i + 4] for i in range(0, len(clips) - 3, 4)]
+    batcher = ClipBatcher(4)
+    batches, positions = [], []
+    for position in batcher.take_clips(sources(first_cursor), 0):
+        batch, _ = batcher.pop()
+        batches.append(batch.tolist())
+        positions.append(position)
+    assert batches == expected
+    assert batcher.good == sum(1 for n in counts if n)
+    for i, (cursor, taken) in enumerate(positions):
+        resumed = ClipBatcher(4)
+        rest = [resumed.pop()[0].tolist() for _ in resumed.take_clips(sources(cursor), taken)]
+        assert rest == expected[i + 1:], f"resumed at {cursor, taken}"
 
 
 def test_every_video_goes_to_exactly_one_rank_and_worker():

@@ -16,7 +16,7 @@ from nbp_ds.errors import ConfigError
 from nbp_ds.model import build_model
 from nbp_ds.perf import dry_run as dry
 from nbp_ds.runtime import distributed
-from nbp_ds.train.ds_config import build_ds_config
+from nbp_ds.train.ds_config import build_ds_config, resolved_configs
 
 SHIPPED = Path(__file__).resolve().parents[1] / "nbp_ds" / "ds_configs"
 
@@ -45,7 +45,8 @@ def no_process_group(monkeypatch):
 
 
 def test_a_dry_run_for_64_ranks_resolves_counts_estimates_reads_and_steps(shards, no_process_group):
-    checked = dry.dry_run(tiny(shards, "train.global_batch=512", "train.micro_batch=2"), world_size=64,
+    cfg = tiny(shards, "train.global_batch=512", "train.micro_batch=2")
+    checked = dry.dry_run(*resolved_configs(cfg, 64), world_size=64,
                           gpus_per_node=8)
     # 512 samples = 2 per rank x 4 accumulation steps x 64 ranks
     assert checked.cfg.train.grad_accum == 4 and checked.ds_config["gradient_accumulation_steps"] == 4
@@ -76,12 +77,12 @@ def test_a_dry_run_for_64_ranks_resolves_counts_estimates_reads_and_steps(shards
 def test_a_dry_run_refuses_bad_batches_and_shards_before_any_process_group(shards, no_process_group, overrides,
                                                                            world, message):
     with pytest.raises(ConfigError, match=message):
-        dry.dry_run(tiny(shards, *overrides), world_size=world, gpus_per_node=8)
+        dry.dry_run(*resolved_configs(tiny(shards, *overrides), world), world_size=world, gpus_per_node=8)
 
 
 def test_a_model_too_large_for_this_machine_steps_as_a_one_layer_copy(shards, no_process_group, monkeypatch):
     monkeypatch.setattr(dry, "free_memory", lambda device: 1000)
-    checked = dry.dry_run(tiny(shards), world_size=2)
+    checked = dry.dry_run(*resolved_configs(tiny(shards), 2), world_size=2)
     assert checked.stepped_layers == 1 and checked.cfg.model.n_layer == 2
     assert "1-layer copy of the model" in checked.report()
 

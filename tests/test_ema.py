@@ -10,7 +10,7 @@ import pytest
 import torch
 from train_helpers import make_shards, run, train_cmd
 
-from nbp_ds.train.ema import WeightsEMA, consolidate
+from nbp_ds.runtime.ema import WeightsEMA, consolidate
 
 
 def test_update_rule_starts_from_the_first_weights_and_lerps():
@@ -47,7 +47,7 @@ def test_zero3_average_matches_the_raw_weights_of_each_step(tmp_path):
                            "train.eval_every=0", "train.ema=0.75", "train.wandb=true"),
                  WANDB_MODE="offline", WANDB_SILENT="true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    from nbp_ds.train.export import consolidate as export_state
+    from nbp_ds.weights.export import consolidate as export_state
 
     raw = [export_state(out, tag=f"step{s:08d}")[0] for s in (1, 2, 3)]
     average, _ = export_state(out, ema=True)
@@ -60,7 +60,7 @@ def test_zero3_average_matches_the_raw_weights_of_each_step(tmp_path):
     result = run(["python", "-m", "nbp_ds.cli.export", str(out), str(out / "ema.safetensors"), "--ema"])
     assert result.returncode == 0, result.stderr[-3000:]
     from nbp_ds.generate import generate
-    from nbp_ds.train.export import load_exported
+    from nbp_ds.weights.export import load_exported
 
     model, _ = load_exported(out / "ema.safetensors")
     exported = model.state_dict()

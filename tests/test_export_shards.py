@@ -18,8 +18,8 @@ from train_helpers import ROOT, make_shards, run
 from nbp_ds.config import load_config
 from nbp_ds.model import build_model
 from nbp_ds.tokenizer import build_tokenizer
-from nbp_ds.train.export import consolidate, load_exported, save_export
-from nbp_ds.train.export_files import parse_size, plan_shards
+from nbp_ds.weights.export import consolidate, load_exported, save_export
+from nbp_ds.weights.files import parse_size, plan_shards
 
 SHARD_BYTES = 40_000  # the tiny model's 4-byte weights (~190 KB) in several shards
 

@@ -13,12 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nbp_ds"
 # bottom to top; the top-level modules (nbp_ds/x.py) and the sub-packages (nbp_ds/x/) by their names
 LAYERS: list[set[str]] = [
     {"errors", "files", "worker_pool", "ffmpeg_tools"},
-    {"layout", "video_io", "visualize"},
-    {"config"},
-    {"runtime"},  # launch, collectives, checkpoints, metrics, schedule, RNG, stop flags: below every program
+    {"layout", "video_io", "visualize", "typed_yaml"},  # typed_yaml: the generic YAML loader of every config
+    {"config"},  # the NBP run schema and its validation
+    {"runtime"},  # launch, collectives, checkpoints, metrics, schedule, RNG, stop flags, the saved-parts protocol,
+    #               the EMA, the trainers' hooks: below every program and both trainers
     {"model", "data"},
-    {"train"},
-    {"official"},  # converts the authors' generators into the export format (train/export)
+    {"weights"},  # the export format, loading an export, a run's identity (WEIGHT_KEYS): no trainer needed
+    {"train"},  # the NBP DeepSpeed trainer: only the programs (cli) import it
+    {"official"},  # converts the authors' generators into the export format (weights/)
     {"tokenizer"},  # its port of the authors' tokenizer reads their files through official/
     {"generate"},  # the sampler: generators, the tokenizer that decodes their tokens, the output folder
     {"sample_log", "eval", "perf"},
@@ -109,6 +111,15 @@ def test_every_package_imports_only_from_the_layers_below_it():
                     for a, targets in import_graph(found).items() if a != "nbp_ds"
                     for b in targets if room(a) != room(b) and level[room(b)] >= level[room(a)])
     assert upward == []
+
+
+def test_only_the_programs_import_the_nbp_trainer():
+    """What more than one program needs (the weights' format, the EMA, the saved-parts protocol, the hooks) sits
+    below train/, so the sampler, the converters, the tokenizer and sample logging never reach into it."""
+    reaching = sorted(f"{a} -> {b}" for a, targets in import_graph(modules()).items()
+                      if a != "nbp_ds" and room(a) not in ("train", "cli")
+                      for b in targets if b.startswith("nbp_ds.train"))
+    assert reaching == []
 
 
 def test_the_graph_reader_sees_function_level_imports_and_circles():

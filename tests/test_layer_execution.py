@@ -12,9 +12,9 @@ import torch
 import torch._dynamo
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nbp_ds.config import load_config
+from nbp_ds.config import CHECKPOINTING_MODES, load_config
 from nbp_ds.errors import ConfigError
-from nbp_ds.model import build_model
+from nbp_ds.model import ModelSpec, build, build_model
 from nbp_ds.model.execution import RUNNERS, LayerExecution, compile_enabled
 
 MODES = ("none", "full", "selective")
@@ -68,6 +68,29 @@ def test_checkpointing_modes_give_the_same_gradients():
         assert model.layers[0].execution.checkpointing == mode
         for name, grad in gradients(model, batch).items():
             torch.testing.assert_close(grad, reference[name], rtol=0, atol=0, msg=f"{mode}: {name}")
+
+
+def test_the_run_configs_checkpointing_modes_are_the_models():
+    """The run config validates train.activation_checkpointing against its list; the model runs its own: one
+    list in two layers, kept equal here (the model reads no run-config parser)."""
+    assert set(RUNNERS) == set(CHECKPOINTING_MODES)
+    assert [LayerExecution.from_settings(v).checkpointing for v in (True, False, "selective")] == [
+        "full", "none", "selective"]
+    with pytest.raises(ValueError, match="got 'some'"):
+        LayerExecution.from_settings("some")
+
+
+def test_the_model_is_built_from_its_own_settings():
+    """build(ModelSpec) needs the model and layout settings only, and gives what build_model(run config) does."""
+    cfg = load_config("tiny", ["model.n_layer=1"])
+    torch.manual_seed(0)
+    from_spec = build(ModelSpec(model=cfg.model, layout=cfg.layout))
+    torch.manual_seed(0)
+    from_run = build_model(cfg)
+    assert from_spec.state_dict().keys() == from_run.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(from_spec.state_dict().values(), from_run.state_dict().values(),
+                                                 strict=True))
+    assert len(from_spec.layers) == 1 and from_spec.layout.grid == tuple(cfg.layout.grid)
 
 
 def test_selective_checkpointing_keeps_matmuls_and_recomputes_elementwise_work():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from train_helpers import make_shards, run
 
 from nbp_ds.official.generator import convert_generator
-from nbp_ds.train.export import consolidate
+from nbp_ds.weights.export import consolidate
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ from nbp_ds.errors import CheckpointError, ConfigError
 from nbp_ds.generate import generate
 from nbp_ds.official.class_text import class_prefixes, class_text
 from nbp_ds.official.generator import convert_generator
-from nbp_ds.train.export import load_exported
+from nbp_ds.weights.export import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 

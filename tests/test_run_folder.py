@@ -1,4 +1,4 @@
-"""One experiment per run folder (nbp_ds.train.experiment): a start whose train.out_dir holds another experiment
+"""One experiment per run folder (nbp_ds.weights.identity): a start whose train.out_dir holds another experiment
 is refused before the model is built, naming what differs, unless train.allow_changes lets the change through,
 which then takes effect (a changed LR is the LR the optimizer runs with). The settings that give weights their
 meaning never change: one list for resume, train.init_from, export and sampling. Real DeepSpeed (ZeRO-3, gloo, one
@@ -15,7 +15,7 @@ from train_helpers import make_shards, run
 
 from nbp_ds.config import load_config
 from nbp_ds.errors import ConfigError
-from nbp_ds.train.experiment import check_same_experiment, check_weights_meaning
+from nbp_ds.weights.identity import check_same_experiment, check_weights_meaning
 
 STEPS = ["train.steps=4", "train.warmup_steps=2", "train.save_every=2", "train.eval_every=0", "train.log_every=1",
          "data.num_workers=1"]
@@ -156,7 +156,7 @@ def test_an_export_from_before_a_weights_setting_existed_is_read_with_its_defaul
     from safetensors.torch import save_file
 
     from nbp_ds.model import build_model
-    from nbp_ds.train.export import load_exported
+    from nbp_ds.weights.export import load_exported
 
     cfg = load_config("tiny")
     recorded = cfg.to_dict()

@@ -116,7 +116,7 @@ def test_parameters_are_sharded(trained):
 
 
 def test_export_loads_and_matches_the_engine(trained, tmp_path):
-    from nbp_ds.train.export import load_exported
+    from nbp_ds.weights.export import load_exported
 
     result = run(["python", "-m", "nbp_ds.cli.export", str(trained), str(tmp_path / "w.safetensors")])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -292,7 +292,7 @@ def test_figures_summed_over_ranks_and_the_applied_lr_match_hand_counts(tmp_path
     logged = [json.loads(line)["val/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "val/loss" in line]
     from nbp_ds.data import build_loader
-    from nbp_ds.train.export import load_exported
+    from nbp_ds.weights.export import load_exported
 
     model, cfg = load_exported(out)
     losses = []

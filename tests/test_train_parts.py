@@ -22,10 +22,10 @@ from nbp_ds.runtime.checkpoint import (
     find_checkpoint,
     read_latest,
 )
+from nbp_ds.runtime.hooks import TrainerHooks, load_hooks
 from nbp_ds.runtime.metrics import console_line
 from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.train.ds_config import build_ds_config
-from nbp_ds.train.hooks import TrainerHooks, load_hooks
 from nbp_ds.train.state import TrainState
 
 
@@ -339,6 +339,21 @@ def test_the_global_batch_derives_the_accumulation(overrides, world, accum, ds_b
     assert (tr.grad_accum, tr.global_batch) == (accum, ds_batch)
     ds = build_ds_config(cfg, world)
     assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (accum, ds_batch)
+
+
+def test_the_deepspeed_config_writes_the_batch_the_trainer_planned():
+    """The trainer works the batch out once (plan_batch) and the DeepSpeed config writes that plan as given: 4 x 3
+    x 2 = 24 by hand, whatever the run config's own grad_accum (1 here) would give."""
+    from nbp_ds.train.batch import GlobalBatch, plan_batch
+
+    cfg = load_config("tiny", ["train.micro_batch=4"])
+    ds = build_ds_config(cfg, 2, GlobalBatch(micro_batch=4, grad_accum=3, processes=2))
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        4, 3, 24)
+    with pytest.raises(ValueError, match="planned for 2 processes given for 4"):
+        build_ds_config(cfg, 4, GlobalBatch(4, 3, 2))
+    planned = plan_batch(load_config("tiny", ["train.micro_batch=4", "train.global_batch=32"]).train, 2)
+    assert (planned.grad_accum, planned.samples) == (4, 32)
 
 
 @pytest.mark.parametrize("overrides, world, message", [

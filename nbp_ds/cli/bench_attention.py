@@ -25,9 +25,9 @@ HEADER = ("backend", "rule", "fwd+bwd ms", "x causal ref", "TFLOP/s")
 
 def report(name: str, cfg, args, device, dtype) -> tuple[list[str], bool]:
     """The lines of one config's table, and whether anything was measured."""
-    from nbp_ds.layout import Layout
-    from nbp_ds.model.attention import resolve_backend_name
-    from nbp_ds.perf.attention_bench import best_flex, measure, tflops, visible_pairs
+    from nbp_ds.layout import Layout  # local: --help answers before torch loads
+    from nbp_ds.model.attention import resolve_backend_name  # local: --help answers before torch loads
+    from nbp_ds.perf.attention_bench import best_flex, measure, tflops, visible_pairs  # local: start-up time
 
     layout = Layout.from_config(cfg.layout, cfg.model.vocab_size)
     heads, head_dim = cfg.model.n_head, cfg.model.d_model // cfg.model.n_head
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value run-config overrides (e.g. model.flex_kernel_options=...)")
     args = p.parse_intermixed_args(argv)
 
-    import torch
+    import torch  # local: --help answers before torch loads
 
-    from nbp_ds.config import load_config
+    from nbp_ds.config import load_config  # local: --help answers before torch loads
 
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda"

@@ -39,15 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nbp_ds.video_io import ClipSpec
+    from nbp_ds.video_io import ClipSpec  # local: --help answers before torch loads
 
     clip = ClipSpec(args.frames, args.resolution, 8.0, 1)
     if args.measure is not None:
-        from nbp_ds.perf.clip_stream import measure
+        from nbp_ds.perf.clip_stream import measure  # local: --help answers before torch loads
 
         print(json.dumps(measure(args.measure, args.workers[0], clip, args.batch_size, args.cache_mb[0])))
         return 0
-    from nbp_ds.perf.clip_stream import make_dataset
+    from nbp_ds.perf.clip_stream import make_dataset  # local: --help answers before torch loads
 
     print(f"clip stream: {clip.describe()}, batches of {args.batch_size}, one epoch per figure")
     print(f"{'videos':>7} {'workers':>7} {'cache MB':>8} {'clips/s':>8} {'/worker':>8} {'main RSS MB':>11} "

@@ -38,9 +38,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples seen at which to measure a resume (default 10000 1000000; none: skip)")
     p.add_argument("--skip-tokenize", action="store_true")
     args = p.parse_intermixed_args(argv)
-    import numpy as np
+    import numpy as np  # local: --help answers before torch loads
 
-    from nbp_ds.perf.data_bench import bench_loader, bench_resume, bench_tokenize, write_token_shards
+    from nbp_ds.perf.data_bench import (  # local: --help answers before torch loads
+        bench_loader,
+        bench_resume,
+        bench_tokenize,
+        write_token_shards,
+    )
 
     grid = tuple(int(x) for x in args.grid.split(","))
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -33,12 +33,12 @@ HEADER = ("attention", "compile", "ckpt", "batch", "tokens/step", "step ms", "to
 
 def measure(args: argparse.Namespace, backend: str, batch_size: int, device, peak: float | None):
     """One table row (and, with --profile, the step's time by category)."""
-    import torch
+    import torch  # local: --help answers before torch loads
 
-    from nbp_ds.config import load_config
-    from nbp_ds.perf.profile import profile_steps, step_shares
-    from nbp_ds.perf.timing import median, time_repeats
-    from nbp_ds.perf.train_step import build_training, make_step, random_batch
+    from nbp_ds.config import load_config  # local: --help answers before torch loads
+    from nbp_ds.perf.profile import profile_steps, step_shares  # local: --help answers before torch loads
+    from nbp_ds.perf.timing import median, time_repeats  # local: --help answers before torch loads
+    from nbp_ds.perf.train_step import build_training, make_step, random_batch  # local: start-up time
 
     cfg = load_config(args.config, [*args.overrides, f"model.attention={backend}"])
     model, optimizer, autocast = build_training(cfg, device, args.dtype)
@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace, backend: str, batch_size: int, device, pea
 
 
 def _release(device) -> None:
-    import torch
+    import torch  # local: --help answers before torch loads
 
     gc.collect()
     torch._dynamo.reset()  # each row compiles its own model; earlier graphs would count as recompilations
@@ -94,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value run-config overrides")
     args = p.parse_intermixed_args(argv)
 
-    import torch
+    import torch  # local: --help answers before torch loads
 
-    from nbp_ds.config import load_config
-    from nbp_ds.model.attention import AttentionUnavailable
-    from nbp_ds.runtime.metrics import peak_tflops
+    from nbp_ds.config import load_config  # local: --help answers before torch loads
+    from nbp_ds.model.attention import AttentionUnavailable  # local: --help answers before torch loads
+    from nbp_ds.runtime.metrics import peak_tflops  # local: --help answers before torch loads
 
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")

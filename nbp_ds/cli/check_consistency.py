@@ -97,7 +97,7 @@ def load_classes(path: str | None, folder: Path) -> dict[str, int]:
 
 def decode(path: Path, fps: float, resolution: int) -> np.ndarray:
     """All frames of a video at `fps`, scaled and center-cropped to `resolution` (uint8 [N, R, R, 3])."""
-    from nbp_ds.video_io import decode_video
+    from nbp_ds.video_io import decode_video  # local: --help answers before torch loads
 
     return decode_video(path, fps, resolution)
 
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
             raise UsageError(f"{folder}: no labelled mp4 files found (expected "
                              f"{'<class>/*.mp4' if args.videos else '<class>_<NNN>.mp4'})")
         log.info("checking %d videos in %s", len(files), folder)
-        from nbp_ds.video_io import VideoError, probe_video
+        from nbp_ds.video_io import VideoError, probe_video  # local: --help answers before torch loads
 
         try:
             # Probing costs an ffprobe process per file (as much as decoding such tiny videos): probe the first

@@ -8,7 +8,7 @@
     # a tokenizer (.pt) -> .safetensors, only needed when the .pt cannot be read without pickle
     nbp-convert-official tokenizer magvit2_ucf.pt converted/magvit2_ucf.safetensors --trust-pickle
 
-The converted generator loads with nbp_ds.train.export.load_exported, samples with nbp-sample
+The converted generator loads with nbp_ds.weights.export.load_exported, samples with nbp-sample
 (--weights OUT.safetensors --tokenizer official:magvit2_ucf.pt) and fine-tunes with
 `nbp-train --config OUT.json train.init_from=OUT.safetensors data.train=...`.
 
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     if args.what == "generator":
-        from nbp_ds.official.generator import convert_generator
-        from nbp_ds.train.export_files import output_shard_bytes
+        from nbp_ds.official.generator import convert_generator  # local: --help answers before torch loads
+        from nbp_ds.weights.files import output_shard_bytes  # local: --help answers before torch loads
 
         shard_bytes = output_shard_bytes(args.out, args.shard_size)
         cfg = convert_generator(args.ckpt, args.out, trust_pickle=args.trust_pickle, classes=args.classes,
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.out} and {Path(args.out).with_suffix('.json')}"
         print(f"wrote {written}: {cfg.name}, {len(cfg.layout.class_prefixes) or 'no'} class prefixes")
     else:
-        from nbp_ds.tokenizer.official import load_official_tokenizer, save_official_tokenizer
+        from nbp_ds.tokenizer.official import load_official_tokenizer, save_official_tokenizer  # local: start-up time
 
         tokenizer = load_official_tokenizer(args.pt, trust_pickle=args.trust_pickle)
         out = save_official_tokenizer(tokenizer, args.out)

@@ -11,7 +11,7 @@ tag that 'latest' names. It may also be an export in either form, written again 
 Writes OUT (weights + the run config as metadata) and OUT with .json; with --shard-size, the folder OUT
 in the Hugging Face layout: model-00001-of-0000N.safetensors ..., model.safetensors.index.json (its
 weight_map names each tensor's shard) and config.json (the run config).
-Load either with nbp_ds.train.export.load_exported(OUT), nbp-sample --weights OUT, or train.init_from=OUT.
+Load either with nbp_ds.weights.export.load_exported(OUT), nbp-sample --weights OUT, or train.init_from=OUT.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write OUT as a folder of shards of at most SIZE each (5GB, 500MB, 2GiB) with an index")
     args = parser.parse_args(argv)
     setup_logging(fmt="%(message)s")
-    from nbp_ds.train.export import export
-    from nbp_ds.train.export_files import output_shard_bytes
+    from nbp_ds.weights.export import export  # local: --help answers before torch loads
+    from nbp_ds.weights.files import output_shard_bytes  # local: --help answers before torch loads
 
     shard_bytes = output_shard_bytes(args.out, args.shard_size)
     out = export(args.checkpoint, args.out, dtype=args.dtype, tag=args.tag, ema=args.ema, shard_bytes=shard_bytes)

@@ -68,7 +68,7 @@ def steps(py: str, tests: Path | None) -> list[Step]:
 
 def check_environment() -> list[str]:
     """Lines describing the machine; raises UsageError naming what is missing."""
-    import torch
+    import torch  # local: --help answers before torch loads
 
     if not torch.cuda.is_available():
         raise UsageError("no CUDA device is visible to torch: gpu-check needs a GPU (CUDA_VISIBLE_DEVICES?)")

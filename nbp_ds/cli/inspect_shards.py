@@ -28,10 +28,17 @@ from nbp_ds.errors import UsageError
 
 def inspect(spec: str | list[str], retries: int = 3, retry_backoff: float = 1.0) -> dict:
     """One pass over the shards -> a report dict (see main for the fields)."""
-    import numpy as np
-    from tqdm import tqdm
+    import numpy as np  # local: --help answers before torch loads
+    from tqdm import tqdm  # local: --help answers before torch loads
 
-    from nbp_ds.data import DataReport, RetryPolicy, SampleError, decode_sample, expand_shards, read_shard
+    from nbp_ds.data import (  # local: --help answers before torch loads
+        DataReport,
+        RetryPolicy,
+        SampleError,
+        decode_sample,
+        expand_shards,
+        read_shard,
+    )
 
     shards = expand_shards(spec)
     reader = DataReport(cap=10)

@@ -74,19 +74,20 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config or args.dry_run:
-        from nbp_ds.perf.dry_run import config_text, dry_run, resolved_configs
+        from nbp_ds.perf.dry_run import config_text, dry_run
         from nbp_ds.runtime.launch import detect
+        from nbp_ds.train.ds_config import resolved_configs
 
         world = args.world_size or detect().world_size
         if args.dry_run:
-            checked = dry_run(cfg, world, args.gpus_per_node)
+            checked = dry_run(*resolved_configs(cfg, world), world, args.gpus_per_node)
             print(config_text(checked.cfg, checked.ds_config, world) + checked.report())
         else:
             print(config_text(*resolved_configs(cfg, world), world), end="")
         return 0
     from nbp_ds.runtime import distributed
+    from nbp_ds.runtime.hooks import HookChain, load_hooks
     from nbp_ds.sample_log import SampleLogger
-    from nbp_ds.train.hooks import HookChain, load_hooks
     from nbp_ds.train.loop import train
 
     hooks = HookChain([load_hooks(cfg.train.hooks), SampleLogger()])  # train.hooks, then sample videos

@@ -32,7 +32,7 @@ from nbp_ds.cli import command, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbp_ds.tokenizer.config import FLAGS, default_of
+    from nbp_ds.tokenizer.config import FLAGS, default_of  # local: --help answers before torch loads
 
     p = argparse.ArgumentParser(prog="nbp-train-tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_arguments(argv: list[str] | None = None):
     """The resolved TokenizerTrainConfig of a command line (flags applied before key=value overrides), and
     whether --print-config was given."""
-    from nbp_ds.tokenizer.config import FLAGS, load_tokenizer_config
+    from nbp_ds.tokenizer.config import FLAGS, load_tokenizer_config  # local: --help answers before torch loads
 
     args = build_parser().parse_intermixed_args(argv)
     flags = {key: getattr(args, key) for _, key, _, _ in FLAGS if hasattr(args, key)}
@@ -61,7 +61,7 @@ def config_from_arguments(argv: list[str] | None = None):
 def reconstruction_fvd(i3d: str):
     """The held-out report's rFVD with the I3D detector file ``i3d`` (nbp-eval-fvd's code; the first
     min(16, frames) frames of each clip)."""
-    from nbp_ds.eval.fvd import DEFAULT_NUM_FRAMES, I3DFeatureExtractor, compute_fvd
+    from nbp_ds.eval.fvd import DEFAULT_NUM_FRAMES, I3DFeatureExtractor, compute_fvd  # local: start-up time
 
     def rfvd(real, fake, device) -> float:
         extractor = I3DFeatureExtractor(i3d, device, num_frames=min(DEFAULT_NUM_FRAMES, real.shape[1]))
@@ -72,18 +72,18 @@ def reconstruction_fvd(i3d: str):
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from nbp_ds.runtime.stop import stop_request
+    from nbp_ds.runtime.stop import stop_request  # local: --help answers before torch loads
 
     stop_request()  # before the slow start-up: a SIGUSR1 during it is remembered, not fatal
     cfg, print_config = config_from_arguments(argv)
     if print_config:
-        import yaml
+        import yaml  # local: --help answers before torch loads
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     setup_logging(ranked=True)
     from nbp_ds.runtime import distributed
-    from nbp_ds.tokenizer.trainer import train_tokenizer
+    from nbp_ds.tokenizer.trainer import train_tokenizer  # local: --help answers before torch loads
 
     report = train_tokenizer(cfg, reconstruction_fvd(cfg.train.i3d) if cfg.train.i3d else None)
     if report is not None:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from nbp_ds.video_io import read_frames
+
 logger = logging.getLogger(__name__)
 
 I3D_FILENAME = "i3d_torchscript.pt"
@@ -311,8 +313,6 @@ class ShortVideoError(ValueError):
 
 def load_clip(path: Path, num_frames: int) -> np.ndarray:
     """The first ``num_frames`` frames of a video file or a saved ``.npy`` array, uint8 [num_frames, H, W, 3]."""
-    from nbp_ds.video_io import read_frames
-
     clip = read_frames(path, num_frames)
     if clip.shape[0] < num_frames:
         raise ShortVideoError(f"{path}: has {clip.shape[0]} frames, FVD clips need {num_frames}")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from nbp_ds.eval.synthetic import CLASSES, parse_class, render_clip
 from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.video_io import write_video
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
@@ -51,8 +52,6 @@ def video_rng(seed: int, split: str, class_index: int, index: int) -> np.random.
 
 def make_video(job: VideoJob) -> str:
     """Render and encode one video (runs in a worker process). Returns its path."""
-    from nbp_ds.video_io import write_video
-
     final = video_path(Path(job.out), job.split, job.name, job.index)
     shape, direction = parse_class(job.name)
     clip = render_clip(shape, direction, job.frames, job.size,

@@ -43,6 +43,9 @@ from tqdm import tqdm
 
 from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
+from nbp_ds.generate.decode import generate
+from nbp_ds.video_io import write_video
+from nbp_ds.visualize import frame_grid, save_png
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +223,6 @@ class VideoWriter:
         self._futures.append(future)
 
     def _write(self, job: VideoJob, tokens: np.ndarray, frames: np.ndarray) -> None:
-        from nbp_ds.video_io import write_video
-
         frames_file, tokens_file = f"{FRAMES_DIR}/{job.stem}.npy", f"{TOKENS_DIR}/{job.stem}.npy"
         with atomic_output(self.out / tokens_file, suffix=".npy") as tmp:
             np.save(tmp, tokens.astype(np.int32))
@@ -275,9 +276,6 @@ def sample_to_folder(model, tokenizer, jobs: Sequence[VideoJob], out: str | Path
     ``settings`` is what identifies the run (recorded in sampling.json and compared on resume); ``sampling``
     holds generate's temperature / top_k / top_p / cfg_scale; ``context`` [1, c, H, W] conditions every video
     of a frame-prediction model; ``restart`` discards an earlier run in ``out`` instead of resuming it."""
-    from nbp_ds.generate import generate
-    from nbp_ds.visualize import frame_grid, save_png
-
     began = time.perf_counter()
     out = Path(out)
     finished = open_run(out, settings, restart)

@@ -23,6 +23,9 @@ from nbp_ds.generate.conditions import check_conditions
 from nbp_ds.generate.decode import resolve_mode
 from nbp_ds.generate.draw import check_seed
 from nbp_ds.generate.folder import SamplingSummary, plan_jobs, sample_to_folder
+from nbp_ds.tokenizer import load_tokenizer
+from nbp_ds.video_io import VideoError, read_clips
+from nbp_ds.weights.export import load_exported
 
 if TYPE_CHECKING:
     from nbp_ds.layout import Layout
@@ -76,9 +79,6 @@ class SamplerInputs:
 
 def load_inputs(options: SamplerOptions) -> SamplerInputs:
     """Load and cross-check weights, tokenizer, labels and context; raise UsageError before any work."""
-    from nbp_ds.tokenizer import load_tokenizer
-    from nbp_ds.train.export import load_exported
-
     for name, value in (("--num", options.num), ("--batch-size", options.batch_size), ("--writers", options.writers)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
@@ -121,8 +121,6 @@ def load_inputs(options: SamplerOptions) -> SamplerInputs:
 
 def encode_context(path: Path, tokenizer: VideoTokenizerBase, layout: Layout) -> torch.Tensor:
     """The first latent frames of a video, as the frame-prediction model's context [1, c, H, W]."""
-    from nbp_ds.video_io import VideoError, read_clips
-
     frames, height, width = tokenizer.clip_shape(layout.grid)
     try:
         clip = read_clips(path, frames=frames, fps=8.0, resolution=height, clips=1)[0]

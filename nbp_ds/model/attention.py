@@ -91,7 +91,7 @@ class FlexAttention(SdpaAttention):
 
     def __init__(self, layout: Layout, device: torch.device, kernel_options: dict[str, Any] | None = None):
         super().__init__(layout, device)
-        from torch.nn.attention import flex_attention as fa
+        from torch.nn.attention import flex_attention as fa  # local: torch's compiler stack, for this backend only
 
         self._flex = fa.flex_attention
         ids = torch.from_numpy(layout.block_ids).to(device)

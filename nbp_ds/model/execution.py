@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from nbp_ds.config import CHECKPOINTING_MODES, checkpointing_mode
-
 LayerFn = Callable[..., torch.Tensor]  # (layer, x, *positions) -> x; positions: the rotary tables, or none
 
 
@@ -66,8 +64,8 @@ def run_layer_selective(layer, x: torch.Tensor, *positions: torch.Tensor) -> tor
                       context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_matmuls))
 
 
+# the activation checkpointing modes (the run config's train.activation_checkpointing, validated there, names them)
 RUNNERS: dict[str, LayerFn] = {"none": run_layer, "full": run_layer_recomputed, "selective": run_layer_selective}
-assert set(RUNNERS) == set(CHECKPOINTING_MODES)
 
 _compiled: dict[LayerFn, LayerFn] = {}
 
@@ -99,9 +97,15 @@ class LayerExecution:
     @classmethod
     def from_settings(cls, checkpointing: bool | str = "none", compile: bool | str = False,
                       device: torch.device | str | None = None) -> LayerExecution:
-        """From the run config's words: ``train.activation_checkpointing`` and ``model.compile`` (auto: compile
-        on a CUDA device, not on the CPU, where compiling costs more time than it saves in tests)."""
-        return cls(checkpointing_mode(checkpointing), compile_enabled(compile, device))
+        """From the settings' words: a checkpointing mode of :data:`RUNNERS` (true and false, as older configs
+        say, mean full and none) and a compile setting (auto: compile on a CUDA device, not on the CPU, where
+        compiling costs more time than it saves in tests)."""
+        if isinstance(checkpointing, bool):
+            checkpointing = "full" if checkpointing else "none"
+        if checkpointing not in RUNNERS:
+            raise ValueError(f"activation checkpointing must be one of {', '.join(RUNNERS)} (or true / false), "
+                             f"got {checkpointing!r}")
+        return cls(checkpointing, compile_enabled(compile, device))
 
 
 def compile_enabled(setting: bool | str, device: torch.device | str | None = None) -> bool:

@@ -4,7 +4,7 @@
   by ``load_tokenizer("official:PATH")``.
 * Generators (Lightning ``.ckpt``, UCF-101 class-conditional and Kinetics-600 frame prediction, 700M / 3B):
   ``convert_generator`` (nbp-convert-official) writes them in the export format of
-  nbp_ds.train.export, as a ``model.arch: gpt2`` model (nbp_ds.model.gpt2) with the layout options that
+  nbp_ds.weights.export, as a ``model.arch: gpt2`` model (nbp_ds.model.gpt2) with the layout options that
   reproduce their sequences (nbp_ds.layout).
 """
 

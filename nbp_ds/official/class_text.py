@@ -29,7 +29,7 @@ def class_prefixes(names: list[str], sentencepiece_model: str | Path,
     """Token ids [BOS, pieces..., EOS padding] of length ``length`` per class name, and the text vocabulary
     size, from a sentencepiece model file (the Llama-2 ``tokenizer.model``)."""
     try:
-        import sentencepiece
+        import sentencepiece  # local: an optional dependency
     except ImportError as exc:  # an optional dependency: pip install 'nbp_ds[official]'
         raise ConversionError("class prefixes need the sentencepiece package: pip install 'nbp_ds[official]' "
                               "(or sentencepiece)") from exc

@@ -18,6 +18,7 @@ known one to drop, or a missing one, or a shape that does not fit, is refused by
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ import torch
 
 from nbp_ds.config import RunConfig
 from nbp_ds.errors import CheckpointError
+from nbp_ds.model import build_model
 from nbp_ds.official.class_text import PREFIX_LENGTH, class_prefixes, read_class_names
 from nbp_ds.official.files import ConversionError, read_torch_file, require_matching_state
+from nbp_ds.weights.export import save_export
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +197,6 @@ def official_key(ours: str) -> str:
 
 def convert_weights(released: ReleasedGenerator, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The released weights under our names; every key and shape checked against the model ``cfg`` builds."""
-    from nbp_ds.model import build_model
-
     expected = {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
     ours_pos, theirs_pos = POSITIONS
     seq_len = expected.pop(ours_pos)[0]
@@ -220,13 +221,9 @@ def convert_generator(path: str | Path, out: str | Path, *, trust_pickle: bool =
                       kind: str | None = None, n_head: int | None = None, block_size: int | None = None,
                       grid: list[int] | None = None, context_frames: int = 2, dtype: str = "fp32",
                       shard_bytes: int | None = None) -> RunConfig:
-    """Convert a released ``.ckpt`` into ``out`` (.safetensors + .json as nbp_ds.train.export writes, or with
+    """Convert a released ``.ckpt`` into ``out`` (.safetensors + .json as nbp_ds.weights.export writes, or with
     ``shard_bytes`` its sharded form in the folder ``out``; classes.json beside the weights for a class-conditional
     model) and return its run config."""
-    import json
-
-    from nbp_ds.train.export import save_export
-
     released = read_released_generator(path, trust_pickle=trust_pickle)
     names = read_class_names(classes) if classes is not None else None
     cfg = generator_config(released, kind=kind, n_head=n_head, block_size=block_size, grid=grid,

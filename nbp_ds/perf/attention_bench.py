@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nbp_ds.layout import Layout
 from nbp_ds.model.attention import (
@@ -68,8 +69,6 @@ def tflops(row: Row, layout: Layout, batch: int, heads: int, head_dim: int) -> f
 
 
 def _causal_sdpa(backend) -> Kernel:
-    from torch.nn.attention import sdpa_kernel
-
     def run(q, k, v):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -89,8 +88,6 @@ def _flash_package_causal(q, k, v):
 
 def candidates(layout: Layout, device: torch.device, flex_options: dict | None, sweep: bool) -> list[tuple]:
     """(label, rule, kernel factory, flex options) for every row to measure on ``device``."""
-    from torch.nn.attention import SDPBackend
-
     rows: list[tuple] = []
     if device.type == "cuda":
         rows.append(("causal FlashAttention-2 (torch sdpa)", "causal", lambda: _causal_sdpa(SDPBackend.FLASH_ATTENTION),

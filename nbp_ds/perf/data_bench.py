@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from nbp_ds import ffmpeg_tools
+from nbp_ds.data import TokenShardWriter, build_loader
+from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
+from nbp_ds.video_io import ClipSpec
 
 
 def write_token_shards(folder: Path, grid: tuple[int, int, int], samples: int) -> float:
     """``samples`` random clips of ``grid`` tokens (64,000 codes, 101 classes) as 500-sample shards in ``folder``;
     returns the bytes per sample on disk."""
-    from nbp_ds.data import TokenShardWriter
-
     rng = np.random.default_rng(0)
     with TokenShardWriter(folder, maxcount=500) as writer:
         for i in range(samples):
@@ -29,8 +30,6 @@ def write_token_shards(folder: Path, grid: tuple[int, int, int], samples: int) -
 
 def bench_loader(folder: Path, grid: tuple[int, int, int], samples: int, workers: int, batch: int) -> float:
     """Samples per second a training loader delivers once its workers are up."""
-    from nbp_ds.data import build_loader
-
     # more workers than cores is what this measures (a node has many more): not a mistake to warn about
     warnings.filterwarnings("ignore", message="This DataLoader will create")
     loader = build_loader(folder, grid=grid, batch_size=batch, mode="train", num_workers=workers, seed=0,
@@ -47,8 +46,6 @@ def bench_resume(folder: Path, grid: tuple[int, int, int], seen: list[int], work
                  replay_first: bool = True) -> list[tuple[int, float, float, float | None]]:
     """For each number of samples seen: (samples, seconds to reach it, seconds from a saved state to the
     first batch of a new loader, seconds for the same by reading the stream again up to there)."""
-    from nbp_ds.data import build_loader
-
     warnings.filterwarnings("ignore", message="This DataLoader will create")
     kwargs = dict(grid=grid, batch_size=batch, mode="train", num_workers=workers, seed=0, shuffle_buffer=1000)
     loader = build_loader(folder, **kwargs)
@@ -77,9 +74,6 @@ def bench_resume(folder: Path, grid: tuple[int, int, int], seen: list[int], work
 
 def bench_tokenize(tmp: Path, preset: str, videos: int, frames: int, resolution: int, workers: int) -> tuple:
     """(clips, seconds) of tokenizing ``videos`` ffmpeg test videos made in ``tmp`` with ``random:<preset>``."""
-    from nbp_ds.tokenizer.pipeline import TokenizeOptions, tokenize_dataset
-    from nbp_ds.video_io import ClipSpec
-
     src = tmp / "videos"
     src.mkdir()
     for i in range(videos):

@@ -34,22 +34,11 @@ from nbp_ds.errors import ConfigError
 from nbp_ds.model import build_model
 from nbp_ds.model.transformer import SequenceLayer
 from nbp_ds.perf.train_step import build_training
-from nbp_ds.train.batch import resolve_global_batch
-from nbp_ds.train.ds_config import build_ds_config, zero_stage
 
 GIB = 2**30
 # the step runs the full model when its weights, gradients and AdamW states take at most this share of the free
 # memory (the rest is for activations)
 STEP_MEMORY_SHARE = 0.5
-
-
-def resolved_configs(cfg: RunConfig, world_size: int) -> tuple[RunConfig, dict[str, Any]]:
-    """The run config as it runs on ``world_size`` ranks (accumulation and global batch fixed) and its DeepSpeed
-    config; a ConfigError for what the trainer would refuse."""
-    if world_size < 1:
-        raise ConfigError(f"--world-size must be at least 1, got {world_size}")
-    resolved = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, world_size))
-    return resolved, build_ds_config(cfg, world_size)
 
 
 def config_text(cfg: RunConfig, ds_config: dict[str, Any], world_size: int) -> str:
@@ -93,7 +82,7 @@ def ds_setting(ds_config: dict[str, Any]) -> str:
     zero = ds_config.get("zero_optimization", {})
     offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     offload_param = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
-    name = f"zero{zero_stage(ds_config)}"
+    name = f"zero{int(zero.get('stage', 0))}"
     if offload_optimizer and offload_param and name == "zero3":
         return f"{name} + optimizer and parameter offload"
     return f"{name} + optimizer offload" if offload_optimizer else name
@@ -153,11 +142,13 @@ def _size(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-def dry_run(cfg: RunConfig, world_size: int, gpus_per_node: int = 8,
+def dry_run(resolved: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per_node: int = 8,
             device: torch.device | None = None) -> DryRun:
-    """Check ``cfg`` for a job of ``world_size`` ranks, ``gpus_per_node`` per node, in this process (see the
-    module's text); a ConfigError names the first problem."""
-    resolved, ds_config = resolved_configs(cfg, world_size)
+    """Check a run config for a job of ``world_size`` ranks, ``gpus_per_node`` per node, in this process (see the
+    module's text): ``resolved`` and ``ds_config`` as ``nbp_ds.train.ds_config.resolved_configs`` gives them for
+    that many ranks (the trainer's own resolution, which this layer below the trainer does not import); a
+    ConfigError names the first problem."""
+    cfg = resolved
     gpus_per_node = min(gpus_per_node, world_size)
     if world_size % gpus_per_node:
         raise ConfigError(f"--world-size {world_size} is not a whole number of nodes of --gpus-per-node "

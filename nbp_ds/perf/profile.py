@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import schedule
 
 from nbp_ds.runtime.profiling import TRACE_GLOB, trace_profiler
 
@@ -115,8 +117,6 @@ def _op(event) -> Op:
 
 def step_shares(events, device: torch.device) -> StepShares:
     """Sort the profiled steps' time (``events``: a profiler's ``events()``) into :data:`CATEGORIES`."""
-    from torch.autograd import DeviceType
-
     steps = [e for e in events if e.name.startswith("ProfilerStep")]
     if not steps:
         raise ValueError("no ProfilerStep events: profile with a schedule and call prof.step() after each step")
@@ -150,8 +150,6 @@ def profile_steps(step: Callable[[], None], folder: Path | str, steps: int, devi
                   worker: str = "bench_train") -> tuple[object, Path]:
     """Run ``step`` 1 + ``steps`` times under the profiler (the first untraced, a warm-up) and write the
     trace into ``folder``; (the profiler, the trace file)."""
-    from torch.profiler import schedule
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     before = set(folder.glob(TRACE_GLOB))

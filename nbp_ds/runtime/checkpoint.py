@@ -141,6 +141,14 @@ def _rank_state_file(ref: CheckpointRef, rank: int) -> Path:
     return ref.path / f"rank{rank:05d}_data.json"
 
 
+class Stateful(Protocol):
+    """What a part keeps as one state (a model with its optimizer, a trainer's counters, a loader's position)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class CheckpointPart(Protocol):
     """One stateful part of a run as its checkpoints keep it. ``save`` writes this rank's share of the part into
     the tag folder ``ref.path``; ``load`` reads the same files back into the part."""

@@ -158,7 +158,7 @@ SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 def interface_address(name: str) -> str | None:
     """The IPv4 address of a network interface (Linux), None when it has none."""
-    import fcntl
+    import fcntl  # local: POSIX only, and only the interface lookup needs it
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:

@@ -30,6 +30,7 @@ from nbp_ds.config import TrainConfig
 from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.runtime import distributed
+from nbp_ds.visualize import gif_bytes
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class MetricsLogger:
         self.jsonl = None
         self.wandb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # local: seconds to import; rank 0 only
 
             self.writer = SummaryWriter(str(out_dir / "tb"))
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
@@ -175,7 +176,7 @@ class MetricsLogger:
         if self.enabled:
             self.writer.add_image(tag, image, step, dataformats="HWC")
             if self.wandb is not None:
-                import wandb
+                import wandb  # local: an optional dependency (train.wandb)
 
                 self.wandb.log({tag: wandb.Image(image)}, step=step)
 
@@ -184,16 +185,14 @@ class MetricsLogger:
         without its moviepy dependency); W&B gets a wandb.Video."""
         if not self.enabled:
             return
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        from nbp_ds.visualize import gif_bytes
+        from tensorboard.compat.proto.summary_pb2 import Summary  # local: TensorBoard's import time, as above
 
         _, height, width, _ = video.shape
         image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif_bytes(video, fps))
         # the SummaryWriter's own event file, as its add_video does
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
         if self.wandb is not None:
-            import wandb
+            import wandb  # local: an optional dependency (train.wandb)
 
             self.wandb.log({tag: wandb.Video(video.transpose(0, 3, 1, 2), fps=fps, format="gif")}, step=step)
 
@@ -211,7 +210,7 @@ class MetricsLogger:
 
 def _wandb_run(out_dir: Path, settings: WandbSettings, config: dict):
     try:
-        import wandb
+        import wandb  # local: an optional dependency (train.wandb)
     except ImportError as exc:
         raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
                           "or set train.wandb=false") from exc

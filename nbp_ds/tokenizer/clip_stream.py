@@ -25,9 +25,11 @@ taken); shards that cannot be read are retried, then skipped and counted (``Clip
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,45 @@ class DecodedVideos:
         return video
 
 
+class ClipBatcher:
+    """The one loop that fills a worker's batches, whatever its clips come from (video files or the samples of a
+    shard): :meth:`take_clips` takes every clip of each source in turn, skipping the sources that give none, and
+    says after each full batch where the worker is, so that a resume continues exactly there."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.batch: list[np.ndarray] = []
+        self.skipped: list[tuple[str, str]] = []  # (source, reason) since the last batch
+        self.good = 0  # sources that gave clips
+
+    def take_clips(self, sources: Iterable[tuple[int, str, Callable[[], list[np.ndarray]]]], taken: int
+                   ) -> Iterator[tuple[int, int]]:
+        """``sources``: (cursor, name, clips) in reading order, the cursor being the source's place (a video's index
+        in the shuffled share, a sample's ordinal in its shard), ``clips`` what decodes it (ClipTooShort and
+        VideoError: skipped, named). The first source continues after its first ``taken`` clips. Yields, whenever a
+        batch is full (:meth:`pop`), the position after it: (cursor of the source to read next, its clips taken)."""
+        for cursor, name, decode in sources:
+            try:
+                clips = decode()
+            except (ClipTooShort, VideoError) as exc:
+                self.skipped.append((name, exc.reason))
+                taken = 0
+                continue
+            self.good += 1
+            for clip in clips[taken:]:
+                self.batch.append(clip)
+                taken += 1
+                if len(self.batch) == self.batch_size:
+                    yield (cursor + 1, 0) if taken == len(clips) else (cursor, taken)
+            taken = 0
+
+    def pop(self) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        """The full batch and the sources skipped since the last one; both start empty again."""
+        batch, skipped = np.stack(self.batch), self.skipped
+        self.batch, self.skipped = [], []
+        return batch, skipped
+
+
 def worker_share(count: int, seed: int, rank: int, world: int, worker: int, workers: int) -> np.ndarray:
     """Indices of the videos (of ``count``) that loader worker ``worker`` of rank ``rank`` reads, every epoch."""
     order = np.random.default_rng([seed, 0x5EED]).permutation(count)
@@ -130,37 +171,26 @@ class VideoClipStream(IterableDataset):
                                f"{self.workers} loader worker(s): lower data.workers")
         cache = DecodedVideos(self.cache_bytes)
         epoch, index, taken = self.positions[worker]
-        batch: list[np.ndarray] = []
-        skipped: list[tuple[str, str]] = []
+        batcher = ClipBatcher(self.batch_size)
         while True:
             order = np.random.default_rng([self.seed, epoch, 0xC11B]).permutation(len(share))
-            whole_pass, good = index == 0, 0
-            while index < len(order):
-                video_id = int(share[order[index]])
-                path = self.videos[video_id]
-                try:
-                    rng = np.random.default_rng([self.seed, epoch, video_id])
-                    clips = random_clips(cache.get(path, self._decode), self.clip.frames, self.clip.resolution,
-                                         self.clip.per_video, self.augment, rng)
-                except (ClipTooShort, VideoError) as exc:
-                    skipped.append((path, exc.reason))
-                    index, taken = index + 1, 0
-                    continue
-                good += 1
-                for clip in clips[taken:]:
-                    batch.append(clip)
-                    taken += 1
-                    if taken == len(clips):
-                        index, taken = index + 1, 0
-                    if len(batch) == self.batch_size:
-                        yield {"clips": np.stack(batch), "worker": worker, "position": [epoch, index, taken],
-                               "skipped": skipped}
-                        batch, skipped = [], []
-            if whole_pass and good == 0:
+            whole_pass, batcher.good = index == 0, 0
+            sources = ((i, self.videos[int(share[order[i]])], functools.partial(self._clips, int(share[order[i]]),
+                                                                                epoch, cache))
+                       for i in range(index, len(order)))
+            for after in batcher.take_clips(sources, taken):  # (index, taken) after the batch
+                clips, skipped = batcher.pop()
+                yield {"clips": clips, "worker": worker, "position": [epoch, *after], "skipped": skipped}
+            if whole_pass and batcher.good == 0:
                 raise ListingError(f"none of the {len(share)} videos of rank {self.rank}, loader worker {worker} "
                                    f"gave a clip ({self.clip.describe()}); reasons: "
-                                   f"{sorted({reason for _, reason in skipped})[:5]}")
+                                   f"{sorted({reason for _, reason in batcher.skipped})[:5]}")
             epoch, index, taken = epoch + 1, 0, 0
+
+    def _clips(self, video_id: int, epoch: int, cache: DecodedVideos) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, video_id])
+        return random_clips(cache.get(self.videos[video_id], self._decode), self.clip.frames, self.clip.resolution,
+                            self.clip.per_video, self.augment, rng)
 
 
 class ShardClipStream(IterableDataset):
@@ -197,41 +227,31 @@ class ShardClipStream(IterableDataset):
         worker = ((info.id if info else 0) + self.rotation) % self.workers
         share = worker_share(len(self.shards), self.seed, self.rank, self.world, worker, self.workers)
         epoch, index, ordinal_next, taken = self.positions[worker]
-        batch: list[np.ndarray] = []
-        skipped: list[tuple[str, str]] = []
+        batcher = ClipBatcher(self.batch_size)
         report = DataReport()
         with tempfile.TemporaryDirectory(prefix="nbp-clip-stream-") as folder:
             while True:
                 order = np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(len(share))
-                whole_pass, good = index == 0 and ordinal_next == 0, 0
+                whole_pass, batcher.good = index == 0 and ordinal_next == 0, 0
                 while index < len(order):
                     url = self.shards.urls[int(share[order[index]])]
                     reading = DataReport()  # this shard's: whether it was given up
-                    for ordinal, sample in read_shard(url, ordinal_next, policy=self.shards.policy, report=reading):
-                        try:
-                            clips = self._clips(sample, epoch, folder)
-                        except (ClipTooShort, VideoError) as exc:
-                            skipped.append((member_name(url, sample["__key__"]), exc.reason))
-                            ordinal_next, taken = ordinal + 1, 0
-                            continue
-                        good += 1
-                        for clip in clips[taken:]:
-                            batch.append(clip)
-                            taken += 1
-                            if taken == len(clips):
-                                ordinal_next, taken = ordinal + 1, 0
-                            if len(batch) == self.batch_size:
-                                yield {"clips": np.stack(batch), "worker": worker, "skipped": skipped,
-                                       "position": [epoch, index, ordinal_next, taken], "report": report.take()}
-                                batch, skipped = [], []
+                    sources = ((ordinal, member_name(url, sample["__key__"]),
+                                functools.partial(self._clips, sample, epoch, folder))
+                               for ordinal, sample in read_shard(url, ordinal_next, policy=self.shards.policy,
+                                                                 report=reading))
+                    for after in batcher.take_clips(sources, taken):  # (ordinal, taken) after the batch
+                        clips, skipped = batcher.pop()
+                        yield {"clips": clips, "worker": worker, "skipped": skipped,
+                               "position": [epoch, index, *after], "report": report.take()}
                     if reading.counts["failed_shards"]:
-                        skipped.append((url, "unreadable shard: retried, then skipped (failed_shards)"))
+                        batcher.skipped.append((url, "unreadable shard: retried, then skipped (failed_shards)"))
                     report.add(*reading.take())
                     index, ordinal_next, taken = index + 1, 0, 0
-                if whole_pass and good == 0:
+                if whole_pass and batcher.good == 0:
                     raise ListingError(f"none of the {len(share)} shard(s) of rank {self.rank}, loader worker "
                                        f"{worker} gave a clip ({self.clip.describe()}); reasons: "
-                                       f"{sorted({reason for _, reason in skipped})[:5]}")
+                                       f"{sorted({reason for _, reason in batcher.skipped})[:5]}")
                 epoch, index, ordinal_next, taken = epoch + 1, 0, 0, 0
 
 

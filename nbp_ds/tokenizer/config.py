@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbp_ds.config import CONFIG_DIR, ConfigError, load_dataclass_tree
+from nbp_ds.errors import ConfigError
+from nbp_ds.tokenizer.model import PRESETS
+from nbp_ds.tokenizer.video_shards import names_shards
+from nbp_ds.typed_yaml import load_dataclass_tree
 from nbp_ds.video_io import ClipSpec
 
-TOKENIZER_CONFIG_DIR = CONFIG_DIR / "tokenizer"
+TOKENIZER_CONFIG_DIR = Path(__file__).parents[1] / "configs" / "tokenizer"
 PRECISIONS = ("fp32", "bf16")  # train.precision
 
 
@@ -157,9 +160,6 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: TokenizerTrainConfig) -> None:
     """Refuse configurations that cannot work, naming the key and value."""
-    from nbp_ds.tokenizer import PRESETS
-    from nbp_ds.tokenizer.video_shards import names_shards
-
     d, t, lo = cfg.data, cfg.train, cfg.loss
     _require(cfg.model.preset in PRESETS,
              f"model.preset: --preset {cfg.model.preset!r} is not one of {', '.join(PRESETS)}")

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.tokenizer.base import TokenizerError, TokenizerNotFound, VideoTokenizerBase, run_layers
 from nbp_ds.tokenizer.fsq import FSQ
+from nbp_ds.tokenizer.official import load_official_tokenizer
 
 TEMPORAL_STAGES = 2  # two 2x temporal downsamplings: 1 + 4k frames -> 1 + k latent frames
 
@@ -253,8 +255,6 @@ class VideoTokenizer(VideoTokenizerBase):
     # ---- files ------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
         """Write tokenizer.safetensors + config.json; the version becomes a hash of the weights."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -297,15 +297,11 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> Vide
     `tokenizer/`). Returned in eval mode."""
     spec = str(spec)
     if spec.startswith("official:"):
-        from nbp_ds.tokenizer.official import load_official_tokenizer
-
         return load_official_tokenizer(spec.removeprefix("official:"), device=device)
     if spec.startswith("random:"):
         _, preset, *seed = spec.split(":")
         tokenizer = build_tokenizer(preset, int(seed[0]) if seed else 0)
     else:
-        from safetensors.torch import load_file
-
         folder = Path(spec)
         if (folder / "tokenizer" / "config.json").is_file():
             folder = folder / "tokenizer"
@@ -318,8 +314,6 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> Vide
         except ValueError as exc:
             raise TokenizerError(f"tokenizer {folder / 'config.json'}: not JSON ({exc})") from exc
         if saved.get("architecture") == "official":  # a fine-tuned released tokenizer (OfficialTokenizer.save)
-            from nbp_ds.tokenizer.official import load_official_tokenizer
-
             return load_official_tokenizer(folder / "tokenizer.safetensors", device=device, name=saved.get("name"))
         try:
             cfg = TokenizerConfig(**saved)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nbp_ds.errors import CheckpointError
@@ -236,8 +237,6 @@ def read_official_tokenizer_state(path: str | Path, trust_pickle: bool = False) 
     ``.safetensors`` copy (nbp-convert-official tokenizer), with the ``module.`` prefix removed."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         return load_file(str(path))
@@ -274,8 +273,6 @@ def load_official_tokenizer(path: str | Path, device: str | torch.device = "cpu"
 
 def save_official_tokenizer(tokenizer: OfficialTokenizer, out: str | Path) -> Path:
     """Write the weights as .safetensors (readable without pickle); load it back with ``official:OUT``."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}

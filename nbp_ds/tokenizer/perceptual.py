@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from nbp_ds.errors import UsageError
@@ -82,8 +83,6 @@ def load_perceptual_loss(path: str | Path | None) -> PerceptualLoss | None:
     if not path.is_file():
         raise UsageError(f"loss.perceptual_file {path}: no such file (torchvision's vgg16 weights)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)

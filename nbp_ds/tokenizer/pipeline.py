@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from nbp_ds.data.writer import TokenShardWriter
 from nbp_ds.errors import UsageError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.tokenizer.array_split import record_split
 from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_dataset, sample_key
+from nbp_ds.tokenizer.model import load_tokenizer
 from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError
 from nbp_ds.worker_pool import LostJob, ordered_map
 
@@ -108,8 +110,6 @@ def shard_name(task: int, group: int) -> str:
 
 def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
     """Tokenize this task's share of `opts.videos` into `opts.out`; see the module docstring."""
-    from nbp_ds.tokenizer import load_tokenizer
-
     began = time.perf_counter()
     out = Path(opts.out)
     manifests = out / "manifests"
@@ -143,8 +143,6 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
     meta_common = {"fps": clip.fps, "frames": clip.frames, "resolution": clip.resolution,
                    "tokenizer": tokenizer.name, "tokenizer_version": tokenizer.version}
     jobs = [(e, clip) for _, grp in pending for e in grp]
-    from tqdm import tqdm
-
     bar = tqdm(total=len(jobs), unit="video", disable=not opts.progress, desc=f"tokenize t{opts.shard_index:03d}")
     # _decode is looked up here, at run time, so that tests/faults.py can put its faults in its place
     decoded = ((_decode(job) for job in jobs) if opts.workers == 0 else

@@ -4,7 +4,7 @@
 
     weights        the tokenizer's weights, its optimizer, the step and the run config (``state.pt``)
     discriminator  the PatchGAN and its optimizer (``discriminator.pt``) and each rank's LeCAM averages
-    ema            the moving average of the weights (nbp_ds.train.saved_state.EmaState)
+    ema            the moving average of the weights (nbp_ds.runtime.ema.EmaState)
     clip_stream    this rank's position in the training clip stream, its record in the checkpoint
     rng            every rank's random streams (registered by the manager itself, always last)
 
@@ -22,10 +22,9 @@ import torch
 
 from nbp_ds.errors import CheckpointError
 from nbp_ds.files import atomic_output, write_text_atomic
-from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef, save_rank_state
+from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef, Stateful, save_rank_state
 from nbp_ds.tokenizer.clip_stream import ClipLoader
 from nbp_ds.tokenizer.training import LeCam
-from nbp_ds.train.saved_state import Stateful
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,14 +31,30 @@ from nbp_ds.errors import ConfigError, UsageError
 from nbp_ds.files import write_text_atomic
 from nbp_ds.runtime import distributed, launch
 from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef
+from nbp_ds.runtime.ema import EmaState, WeightsEMA
 from nbp_ds.runtime.metrics import MetricsLogger
 from nbp_ds.runtime.rng import seed_everything
 from nbp_ds.runtime.schedule import lr_factor
-from nbp_ds.runtime.stop import FINISHED, stop_request
+from nbp_ds.runtime.stop import stop_request
+from nbp_ds.runtime.trainer_loop import TrainerLoop
+from nbp_ds.runtime.watchdog import StepWatchdog
+from nbp_ds.tokenizer.clip_stream import Augment, ClipLoader
 from nbp_ds.tokenizer.config import TokenizerTrainConfig
-
-if TYPE_CHECKING:
-    from nbp_ds.tokenizer.video_shards import VideoShards
+from nbp_ds.tokenizer.dataset_listing import list_dataset
+from nbp_ds.tokenizer.model import build_tokenizer, load_tokenizer, to_float, to_uint8
+from nbp_ds.tokenizer.perceptual import load_perceptual_loss
+from nbp_ds.tokenizer.saved_state import ClipStreamPosition, Discriminator, SharedState
+from nbp_ds.tokenizer.training import (
+    LeCam,
+    PatchDiscriminator3D,
+    adaptive_generator_weight,
+    cached_clips,
+    hinge_d_loss,
+    psnr,
+    ssim,
+)
+from nbp_ds.tokenizer.video_shards import VideoShards, expand_video_shards, names_shards
+from nbp_ds.visualize import frame_grid
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +63,6 @@ class TokenizerTrainer:
     """One tokenizer training run in this process (one rank of the job)."""
 
     def __init__(self, cfg: TokenizerTrainConfig, rfvd: RFVD | None = None):
-        from nbp_ds.tokenizer.training import LeCam, PatchDiscriminator3D
-        from nbp_ds.train.ema import WeightsEMA
 
         self.cfg, self.rfvd = cfg, rfvd
         self.stop = stop_request()  # SIGUSR1 / SIGTERM: checkpoint at the next step boundary and exit 0
@@ -77,8 +90,6 @@ class TokenizerTrainer:
         self.lecam = LeCam(cfg.loss.lecam_decay)
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
-            from nbp_ds.tokenizer.perceptual import load_perceptual_loss
-
             self.perceptual = load_perceptual_loss(cfg.loss.perceptual_file)
             self.perceptual = self.perceptual.to(self.device) if self.perceptual is not None else None
         # DDP keeps every rank's weights equal: rank 0 alone keeps the average
@@ -91,6 +102,11 @@ class TokenizerTrainer:
             self.checkpoints.load(ref)
             log.info("resumed from %s at step %d", ref.path, self.step)
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
+        # the shared skeleton (nbp_ds.runtime.trainer_loop); no step watchdog here (timeout 0): DDP's collectives
+        # bound a lost peer, and a stalled rank holds no GPU-hours at the tokenizer's scale
+        self.loop = TrainerLoop(self.out, self.rank, cfg.train.steps, cfg.train.save_every, self.metrics, self.stop,
+                                StepWatchdog(0.0, 1.0, self.rank))
+        self._gan_from = int(cfg.loss.adversarial_start * cfg.train.steps)  # the step the GAN joins at
         log.info("tokenizer %s: %.2fM parameters, %d codes; %d training %s streamed, %d held-out clips; "
                  "%d process(es) on %s", self.model.name, sum(p.numel() for p in self.model.parameters()) / 1e6,
                  self.model.codebook_size, len(self.train_videos), self._train_unit, len(self.val), self.world,
@@ -103,8 +119,6 @@ class TokenizerTrainer:
     def _initial_model(self):
         """The preset's untrained tokenizer, or with model.init_from the tokenizer it names (fine-tuning: the same
         architecture and code grid, so shards made with either stay compatible)."""
-        from nbp_ds.tokenizer import build_tokenizer, load_tokenizer
-
         spec = self.cfg.model.init_from
         if spec is None:
             return build_tokenizer(self.cfg.model.preset, seed=self.cfg.train.seed)
@@ -117,10 +131,6 @@ class TokenizerTrainer:
         of the training listing (shards need data.val_videos), at most data.val_max_videos of them, their middle
         clips decoded once by rank 0 into the run folder and memory-mapped. Files that are not videos and held-out
         videos that give no clip are listed with rank 0's skipped videos."""
-        from nbp_ds.tokenizer.dataset_listing import list_dataset
-        from nbp_ds.tokenizer.training import cached_clips
-        from nbp_ds.tokenizer.video_shards import expand_video_shards, names_shards
-
         c = self.cfg.data
         held_out: list[Path]
         if names_shards(c.videos):  # raw videos in shards: no listing to cut the held-out videos from
@@ -146,8 +156,6 @@ class TokenizerTrainer:
         return train, cached_clips(held_out, cache, c.clip, self.cfg.decode_workers, c.val_video_timeout)[0]
 
     def _clip_stream(self):
-        from nbp_ds.tokenizer.clip_stream import Augment, ClipLoader
-
         c, t = self.cfg.data, self.cfg.train
         return ClipLoader(self.train_videos, c.clip, t.batch_size, t.seed, self.rank, self.world,
                           self.cfg.decode_workers, Augment(c.random_crop, c.flip), c.cache_mb * 2**20, c.prefetch,
@@ -155,9 +163,6 @@ class TokenizerTrainer:
 
     def _checkpoint_manager(self) -> CheckpointManager:
         """The run's checkpoints, with every stateful part registered (nbp_ds.tokenizer.saved_state)."""
-        from nbp_ds.tokenizer.saved_state import ClipStreamPosition, Discriminator, SharedState
-        from nbp_ds.train.saved_state import EmaState
-
         manager = CheckpointManager(self.out / "checkpoints", self.cfg.train.keep_last, self.rank)
         manager.register("weights", SharedState("state.pt", self, self.rank))
         if self.disc is not None:
@@ -175,88 +180,101 @@ class TokenizerTrainer:
         (self.out / "skipped_videos").mkdir(exist_ok=True)
         write_text_atomic(self.out / "skipped_videos" / f"rank{self.rank:05d}.json", json.dumps(records, indent=1))
 
-    # ---- the loop -------------------------------------------------------------------------------
+    # ---- the loop: the shared skeleton (nbp_ds.runtime.trainer_loop) runs these parts ---------------
     def run(self) -> dict | None:
-        """Train to cfg.steps; rank 0 returns the held-out report (others None)."""
-        from nbp_ds.tokenizer.model import to_float
-        from nbp_ds.tokenizer.training import adaptive_generator_weight, hinge_d_loss, psnr
+        """Train to cfg.steps; rank 0 returns the held-out report (others None, and every rank None when stopped
+        by a signal)."""
+        self._bar = tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", disable=self.rank != 0,
+                         desc="tokenizer")
+        self._report = None
+        finished = self.loop.run(self)
+        self.loop.close()
+        return self._report if finished else None
 
+    def train_step(self) -> None:
         c = self.cfg.train
-        bar = tqdm(total=c.steps, initial=self.step, unit="step", disable=self.rank != 0, desc="tokenizer")
-        if self.rank == 0 and self.step < c.steps:
-            (self.out / FINISHED).unlink(missing_ok=True)  # a finished run continued with more steps
-        gan_from = int(self.cfg.loss.adversarial_start * c.steps)
-        while self.step < c.steps:
-            x = to_float(next(self.stream).to(self.device, non_blocking=True))
-            for group in self.opt.param_groups:
-                group["lr"] = c.lr * lr_factor(self.step, c.steps, c.warmup, c.min_lr_ratio)
-            use_gan = self.disc is not None and self.step >= gan_from
-            with self._autocast():
-                recon, codes = self.ddp(x)
-                recon = recon.float()  # the losses in float32 whatever the networks compute in
-                l1, l2 = (recon - x).abs().mean(), F.mse_loss(recon, x)
-                loss = l1 + l2
-                if self.perceptual is not None:
-                    perceptual = self.perceptual(recon, x).float()
-                    loss = loss + self.cfg.loss.perceptual_weight * perceptual
-                if use_gan:
-                    g_loss = -self.disc(recon).float().mean()
-                    g_weight = torch.tensor(self.cfg.loss.adversarial_weight, device=self.device)
-                    if self.cfg.loss.adaptive_weight:
-                        g_weight = g_weight * adaptive_generator_weight(loss, g_loss, self.model.output_weight)
-                    loss = loss + g_weight * g_loss
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.opt.step()
-            if self.ema is not None:
-                self.ema.update()
-            scalars = {"train/perceptual": perceptual} if self.perceptual is not None else {}
+        x = to_float(next(self.stream).to(self.device, non_blocking=True))
+        for group in self.opt.param_groups:
+            group["lr"] = c.lr * lr_factor(self.step, c.steps, c.warmup, c.min_lr_ratio)
+        use_gan = self.disc is not None and self.step >= self._gan_from
+        recon, codes, scalars = self._reconstruction_step(x, use_gan)
+        if use_gan:
+            scalars.update(self._discriminator_step(x, recon))
+        self.step += 1
+        self._latest = (x, recon.detach(), codes, scalars)  # what periodic() logs
+
+    def _reconstruction_step(self, x: torch.Tensor, use_gan: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The tokenizer's update: L1 + MSE (+ perceptual) reconstruction loss and, with the GAN on, the generator's
+        hinge loss at its (adaptive) weight. Returns the reconstruction, the codes and the scalars to log."""
+        loss_cfg = self.cfg.loss
+        scalars = {}
+        with self._autocast():
+            recon, codes = self.ddp(x)
+            recon = recon.float()  # the losses in float32 whatever the networks compute in
+            l1, l2 = (recon - x).abs().mean(), F.mse_loss(recon, x)
+            loss = l1 + l2
+            if self.perceptual is not None:
+                scalars["train/perceptual"] = perceptual = self.perceptual(recon, x).float()
+                loss = loss + loss_cfg.perceptual_weight * perceptual
             if use_gan:
-                with self._autocast():
-                    real_logits = self.disc_ddp(x).float()
-                    fake_logits = self.disc_ddp(recon.detach()).float()
-                d_loss = hinge_d_loss(real_logits, fake_logits)
-                if self.cfg.loss.lecam_weight > 0:
-                    d_loss = d_loss + self.cfg.loss.lecam_weight * self.lecam.penalty(real_logits, fake_logits)
-                self.disc_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                self.disc_opt.step()
-                scalars.update({"gan/g": g_loss, "gan/d": d_loss, "gan/g_weight": g_weight})
-            self.step += 1
-            bar.update(1)
-            if len(self.stream.skipped.keys() - self.skipped.keys()):
-                self._write_skipped()
-            if self.step % c.log_every == 0 or self.step == 1:
-                scalars.update({"train/loss": loss, "train/l1": l1, "train/psnr": psnr(recon.detach(), x),
-                                "train/codebook_used": codes.unique().numel() / self.model.codebook_size,
-                                "train/grad_norm": grad_norm, "train/lr": self.opt.param_groups[0]["lr"],
-                                "data/skipped_videos": len(self.skipped)})
-                if self._train_unit == "shards":  # read as the token loader reads: retries and shards given up
-                    scalars.update({f"data/{k}": self.stream.report.counts[k]
-                                    for k in ("failed_shards", "shard_retries")})
-                scalars = {k: float(v) for k, v in scalars.items()}
-                self.metrics.scalars(self.step, scalars)
-                bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", psnr=f"{scalars['train/psnr']:.1f}")
-            if self.rank == 0 and self.step % c.image_every == 0:
-                self._log_reconstructions()
-            # every rank stops at the same step
-            if distributed.control_all_reduce([self.stop.signal is not None])[0] > 0:
-                self.save()
-                bar.close()
-                self.stream.close()
-                log.info("stopped by signal at step %d; a restart resumes from here", self.step)
-                self.metrics.close()
-                distributed.leave_process_group()
-                return None
-            if self.step % c.save_every == 0 or self.step == c.steps:
-                self.save()
-        bar.close()
+                g_loss = -self.disc(recon).float().mean()
+                g_weight = torch.tensor(loss_cfg.adversarial_weight, device=self.device)
+                if loss_cfg.adaptive_weight:
+                    g_weight = g_weight * adaptive_generator_weight(loss, g_loss, self.model.output_weight)
+                loss = loss + g_weight * g_loss
+                scalars.update({"gan/g": g_loss, "gan/g_weight": g_weight})
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update()
+        scalars.update({"train/loss": loss, "train/l1": l1, "train/grad_norm": grad_norm})
+        return recon, codes, scalars
+
+    def _discriminator_step(self, x: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The PatchGAN's update: hinge loss on real clips against reconstructions (+ the LeCAM penalty)."""
+        with self._autocast():
+            real_logits = self.disc_ddp(x).float()
+            fake_logits = self.disc_ddp(recon.detach()).float()
+        d_loss = hinge_d_loss(real_logits, fake_logits)
+        if self.cfg.loss.lecam_weight > 0:
+            d_loss = d_loss + self.cfg.loss.lecam_weight * self.lecam.penalty(real_logits, fake_logits)
+        self.disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.disc_opt.step()
+        return {"gan/d": d_loss}
+
+    def step_ended(self, step: int) -> None:
+        self._bar.update(1)
+        if len(self.stream.skipped.keys() - self.skipped.keys()):
+            self._write_skipped()
+
+    def periodic(self, step: int) -> None:
+        c = self.cfg.train
+        if step % c.log_every == 0 or step == 1:
+            self._log_step(step)
+        if self.rank == 0 and step % c.image_every == 0:
+            self._log_reconstructions()
+
+    def _log_step(self, step: int) -> None:
+        """The step's scalars to the metrics (TensorBoard, metrics.jsonl) and the progress bar."""
+        x, recon, codes, scalars = self._latest
+        scalars = {**scalars, "train/psnr": psnr(recon, x),
+                   "train/codebook_used": codes.unique().numel() / self.model.codebook_size,
+                   "train/lr": self.opt.param_groups[0]["lr"], "data/skipped_videos": len(self.skipped)}
+        if self._train_unit == "shards":  # read as the token loader reads: retries and shards given up
+            scalars.update({f"data/{k}": self.stream.report.counts[k] for k in ("failed_shards", "shard_retries")})
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self.metrics.scalars(step, scalars)
+        self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", psnr=f"{scalars['train/psnr']:.1f}")
+
+    def wrap_up(self, finished: bool) -> None:
+        self._bar.close()
         self.stream.close()
-        report = self._finish() if self.rank == 0 else None
-        self.metrics.close()
-        distributed.leave_process_group()
-        return report
+        if finished and self.rank == 0:
+            self._report = self._finish()
 
     def _autocast(self) -> torch.autocast:
         """bf16 autocast of the networks' forward when train.precision=bf16 (CUDA only), else a no-op."""
@@ -264,9 +282,10 @@ class TokenizerTrainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> CheckpointRef:
-        ref = self.checkpoints.save(self.step)  # every registered part (see _checkpoint_manager)
-        self.metrics.flush()
-        return ref
+        return self.loop.save(self)
+
+    def save_checkpoint(self) -> CheckpointRef:
+        return self.checkpoints.save(self.step)  # every registered part (see _checkpoint_manager)
 
     def state_dict(self) -> dict:
         """The tokenizer's weights, its optimizer, the step and the run config (the checkpoint's ``state.pt``)."""
@@ -299,16 +318,12 @@ class TokenizerTrainer:
                        f"train_{self._train_unit}": len(self.train_videos),
                        "clip": dataclasses.asdict(self.cfg.data.clip)})
         write_text_atomic(self.out / "report.json", json.dumps(report, indent=1) + "\n")
-        write_text_atomic(self.out / FINISHED, json.dumps({"step": self.step}) + "\n")
         self._log_reconstructions()
         log.info("tokenizer saved to %s (version %s)", folder, self.model.version)
         return report
 
     def _log_reconstructions(self, n: int = 4) -> None:
         """Originals above reconstructions, a row of frames per clip, as one TensorBoard image."""
-        from nbp_ds.tokenizer.model import to_float, to_uint8
-        from nbp_ds.visualize import frame_grid
-
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
@@ -327,9 +342,6 @@ RFVD = Callable[[np.ndarray, np.ndarray, torch.device], float]
 def held_out_report(model, clips: np.ndarray, device: torch.device, batch: int = 16, rfvd: RFVD | None = None) -> dict:
     """Mean PSNR (dB) and SSIM over held-out clips, the share of the codebook they use and, given ``rfvd``, the
     reconstruction FVD (held-out clips against their reconstructions)."""
-    from nbp_ds.tokenizer.model import to_float, to_uint8
-    from nbp_ds.tokenizer.training import psnr, ssim
-
     scores, similarity, codes, reconstructions = [], [], set(), []
     for i in range(0, len(clips), batch):
         x = to_float(torch.from_numpy(np.asarray(clips[i:i + batch]).copy()).to(device))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.tokenizer.dataset_listing import ListingError
@@ -36,8 +37,6 @@ def cached_clips(paths: list[Path], cache: Path, clip: ClipSpec, workers: int,
     set, so decoded once into ``cache``, a .npy memory-mapped on later calls), and the videos that gave none
     ({video, reason}). Decoding runs in ``workers`` processes of nbp_ds.worker_pool (0: in this one), so a
     decoder that crashes or runs past ``timeout`` seconds costs its video only (reason worker_died / timeout)."""
-    from tqdm import tqdm
-
     params = {"videos": [str(p) for p in paths], "frames": clip.frames, "fps": clip.fps,
               "resolution": clip.resolution}
     meta, failures_file = cache.with_suffix(".json"), cache.with_suffix(".failures.json")

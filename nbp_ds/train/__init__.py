@@ -1,3 +1,5 @@
-"""The transformer's DeepSpeed trainer: DeepSpeed configs, the global batch, what a run folder holds (one
-experiment, the weights' meaning), the engine, the loop, its hooks, its saved state, the moving average,
-validation and export (one file or shards) (the shared runtime it stands on is nbp_ds.runtime)."""
+"""The transformer's DeepSpeed trainer: DeepSpeed configs, the global batch, the engine, the loop, its saved
+state, validation and train.init_from. It stands on the shared runtime (nbp_ds.runtime: checkpoints, the EMA, the
+hooks, the saved-parts protocol) and on nbp_ds.weights (the export format, a run's identity); nothing but the
+programs (nbp_ds.cli) imports it. export and hooks here are the first paths of nbp_ds.weights.export and
+nbp_ds.runtime.hooks, kept for code that imports them."""

@@ -9,16 +9,37 @@ nearest sizes that work. Without it, the global batch is whatever the three give
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from nbp_ds.config import TrainConfig
 from nbp_ds.errors import ConfigError
 
 
-def resolve_global_batch(tr: TrainConfig, world: int) -> TrainConfig:
-    """A copy of ``tr`` with ``grad_accum`` and ``global_batch`` fixed for ``world`` data-parallel processes."""
+@dataclass(frozen=True)
+class GlobalBatch:
+    """The batch as it runs on ``processes`` data-parallel processes, worked out once by :func:`plan_batch` before
+    anything (the DeepSpeed config, the trainer's throughput figures) reads it."""
+
+    micro_batch: int
+    grad_accum: int
+    processes: int
+
+    @property
+    def samples(self) -> int:
+        """Samples per optimizer step over all processes."""
+        return self.micro_batch * self.grad_accum * self.processes
+
+    def applied_to(self, tr: TrainConfig) -> TrainConfig:
+        """``tr`` with its ``grad_accum`` and ``global_batch`` as they run here."""
+        return dataclasses.replace(tr, grad_accum=self.grad_accum, global_batch=self.samples)
+
+
+def plan_batch(tr: TrainConfig, world: int) -> GlobalBatch:
+    """The batch ``tr`` asks for on ``world`` data-parallel processes: with ``train.global_batch`` set, the
+    accumulation that makes it (refused, with the nearest sizes that work, when none does)."""
     if tr.global_batch is None:
-        return dataclasses.replace(tr, global_batch=tr.micro_batch * tr.grad_accum * world)
+        return GlobalBatch(tr.micro_batch, tr.grad_accum, world)
     per_pass = tr.micro_batch * world
     accum, rest = divmod(tr.global_batch, per_pass)
     if rest or accum == 0:
@@ -34,7 +55,12 @@ def resolve_global_batch(tr: TrainConfig, world: int) -> TrainConfig:
         raise ConfigError(f"train.grad_accum={tr.grad_accum} contradicts train.global_batch={tr.global_batch} "
                           f"(= {tr.micro_batch} x {accum} x {world} processes): leave train.grad_accum out, it is "
                           f"derived")
-    return dataclasses.replace(tr, grad_accum=accum)
+    return GlobalBatch(tr.micro_batch, accum, world)
+
+
+def resolve_global_batch(tr: TrainConfig, world: int) -> TrainConfig:
+    """A copy of ``tr`` with ``grad_accum`` and ``global_batch`` fixed for ``world`` data-parallel processes."""
+    return plan_batch(tr, world).applied_to(tr)
 
 
 def recorded_global_batch(recorded: dict[str, Any], world: int | None) -> dict[str, Any]:

@@ -12,15 +12,17 @@ there, with the run config's key to use instead (:data:`OWNED_KEYS`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from nbp_ds.config import RunConfig, yaml_number
+from nbp_ds.config import RunConfig
 from nbp_ds.errors import ConfigError
-from nbp_ds.train.batch import resolve_global_batch
+from nbp_ds.train.batch import GlobalBatch, plan_batch, resolve_global_batch
 from nbp_ds.train.ds_auto import drop_auto
+from nbp_ds.typed_yaml import yaml_number
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +113,23 @@ def _number(value: Any) -> Any:
     return value
 
 
-def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg: RunConfig, world_size: int, batch: GlobalBatch | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for this run and data-parallel world size: the JSON ``deepspeed.config`` names,
-    ``deepspeed.set``'s keys over it, then the run config's batch, clipping, precision and optimizer settings."""
+    ``deepspeed.set``'s keys over it, then the run config's batch (``batch``, as the trainer worked it out; by
+    default planned here from the run config), clipping, precision and optimizer settings."""
     path = cfg.deepspeed.config
     ds = copy.deepcopy(load_ds_json(path))
     for line in set_keys(ds, cfg.deepspeed.set):
         log.info("DeepSpeed config: %s (deepspeed.set)", line)
     drop_auto(ds, path)  # "auto": filled below from the run config, as a key the JSON leaves out
-    tr = resolve_global_batch(cfg.train, world_size)
-    _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch, "train.micro_batch", path)
-    _fill(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum", path)
-    _fill(ds, "train_batch_size", tr.micro_batch * tr.grad_accum * world_size,
-          f"train.micro_batch x train.grad_accum x {world_size} processes", path)
+    tr = cfg.train
+    batch = batch or plan_batch(tr, world_size)
+    if batch.processes != world_size:
+        raise ValueError(f"a batch planned for {batch.processes} processes given for {world_size}")
+    _fill(ds, "train_micro_batch_size_per_gpu", batch.micro_batch, "train.micro_batch", path)
+    _fill(ds, "gradient_accumulation_steps", batch.grad_accum, "train.grad_accum", path)
+    _fill(ds, "train_batch_size", batch.samples, f"train.micro_batch x train.grad_accum x {world_size} processes",
+          path)
     _fill(ds, "gradient_clipping", tr.grad_clip, "train.grad_clip", path)
     if "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'scheduler': the LR schedule comes from train.lr / train.warmup_steps / "
@@ -145,3 +151,12 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def resolved_configs(cfg: RunConfig, world_size: int) -> tuple[RunConfig, dict[str, Any]]:
+    """The run config as it runs on ``world_size`` ranks (accumulation and global batch fixed) and its DeepSpeed
+    config; a ConfigError for what the trainer would refuse."""
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be at least 1, got {world_size}")
+    resolved = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, world_size))
+    return resolved, build_ds_config(cfg, world_size)

@@ -10,6 +10,7 @@ import torch
 from nbp_ds.config import RunConfig
 from nbp_ds.model import NBPModel, build_model
 from nbp_ds.model.transformer import SequenceLayer
+from nbp_ds.runtime.distributed import backend_for
 from nbp_ds.runtime.rng import seed_everything
 from nbp_ds.runtime.schedule import lr_factor
 from nbp_ds.train.ds_config import zero_stage
@@ -30,9 +31,7 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     """(engine, model): the model built on ``device`` with identical initial weights on every rank (or the
     weights of the export ``init_from``, for fine-tuning), then a different random stream per rank (class
     dropout), wrapped by ``deepspeed.initialize``."""
-    import deepspeed
-
-    from nbp_ds.runtime.distributed import backend_for
+    import deepspeed  # local: DeepSpeed takes seconds to import
 
     # DeepSpeed's communication layer wraps the process group nbp_ds.runtime.distributed already joined
     deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False)

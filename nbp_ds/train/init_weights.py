@@ -1,9 +1,9 @@
 """Start a run from exported weights (``train.init_from``): fine-tuning a converted release or an export.
 
-The export is what nbp_ds.train.export writes (nbp-export, nbp-convert-official): a .safetensors with the
+The export is what nbp_ds.weights.export writes (nbp-export, nbp-convert-official): a .safetensors with the
 run config in its metadata, or the sharded form (nbp-export --shard-size). Its weights must fit the run's
 model exactly (keys and shapes), and the settings that give the weights their meaning
-(nbp_ds.train.experiment.WEIGHT_KEYS) must be the run's. Under ZeRO-3 each parameter is gathered, filled on
+(nbp_ds.weights.identity.WEIGHT_KEYS) must be the run's. Under ZeRO-3 each parameter is gathered, filled on
 rank 0 and re-partitioned, so no rank ever holds more than one full parameter at a time.
 """
 
@@ -19,8 +19,8 @@ from torch import nn
 
 from nbp_ds.config import RunConfig
 from nbp_ds.errors import ConfigError
-from nbp_ds.train.experiment import check_weights_meaning
-from nbp_ds.train.export_files import CONFIG_NAME, open_export
+from nbp_ds.weights.files import CONFIG_NAME, open_export
+from nbp_ds.weights.identity import check_weights_meaning
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,6 @@ def _gathered(param: torch.Tensor):
     """ZeRO-3: the whole parameter on every rank, rank 0's values partitioned again on exit."""
     if not hasattr(param, "ds_id"):
         return nullcontext()
-    import deepspeed
+    import deepspeed  # local: DeepSpeed takes seconds to import
 
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)

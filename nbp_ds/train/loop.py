@@ -1,6 +1,6 @@
 """The training job: a :class:`Trainer` wires the parts (launch, engine, data, checkpoints, metrics) and
-its :meth:`Trainer.run` is the training step and the schedule of logging, validation, samples, saving
-and graceful stops, nothing else."""
+supplies its step, its logging, validation and samples to the skeleton every trainer runs
+(nbp_ds.runtime.trainer_loop: the stop agreement, the save cadence, the finished marker, the watchdog)."""
 
 from __future__ import annotations
 
@@ -27,22 +27,23 @@ from nbp_ds.runtime.checkpoint import (
     universal_checkpoint,
     with_universal_load,
 )
+from nbp_ds.runtime.ema import EmaState, WeightsEMA
+from nbp_ds.runtime.hooks import TrainerHooks, load_hooks
 from nbp_ds.runtime.metrics import MetricsLogger, StepMeter, console_line, peak_tflops, wandb_settings
 from nbp_ds.runtime.profiling import StepWindow, oom_snapshot
 from nbp_ds.runtime.schedule import lr_factor
-from nbp_ds.runtime.stop import FINISHED, stop_request
+from nbp_ds.runtime.stop import stop_request
 from nbp_ds.runtime.summary import RunTally, run_summary, summary_table, write_summary
+from nbp_ds.runtime.trainer_loop import TrainerLoop, due
 from nbp_ds.runtime.watchdog import StepWatchdog
 from nbp_ds.train.batch import describe as describe_batch
-from nbp_ds.train.batch import recorded_global_batch, resolve_global_batch
+from nbp_ds.train.batch import plan_batch, recorded_global_batch
 from nbp_ds.train.ds_config import build_ds_config, zero_stage
-from nbp_ds.train.ema import WeightsEMA
 from nbp_ds.train.engine import build_engine
 from nbp_ds.train.evaluate import evaluate
-from nbp_ds.train.experiment import check_same_experiment
-from nbp_ds.train.hooks import TrainerHooks, load_hooks
-from nbp_ds.train.saved_state import EmaState, EngineState, LoaderPosition
+from nbp_ds.train.saved_state import EngineState, LoaderPosition
 from nbp_ds.train.state import TrainState
+from nbp_ds.weights.identity import check_same_experiment
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ class Trainer:
         self.hooks = hooks or load_hooks(cfg.train.hooks)
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
-        # the batch as it runs here: train.grad_accum and train.global_batch fixed for this number of processes
-        cfg = self.cfg = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, self.world))
+        # the batch as it runs here, worked out once: train.grad_accum and train.global_batch fixed for this number
+        # of processes, before the DeepSpeed config is written from it
+        self.batch = plan_batch(cfg.train, self.world)
+        cfg = self.cfg = dataclasses.replace(cfg, train=self.batch.applied_to(cfg.train))
         self.out_dir = Path(cfg.train.out_dir)
 
         # everything that can be wrong is found before the model build, and most of it before the first collective
@@ -67,7 +70,7 @@ class Trainer:
             self.val_shards = expand_shards(cfg.data.val) if cfg.data.val else None
         except FileNotFoundError as exc:
             raise ConfigError(f"data: {exc}") from exc
-        self.ds_config = build_ds_config(cfg, self.world)
+        self.ds_config = build_ds_config(cfg, self.world, self.batch)
         if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
                               "or set train.wandb=false")
@@ -115,71 +118,59 @@ class Trainer:
                                          enabled=self.rank == 0 or cfg.train.profile_all_ranks)
         self.peak = peak_tflops(cfg.train.peak_tflops, self.device)
         self.watchdog = StepWatchdog(cfg.train.stall_timeout_s, cfg.train.stall_factor, self.rank)
+        self.loop = TrainerLoop(self.out_dir, self.rank, cfg.train.steps, cfg.train.save_every, self.metrics,
+                                self.stop, self.watchdog, between_steps_s=cfg.train.collective_timeout_s)
         self._report_setup()
 
-    # ---- the loop -------------------------------------------------------------------------------
+    # ---- the loop: the shared skeleton (nbp_ds.runtime.trainer_loop) runs these parts ---------------
     def run(self) -> int:
         """Train to ``train.steps``; 0 when finished or stopped by a signal at a checkpoint. A stalled step ends
         the process (the watchdog); an error is logged with the last step finished."""
-        self.watchdog.start(self.state.step, first_within_s=self.cfg.train.collective_timeout_s)
-        try:
-            with oom_snapshot(self.out_dir / "profile", self.device, self.rank, self.cfg.train.profile is not None):
-                return self._run()
-        except Exception as exc:
-            log.error("rank %d failed after step %d (the last one it finished): %s: %s", self.rank, self.state.step,
-                      type(exc).__name__, exc)
-            raise
-        finally:
-            self.profile_window.close()
-            self.watchdog.stop()
-
-    def _run(self) -> int:
-        tr, state = self.cfg.train, self.state
-        batches = iter(self.loader)
-        tokens_per_step = tr.micro_batch * tr.grad_accum * self.world * self.layout.seq_len
-        meter = StepMeter(self.device, tokens_per_step, self.model.flops_per_token(), self.peak)
-        bad_in_row = 0
+        self._batches = iter(self.loader)
+        tokens_per_step = self.batch.samples * self.layout.seq_len
+        self._meter = StepMeter(self.device, tokens_per_step, self.model.flops_per_token(), self.peak)
+        self._bad_in_row = 0
         self.engine.train()
         self.tally.start_clock()
-        if self.rank == 0 and state.step < tr.steps:
-            (self.out_dir / FINISHED).unlink(missing_ok=True)  # e.g. a finished run continued with more steps
-        while state.step < tr.steps:
-            self.profile_window.before_step(state.step + 1)
-            self._train_step(batches, meter)
-            state.step += 1
-            self.tally.add_step(tr.global_batch, self.layout.seq_len)
-            self.watchdog.step_done(state.step)
-            with self.watchdog.pause(tr.collective_timeout_s):  # writing a trace is no part of a step's time
-                self.profile_window.after_step(state.step)
-            bad_in_row = bad_in_row + 1 if not self.engine.was_step_applied() else 0
-            if bad_in_row:
-                self._skipped_step(bad_in_row)
-            with self.watchdog.pause(tr.collective_timeout_s):  # a hook's work is no part of a step's time
-                self.hooks.on_step_end(state.step)
-            # every rank must stop at the same step; agreed over the CPU, so the GPU keeps its queue
-            stop = distributed.control_all_reduce([self.stop.signal is not None])[0] > 0
-            if state.step == 1 or _due(state.step, tr.log_every):
-                self._log(meter)
-            if self.val_shards and (_due(state.step, tr.eval_every) or state.step == tr.steps and tr.eval_every):
-                with self.watchdog.pause(tr.collective_timeout_s):
-                    self.validate()
-            if _due(state.step, tr.sample_every):
-                with self.watchdog.pause(tr.collective_timeout_s):
-                    self.hooks.on_samples_due(self, state.step)
-            if stop:
-                self.save()
-                self._report_summary("stopped", self._report_data())
-                self._log0("stopped by signal at step %d; a restart resumes from here", state.step)
-                return 0
-            if _due(state.step, tr.save_every):
-                self.save()
-        if not _due(state.step, tr.save_every):
-            self.save()
-        self._report_summary("finished", self._report_data())
-        if self.rank == 0:
-            write_text_atomic(self.out_dir / FINISHED, json.dumps({"step": state.step}) + "\n")
-        self._log0("finished %d steps; checkpoints in %s", state.step, self.checkpoints.folder)
+        try:
+            with oom_snapshot(self.out_dir / "profile", self.device, self.rank, self.cfg.train.profile is not None):
+                self.loop.run(self)
+        finally:
+            self.profile_window.close()
         return 0
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def train_step(self) -> None:
+        self.profile_window.before_step(self.state.step + 1)
+        self._train_step(self._batches, self._meter)
+        self.state.step += 1
+        self.tally.add_step(self.batch.samples, self.layout.seq_len)
+
+    def step_ended(self, step: int) -> None:
+        with self.loop.between_steps():  # writing a trace is no part of a step's time
+            self.profile_window.after_step(step)
+        self._bad_in_row = self._bad_in_row + 1 if not self.engine.was_step_applied() else 0
+        if self._bad_in_row:
+            self._skipped_step(self._bad_in_row)
+        with self.loop.between_steps():  # a hook's work is no part of a step's time
+            self.hooks.on_step_end(step)
+
+    def periodic(self, step: int) -> None:
+        tr = self.cfg.train
+        if step == 1 or due(step, tr.log_every):
+            self._log(self._meter)
+        if self.val_shards and (due(step, tr.eval_every) or step == tr.steps and tr.eval_every):
+            with self.loop.between_steps():
+                self.validate()
+        if due(step, tr.sample_every):
+            with self.loop.between_steps():
+                self.hooks.on_samples_due(self, step)
+
+    def wrap_up(self, finished: bool) -> None:
+        self._report_summary("finished" if finished else "stopped", self._report_data())
 
     def _train_step(self, batches, meter: StepMeter) -> None:
         """One optimizer step over train.grad_accum micro-batches; nothing here waits for the device."""
@@ -241,11 +232,11 @@ class Trainer:
 
     def save(self) -> CheckpointRef:
         """A checkpoint of every part registered in :meth:`_register_saved_state` (nbp_ds.train.saved_state)."""
-        with self.watchdog.pause(self.cfg.train.collective_timeout_s):
-            ref = self.checkpoints.save(self.state.step,
-                                        written=lambda ref: self.hooks.on_checkpoint_written(ref.tag, self.rank))
-        self.metrics.flush()
-        return ref
+        return self.loop.save(self)
+
+    def save_checkpoint(self) -> CheckpointRef:
+        return self.checkpoints.save(self.state.step,
+                                     written=lambda ref: self.hooks.on_checkpoint_written(ref.tag, self.rank))
 
     def _register_saved_state(self) -> None:
         """The trainer's stateful parts, registered once: every save writes them and a resume reads them back,
@@ -331,8 +322,7 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group in step with the other ranks. Call after a run that returned normally
         (not after an exception: a rank that died would leave the others waiting)."""
-        self.metrics.close()
-        distributed.leave_process_group()
+        self.loop.close()
 
 
 def set_optimizer_hyperparameters(engine, tr: TrainConfig) -> None:
@@ -358,10 +348,6 @@ def train(cfg: RunConfig, resume: str | None = None, hooks: TrainerHooks | None 
     status = trainer.run()
     trainer.close()  # only after a normal return: a failed rank would leave the others in the barrier
     return status
-
-
-def _due(step: int, every: int) -> bool:
-    return every > 0 and step % every == 0
 
 
 def _float(value) -> float:

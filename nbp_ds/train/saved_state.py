@@ -5,7 +5,7 @@ the files it writes (nbp_ds.runtime.checkpoint.CheckpointPart). The trainer regi
     engine       model, optimizer and LR schedule (DeepSpeed's files), with the train state and the run
                  config as DeepSpeed's client state (rank 0's model-states file, which export and resume read
                  without DeepSpeed)
-    ema          the moving average of the weights (train.ema), one file per rank
+    ema          the moving average of the weights (train.ema), one file per rank (nbp_ds.runtime.ema.EmaState)
     data         the training loader's position, a small record per rank
     rng          every rank's random streams (registered by the manager itself, always last)
 """
@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from nbp_ds.data import TokenLoader
 from nbp_ds.data.loader import restore
-from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef, save_rank_state
+from nbp_ds.runtime.checkpoint import CheckpointManager, CheckpointRef, Stateful, save_rank_state
 from nbp_ds.train.deferred_writes import defer_write_errors
-from nbp_ds.train.ema import WeightsEMA
 
 log = logging.getLogger(__name__)
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class EngineState:
@@ -62,21 +55,6 @@ class EngineState:
         self.after_load()
         for name, part in self.client.items():
             part.load_state_dict(client.get(name, {}))  # a part newer than the checkpoint starts from its defaults
-
-
-class EmaState:
-    """The moving average of the weights; a checkpoint saved without one leaves it at the current weights."""
-
-    def __init__(self, ema: WeightsEMA):
-        self.ema = ema
-
-    def save(self, ref: CheckpointRef) -> None:
-        self.ema.save(ref.path)
-
-    def load(self, ref: CheckpointRef) -> None:
-        if not self.ema.load(ref.path):
-            log.warning("%s holds no moving average of the weights: train.ema starts from the current weights",
-                        ref.path)
 
 
 class LoaderPosition:

@@ -9,17 +9,22 @@ average never includes the random initialization). Kept in fp32, on the device o
 
 Each rank saves what it holds in the checkpoint's tag folder (``ema_rank00000.pt``, ...); :func:`consolidate`
 joins the partitions into a full state dict (``nbp-export --ema``), which samples like the raw weights. A run
-resumed on another number of processes (or ZeRO stage) joins them and takes its own part.
+resumed on another number of processes (or ZeRO stage) joins them and takes its own part. :class:`EmaState` is the
+checkpoint part both trainers register for it.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from nbp_ds.errors import CheckpointError
 from nbp_ds.files import atomic_output
+from nbp_ds.runtime.checkpoint import CheckpointRef
+
+log = logging.getLogger(__name__)
 
 
 def _local_view(param: torch.Tensor) -> torch.Tensor:
@@ -88,6 +93,21 @@ class WeightsEMA:
         flat = torch.zeros(size * self.world, dtype=torch.float32)
         flat[: full.numel()] = full.reshape(-1).float()
         return flat[self.rank * size:(self.rank + 1) * size].reshape(local.shape).to(local.device)
+
+
+class EmaState:
+    """The moving average of the weights; a checkpoint saved without one leaves it at the current weights."""
+
+    def __init__(self, ema: WeightsEMA):
+        self.ema = ema
+
+    def save(self, ref: CheckpointRef) -> None:
+        self.ema.save(ref.path)
+
+    def load(self, ref: CheckpointRef) -> None:
+        if not self.ema.load(ref.path):
+            log.warning("%s holds no moving average of the weights: train.ema starts from the current weights",
+                        ref.path)
 
 
 def consolidate(tag_folder: Path) -> dict[str, torch.Tensor]:

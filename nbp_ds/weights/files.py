@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
@@ -78,8 +80,6 @@ def shard_name(index: int, count: int) -> str:
 
 def write_single(state: dict[str, torch.Tensor], config: dict[str, Any], out: Path, dtype: str) -> Path:
     """The one-file form: ``out`` (.safetensors) and ``out`` with .json."""
-    from safetensors.torch import save_file
-
     with atomic_output(out) as tmp:
         save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(config), "dtype": dtype, "format": "pt"})
     write_text_atomic(out.with_suffix(".json"), json.dumps(config, indent=1))
@@ -90,8 +90,6 @@ def write_sharded(state: dict[str, torch.Tensor], config: dict[str, Any], folder
                   max_bytes: int) -> Path:
     """The sharded form in ``folder``; returns the index's path. The index is written last: a folder without it
     is an interrupted export, which no reader takes for a complete one."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INDEX_NAME).unlink(missing_ok=True)
     for stale in folder.glob("model-*-of-*.safetensors"):  # an earlier export's shards (maybe another count)
@@ -118,8 +116,6 @@ class ExportFiles:
         self._open: dict[Path, Any] = {}
 
     def _file(self, name: str):
-        from safetensors import safe_open
-
         path = self.weight_map[name]
         if path not in self._open:
             self._open[path] = safe_open(str(path), framework="pt")
@@ -148,8 +144,6 @@ def is_export(path: str | Path) -> bool:
 def open_export(path: str | Path) -> ExportFiles:
     """An export in either form: a .safetensors file, a sharded export's folder, or its index file. Raises
     ValueError naming the path when it holds no nbp_ds run config, FileNotFoundError when it is neither."""
-    from safetensors import safe_open
-
     path = Path(path)
     index = path / INDEX_NAME if path.is_dir() else path if path.name.endswith(".index.json") else None
     if index is not None:
