@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=8,
                    help="sampled videos per class (the ladder's samples rung: 8 x 12 classes = 96)")
+    p.add_argument("--cfg-scale", type=float, default=2.0,
+                   help="classifier-free guidance of the samples (the model drops its class 10%% of the time "
+                        "in training; 1 = off)")
     p.add_argument("--config", default="quickstart", help="run config of the NBP model")
     p.add_argument("--redo", action="append", default=[], choices=STAGES, help="run this stage again")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the NBP run config")
@@ -144,10 +147,11 @@ class Pipeline:
             py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", a.nproc,
             "-m", "nbp_ds.train", "--config", a.config, *overrides]], outputs=(train,))
         self.stage("export", 5, {"train": str(train)}, [[py, "-m", "nbp_ds.cli.export", train, export]])
-        self.stage("sample", 6, {"n": a.samples_per_class}, [[
+        self.stage("sample", 6, {"n": a.samples_per_class, "cfg": a.cfg_scale}, [[
             py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
             "--num", a.samples_per_class, "--classes", shards / "train" / "classes.json",
-            "--temperature", "1.0", "--top-k", "8", "--seed", "0", "--restart"]])  # rerun: new weights, anew
+            "--temperature", "1.0", "--top-k", "8", "--cfg-scale", a.cfg_scale, "--seed", "0",
+            "--restart"]])  # rerun: new weights, anew
         self.stage("check", 7, {"n": a.samples_per_class}, [[
             py, "-m", "nbp_ds.cli.check_consistency", samples, "--classes", shards / "train" / "classes.json",
             "--json", samples / "consistency.json"], [
