@@ -143,6 +143,7 @@ def check_bench_quality(quickstart_out: Path, out: Path, env: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three quickstart runs and the benchmark: about 5 minutes idle, far more when busy
 def test_quickstart_end_to_end_quality_and_reuse(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "nbp_ds.cli.quickstart", "--out", str(out), *QUALITY_RUN]
