@@ -125,7 +125,7 @@ def run_bench(quickstart_out: Path, out: Path, steps: int, per_class: int, nproc
     for name in variants or list(shapes):
         cfg = load_config(config, [*overrides, f"layout.block={json.dumps(shapes[name])}"])
         model = build_model(cfg, device="meta")
-        tokens_per_step = cfg.layout.seq_len * cfg.train.micro_batch * cfg.train.grad_accum * nproc
+        tokens_per_step = model.layout.seq_len * cfg.train.micro_batch * cfg.train.grad_accum * nproc
         flops_per_step = model.flops_per_token() * tokens_per_step
         run = out / name
         train_seconds = train_variant(config, shapes[name], shards, run, steps, nproc, overrides)
