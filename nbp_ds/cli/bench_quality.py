@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
-from nbp_ds.perf.quality_bench import markdown_table, run_bench
+from nbp_ds.eval.quality_bench import markdown_table, run_bench
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
