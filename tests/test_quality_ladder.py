@@ -75,18 +75,25 @@ def test_checker_reads_each_rendered_objects_colour_and_none_when_it_changes_or_
 
 
 class IdentityTokenizer:
-    """A stand-in tokenizer whose reconstruction is the clip itself (or its grey version)."""
+    """A stand-in tokenizer whose reconstruction is the clip itself, its grey version, or the clip with every
+    palette colour painted as the next one (a colour kept, but the wrong one)."""
 
-    def __init__(self, grey: bool = False):
-        self.grey = grey
+    def __init__(self, grey: bool = False, recolour: bool = False):
+        self.grey, self.recolour = grey, recolour
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         return video
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not self.grey:
-            return tokens
-        return tokens.float().mean(dim=-1, keepdim=True).expand_as(tokens).round().to(torch.uint8)
+        if self.grey:
+            return tokens.float().mean(dim=-1, keepdim=True).expand_as(tokens).round().to(torch.uint8)
+        if self.recolour:
+            out = tokens.clone()
+            for i, rgb in enumerate(OBJECT_COLORS):
+                painted = (tokens == torch.tensor(rgb, dtype=torch.uint8)).all(dim=-1)
+                out[painted] = torch.tensor(OBJECT_COLORS[(i + 1) % len(OBJECT_COLORS)], dtype=torch.uint8)
+            return out
+        return tokens
 
 
 def test_ladder_rungs_count_what_the_checker_reads():
@@ -110,6 +117,10 @@ def test_ladder_rungs_count_what_the_checker_reads():
     expected = np.abs(pixels - np.round(pixels.mean(axis=1, keepdims=True))).mean(axis=0)
     assert rung["color_error_rgb"] == pytest.approx(expected, abs=0.5)
     assert rung["psnr"] < 40 and "samples" not in grey
+
+    # every object in another palette colour: the checker reads a colour, but not its source's
+    recoloured = quality_ladder(clips, labels, CLASS_IDS, IdentityTokenizer(recolour=True))["reconstruction"]
+    assert recoloured["color"]["hits"] == 0 and recoloured["shape"]["rate"] >= 0.95
 
     # samples of the wrong class: shape or direction fail; their colour still counts (a class has none)
     wrong = [(label + 1) % 12 for label in labels]
