@@ -95,15 +95,17 @@ def test_stages_rerun_when_their_inputs_or_an_earlier_stage_change_and_resume_wh
 
 
 # The quality test's reduced quickstart (seeded: every stage draws from --seed 0 streams) and the bounds its
-# samples must reach. Measured on a 2-core CPU: see QUALITY_BOUNDS; a run whose samples fall below them learned
-# less than this pipeline does (planted and seen to fail: a dropped LR warm-up, targets shifted by one token, class
-# dropout replacing 90% of the labels instead of 10%; docs/PROMISES.md).
+# samples must reach. A run whose samples fall below them learned less than this pipeline does: planted once
+# each (docs/PROMISES.md), targets shifted by one token gave 12.5% direction and class dropout replacing 90% of
+# the labels 27.1%; a dropped LR warm-up gave 45.8% against 52.1% without it (the same 300 steps on the full
+# quickstart's data), not told apart.
 QUALITY_RUN = ["--per-class", "16", "--val-per-class", "1", "--tokenizer-steps", "150", "--train-steps", "300",
                "--samples-per-class", "4", "train.save_every=300", "train.eval_every=300", "train.sample_every=300",
                "train.log_every=50"]
 # Measured (2-core CPU): the samples' direction 70.8% [57-82] of 48 (chance 25%; 8.3% after 150 steps of a
-# 2-layer model). Shape and colour are not bounded: at this size the tokenizer keeps neither (the ladder shows it).
-QUALITY_BOUNDS = {"direction": 0.5}
+# 2-layer model); the bound leaves 30 points of margin. Shape and colour are not bounded: at this size the
+# tokenizer keeps neither (the ladder shows it).
+QUALITY_BOUNDS = {"direction": 0.4}
 
 
 def check_quality_ladder(ladder: dict, samples: Path) -> None:
