@@ -125,7 +125,7 @@ def check_bench_quality(quickstart_out: Path, out: Path, env: dict) -> None:
     class): a row (1x1x8) and NTP (1x1x1) trained with equal FLOPs per step, validated at steps 2 and 4, sampled
     with one forward pass per block (24 = 3x8x8 / 8, and 192 = one per token), the table and the plot written."""
     cmd = [sys.executable, "-m", "nbp_ds.cli.bench_quality", "--quickstart-out", str(quickstart_out), "--out",
-           str(out), "--steps", "4", "--samples-per-class", "1", "--nproc", "1", "--variants", "row", "ntp",
+           str(out), "--steps", "4", "--samples-per-class", "1", "--nproc", "1", "--variants", "row,ntp",
            "train.eval_every=2", "train.log_every=2", "model.n_layer=1"]
     bench = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]

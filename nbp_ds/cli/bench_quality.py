@@ -1,7 +1,7 @@
 """Next-block (NBP) versus next-token (NTP) prediction at equal training compute, on the quickstart's world.
 
     nbp-bench-quality --quickstart-out quickstart_out --out bench_quality/
-    nbp-bench-quality --quickstart-out quickstart_out --steps 200 --variants row ntp model.n_layer=2
+    nbp-bench-quality --quickstart-out quickstart_out --steps 200 --variants row,ntp model.n_layer=2
 
 Trains the same model (the run config's size, --config with key=value overrides) on a finished quickstart's
 token shards with the same steps and batch, once per block shape: a row (1x1xW), a frame (1xHxW) and one token
@@ -32,13 +32,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=600, help="training steps of every variant (default 600)")
     p.add_argument("--samples-per-class", type=int, default=8, help="sampled videos per class (default 8)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
-    p.add_argument("--variants", nargs="+", choices=("row", "frame", "ntp"), default=None,
-                   help="block shapes to compare (default all three)")
+    p.add_argument("--variants", default="row,frame,ntp",
+                   help="block shapes to compare, comma-separated: row, frame, ntp (default all three)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run config, the same for every variant")
     args = p.parse_intermixed_args(argv)
     if args.steps < 1 or args.samples_per_class < 1 or args.nproc < 1:
         p.error("--steps, --samples-per-class and --nproc must be >= 1")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - {"row", "frame", "ntp"})
+    if unknown or not args.variants:
+        p.error(f"--variants: unknown {unknown or 'empty list'}; choose from row, frame, ntp")
     return args
 
 
