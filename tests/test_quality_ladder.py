@@ -41,6 +41,7 @@ def test_wilson_interval_matches_published_values_and_edges():
     # 0 of n: the lower end is 0 and the upper z^2 / (n + z^2); n of n mirrors it
     z2 = 1.959963984540054 ** 2
     assert wilson_interval(0, 20) == pytest.approx((0.0, z2 / (20 + z2)))
+    assert wilson_interval(0, 48)[0] == 0.0 and wilson_interval(48, 48)[1] == 1.0  # exactly: 0 <= rate <= 1
     assert wilson_interval(20, 20) == pytest.approx((20 / (20 + z2), 1.0))
     low, high = wilson_interval(48, 96)
     assert low < 0.5 < high and high - low < 0.21  # narrows with the count

@@ -44,7 +44,10 @@ def wilson_interval(hits: int, count: int, z: float = Z_95) -> tuple[float, floa
     denominator = 1 + z * z / count
     centre = (p + z * z / (2 * count)) / denominator
     half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 (or all) hits the exact end is 0 (or 1); the formula gives it only up to rounding.
+    low = 0.0 if hits == 0 else max(0.0, centre - half)
+    high = 1.0 if hits == count else min(1.0, centre + half)
+    return low, high
 
 
 def rung_from_report(report: dict[str, Any]) -> dict[str, Any]:
