@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from nbp_ds.cli import quickstart
 from nbp_ds.cli.quickstart import STAGES as STAGE_NAMES
@@ -21,14 +22,15 @@ from nbp_ds.generate.folder import recorded_videos
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def check_consistency_report(report: dict, samples: Path, classes: dict[str, int]) -> None:
+def check_consistency_report(report: dict, samples: Path, per_class: int, classes: dict[str, int]) -> None:
     """The class check's report describes the sampled videos: one record per video, every class named once
     with its own id, each verdict the checker's reading of the saved frames (frames/<stem>.npy, in the
     sampler's record order), and every rate the share of its records. (How well the checker reads a video is
-    tested on videos with known answers in test_synthetic.py; a model trained for 6 steps shows no class.)"""
+    tested on videos with known answers in test_synthetic.py.)"""
     records = report["videos"]
-    assert report["count"] == len(records) == 12
-    assert sorted(r["class"] for r in records) == sorted(CLASSES)
+    n = 12 * per_class
+    assert report["count"] == len(records) == n
+    assert sorted(r["class"] for r in records) == sorted(CLASSES * per_class)
     assert all(classes[r["class"]] == r["label"] for r in records)
     sampled = recorded_videos(samples)
     frames, labels = [np.load(r["frames_path"]) for r in sampled], [r["label"] for r in sampled]
@@ -38,13 +40,14 @@ def check_consistency_report(report: dict, samples: Path, classes: dict[str, int
         assert record["correct"] == ((record["shape"], record["direction"]) == parse_class(record["class"]))
     shape_hits = sum(r["shape"] == parse_class(r["class"])[0] for r in records)
     direction_hits = sum(r["direction"] == parse_class(r["class"])[1] for r in records)
-    assert report["overall_rate"] == pytest.approx(sum(r["correct"] for r in records) / 12)
-    assert report["shape_rate"] == pytest.approx(shape_hits / 12)
-    assert report["direction_rate"] == pytest.approx(direction_hits / 12)
+    assert report["overall_rate"] == pytest.approx(sum(r["correct"] for r in records) / n)
+    assert report["shape_rate"] == pytest.approx(shape_hits / n)
+    assert report["direction_rate"] == pytest.approx(direction_hits / n)
     assert sorted(report["per_class"]) == sorted(CLASSES)
-    for r in records:
-        stats = report["per_class"][r["class"]]
-        assert stats["count"] == 1 and stats["overall_rate"] == float(r["correct"])
+    for name, stats in report["per_class"].items():
+        mine = [r for r in records if r["class"] == name]
+        assert stats["count"] == per_class
+        assert stats["overall_rate"] == pytest.approx(sum(r["correct"] for r in mine) / per_class)
 
 
 def test_bad_override_is_refused_before_any_stage_runs(tmp_path, capsys):
@@ -91,34 +94,92 @@ def test_stages_rerun_when_their_inputs_or_an_earlier_stage_change_and_resume_wh
     assert len(run_stages(tmp_path, "v", "z")) == 9  # all reused
 
 
+# The quality test's reduced quickstart (seeded: every stage draws from --seed 0 streams) and the bounds its
+# samples must reach. A run whose samples fall below them learned less than this pipeline does: planted once
+# each (docs/PROMISES.md), targets shifted by one token gave 12.5% direction and class dropout replacing 90% of
+# the labels 27.1%; a dropped LR warm-up gave 45.8% against 52.1% without it (the same 300 steps on the full
+# quickstart's data), not told apart.
+QUALITY_RUN = ["--per-class", "16", "--val-per-class", "1", "--tokenizer-steps", "150", "--train-steps", "300",
+               "--samples-per-class", "4", "train.save_every=300", "train.eval_every=300", "train.sample_every=300",
+               "train.log_every=50"]
+# Measured (2-core CPU): the samples' direction 70.8% [57-82] of 48 (chance 25%; 8.3% after 150 steps of a
+# 2-layer model); the bound leaves 30 points of margin. Shape and colour are not bounded: at this size the
+# tokenizer keeps neither (the ladder shows it).
+QUALITY_BOUNDS = {"direction": 0.4}
+
+
+def check_quality_ladder(ladder: dict, samples: Path) -> None:
+    """quality.json holds the three rungs with their counts, and the samples rung is the check of the samples."""
+    assert ladder["source"]["count"] == 12 and ladder["reconstruction"]["count"] == 12
+    assert ladder["source"]["shape"]["rate"] >= 0.9 and ladder["source"]["color"]["rate"] >= 0.9  # the ceiling
+    assert ladder["samples"]["count"] == 48
+    report = json.loads((samples / "consistency.json").read_text())
+    for key in ("shape", "direction", "color"):
+        assert ladder["samples"][key]["rate"] == pytest.approx(report[f"{key}_rate"])
+        assert ladder["samples"][key]["low"] <= ladder["samples"][key]["rate"] <= ladder["samples"][key]["high"]
+    assert 0 < ladder["reconstruction"]["psnr"] < 60 and len(ladder["reconstruction"]["color_error_rgb"]) == 3
+
+
+def check_bench_quality(quickstart_out: Path, out: Path, env: dict) -> None:
+    """nbp-bench-quality on the quickstart's shards and tokenizer at toy size (4 steps, one layer, one sample per
+    class): a row (1x1x8) and NTP (1x1x1) trained with equal FLOPs per step, validated at steps 2 and 4, sampled
+    with one forward pass per block (24 = 3x8x8 / 8, and 192 = one per token), the table and the plot written."""
+    cmd = [sys.executable, "-m", "nbp_ds.cli.bench_quality", "--quickstart-out", str(quickstart_out), "--out",
+           str(out), "--steps", "4", "--samples-per-class", "1", "--nproc", "1", "--variants", "row,ntp",
+           "train.eval_every=2", "train.log_every=2", "model.n_layer=1"]
+    bench = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
+    result = json.loads((out / "quality_bench.json").read_text())
+    rows = {v["name"]: v for v in result["variants"]}
+    assert sorted(rows) == ["ntp", "row"] and rows["ntp"]["block"] == [1, 1, 1] and rows["row"]["block"] == [1, 1, 8]
+    assert rows["row"]["params"] == rows["ntp"]["params"] and rows["row"]["steps"] == 4
+    assert rows["row"]["flops_per_step"] == rows["ntp"]["flops_per_step"] > 0  # the same sequence length
+    for row in rows.values():
+        assert [flops / row["flops_per_step"] for flops, _ in row["val_curve"]] == [2, 4]
+        assert all(np.isfinite(loss) and loss > 0 for _, loss in row["val_curve"])
+        assert row["samples"]["count"] == 12 and row["seconds_per_video"] > 0
+    assert rows["row"]["passes_per_video"] == 3 * 8 * 8 / 8 and rows["ntp"]["passes_per_video"] == 3 * 8 * 8
+    table = (out / "quality_bench.md").read_text()
+    assert "| ntp 1x1x1 |" in table and "| row 1x1x8 |" in table and "faster sampling than NTP" in table
+    with Image.open(out / "quality_bench.png") as plot:
+        assert plot.size == (640, 420)
+    assert table.splitlines()[0] in bench.stdout
+
+
 @pytest.mark.slow
-def test_quickstart_end_to_end_and_reuse(tmp_path):
+@pytest.mark.timeout(1800)  # three quickstart runs and the benchmark: about 5 minutes idle, far more when busy
+def test_quickstart_end_to_end_quality_and_reuse(tmp_path):
     out = tmp_path / "qs"
-    cmd = [sys.executable, "-m", "nbp_ds.cli.quickstart", "--out", str(out), "--per-class", "3", "--val-per-class", "1",
-           "--tokenizer-steps", "10", "--train-steps", "6", "train.save_every=6", "train.eval_every=6",
-           "train.sample_every=6", "train.log_every=2", "model.n_layer=1"]
+    cmd = [sys.executable, "-m", "nbp_ds.cli.quickstart", "--out", str(out), *QUALITY_RUN]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     samples = out / "samples"
-    assert len(list(samples.glob("*.mp4"))) == 12  # one per class
+    ladder = json.loads((out / "quality.json").read_text())
+    check_quality_ladder(ladder, samples)
+    for key, bound in QUALITY_BOUNDS.items():
+        assert ladder["samples"][key]["rate"] >= bound, (key, ladder["samples"])
+    assert "quality ladder" in first.stdout[first.stdout.index("stage        time"):]  # it ends the run
+    assert len(list(samples.glob("*.mp4"))) == 48  # four per class
     assert (samples / "grid.png").stat().st_size > 0
-    assert sorted(p.stem.rsplit("_", 1)[0] for p in samples.glob("*.mp4")) == sorted(CLASSES)
-    check_consistency_report(json.loads((samples / "consistency.json").read_text()), samples,
+    assert sorted(p.stem.rsplit("_", 1)[0] for p in samples.glob("*.mp4")) == sorted(CLASSES * 4)
+    check_consistency_report(json.loads((samples / "consistency.json").read_text()), samples, 4,
                              json.loads((out / "shards" / "train" / "classes.json").read_text()))
     assert list((out / "train" / "tb").glob("events.out.tfevents.*"))
     assert (out / "train" / "finished").is_file()
     tok_report = json.loads((out / "tokenizer" / "report.json").read_text())
-    assert tok_report["steps"] == 10 and tok_report["val_psnr"] > 0
+    assert tok_report["steps"] == 150 and tok_report["val_psnr"] > 0
     for where in ("Look at:", str(samples), "tensorboard --logdir"):
         assert where in first.stdout
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:]
     assert second.stdout.count("done in an earlier run, reused") == 7
     assert "total" in second.stdout and second.stdout.count("reused") >= 7 + 7  # the messages and the table
+    check_bench_quality(out, tmp_path / "bench", env)
     # A stage's inputs include every earlier stage: a new tokenizer re-tokenizes the shards and retrains the
     # model (reusing the old shards would train on codes the new tokenizer cannot decode); the videos stay.
-    changed = [c if c != "10" else "12" for c in cmd]
+    changed = [*cmd, "--tokenizer-steps", "10", "--train-steps", "6", "--samples-per-class", "1",
+               "train.save_every=6", "train.eval_every=6", "train.sample_every=6"]  # the last flags win
     third = subprocess.run(changed, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "[1/7] videos: done in an earlier run, reused" in third.stdout
@@ -128,4 +189,4 @@ def test_quickstart_end_to_end_and_reuse(tmp_path):
         assert f"[{number}/7] {stage}: finished in" in third.stdout, stage
     table = third.stdout[third.stdout.index("stage        time"):]
     assert [line.split()[0] for line in table.splitlines()[1:9]] == [*STAGE_NAMES, "total"]
-    assert json.loads((out / "tokenizer" / "report.json").read_text())["steps"] == 12
+    assert json.loads((out / "tokenizer" / "report.json").read_text())["steps"] == 10

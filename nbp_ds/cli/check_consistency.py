@@ -18,8 +18,9 @@ Two inputs:
 Each video is decoded at --fps at its own resolution (the first video's width, or --resolution) and read by
 nbp_ds.eval.consistency: the object is the largest blob far from the border's colour; its shape comes from how it
 fills its bounding box (and how much of it lies in the box's upper half), its direction from the least-squares
-motion of its centroid. Prints a table per class and the overall (shape and direction both right), shape and
-direction rates; --json writes them with one record per video.
+motion of its centroid, its colour from the blob's median colour (one palette colour from the first frame to the
+last). Prints a table per class and the overall (shape and direction both right), shape, direction and colour
+rates; --json writes them with one record per video.
 
 Exit status: 0 on success, 1 when --min-rate is given and the overall rate is below it, 2 on bad input (no videos,
 unknown class names, undecodable files).
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print(format_report(report))
     print(f"class consistency over {report['count']} videos: overall {100 * report['overall_rate']:.1f}% "
-          f"(shape {100 * report['shape_rate']:.1f}%, direction {100 * report['direction_rate']:.1f}%)", flush=True)
+          f"(shape {100 * report['shape_rate']:.1f}%, direction {100 * report['direction_rate']:.1f}%, colour "
+          f"{100 * report['color_rate']:.1f}%)", flush=True)
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,10 @@
   3. shards     tokenize both splits into WebDataset shards
   4. train      a class-conditional NBP model with DeepSpeed ZeRO-3 on 2 CPU processes (torchrun)
   5. export     consolidate the ZeRO checkpoint into one safetensors file
-  6. sample     one video per class: mp4s, a PNG grid, tokens
-  7. check      does each sample show its class' shape moving in its class' direction?
+  6. sample     8 videos per class: mp4s, a PNG grid, tokens
+  7. check      does each sample show its class' shape moving in its class' direction? Then the quality
+                ladder: the same checker (shape, direction, colour) on the held-out source clips (its ceiling),
+                on the tokenizer's reconstructions of them and on the samples -> quality.json, TensorBoard
 
 Every stage writes a marker when it completes; a second run reuses finished stages whose inputs
 did not change (a stage's marker covers its own parameters and every earlier stage's, so a new
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from nbp_ds.cli import command
 from nbp_ds.config import load_config
+from nbp_ds.eval.quality import RUNGS, format_ladder
 
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check")
 
@@ -36,12 +39,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quickstart_out", help="everything goes here (default quickstart_out/)")
     p.add_argument("--per-class", type=int, default=64, help="training videos per class")
-    p.add_argument("--val-per-class", type=int, default=4, help="held-out videos per class")
+    p.add_argument("--val-per-class", type=int, default=8,
+                   help="held-out videos per class (the ladder's source and reconstruction rungs)")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps")
     p.add_argument("--tokenizer-lr", type=float, default=3e-3, help="tokenizer peak learning rate")
     p.add_argument("--train-steps", type=int, default=600, help="NBP training steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
-    p.add_argument("--samples-per-class", type=int, default=1)
+    p.add_argument("--samples-per-class", type=int, default=8,
+                   help="sampled videos per class (the ladder's samples rung: 8 x 12 classes = 96)")
+    p.add_argument("--cfg-scale", type=float, default=2.0,
+                   help="classifier-free guidance of the samples (the model drops its class 10%% of the time "
+                        "in training; 1 = off)")
     p.add_argument("--config", default="quickstart", help="run config of the NBP model")
     p.add_argument("--redo", action="append", default=[], choices=STAGES, help="run this stage again")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the NBP run config")
@@ -139,18 +147,26 @@ class Pipeline:
             py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", a.nproc,
             "-m", "nbp_ds.train", "--config", a.config, *overrides]], outputs=(train,))
         self.stage("export", 5, {"train": str(train)}, [[py, "-m", "nbp_ds.cli.export", train, export]])
-        self.stage("sample", 6, {"n": a.samples_per_class}, [[
+        self.stage("sample", 6, {"n": a.samples_per_class, "cfg": a.cfg_scale}, [[
             py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
             "--num", a.samples_per_class, "--classes", shards / "train" / "classes.json",
-            "--temperature", "1.0", "--top-k", "8", "--seed", "0", "--restart"]])  # rerun: new weights, anew
+            "--temperature", "1.0", "--top-k", "8", "--cfg-scale", a.cfg_scale, "--seed", "0",
+            "--restart"]])  # rerun: new weights, anew
         self.stage("check", 7, {"n": a.samples_per_class}, [[
             py, "-m", "nbp_ds.cli.check_consistency", samples, "--classes", shards / "train" / "classes.json",
-            "--json", samples / "consistency.json"]])
+            "--json", samples / "consistency.json"], [
+            py, "-m", "nbp_ds.cli.quality_ladder", "--videos", videos / "val", "--tokenizer", tokenizer,
+            "--samples", samples, "--classes", shards / "train" / "classes.json", *clip,
+            "--json", self.path("quality.json"), "--tensorboard", self.path("quality")]])
         self.print_timings()
+        ladder = json.loads(self.path("quality.json").read_text())
+        print("\nquality ladder (the class checker on each rung: where shape, direction and colour are kept)")
+        print(format_ladder({k: v for k, v in ladder.items() if k in RUNGS}))
         print("\nDone. Look at:")
         print(f"  sampled videos   {samples}/*.mp4")
         print(f"  frame grid       {samples / 'grid.png'}")
         print(f"  class check      {samples / 'consistency.json'}")
+        print(f"  quality ladder   {self.path('quality.json')}   (source -> reconstruction -> samples)")
         print(f"  TensorBoard      tensorboard --logdir {self.out}   (training: {train / 'tb'}, tokenizer: "
               f"{tok_run / 'tb'}; the training's sample videos: Time Series tab, filter tags by 'samples')")
 

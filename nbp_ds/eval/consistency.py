@@ -13,6 +13,12 @@ being the per-channel median of the frame's border (the synthetic object never t
   32x32 a small circle (down to ~0.67) and a small triangle (up to ~0.63) come close; the top fraction keeps them
   apart. Both cues survive blur: a blurred square loses its corner pixels but still fills ~0.95 of its box.
 
+* colour: the median RGB of the blob's pixels in each frame, named by the nearest colour of the palette
+  (``synthetic.OBJECT_COLORS``) when it lies within ``COLOR_TOLERANCE`` of it. The clip's colour is that name when
+  the first and the last frame holding an object read the same one (an object that changes colour, or fades to
+  grey, has none). A class has no colour (it is drawn at random per video), so a sample's colour counts as read
+  when it has one; a reconstruction's when it is its source's.
+
 A clip in which no frame holds a plausible object (nothing far from the background, or "objects" covering more than
 half the frame, as in noise) gets neither a shape nor a direction.
 """
@@ -26,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from nbp_ds.eval.synthetic import FILL_RATIOS, SHAPES, TOP_FRACTIONS, parse_class
+from nbp_ds.eval.synthetic import COLOR_NAMES, FILL_RATIOS, OBJECT_COLORS, SHAPES, TOP_FRACTIONS, parse_class
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,11 @@ MAX_AREA_FRACTION = 0.5
 # Total displacement (pixels over the clip) below which the object counts as not moving.
 MIN_MOTION = 0.5
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_PALETTE = np.array(OBJECT_COLORS, dtype=np.float32)
+# Half the smallest distance between two palette colours (yellow and orange, ~77): a colour within it of a palette
+# colour is nearer to that one than to any other, so no reading is ambiguous; grey (the palette's mean is 134+ away
+# from every colour) reads as none.
+COLOR_TOLERANCE = 0.5 * min(float(np.linalg.norm(a - b)) for i, a in enumerate(_PALETTE) for b in _PALETTE[i + 1:])
 
 
 def border_background(frame: np.ndarray) -> np.ndarray:
@@ -105,6 +116,16 @@ def shape_from_features(ratio: float | None, top: float | None = None) -> str | 
     return min(SHAPES, key=lambda s: np.hypot(FILL_RATIOS[s] - ratio, TOP_FRACTIONS[s] - top))
 
 
+def color_name(rgb: np.ndarray | Sequence[float]) -> str | None:
+    """The palette colour (``synthetic.COLOR_NAMES``) within COLOR_TOLERANCE of an RGB triple; None if none is."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    if not np.all(np.isfinite(rgb)):
+        return None
+    distances = np.linalg.norm(_PALETTE - rgb, axis=-1)
+    nearest = int(np.argmin(distances))
+    return COLOR_NAMES[nearest] if distances[nearest] <= COLOR_TOLERANCE else None
+
+
 def direction_from_displacement(dx: float, dy: float, min_motion: float = MIN_MOTION) -> str | None:
     """The direction of the dominant axis of a displacement (image coordinates, y down); None if too small."""
     if max(abs(dx), abs(dy)) < min_motion:
@@ -121,7 +142,9 @@ def analyze_clip(frames: np.ndarray, min_motion: float = MIN_MOTION) -> dict[str
       masks [N, H, W] bool, background [N, 3], areas [N], centroids [N, 2] (x, y in pixels; nan where no object),
       fill_ratios [N] (nan where no object), fill_ratio (median, or None), top_fractions [N], top_fraction
       (median, or None), displacement ((dx, dy) total over the clip from a least-squares fit of the centroids, or
-      None with fewer than two object frames), shape (str or None), direction (str or None).
+      None with fewer than two object frames), shape (str or None), direction (str or None), colors [N, 3] (median
+      RGB of the object, nan where no object), color (palette name kept from the first object frame to the last, or
+      None).
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -135,6 +158,7 @@ def analyze_clip(frames: np.ndarray, min_motion: float = MIN_MOTION) -> dict[str
     centroids = np.full((n, 2), np.nan)
     ratios = np.full(n, np.nan)
     tops = np.full(n, np.nan)
+    colors = np.full((n, 3), np.nan, dtype=np.float32)
     for t in range(n):
         masks[t], backgrounds[t] = object_mask(frames[t])
         rows, cols = np.nonzero(masks[t])
@@ -143,10 +167,15 @@ def analyze_clip(frames: np.ndarray, min_motion: float = MIN_MOTION) -> dict[str
             centroids[t] = (cols.mean() + 0.5, rows.mean() + 0.5)
             ratios[t] = fill_ratio(masks[t])
             tops[t] = top_fraction(masks[t])
+            colors[t] = np.median(frames[t][masks[t]].astype(np.float32), axis=0)
     valid = np.isfinite(centroids[:, 0])
     ratio = float(np.median(ratios[valid])) if valid.any() else None
     top = float(np.median(tops[valid])) if valid.any() else None
 
+    color = None
+    if valid.any():
+        first, last = (color_name(colors[i]) for i in np.nonzero(valid)[0][[0, -1]])
+        color = first if first == last else None
     displacement = None
     direction = None
     if valid.sum() >= 2:
@@ -170,6 +199,8 @@ def analyze_clip(frames: np.ndarray, min_motion: float = MIN_MOTION) -> dict[str
         "displacement": displacement,
         "shape": shape_from_features(ratio, top),
         "direction": direction,
+        "colors": colors,
+        "color": color,
     }
 
 
@@ -191,19 +222,23 @@ def _names_by_id(class_names: Sequence[str] | Mapping[str, int]) -> dict[int, st
 
 def consistency_report(videos: Iterable[np.ndarray], labels: Iterable[int],
                        class_names: Sequence[str] | Mapping[str, int],
-                       ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """How many videos show their class: overall (shape and direction both right), shape and direction rates.
+                       ids: Sequence[str] | None = None,
+                       reference_colors: Sequence[str | None] | None = None) -> dict[str, Any]:
+    """How many videos show their class: overall (shape and direction both right), shape, direction and colour rates.
 
     ``videos`` are uint8 clips [N, H, W, 3] (any iterable, consumed once), ``labels`` their class ids,
     ``class_names`` the class names by id (a sequence) or a {name: id} mapping like classes.json; every name must be
     a synthetic ``<shape>_<direction>`` class. ``ids`` optionally names each video (e.g. its file) in the per-video
-    records. Returns {count, overall_rate, shape_rate, direction_rate, per_class: {name: {count, overall_rate,
-    shape_rate, direction_rate, predicted: {predicted class: count}}}, videos: [per-video records]}; rates are None
-    where there is nothing to count.
+    records. ``reference_colors`` optionally gives each video the colour it must show (a reconstruction: its
+    source's reading); without it a video's colour counts as read when the checker names one (kept from the first
+    frame to the last). Returns {count, overall_rate, shape_rate, direction_rate, color_rate, hits: {shape,
+    direction, color, overall}, per_class: {name: {count, overall_rate, shape_rate, direction_rate, color_rate,
+    predicted: {predicted class: count}}}, videos: [per-video records]}; rates are None where there is nothing to
+    count.
     """
     names = _names_by_id(class_names)
     truth = {i: parse_class(name) for i, name in names.items()}
-    per_class = {names[i]: {"count": 0, "overall": 0, "shape": 0, "direction": 0, "predicted": {}}
+    per_class = {names[i]: {"count": 0, "overall": 0, "shape": 0, "direction": 0, "color": 0, "predicted": {}}
                  for i in sorted(names)}
     records = []
     for k, (video, label) in enumerate(zip(videos, labels, strict=True)):
@@ -211,26 +246,34 @@ def consistency_report(videos: Iterable[np.ndarray], labels: Iterable[int],
         if label not in names:
             raise ValueError(f"label {label} of video {k} is not a class id ({sorted(names)})")
         true_shape, true_direction = truth[label]
-        shape, direction = classify_clip(video)
+        reading = analyze_clip(video)
+        shape, direction, color = reading["shape"], reading["direction"], reading["color"]
         shape_ok, direction_ok = shape == true_shape, direction == true_direction
+        color_ok = color is not None and (reference_colors is None or color == reference_colors[k])
         predicted = f"{shape or '?'}_{direction or '?'}"
         stats = per_class[names[label]]
         stats["count"] += 1
         stats["shape"] += shape_ok
         stats["direction"] += direction_ok
+        stats["color"] += color_ok
         stats["overall"] += shape_ok and direction_ok
         stats["predicted"][predicted] = stats["predicted"].get(predicted, 0) + 1
         records.append({"id": ids[k] if ids is not None else k, "label": label, "class": names[label],
-                        "shape": shape, "direction": direction, "correct": bool(shape_ok and direction_ok)})
+                        "shape": shape, "direction": direction, "color": color, "color_ok": bool(color_ok),
+                        "correct": bool(shape_ok and direction_ok)})
     total = len(records)
+    hits = {key: sum(s[key] for s in per_class.values()) for key in ("shape", "direction", "color", "overall")}
     report: dict[str, Any] = {
         "count": total,
-        "overall_rate": _rate(sum(s["overall"] for s in per_class.values()), total),
-        "shape_rate": _rate(sum(s["shape"] for s in per_class.values()), total),
-        "direction_rate": _rate(sum(s["direction"] for s in per_class.values()), total),
+        "overall_rate": _rate(hits["overall"], total),
+        "shape_rate": _rate(hits["shape"], total),
+        "direction_rate": _rate(hits["direction"], total),
+        "color_rate": _rate(hits["color"], total),
+        "hits": hits,
         "per_class": {name: {"count": s["count"], "overall_rate": _rate(s["overall"], s["count"]),
                              "shape_rate": _rate(s["shape"], s["count"]),
                              "direction_rate": _rate(s["direction"], s["count"]),
+                             "color_rate": _rate(s["color"], s["count"]),
                              "predicted": dict(sorted(s["predicted"].items()))}
                       for name, s in per_class.items()},
         "videos": records,
@@ -246,19 +289,20 @@ def format_report(report: dict[str, Any]) -> str:
         return "     -" if value is None else f"{100 * value:5.1f}%"
 
     width = max([len("class")] + [len(name) for name in report["per_class"]])
-    lines = [f"{'class':<{width}}  {'n':>4}  {'both':>6}  {'shape':>6}  {'motion':>6}  predicted as"]
+    lines = [f"{'class':<{width}}  {'n':>4}  {'both':>6}  {'shape':>6}  {'motion':>6}  {'colour':>6}  predicted as"]
     for name, s in report["per_class"].items():
         predicted = ", ".join(f"{p} x{c}" for p, c in s["predicted"].items())
         lines.append(f"{name:<{width}}  {s['count']:>4}  {pct(s['overall_rate'])}  {pct(s['shape_rate'])}  "
-                     f"{pct(s['direction_rate'])}  {predicted}")
+                     f"{pct(s['direction_rate'])}  {pct(s['color_rate'])}  {predicted}")
     lines.append(f"{'all':<{width}}  {report['count']:>4}  {pct(report['overall_rate'])}  {pct(report['shape_rate'])}"
-                 f"  {pct(report['direction_rate'])}")
+                 f"  {pct(report['direction_rate'])}  {pct(report['color_rate'])}")
     return "\n".join(lines)
 
 
 __all__ = [
     "analyze_clip",
     "classify_clip",
+    "color_name",
     "consistency_report",
     "direction_from_displacement",
     "fill_ratio",

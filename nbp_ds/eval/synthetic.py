@@ -42,6 +42,8 @@ OBJECT_COLORS: tuple[tuple[int, int, int], ...] = (
     (250, 140, 30),  # orange
     (245, 245, 245),  # white
 )
+# The names of OBJECT_COLORS, in the same order (what the checker's colour reading answers).
+COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
 
 # Object size as a fraction of the frame side, and speed in pixels per frame at a 32-pixel frame (scaled linearly
 # with the frame size so that a clip looks the same at every resolution). The smallest size is 30%, not less: a
