@@ -88,7 +88,7 @@ class _SlotDataset(IterableDataset):
         while True:
             sample = stream.next_sample()
             if not batch.add(sample, self.grid, self.sources, report):
-                unusable.add(sample, self.grid)
+                unusable.add(sample, batch.rejected)
                 continue
             unusable.reset()
             if len(batch) < self.batch_size:
@@ -148,16 +148,12 @@ class _UnusableRun:
     def reset(self) -> None:
         self.count, self.start_epochs = 0, self._epochs()
 
-    def add(self, sample: dict, grid: tuple) -> None:
+    def add(self, sample: dict, why: SampleError | None) -> None:
+        """One more unusable ``sample``; ``why`` it could not be used (the decoding error)."""
         self.count += 1
         if self.count <= 2 * self.stream.buffer_size:
             return
         if all(now - then >= self.EPOCHS for now, then in zip(self._epochs(), self.start_epochs, strict=True)):
-            try:
-                decode_sample(sample, grid)
-                why = "unusable"
-            except SampleError as exc:
-                why = str(exc)
             raise SampleError(
                 f"loader slot {self.slot}: no usable sample in {self.count} in a row ({self.EPOCHS} passes over "
                 f"its shards); the last one, from {sample.get('__shard__')}: {why} (data.train holds tokens of "
@@ -171,6 +167,7 @@ class _Batch:
         self.tokens: list[np.ndarray] = []
         self.labels: list[int] = []
         self.keys: list[str] | None = [] if with_keys else None
+        self.rejected: SampleError | None = None  # why the last sample add() turned down could not be used
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -180,6 +177,7 @@ class _Batch:
         try:
             tokens, label, _ = decode_sample(sample, grid)
         except SampleError as exc:
+            self.rejected = exc
             kind = "bad_shape" if isinstance(exc, WrongShape) else "corrupt"
             shard = str(sample.get("__shard__"))
             report.problem(kind, f"{shard}: {exc}", place=(shard, str(sample.get("__key__"))))
