@@ -20,7 +20,7 @@ from typing import Any
 
 from nbp_ds.config import RunConfig
 from nbp_ds.errors import ConfigError
-from nbp_ds.train.batch import GlobalBatch, plan_batch, resolve_global_batch
+from nbp_ds.train.batch import GlobalBatch, plan_batch
 from nbp_ds.train.ds_auto import drop_auto
 from nbp_ds.typed_yaml import yaml_number
 
@@ -158,5 +158,6 @@ def resolved_configs(cfg: RunConfig, world_size: int) -> tuple[RunConfig, dict[s
     config; a ConfigError for what the trainer would refuse."""
     if world_size < 1:
         raise ConfigError(f"--world-size must be at least 1, got {world_size}")
-    resolved = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, world_size))
-    return resolved, build_ds_config(cfg, world_size)
+    batch = plan_batch(cfg.train, world_size)  # planned once, as the trainer does, for both configs
+    resolved = dataclasses.replace(cfg, train=batch.applied_to(cfg.train))
+    return resolved, build_ds_config(cfg, world_size, batch)
