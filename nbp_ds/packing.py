@@ -13,7 +13,8 @@ what the model needs (the packed-batch keys below):
 * ``clip_ids``    [B, S] which clip of its row a position belongs to; padding is one more clip of its own (it
                   attends only to itself, so no row of the mask is empty and nothing real sees it);
 * ``loss_rows``   [n] the flat indices (row * S + position) of the positions whose targets count, made on the
-                  host so the model never asks the device how many there are.
+                  host so the model never asks the device how many there are;
+* ``clip_positions`` the number of positions that are no padding (an int: tokens/s counts these).
 
 Attention in a packed row: q sees k iff clip_id(k) == clip_id(q) and block_id(k) <= block_id(q).
 """
@@ -93,6 +94,7 @@ def pack_rows(layout: Layout, rows: Sequence[Sequence[Clip]], length: int) -> di
     out = {"packed_ids": np.zeros((b, length), np.int64), "targets": np.full((b, length), IGNORE, np.int64),
            "positions": np.zeros((b, length, 3), np.int64), "block_ids": np.zeros((b, length), np.int64),
            "clip_ids": np.zeros((b, length), np.int64)}
+    used = 0
     for r, clips in enumerate(rows):
         at = 0
         for c, clip in enumerate(clips):
@@ -106,8 +108,9 @@ def pack_rows(layout: Layout, rows: Sequence[Sequence[Clip]], length: int) -> di
             out["clip_ids"][r, at:at + n] = c
             at += n
         out["clip_ids"][r, at:] = len(clips)  # padding: one more clip, attending only to itself
+        used += at
     out["loss_rows"] = np.nonzero(out["targets"].reshape(-1) != IGNORE)[0]
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}, "clip_positions": used}
 
 
 def packed_allowed(clip_ids: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

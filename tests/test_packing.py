@@ -21,7 +21,8 @@ def test_two_clips_each_with_its_own_layout():
     got = pack_rows(layout, [[Clip(a, label=2), Clip(b, label=0)]], 20)
 
     bov, cls = [V] * 4, lambda c: [18 + c]
-    np.testing.assert_array_equal(got["packed_ids"][0], cls(2) + bov + [0, 1, 2, 3] + cls(0) + bov + [8, 9, 10, 11] + [0, 0])
+    np.testing.assert_array_equal(got["packed_ids"][0],
+                                  cls(2) + bov + [0, 1, 2, 3] + cls(0) + bov + [8, 9, 10, 11] + [0, 0])
     np.testing.assert_array_equal(got["targets"][0], [IGNORE] + list(range(8)) + [IGNORE] + list(range(8, 16))
                                   + [IGNORE] * 2)
     np.testing.assert_array_equal(got["block_ids"][0], [0, 1, 1, 1, 1, 2, 2, 2, 2] * 2 + [0, 0])
@@ -31,7 +32,8 @@ def test_two_clips_each_with_its_own_layout():
     pos_b = [(-1, 0, 0)] + [(t, 0, w) for t in range(2) for w in range(4)]
     np.testing.assert_array_equal(got["positions"][0], pos_a + pos_b + [(0, 0, 0)] * 2)
     np.testing.assert_array_equal(got["loss_rows"], [*range(1, 9), *range(10, 18)])
-    assert all(v.dtype == torch.long for v in got.values())
+    assert got["clip_positions"] == 18
+    assert all(v.dtype == torch.long for v in got.values() if isinstance(v, torch.Tensor))
 
 
 def test_rows_are_flat_indexed_and_padded():
