@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_data_resume import saved, take
 
+from nbp_ds.cli import inspect_shards
 from nbp_ds.data import TokenShardWriter, build_loader
 from nbp_ds.data.packer import PackSpec, padding_fraction
 from nbp_ds.layout import Layout
@@ -105,3 +106,19 @@ def test_val_packs_every_sample_once_and_counts_what_could_not_be_packed(tmp_pat
     assert unpackable == len(too_long) == 6
     fraction = padding_fraction({"pack_positions": positions, "pack_padding": padding})
     assert 0 < fraction < 0.5 and fraction == pytest.approx(padding / positions)
+
+
+def test_inspect_shards_reports_every_shape_with_its_tokens(tmp_path, capsys):
+    """Shards of several shapes: each shape with its sample count and tokens; an error unless --mixed says so."""
+    grids = write_mixed(tmp_path, 20, per_shard=6)  # the five GRIDS, four clips each
+    report = inspect_shards.inspect(str(tmp_path))
+    want = {"x".join(map(str, g)): 4 for g in GRIDS}
+    assert report["shapes"] == want
+    for grid in GRIDS:
+        size = int(np.prod(grid))
+        assert report["shape_tokens"]["x".join(map(str, grid))] == {"per_sample": size, "total": 4 * size}
+    assert sum(v["total"] for v in report["shape_tokens"].values()) == sum(int(np.prod(g)) for g in grids.values())
+    assert inspect_shards.main([str(tmp_path)]) == 1
+    assert "5 shapes" in capsys.readouterr().err
+    assert inspect_shards.main([str(tmp_path), "--mixed"]) == 0
+    assert "3x4x8       4 samples x 96 tokens = 384 tokens" in capsys.readouterr().out
