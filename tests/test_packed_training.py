@@ -68,3 +68,6 @@ def test_a_packed_run_trains_validates_and_logs_its_padding(tmp_path):
     assert 0 < last["data/padding_fraction"] < 0.5
     assert np.isfinite([r["val/loss"] for r in rows if "val/loss" in r]).all()
     assert json.loads((out / "config.json").read_text())["train"]["global_batch"] == 4
+    summary = json.loads((out / "summary.json").read_text())  # clips and real tokens, not rows and row positions
+    assert summary["samples"] == last["data/samples"]
+    assert summary["tokens"] == last["data/pack_positions"] - last["data/pack_padding"]

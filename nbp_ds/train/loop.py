@@ -107,7 +107,7 @@ class Trainer:
         self.layout = self.model.layout
         # packed runs: clips of any grid in rows of data.pack_tokens positions (train.micro_batch counts rows)
         self.pack = PackSpec(self.layout, cfg.data.pack_tokens) if cfg.data.pack_tokens else None
-        # sequence positions a sample (one grid) or a row (packed) holds: what tokens/s and the tally count per sample
+        # sequence positions a sample (one grid) or a row (packed) holds: the step's tokens for tokens/s
         self.positions_per_sample = cfg.data.pack_tokens or self.layout.seq_len
         self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.state = TrainState(world_size=self.world)
@@ -154,7 +154,8 @@ class Trainer:
         self.profile_window.before_step(self.state.step + 1)
         self._train_step(self._batches, self._meter)
         self.state.step += 1
-        self.tally.add_step(self.batch.samples, self.positions_per_sample)
+        if self.pack is None:  # a packed run's clips and real tokens come from its loaders (_report_data)
+            self.tally.add_step(self.batch.samples, self.positions_per_sample)
 
     def step_ended(self, step: int) -> None:
         with self.loop.between_steps():  # writing a trace is no part of a step's time
@@ -298,6 +299,10 @@ class Trainer:
         mine = [(self.loader.stats(), self.loader.problems)]
         mine.append((dict(self.val_report.counts), [f"validation {p}" for p in self.val_report.problems]))
         gathered = distributed.all_gather_object(mine)
+        if self.pack is not None:  # clips, and positions that are no padding, over every rank and every start
+            stats = [rank[0][0] for rank in gathered]
+            self.tally.samples = sum(int(s.get("samples", 0)) for s in stats)
+            self.tally.tokens = sum(int(s.get("pack_positions", 0)) - int(s.get("pack_padding", 0)) for s in stats)
         if self.rank == 0 and (summary := summarize([item for rank in gathered for item in rank])):
             log.warning(summary)
         return sum(int(rank[0][0].get("failed_shards", 0)) for rank in gathered)
