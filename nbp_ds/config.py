@@ -77,6 +77,9 @@ class DataConfig:
     val_batches: int = 8  # validation batches per evaluation (0 = the whole validation set)
     retries: int = 3  # a shard that fails to open or breaks mid-stream is read again this many times, then skipped
     retry_backoff: float = 1.0  # seconds before the first retry of a shard; doubled for each further one
+    # 0: every clip has layout.grid; N: clips of any grid the block tiles, packed into rows of N sequence positions,
+    # each clip attending only to itself (nbp_ds.packing, nbp_ds.data.packer; train.micro_batch then counts rows)
+    pack_tokens: int = 0
 
 
 @dataclass
@@ -88,6 +91,9 @@ class TrainConfig:
     # samples per optimizer step over all processes; when set it stays fixed and grad_accum is derived from it, the
     # micro-batch and the number of processes (nbp_ds.train.batch); None = micro_batch x grad_accum x processes
     global_batch: int | None = None
+    # packed runs (data.pack_tokens): the global batch in sequence positions, a multiple of data.pack_tokens; it
+    # sets train.global_batch (rows) to global_batch_tokens / pack_tokens
+    global_batch_tokens: int | None = None
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -273,6 +279,34 @@ def validate(cfg: RunConfig) -> None:
              f"deepspeed.set must be a mapping of DeepSpeed JSON keys (set one with "
              f"deepspeed.set.zero_optimization.reduce_bucket_size=5e8), got {cfg.deepspeed.set!r}")
     _validate_data(cfg.data)
+    _validate_packing(cfg)
+
+
+def _validate_packing(cfg: RunConfig) -> None:
+    data, tr = cfg.data, cfg.train
+    _require(data.pack_tokens >= 0, f"data.pack_tokens must be >= 0 (0: no packing), got {data.pack_tokens}")
+    if tr.global_batch_tokens is not None:
+        _require(data.pack_tokens > 0, f"train.global_batch_tokens={tr.global_batch_tokens} counts the positions "
+                                       f"of packed rows: it needs data.pack_tokens > 0")
+        rows, rest = divmod(tr.global_batch_tokens, data.pack_tokens)
+        _require(rows > 0 and rest == 0, f"train.global_batch_tokens={tr.global_batch_tokens} must be a positive "
+                                         f"multiple of data.pack_tokens={data.pack_tokens}")
+        _require(tr.global_batch in (None, rows), f"train.global_batch={tr.global_batch} contradicts "
+                                                  f"train.global_batch_tokens={tr.global_batch_tokens} (= {rows} rows "
+                                                  f"of data.pack_tokens={data.pack_tokens}): set one of them")
+    if data.pack_tokens == 0:
+        return
+    lay, mod = cfg.layout, cfg.model
+    _require(lay.token_ids == "nbp_ds", "data.pack_tokens needs layout.token_ids=nbp_ds: the released sequences "
+                                        "(official) have one fixed grid")
+    _require(mod.arch == "llama", f"data.pack_tokens needs model.arch=llama: {mod.arch} learns one absolute position "
+                                  f"per sequence slot, so a clip cannot start at position zero inside a row")
+    _require(mod.attention != "flash", "data.pack_tokens cannot run with model.attention=flash (FlashAttention-2 "
+                                       "takes no mask; the FlashAttention-4 path is not checked on packed rows): use "
+                                       "flex or auto on a GPU, sdpa on the CPU")
+    seq_len = Layout.from_config(lay, mod.vocab_size).seq_len
+    _require(seq_len <= data.pack_tokens, f"data.pack_tokens={data.pack_tokens} is shorter than one clip of "
+                                          f"layout.grid={list(lay.grid)} ({seq_len} positions)")
 
 
 def _validate_data(data: DataConfig) -> None:

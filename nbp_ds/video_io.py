@@ -11,6 +11,7 @@ odd sizes and portrait videos all come out as RGB [N, R, R, 3]. Evaluation reads
 from __future__ import annotations
 
 import glob
+import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,25 +55,106 @@ class ClipSpec:
         return f"{self.frames}x{self.resolution}x{self.resolution} at {self.fps:g} fps"
 
 
-def add_clip_arguments(parser, default_frames: int = 17, default_resolution: int = 128) -> None:
-    """The command-line flags of a ClipSpec (--frames, --resolution, --fps, --clips-per-video)."""
-    parser.add_argument("--frames", type=int, default=default_frames,
-                        help=f"frames per clip, 1 + 4k (default {default_frames})")
-    parser.add_argument("--resolution", type=int, default=default_resolution,
-                        help=f"square clip side in pixels (default {default_resolution})")
+@dataclass(frozen=True)
+class ClipShapes:
+    """Clips of several lengths and sizes from one dataset (for packed training): from each video, ``per_video``
+    evenly spaced clips of every length in ``lengths`` that fits, all at the size bucket (height, width) of
+    ``sizes`` nearest the video's aspect ratio (short side scaled to cover it, the centre cropped)."""
+
+    lengths: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]
+    fps: float = 8.0
+    per_video: int = 1
+
+    @property
+    def clips_per_video(self) -> int:
+        return self.per_video * len(self.lengths)
+
+    def size_for(self, width: int, height: int) -> tuple[int, int]:
+        """The size bucket (height, width) whose aspect ratio is nearest ``width / height`` (in log scale)."""
+        aspect = math.log(width / height)
+        return min(self.sizes, key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
+
+    def read(self, path: str | Path) -> list[tuple[float, np.ndarray]]:
+        """The clips of one video with their start times, every length in turn; ClipTooShort when none fits."""
+        size = self.sizes[0] if len(self.sizes) == 1 else self.size_for(*_display_size(path))
+        video = decode_video(path, self.fps, size)
+        clips = [(start / self.fps, video[start:start + frames]) for frames in self.lengths
+                 for start in clip_starts(len(video), frames, self.per_video)]
+        if not clips:
+            raise ClipTooShort(path, f"{len(video)} frames at {self.fps:g} fps, the shortest clip needs "
+                                     f"{min(self.lengths)}")
+        return clips
+
+    def describe(self) -> str:
+        sizes = ",".join(f"{h}x{w}" for h, w in self.sizes)
+        return f"{','.join(map(str, self.lengths))} frames at {sizes} (nearest aspect) at {self.fps:g} fps"
+
+
+def _display_size(path: str | Path) -> tuple[int, int]:
+    info = probe_video(path)
+    return info.width, info.height
+
+
+def add_clip_arguments(parser, default_frames: int = 17, default_resolution: int = 128,
+                       several: bool = False) -> None:
+    """The command-line flags of a ClipSpec (--frames, --resolution, --fps, --clips-per-video); with ``several``,
+    --frames and --resolution take lists (ClipShapes: clips of several lengths and sizes)."""
+    if several:
+        parser.add_argument("--frames", default=str(default_frames),
+                            help=f"frames per clip, 1 + 4k; several, comma-separated (17,33), give clips of every "
+                                 f"length that fits (default {default_frames})")
+        parser.add_argument("--resolution", default=str(default_resolution),
+                            help=f"clip size in pixels: a square side (128) or HEIGHTxWIDTH (128x224); several, "
+                                 f"comma-separated, are size buckets: each video takes the one nearest its aspect "
+                                 f"ratio (default {default_resolution})")
+    else:
+        parser.add_argument("--frames", type=int, default=default_frames,
+                            help=f"frames per clip, 1 + 4k (default {default_frames})")
+        parser.add_argument("--resolution", type=int, default=default_resolution,
+                            help=f"square clip side in pixels (default {default_resolution})")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to (default 8)")
     parser.add_argument("--clips-per-video", type=int, default=1, help="evenly spaced clips per video (default 1)")
 
 
-def clip_from_arguments(args) -> ClipSpec:
-    """The ClipSpec of parsed add_clip_arguments flags, refused by name when a value cannot work."""
-    for flag, value in (("--frames", args.frames), ("--resolution", args.resolution),
-                        ("--clips-per-video", args.clips_per_video)):
-        if value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}")
+def clip_from_arguments(args) -> ClipSpec | ClipShapes:
+    """The ClipSpec of parsed add_clip_arguments flags (ClipShapes when they name several lengths or sizes, or a
+    size that is not square), refused by name when a value cannot work."""
+    lengths = _positive_ints(args.frames, "--frames")
+    sizes = _sizes(args.resolution)
+    if args.clips_per_video < 1:
+        raise UsageError(f"--clips-per-video must be >= 1, got {args.clips_per_video}")
     if args.fps <= 0:
         raise UsageError(f"--fps must be > 0, got {args.fps}")
-    return ClipSpec(args.frames, args.resolution, args.fps, args.clips_per_video)
+    if len(lengths) == 1 and len(sizes) == 1 and sizes[0][0] == sizes[0][1]:
+        return ClipSpec(lengths[0], sizes[0][0], args.fps, args.clips_per_video)
+    return ClipShapes(lengths, sizes, args.fps, args.clips_per_video)
+
+
+def _positive_ints(value: int | str, flag: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in str(value).split(","))
+    except ValueError:
+        raise UsageError(f"{flag} takes whole numbers, comma-separated, got {value!r}") from None
+    if any(n < 1 for n in numbers):
+        raise UsageError(f"{flag} must be >= 1, got {value}")
+    if len(set(numbers)) != len(numbers):
+        raise UsageError(f"{flag} names a value twice: {value}")
+    return numbers
+
+
+def _sizes(value: int | str) -> tuple[tuple[int, int], ...]:
+    """--resolution: 128 (square) or 128x224 (height x width), comma-separated."""
+    sizes = []
+    for part in str(value).split(","):
+        sides = _positive_ints(part.replace("x", ",", 1), "--resolution") if "x" in part else \
+            _positive_ints(part, "--resolution") * 2
+        if len(sides) != 2:
+            raise UsageError(f"--resolution takes a side (128) or HEIGHTxWIDTH (128x224), got {part!r}")
+        sizes.append(sides)
+    if len(set(sizes)) != len(sizes):
+        raise UsageError(f"--resolution names a size twice: {value}")
+    return tuple(sizes)
 
 
 @dataclass(frozen=True)
@@ -133,11 +215,12 @@ def _last_line(stderr: bytes | None) -> str:
     return lines[-1] if lines else "no message"
 
 
-def decode_video(path: str | Path, fps: float | None = None, resolution: int | None = None,
+def decode_video(path: str | Path, fps: float | None = None, resolution: int | tuple[int, int] | None = None,
                  max_frames: int | None = None) -> np.ndarray:
     """Frames of a video as uint8 [N, H, W, 3]: resampled to ``fps`` (None: as stored), short side scaled to
-    ``resolution`` and center-cropped to a square (None: the stored size, not rotated by display metadata),
-    the first ``max_frames`` only (None: all; decoding stops there)."""
+    ``resolution`` and center-cropped to a square, or, for ``(height, width)``, scaled to cover that size and
+    center-cropped to it (None: the stored size, not rotated by display metadata), the first ``max_frames`` only
+    (None: all; decoding stops there)."""
     ffmpeg = _ffmpeg()
     _check_exists(path)
     # the stored size needs the probe; a target size does not, and one ffmpeg process per video instead of
@@ -148,10 +231,11 @@ def decode_video(path: str | Path, fps: float | None = None, resolution: int | N
     if fps is not None:
         stream = stream.filter("fps", fps=fps)
     if resolution is not None:
-        # scale so that the short side is `resolution` (the long side overshoots), then crop the center
-        stream = (stream.filter("scale", resolution, resolution, force_original_aspect_ratio="increase", flags="area")
-                  .filter("crop", resolution, resolution))
-    height, width = (resolution, resolution) if info is None else (info.height, info.width)
+        target_h, target_w = (resolution, resolution) if isinstance(resolution, int) else resolution
+        # scale so that the frame covers the target (one side overshoots), then crop the center
+        stream = (stream.filter("scale", target_w, target_h, force_original_aspect_ratio="increase", flags="area")
+                  .filter("crop", target_w, target_h))
+    height, width = (target_h, target_w) if info is None else (info.height, info.width)
     limit = {"frames:v": max_frames} if max_frames is not None else {}
     try:
         out, _ = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", **limit).run(

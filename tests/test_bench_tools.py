@@ -111,3 +111,15 @@ def test_bench_clip_stream_prints_memory_and_clips_per_second_without_ffmpeg_on_
     assert header[:3] == ["videos", "workers", "cache"] and "clips/s" in header
     assert [row[:3] for row in rows] == [["3", "1", "0"], ["6", "1", "0"]]
     assert all(float(value) > 0 for row in rows for value in row[3:])  # clips/s, per worker, both peak RSS
+
+
+def test_bench_packing_prints_padding_and_tokens_per_second(capsys):
+    """12 clips of 49 positions (tiny, grid 3x4x4): packed two to a row of 128 -> 6 rows, 1 - 588/768 = 23.4%
+    padding; padded one to a row of 49 -> 12 rows, no padding."""
+    from nbp_ds.cli import bench_packing
+
+    assert bench_packing.main(["--grids", "3x4x4", "--clips", "12", "--repeats", "1", "--warmup", "0"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["packed"][1:4] == ["6", "128", "23.4%"] and rows["padded"][1:4] == ["12", "49", "0.0%"]
+    assert all(float(r[5].replace(",", "")) > 0 for r in rows.values())
+    assert bench_packing.main(["--grids", "3x4"]) == 2

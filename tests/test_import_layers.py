@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nbp_ds"
 LAYERS: list[set[str]] = [
     {"errors", "files", "worker_pool", "ffmpeg_tools"},
     {"layout", "video_io", "visualize", "typed_yaml"},  # typed_yaml: the generic YAML loader of every config
+    {"packing"},  # packed rows: several clips, each with its own layout, in one sequence
     {"config"},  # the NBP run schema and its validation
     {"runtime"},  # launch, collectives, checkpoints, metrics, schedule, RNG, stop flags, the saved-parts protocol,
     #               the EMA, the trainers' hooks: below every program and both trainers

@@ -42,6 +42,7 @@ CLASS_MODEL_CHANGES = {
     "fps": (12.0, "fps"),
     "mp4": (False, "mp4"),
     "dtype": ("bf16", "dtype"),
+    "grid": ((5, 8, 8), "grid"),  # another grid than the layout's (the export below trained on packed rows)
 }
 FRAME_MODEL_CHANGES = {"context": ("clip2.mp4", "context")}
 
@@ -51,7 +52,7 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("settings")
     build_tokenizer("tiny", seed=1).save(tmp / "tok")
     build_tokenizer("tiny", seed=2).save(tmp / "tok2")
-    write_export(tmp / "w.safetensors")
+    write_export(tmp / "w.safetensors", "data.pack_tokens=400")
     write_export(tmp / "other.safetensors", "model.init_std=0.03")
     write_export(tmp / "frames.safetensors", "layout.condition=frames", "layout.context_frames=1")
     for name, source in (("clip.mp4", "testsrc"), ("clip2.mp4", "mandelbrot")):

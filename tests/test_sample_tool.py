@@ -234,3 +234,23 @@ def test_refuses_bad_input_before_work(assets, tmp_path):
     result = sample("--weights", str(weights), "--tokenizer", str(tok), "--out", str(tmp_path / "busy"))
     assert result.returncode == 2 and "is not empty and holds no sampling.json" in result.stderr
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+
+
+def test_a_packed_model_samples_another_grid_and_refuses_one_it_never_saw(assets, tmp_path):
+    """A model trained on packed rows of 400 positions generates a 5x8x8 grid (1 + 320 positions; the layout's is
+    3x8x8) and refuses 7x8x8 (449 positions: longer than any clip it saw); a one-grid model refuses any other grid."""
+    one_grid, tok, _ = assets
+    packed = write_export(tmp_path / "packed.safetensors", "data.pack_tokens=400")
+    out = tmp_path / "out"
+    common = ["--tokenizer", str(tok), "--label", "1", "--no-mp4"]
+    result = sample("--weights", str(packed), "--out", str(out), *common, "--grid", "5,8,8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = records(out)
+    assert np.load(out / row["tokens"]).shape == (5, 8, 8)
+    assert np.load(out / row["frames"]).shape == (17, 32, 32, 3)
+    assert json.loads((out / "sampling.json").read_text())["grid"] == [5, 8, 8]
+    too_long = sample("--weights", str(packed), "--out", str(tmp_path / "b"), *common, "--grid", "7,8,8")
+    assert too_long.returncode == 2 and "takes 449 positions" in too_long.stderr
+    assert "never saw one that long" in too_long.stderr
+    unseen = sample("--weights", str(one_grid), "--out", str(tmp_path / "c"), *common, "--grid", "5,8,8")
+    assert unseen.returncode == 2 and "trained on layout.grid=[3, 8, 8] only" in unseen.stderr

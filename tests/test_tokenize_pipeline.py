@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from video_fixtures import dataset, ffmpeg, lavfi_video
 
-from nbp_ds.data import build_loader
+from nbp_ds.data import DataReport, RetryPolicy, build_loader, decode_sample, read_shard
+from nbp_ds.data.packer import PackSpec
+from nbp_ds.layout import Layout
 from nbp_ds.tokenizer.dataset_listing import sample_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,3 +308,28 @@ def test_the_array_script_lists_a_video_past_video_timeout_and_the_task_goes_on(
         **{video: row["reason"] for video, row in failures(tokenized).items()}, "class1/stuck.mp4": "timeout"}
     assert shard_members(out) == shard_members(tokenized)
     assert processes_mentioning(str(folder / "class1" / "stuck.mp4")) == [], "ffmpeg reading the pipe outlived the run"
+
+
+def test_several_lengths_and_sizes_give_each_clip_its_own_grid(tmp_path):
+    """--frames 9,17 --resolution 32,32x48: each video gives a clip of both lengths at the size nearest its aspect
+    (a 64x48 video: 32x48; a 48x64 one: 32x32), every sample with its own grid and size in its metadata, and a
+    packing loader reads them all."""
+    lavfi_video(tmp_path / "videos" / "wide.mp4", size="64x48", seconds=3.0)
+    lavfi_video(tmp_path / "videos" / "tall.mp4", size="48x64", seconds=3.0, source="testsrc2")
+    out = tmp_path / "out"
+    result = tokenize(tmp_path / "videos", out, "--frames", "9,17", "--resolution", "32,32x48",
+                      "--clips-per-video", "1", "--workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = {}
+    shards = sorted(out.glob("*.tar"))
+    for _, sample in (item for shard in shards for item in read_shard(str(shard), policy=RetryPolicy(0, 0),
+                                                                       report=DataReport())):
+        tokens, _, meta = decode_sample(sample)
+        samples[(meta["source"], meta["frames"])] = (tokens.shape, meta["resolution"])
+    # random:tiny: 1 + (frames - 1) / 4 latent frames, 4x spatial
+    assert samples == {("wide.mp4", 9): ((3, 8, 12), [32, 48]), ("wide.mp4", 17): ((5, 8, 12), [32, 48]),
+                       ("tall.mp4", 9): ((3, 8, 8), 32), ("tall.mp4", 17): ((5, 8, 8), 32)}
+    layout = Layout(grid=(3, 8, 8), block=(1, 4, 4), vocab_size=1000)
+    loader = build_loader(out, grid=None, batch_size=1, mode="val", num_workers=0, with_keys=True,
+                          pack=PackSpec(layout, 512))
+    assert sum(len(b["key"]) for b in loader) == 4

@@ -1,8 +1,10 @@
-"""Inspect token shards: samples, shapes, token range, labels, tokenizers, corrupt members, duplicates.
+"""Inspect token shards: samples, shapes and their token counts, token range, labels, tokenizers, corrupt
+members, duplicates.
 
     nbp-inspect-shards shards/ucf101                     # a folder of *.tar
     nbp-inspect-shards 'shards/ucf101/shard-t{000..003}-{000000..000009}.tar'
     nbp-inspect-shards shards/ucf101 --json report.json --expect-grid 5,16,16
+    nbp-inspect-shards shards/mixed --mixed            # clips of several shapes, for packed training
     nbp-inspect-shards 'https://host/ucf101/shard-{000000..000099}.tar'
     nbp-inspect-shards 'pipe:aws s3 cp s3://bucket/ucf101/shard-{000000..000099}.tar -'
 
@@ -10,8 +12,9 @@ Shards are named as data.train names them: paths, brace patterns, globs, folders
 pipe: commands (see nbp_ds/data/shards.py). A shard that cannot be read is retried (--retries), then
 counted as failed and named.
 
-Exit status: 0 when every shard and sample is readable, unique and of one shape (and of --expect-grid
-when given); 1 otherwise (so a Slurm dependency job can check the union of an array job's shards).
+Exit status: 0 when every shard and sample is readable, unique and of one shape (of several with --mixed,
+for packed training: data.pack_tokens; and of --expect-grid when given); 1 otherwise (so a Slurm dependency
+job can check the union of an array job's shards).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def inspect(spec: str | list[str], retries: int = 3, retry_backoff: float = 1.0)
     policy = RetryPolicy(retries, retry_backoff)
     counts: Counter = Counter()
     shapes: Counter = Counter()
+    tokens_of: Counter = Counter()  # per shape: video tokens in all
     labels: Counter = Counter()
     tokenizers: Counter = Counter()
     keys: Counter = Counter()
@@ -62,7 +66,9 @@ def inspect(spec: str | list[str], retries: int = 3, retry_backoff: float = 1.0)
                 continue
             n += 1
             keys[sample["__key__"]] += 1
-            shapes["x".join(map(str, tokens.shape))] += 1
+            shape = "x".join(map(str, tokens.shape))
+            shapes[shape] += 1
+            tokens_of[shape] += int(tokens.size)
             labels[label] += 1
             tokenizers[f"{meta.get('tokenizer', '?')} ({meta.get('tokenizer_version', '?')})"] += 1
             lo, hi = int(np.min(tokens)), int(np.max(tokens))
@@ -74,7 +80,10 @@ def inspect(spec: str | list[str], retries: int = 3, retry_backoff: float = 1.0)
         "duplicate_keys": len(duplicates), "duplicate_examples": sorted(duplicates)[:10],
         "corrupt_members": counts["corrupt"], "failed_shards": reader.counts["failed_shards"],
         "shard_retries": reader.counts["shard_retries"], "failed_examples": reader.problems,
-        "corrupt_examples": corrupt_examples, "shapes": dict(shapes), "token_min": low, "token_max": high,
+        "corrupt_examples": corrupt_examples, "shapes": dict(shapes),
+        "shape_tokens": {shape: {"per_sample": tokens_of[shape] // count, "total": tokens_of[shape]}
+                         for shape, count in shapes.items()},
+        "token_min": low, "token_max": high,
         "labels": {str(k): v for k, v in sorted(labels.items())}, "tokenizers": dict(tokenizers),
         "samples_per_shard": {"min": min(per_shard.values(), default=0), "max": max(per_shard.values(), default=0)},
     }
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "commands")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.add_argument("--expect-grid", help="T,H,W every sample must have, e.g. 5,16,16")
+    p.add_argument("--mixed", action="store_true",
+                   help="samples of several shapes are expected (packed training, data.pack_tokens): not an error")
     p.add_argument("--retries", type=int, default=3, help="times a shard that fails is read again (default 3)")
     p.add_argument("--retry-backoff", type=float, default=1.0,
                    help="seconds before the first retry, doubled for each further one (default 1)")
@@ -101,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['samples_per_shard']['max']} samples each)")
     print(f"samples          {report['samples']}  ({report['unique_keys']} unique keys, "
           f"{report['duplicate_keys']} duplicated)")
-    print(f"shapes           {report['shapes']}")
+    print(f"shapes           {len(report['shapes'])}")
+    for shape, count in sorted(report["shapes"].items(), key=lambda item: -item[1]):
+        sizes = report["shape_tokens"][shape]
+        print(f"  {shape:>12} {count:7d} samples x {sizes['per_sample']} tokens = {sizes['total']} tokens")
     print(f"token range      [{report['token_min']}, {report['token_max']}]")
     print(f"tokenizers       {report['tokenizers']}")
     print(f"corrupt          {report['corrupt_members']} member(s)")
@@ -120,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     ok = report["duplicate_keys"] == 0 and report["corrupt_members"] == 0 and report["failed_shards"] == 0
-    ok = ok and len(report["shapes"]) <= 1
+    ok = ok and (len(report["shapes"]) <= 1 or args.mixed)
+    if len(report["shapes"]) > 1 and not args.mixed:
+        print(f"{len(report['shapes'])} shapes: one run trains on one grid unless it packs (data.pack_tokens; "
+              f"then say --mixed)", file=sys.stderr)
     if args.expect_grid:
         want = args.expect_grid.replace(",", "x")
         ok = ok and set(report["shapes"]) <= {want}

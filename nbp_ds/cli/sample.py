@@ -35,6 +35,7 @@ import sys
 import torch
 
 from nbp_ds.cli import command, setup_logging
+from nbp_ds.errors import UsageError
 from nbp_ds.generate import MODES, PAPER_SAMPLING
 from nbp_ds.generate.sampler import DTYPES, SamplerOptions, sample_videos
 
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classes", help="classes.json (name -> id) to name the files; default: looked up beside --weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--grid", help="the token grid T,H,W to generate (default: the model's layout.grid); another grid "
+                                  "only for a model trained on packed rows (data.pack_tokens), within a row")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="decoder: CUDA graphs, static passes, or the eager reference (auto: graph on CUDA, "
                         "eager elsewhere)")
@@ -76,6 +79,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.set_defaults(**PAPER_SAMPLING)
         args = p.parse_args(argv)
     return args
+
+
+def parse_grid(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--grid takes three positive numbers T,H,W (e.g. 5,8,8), got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 @command
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int | None:
         context=args.context, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, fps=args.fps, mp4=not args.no_mp4,
         writers=args.writers, restart=args.restart, classes=args.classes, device=args.device, dtype=args.dtype,
-        mode=args.mode))
+        mode=args.mode, grid=parse_grid(args.grid)))
     done = f"{summary.skipped} finished earlier, " if summary.skipped else ""
     print(f"{summary.finished} videos in {args.out} ({done}{summary.videos} made now): {summary.forward_passes} "
           f"forward passes per video", end="")

@@ -3,15 +3,20 @@
     nbp-tokenize --videos UCF-101/ --out shards/ucf101 --tokenizer runs/tok \\
         --frames 17 --resolution 128 --fps 8 --clips-per-video 2 --workers 8 --device cuda
     nbp-tokenize --videos list.csv --out shards/x --tokenizer random:tiny --frames 9 --resolution 32
+    nbp-tokenize --videos K600/ --out shards/mixed --tokenizer runs/tok --frames 17,33 --resolution 128,128x224
 
 --videos is a folder (class sub-folders become labels, as in UCF-101), a CSV `path,label`, or a text
 file with one path per line (unlabelled). Labels map to ids in OUT/classes.json (sorted names, or the
 mapping of --classes / a classes.json inside the --videos folder, so train and val agree).
 
 Each video gives up to --clips-per-video clips of --frames frames at --fps, short side scaled to
---resolution and center-cropped. Videos that cannot be used (unreadable, too short) are skipped and
-listed with the reason in OUT/failures.jsonl (failures-tNNN.jsonl for array tasks), and so are the files of the
-folder that are not videos (reason not_a_video), so that every file is accounted for.
+--resolution and center-cropped. With several lengths (--frames 17,33) it gives that many clips of every length
+that fits; with several sizes (--resolution 128,128x224: a square side or HEIGHTxWIDTH) each video is scaled to
+cover the size whose aspect ratio is nearest its own and center-cropped to it. Each sample's tokens.npy has its
+own grid: such shards are for packed training (data.pack_tokens; nbp-inspect-shards --mixed).
+Videos that cannot be used (unreadable, too short) are skipped and listed with the reason in
+OUT/failures.jsonl (failures-tNNN.jsonl for array tasks), and so are the files of the folder that are not
+videos (reason not_a_video), so that every file is accounted for.
 
 Decoding runs in --workers processes, one video each at a time. A video whose worker dies (a decoder crash,
 the kernel's out-of-memory killer) is listed with reason worker_died, one still decoding after --video-timeout
@@ -49,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer folder (nbp-train-tokenizer), official:PATH (a released magvit2_*.pt) "
                         "or random:<preset>")
-    add_clip_arguments(p)
+    add_clip_arguments(p, several=True)
     p.add_argument("--shard-size", type=int, default=1000, help="about this many clips per shard (default 1000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="video decoding processes (default min(8, cores)); 0 decodes in this process, for "

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from nbp_ds.data.packer import PackedBatch, PackSpec
 from nbp_ds.data.report import COUNTERS, DataReport
 from nbp_ds.data.resume import FORMAT, reshard, same_layout, to_json
 from nbp_ds.data.schema import SampleError, WrongShape, decode_sample
@@ -46,13 +47,21 @@ class _SlotDataset(IterableDataset):
     and (train) the slot's state after it."""
 
     def __init__(self, sources: list[Source], grid, batch_size: int, mode: str, rank: int, world_size: int,
-                 num_workers: int, seed: int, shuffle_buffer: int, policy: RetryPolicy, with_keys: bool):
-        self.sources, self.grid, self.batch_size, self.mode = sources, tuple(grid), batch_size, mode
+                 num_workers: int, seed: int, shuffle_buffer: int, policy: RetryPolicy, with_keys: bool,
+                 pack: PackSpec | None = None):
+        self.sources, self.grid, self.batch_size, self.mode = sources, tuple(grid or ()) or None, batch_size, mode
+        self.pack = pack
         self.rank, self.world_size, self.roles = rank, world_size, max(num_workers, 1)
         self.seed, self.shuffle_buffer, self.policy, self.with_keys = seed, shuffle_buffer, policy, with_keys
         # set by TokenLoader before each iteration: batches consumed so far, and each role's saved state
         self.consumed = 0
         self.slot_states: list[dict | None] = [None] * self.roles
+
+    def new_batch(self):
+        """An empty batch: ``batch_size`` clips of the run's grid, or ``batch_size`` packed rows."""
+        if self.pack is not None:
+            return PackedBatch(self.pack, self.batch_size, self.with_keys)
+        return _Batch(self.with_keys)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -83,34 +92,36 @@ class _SlotDataset(IterableDataset):
             # batches this role made among the first `consumed`: zero, unless an old checkpoint (saved without
             # a loader state) is continued by reading its stream again up to where it was
             skip = max(0, -(-(self.consumed - role) // self.roles))
-        batch = _Batch(self.with_keys)
+        batch = self.new_batch()
         unusable = _UnusableRun(stream, slot)
         while True:
+            # a packed batch is closed by a sample it has no room for: it is saved from before that sample
+            before = stream.state_dict() if batch.needs_snapshot else None
             sample = stream.next_sample()
             if not batch.add(sample, self.grid, self.sources, report):
                 unusable.add(sample, batch.rejected)
                 continue
             unusable.reset()
-            if len(batch) < self.batch_size:
+            if not batch.complete(self.batch_size):
                 continue
             if skip > 0:  # trained on before the restart; its problems were reported then
                 skip -= 1
                 report.take()
-                batch = _Batch(self.with_keys)
+                batch = batch.successor(report)
                 continue
-            yield batch.collate(report, (role, stream.state_dict()))
-            batch = _Batch(self.with_keys)
+            yield batch.collate(report, (role, before if batch.holds_next else stream.state_dict()))
+            batch = batch.successor(report)
 
     # ---- val ---------------------------------------------------------------------------------------
     def _val_batches(self, worker: int, report: DataReport) -> Iterator[dict]:
         slot, nslots = self.rank * self.roles + worker, self.world_size * self.roles
         shards = [url for source in self.sources for url in source.shards]
-        batch = _Batch(self.with_keys)
+        batch = self.new_batch()
         for sample in self._val_samples(shards, slot, nslots, report):
             sample["__source__"] = 0
-            if batch.add(sample, self.grid, None, report) and len(batch) == self.batch_size:
+            if batch.add(sample, self.grid, None, report) and batch.complete(self.batch_size):
                 yield batch.collate(report)
-                batch = _Batch(self.with_keys)
+                batch = batch.successor(report)
         if len(batch):
             yield batch.collate(report)
         else:
@@ -161,7 +172,10 @@ class _UnusableRun:
 
 
 class _Batch:
-    """Decoded samples gathered into one batch."""
+    """Decoded samples of the run's grid gathered into one batch."""
+
+    needs_snapshot = False  # complete right after its last sample: saved with the stream's state after it
+    holds_next = False
 
     def __init__(self, with_keys: bool):
         self.tokens: list[np.ndarray] = []
@@ -171,6 +185,12 @@ class _Batch:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def complete(self, batch_size: int) -> bool:
+        return len(self) >= batch_size
+
+    def successor(self, report: DataReport) -> _Batch:
+        return _Batch(self.keys is not None)
 
     def add(self, sample: dict, grid, sources: list[Source] | None, report: DataReport) -> bool:
         """Decode and keep ``sample``; False (counted and reported) when it cannot be used."""
@@ -236,7 +256,7 @@ class TokenLoader:
             if "_state" in item:
                 role, state = item.pop("_state")
                 self.dataset.slot_states[role] = state
-            self.report.counts["samples"] += item["tokens"].shape[0]
+            self.report.counts["samples"] += item["tokens"].shape[0] if "tokens" in item else item["clips"]
             self.report.counts["batches"] += 1
             self.consumed += 1
             yield item
@@ -293,13 +313,15 @@ class TokenLoader:
 
 def build_loader(spec, *, grid, batch_size: int, mode: str, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, start_batch: int = 0,
-                 with_keys: bool = False, retries: int = 3, retry_backoff: float = 1.0) -> TokenLoader:
+                 with_keys: bool = False, retries: int = 3, retry_backoff: float = 1.0,
+                 pack: PackSpec | None = None) -> TokenLoader:
     """A loader over token shards; ``spec`` is a ``data.train`` / ``data.val`` value (shards or, for train,
     a mixture) or a list of :class:`~nbp_ds.data.sources.Source`. ``mode`` is ``train`` (endless,
     shuffled, stateful) or ``val`` (one exact pass). ``start_batch`` continues a train stream saved
     without a loader state (older checkpoints) by reading it again up to that batch. ``with_keys`` adds
     each batch's sample keys as ``batch["key"]`` (a list of str). A shard that fails is read again up to
-    ``retries`` times, the first after ``retry_backoff`` seconds."""
+    ``retries`` times, the first after ``retry_backoff`` seconds. With ``pack``, samples of any grid are packed
+    into ``batch_size`` rows of ``pack.tokens`` positions (nbp_ds.data.packer; ``grid`` is then not read)."""
     if mode not in ("train", "val"):
         raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
     if batch_size < 1:
@@ -308,7 +330,7 @@ def build_loader(spec, *, grid, batch_size: int, mode: str, rank: int = 0, world
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     sources = as_sources(spec)
     dataset = _SlotDataset(sources, grid, batch_size, mode, rank, world_size, num_workers, seed,
-                           max(shuffle_buffer, 1), RetryPolicy(retries, retry_backoff), with_keys)
+                           max(shuffle_buffer, 1), RetryPolicy(retries, retry_backoff), with_keys, pack)
     loader = TokenLoader(dataset, num_workers)
     if mode == "train":
         loader.consumed = start_batch

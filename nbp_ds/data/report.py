@@ -14,7 +14,8 @@ from collections import Counter
 log = logging.getLogger(__name__)
 
 # the counters every loader reports (TensorBoard data/<name>, summed over ranks), besides data/source/<name>
-COUNTERS = ("samples", "batches", "corrupt", "bad_shape", "failed_shards", "shard_retries")
+COUNTERS = ("samples", "batches", "corrupt", "bad_shape", "failed_shards", "shard_retries",
+            "unpackable", "pack_positions", "pack_padding")  # the last three: packed loaders (nbp_ds.data.packer)
 MAX_PROBLEMS = 20
 
 

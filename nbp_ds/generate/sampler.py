@@ -23,6 +23,7 @@ from nbp_ds.generate.conditions import check_conditions
 from nbp_ds.generate.decode import resolve_mode
 from nbp_ds.generate.draw import check_seed
 from nbp_ds.generate.folder import SamplingSummary, plan_jobs, sample_to_folder
+from nbp_ds.generate.grids import model_for_grid
 from nbp_ds.tokenizer import load_tokenizer
 from nbp_ds.video_io import VideoError, read_clips
 from nbp_ds.weights.export import load_exported
@@ -60,6 +61,7 @@ class SamplerOptions:
     device: str = "cpu"
     dtype: str | None = None  # fp32 or bf16; None: bf16 on CUDA, fp32 elsewhere
     mode: str = "auto"
+    grid: tuple[int, int, int] | None = None  # the token grid to generate; None: the model's layout.grid
 
     @property
     def precision(self) -> str:
@@ -75,6 +77,7 @@ class SamplerInputs:
     labels: list[int | None]  # [None] for a model without classes
     context: torch.Tensor | None  # [1, c, H, W] latent frames for a frame-prediction model
     mode: str  # the decoder, resolved for the model's device
+    trained_grid: tuple[int, int, int]  # the weights' own layout.grid (the model may generate another: --grid)
 
 
 def load_inputs(options: SamplerOptions) -> SamplerInputs:
@@ -95,6 +98,9 @@ def load_inputs(options: SamplerOptions) -> SamplerInputs:
         model, cfg = load_exported(weights, device=options.device)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         raise UsageError(f"--weights {weights}: cannot load ({exc})") from exc
+    trained_grid = model.layout.grid
+    if options.grid is not None:  # another grid of those it trained on (packed training), or refused
+        model = model_for_grid(model, cfg, tuple(options.grid), options.device)
     try:
         tokenizer = load_tokenizer(options.tokenizer, device=options.device)
     except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
@@ -116,7 +122,7 @@ def load_inputs(options: SamplerOptions) -> SamplerInputs:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     context = encode_context(Path(options.context), tokenizer, lay) if options.context else None
-    return SamplerInputs(model, tokenizer, labels if labels is not None else [None], context, mode)
+    return SamplerInputs(model, tokenizer, labels if labels is not None else [None], context, mode, trained_grid)
 
 
 def encode_context(path: Path, tokenizer: VideoTokenizerBase, layout: Layout) -> torch.Tensor:
@@ -158,7 +164,9 @@ def run_settings(options: SamplerOptions, inputs: SamplerInputs) -> dict:
             "num": options.num, "seed": options.seed, "temperature": options.temperature, "top_k": options.top_k,
             "top_p": options.top_p, "cfg_scale": options.cfg_scale, "batch_size": options.batch_size,
             "dtype": options.precision, "context": str(Path(options.context).resolve()) if options.context else None,
-            "fps": options.fps, "mp4": options.mp4}
+            "fps": options.fps, "mp4": options.mp4,
+            # the grid only when it is not the layout's: folders written before --grid existed resume as they were
+            **({"grid": list(inputs.model.layout.grid)} if inputs.model.layout.grid != inputs.trained_grid else {})}
 
 
 def sample_videos(options: SamplerOptions, progress: bool = True) -> SamplingSummary:

@@ -246,6 +246,8 @@ class DeviceBackend:
         self.name, self.layout, self.head_dim = name, layout, head_dim
         self.flex_kernel_options = dict(flex_kernel_options or {})
         self._made: dict[torch.device, Any] = {}
+        # per device, the backend holding the current packed batch's mask (nbp_ds.model.packed_attention), if any
+        self._rows: dict[torch.device, Any] = {}
 
     def on(self, device: torch.device):
         if device not in self._made:
@@ -255,8 +257,17 @@ class DeviceBackend:
             self._made[device] = made
         return self._made[device]
 
+    def use_rows(self, device: torch.device, packed: Any | None) -> None:
+        """Whole-sequence passes on ``device`` run under ``packed``'s mask (a packed batch's backend, its mask
+        already built), or, with None, under the layout's rule again. Called eagerly, before the layers."""
+        if packed is None:
+            self._rows.pop(device, None)
+        else:
+            self._rows[device] = packed
+
     def full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.on(q.device).full(q, k, v)
+        packed = self._rows.get(q.device)
+        return (packed if packed is not None else self.on(q.device)).full(q, k, v)
 
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         return self.on(q.device).chunk(q, k, v, start)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nbp_ds.config import ModelConfig
+from nbp_ds.errors import UsageError
 from nbp_ds.model.attention import DeviceBackend
 from nbp_ds.model.transformer import (
     DecodeWindow,
@@ -130,6 +131,11 @@ class GPT2Model(NBPModel):
     def embed_positions(self, input_ids: torch.Tensor, start: int | DecodeWindow) -> tuple[torch.Tensor, tuple]:
         """Token plus learned position embeddings; the layers take no positional arguments."""
         return self.embed(input_ids, start), ()
+
+    def packed_positions(self, positions: torch.Tensor) -> tuple:
+        raise UsageError("model.arch=gpt2 learns one absolute position per sequence slot, so its clips cannot start "
+                         "at position zero inside a packed row; packed training (data.pack_tokens) needs "
+                         "model.arch=llama")
 
     def flops_per_token(self) -> float:
         """Training FLOPs per sequence position: 6 x (layer matrices + the video rows of the head) + attention."""

@@ -20,7 +20,9 @@ from nbp_ds.layout import Layout
 from nbp_ds.model.attention import DeviceBackend
 from nbp_ds.model.execution import LayerExecution
 from nbp_ds.model.loss import linear_cross_entropy
+from nbp_ds.model.packed_attention import make_packed_attention
 from nbp_ds.model.rope import apply_rope, rope_angles
+from nbp_ds.packing import is_packed
 
 
 def default_ffn_dim(d_model: int) -> int:
@@ -215,6 +217,7 @@ class NBPModel(nn.Module):
         self.class_dropout = m.class_dropout
         self.loss_chunk = m.loss_chunk
         self.backend = DeviceBackend(m.attention, layout, self.head_dim, m.flex_kernel_options)  # shared by layers
+        self._packed_backends: dict[torch.device, object] = {}  # per device, the backend of packed batches
         self.build_layers(m, out_std=m.init_std / math.sqrt(2 * m.n_layer))  # residual branches scaled (GPT-2)
         self.execution = LayerExecution()
 
@@ -271,9 +274,52 @@ class NBPModel(nn.Module):
             return self.loss(input_ids)
         x, positions = self.embed_positions(input_ids, start)
         self.backend.on(x.device)  # masks made here, eagerly, so compiled layers only look them up
+        self.backend.use_rows(x.device, None)  # one grid: the layout's rule, not a packed batch's
         for layer in self.layers:
             x = layer(x, *positions, cache=cache, start=start)
         return self.norm(x)
+
+    def packed_positions(self, positions: torch.Tensor) -> tuple:
+        """The positional arguments every layer takes for packed rows with rotary positions [B, S, 3] (each clip's
+        own): cos / sin [B, 1, S, head_dim / 2], broadcast over the heads."""
+        rows, length, _ = positions.shape
+        angles = rope_angles(positions.reshape(-1, 3), self.head_dim, self.config.rope_theta)
+        angles = angles.view(rows, 1, length, -1)
+        return angles.cos(), angles.sin()
+
+    def forward_packed(self, batch: dict) -> torch.Tensor:
+        """Packed rows (nbp_ds.packing) -> final hidden states [B, S, d]: each clip attends only to itself, under
+        its own block rule and positions. The batch's mask is built here, once, and every layer reuses it."""
+        positions = self.packed_positions(batch["positions"])
+        x = self.embed(self.drop_packed_labels(batch["packed_ids"]))
+        if x.device not in self._packed_backends:
+            self._packed_backends[x.device] = make_packed_attention(self.config.attention, x.device,
+                                                                    self.config.flex_kernel_options)
+        packed = self._packed_backends[x.device]
+        packed.use_rows(batch["clip_ids"], batch["block_ids"])
+        self.backend.use_rows(x.device, packed)
+        for layer in self.layers:
+            x = layer(x, *positions)
+        return self.norm(x)
+
+    def packed_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy over the video targets of packed rows, every counted token weighing the same (a clip
+        counts for its tokens, whatever it was packed with) -> (loss, {"acc", "tokens"})."""
+        rows = batch["loss_rows"]
+        hidden = self.forward_packed(batch).reshape(-1, self.d_model).index_select(0, rows)
+        targets = batch["targets"].reshape(-1).index_select(0, rows)
+        n = rows.numel()  # made on the host with the batch: no synchronisation
+        loss_sum, correct = self.head(hidden, targets, self.loss_chunk)
+        return loss_sum / n, {"acc": correct.float() / n, "tokens": n}
+
+    def drop_packed_labels(self, ids: torch.Tensor) -> torch.Tensor:
+        """Packed input ids with each class token replaced by the null class's at rate model.class_dropout
+        (training only), for classifier-free guidance."""
+        if not self.training or self.class_dropout <= 0 or not self.layout.has_null_class:
+            return ids
+        first, null = self.layout.class_token(0), self.layout.class_token(self.layout.null_class)
+        drop = (ids >= first) & (ids < null) & (torch.rand(ids.shape, device=ids.device) < self.class_dropout)
+        return torch.where(drop, torch.full_like(ids, null), ids)
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype, length: int | None = None) -> KVCache:
         """An empty KV cache for ``batch`` rows and ``length`` positions (default: the whole sequence)."""
@@ -300,7 +346,10 @@ class NBPModel(nn.Module):
 
     # ---- stable surface --------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Cross-entropy over video targets -> (loss, {"acc": tensor, "tokens": int})."""
+        """Cross-entropy over video targets -> (loss, {"acc": tensor, "tokens": int}); a packed batch (keys of
+        nbp_ds.packing) goes through :meth:`packed_loss`."""
+        if is_packed(batch):
+            return self.packed_loss(batch)
         tokens = batch["tokens"].long()
         self._check_tokens(tokens)
         label = self._labels(batch)

@@ -75,6 +75,7 @@ class StepMeter:
 
     def _reset(self) -> None:
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, accuracy, micro-batches
+        self.counted_tokens = 0  # on the host: the tokens of micro-batches that count their own (packed rows)
         self.steps, self.waited, self.began = 0, 0.0, time.perf_counter()
 
     @contextmanager
@@ -84,8 +85,11 @@ class StepMeter:
         yield
         self.waited += time.perf_counter() - began
 
-    def add_micro_batch(self, loss: torch.Tensor, acc: torch.Tensor) -> None:
+    def add_micro_batch(self, loss: torch.Tensor, acc: torch.Tensor, tokens: int | None = None) -> None:
+        """One micro-batch's loss and accuracy (device tensors); ``tokens``, counted on the host, for a micro-batch
+        whose real tokens are not ``tokens_per_step``'s share (packed rows: positions that are no padding)."""
         self.sums += torch.stack([loss.detach().double(), acc.detach().double(), self.sums.new_ones(())])
+        self.counted_tokens += tokens or 0
 
     def end_step(self) -> None:
         self.steps += 1
@@ -95,10 +99,11 @@ class StepMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the clock should see the GPU's work, not just the queue
         seconds = time.perf_counter() - self.began
-        sums = distributed.all_reduce(self.sums).tolist()
+        sums = distributed.all_reduce(torch.cat([self.sums, self.sums.new_tensor([self.counted_tokens])])).tolist()
         devices = distributed.world_size()
         step_time = seconds / max(self.steps, 1)
-        tokens_per_s = self.tokens_per_step * self.steps / seconds
+        counted = sums[3]  # over every rank: the micro-batches' own token counts, when they gave them
+        tokens_per_s = (counted if counted else self.tokens_per_step * self.steps) / seconds
         values = {"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2],
                   "perf/tokens_per_s": tokens_per_s, "perf/tokens_per_s_per_device": tokens_per_s / devices,
                   "perf/step_time": step_time, "perf/data_wait": self.waited / max(self.steps, 1),

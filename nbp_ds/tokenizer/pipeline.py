@@ -28,7 +28,7 @@ from nbp_ds.files import write_text_atomic
 from nbp_ds.tokenizer.array_split import record_split
 from nbp_ds.tokenizer.dataset_listing import VideoEntry, class_ids, list_dataset, sample_key
 from nbp_ds.tokenizer.model import load_tokenizer
-from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError
+from nbp_ds.video_io import ClipShapes, ClipSpec, ClipTooShort, VideoError
 from nbp_ds.worker_pool import LostJob, ordered_map
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class TokenizeOptions:
     videos: str
     out: str
     tokenizer: str
-    clip: ClipSpec = field(default_factory=ClipSpec)
+    clip: ClipSpec | ClipShapes = field(default_factory=ClipSpec)  # ClipShapes: several lengths and sizes
     classes: str | None = None
     # how the output is split: shards of about shard_size clips; array task shard_index of num_shards
     shard_size: int = 1000
@@ -76,7 +76,7 @@ class TokenizeSummary:
                 f"{self.skipped_groups} shard(s) already done; {rate:.1f} clips/s")
 
 
-def _decode(job: tuple[VideoEntry, ClipSpec]) -> tuple[list, dict | None]:
+def _decode(job: tuple[VideoEntry, ClipSpec | ClipShapes]) -> tuple[list, dict | None]:
     """Worker: one video -> its clips, or a failure record. Never raises: a bad video is listed."""
     entry, clip = job
     try:
@@ -100,7 +100,8 @@ def task_groups(entries: list[VideoEntry], opts: TokenizeOptions) -> list[list[V
     if not 0 <= opts.shard_index < opts.num_shards:
         raise UsageError(f"--shard-index {opts.shard_index} is outside 0..{opts.num_shards - 1} (--num-shards)")
     mine = entries[opts.shard_index::opts.num_shards]
-    per_group = max(1, opts.shard_size // max(1, opts.clip.per_video))
+    per_video = opts.clip.clips_per_video if isinstance(opts.clip, ClipShapes) else opts.clip.per_video
+    per_group = max(1, opts.shard_size // max(1, per_video))
     return [mine[i:i + per_group] for i in range(0, len(mine), per_group)]
 
 
@@ -124,7 +125,7 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
         write_text_atomic(out / "classes.json", json.dumps(classes, indent=1, sort_keys=True) + "\n")
     tokenizer = load_tokenizer(opts.tokenizer, device=opts.device)
     clip = opts.clip
-    grid = tokenizer.latent_shape(clip.frames, clip.resolution, clip.resolution)  # checks the clip shape
+    grids = clip_grids(tokenizer, clip)  # checks every clip shape before any video is decoded
     for stale in out.glob(f".shard-t{opts.shard_index:03d}-*.tar.tmp*"):  # from an interrupted (killed) run
         stale.unlink()
 
@@ -139,9 +140,10 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
             pending.append((g, group))
     log.info("task %d/%d: %d videos in %d shard(s), %d to do; tokenizer %s (%s), %d codes, clips %s -> %s",
              opts.shard_index, opts.num_shards, sum(len(g) for g in groups), len(groups), len(pending),
-             tokenizer.name, tokenizer.version, tokenizer.codebook_size, clip.describe(), grid)
-    meta_common = {"fps": clip.fps, "frames": clip.frames, "resolution": clip.resolution,
-                   "tokenizer": tokenizer.name, "tokenizer_version": tokenizer.version}
+             tokenizer.name, tokenizer.version, tokenizer.codebook_size, clip.describe(),
+             ", ".join(f"{shape} -> {grid}" for shape, grid in grids.items()) if len(grids) > 1 else
+             next(iter(grids.values())))
+    meta_common = {"fps": clip.fps, "tokenizer": tokenizer.name, "tokenizer_version": tokenizer.version}
     jobs = [(e, clip) for _, grp in pending for e in grp]
     bar = tqdm(total=len(jobs), unit="video", disable=not opts.progress, desc=f"tokenize t{opts.shard_index:03d}")
     # _decode is looked up here, at run time, so that tests/faults.py can put its faults in its place
@@ -165,8 +167,8 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
                         continue
                     label = classes[entry.label_name] if classes is not None and entry.label_name else None
                     for k, (start, clip) in enumerate(clips):
-                        meta = {**meta_common, "source": entry.rel, "clip_start": round(start, 4),
-                                "label_name": entry.label_name}
+                        meta = {**meta_common, **clip_size_meta(clip), "source": entry.rel,
+                                "clip_start": round(start, 4), "label_name": entry.label_name}
                         batch.append((sample_key(entry.rel, k), clip, label, meta))
                     if len(batch) >= opts.batch_size:
                         record["clips"] += _encode_and_write(tokenizer, batch, writer)
@@ -186,11 +188,36 @@ def tokenize_dataset(opts: TokenizeOptions) -> TokenizeSummary:
     return summary
 
 
+def clip_grids(tokenizer, clip: ClipSpec | ClipShapes) -> dict[str, tuple[int, int, int]]:
+    """Every clip shape ``clip`` makes ("FRAMESxHxW") -> its token grid; a shape the tokenizer cannot take is
+    refused (TokenizerError) by ``latent_shape``."""
+    if isinstance(clip, ClipShapes):
+        shapes = [(f, h, w) for f in clip.lengths for h, w in clip.sizes]
+    else:
+        shapes = [(clip.frames, clip.resolution, clip.resolution)]
+    return {"x".join(map(str, shape)): tokenizer.latent_shape(*shape) for shape in shapes}
+
+
+def clip_size_meta(frames: np.ndarray) -> dict:
+    """A clip's length and size for its sample's metadata (``resolution`` the side of a square clip, else
+    ``[height, width]``)."""
+    n, h, w = frames.shape[:3]
+    return {"frames": int(n), "resolution": int(h) if h == w else [int(h), int(w)]}
+
+
 def _encode_and_write(tokenizer, batch: list, writer: TokenShardWriter) -> int:
+    """Encode a batch of clips, those of one shape at a time (clips of several shapes: ClipShapes), and write them
+    in the batch's order."""
     if not batch:
         return 0
-    video = torch.from_numpy(np.stack([clip for _, clip, _, _ in batch]))
-    tokens = tokenizer.encode(video).cpu().numpy()
+    tokens: list[np.ndarray | None] = [None] * len(batch)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (_, clip, _, _) in enumerate(batch):
+        by_shape.setdefault(clip.shape, []).append(i)
+    for rows in by_shape.values():
+        video = torch.from_numpy(np.stack([batch[i][1] for i in rows]))
+        for i, toks in zip(rows, tokenizer.encode(video).cpu().numpy(), strict=True):
+            tokens[i] = toks
     for (key, _, label, meta), toks in zip(batch, tokens, strict=True):
         writer.write(key, toks, label, meta)
     return len(batch)

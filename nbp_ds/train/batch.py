@@ -35,9 +35,15 @@ class GlobalBatch:
         return dataclasses.replace(tr, grad_accum=self.grad_accum, global_batch=self.samples)
 
 
-def plan_batch(tr: TrainConfig, world: int) -> GlobalBatch:
+def plan_batch(tr: TrainConfig, world: int, pack_tokens: int = 0) -> GlobalBatch:
     """The batch ``tr`` asks for on ``world`` data-parallel processes: with ``train.global_batch`` set, the
-    accumulation that makes it (refused, with the nearest sizes that work, when none does)."""
+    accumulation that makes it (refused, with the nearest sizes that work, when none does). A packed run
+    (``pack_tokens`` = data.pack_tokens > 0) may give it in positions, ``train.global_batch_tokens``: so many rows."""
+    if tr.global_batch_tokens is not None:
+        if not pack_tokens or tr.global_batch_tokens % pack_tokens:
+            raise ConfigError(f"train.global_batch_tokens={tr.global_batch_tokens} must be a multiple of "
+                              f"data.pack_tokens={pack_tokens} (and packing on)")
+        tr = dataclasses.replace(tr, global_batch=tr.global_batch_tokens // pack_tokens)
     if tr.global_batch is None:
         return GlobalBatch(tr.micro_batch, tr.grad_accum, world)
     per_pass = tr.micro_batch * world

@@ -123,7 +123,7 @@ def build_ds_config(cfg: RunConfig, world_size: int, batch: GlobalBatch | None =
         log.info("DeepSpeed config: %s (deepspeed.set)", line)
     drop_auto(ds, path)  # "auto": filled below from the run config, as a key the JSON leaves out
     tr = cfg.train
-    batch = batch or plan_batch(tr, world_size)
+    batch = batch or plan_batch(tr, world_size, cfg.data.pack_tokens)
     if batch.processes != world_size:
         raise ValueError(f"a batch planned for {batch.processes} processes given for {world_size}")
     _fill(ds, "train_micro_batch_size_per_gpu", batch.micro_batch, "train.micro_batch", path)
@@ -158,6 +158,7 @@ def resolved_configs(cfg: RunConfig, world_size: int) -> tuple[RunConfig, dict[s
     config; a ConfigError for what the trainer would refuse."""
     if world_size < 1:
         raise ConfigError(f"--world-size must be at least 1, got {world_size}")
-    batch = plan_batch(cfg.train, world_size)  # planned once, as the trainer does, for both configs
+    # planned once, as the trainer does, for both configs
+    batch = plan_batch(cfg.train, world_size, cfg.data.pack_tokens)
     resolved = dataclasses.replace(cfg, train=batch.applied_to(cfg.train))
     return resolved, build_ds_config(cfg, world_size, batch)

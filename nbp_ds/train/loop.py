@@ -10,13 +10,16 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nbp_ds.config import RunConfig, TrainConfig
 from nbp_ds.data import DataReport, TokenLoader, build_loader, expand_shards, parse_sources, to_device
+from nbp_ds.data.packer import PackSpec, padding_fraction
 from nbp_ds.data.report import summarize
 from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
+from nbp_ds.packing import Clip, is_packed, pack_rows
 from nbp_ds.runtime import distributed, launch
 from nbp_ds.runtime.checkpoint import (
     CheckpointManager,
@@ -60,7 +63,7 @@ class Trainer:
         self.rank, self.world = self.env.rank, self.env.world_size
         # the batch as it runs here, worked out once: train.grad_accum and train.global_batch fixed for this number
         # of processes, before the DeepSpeed config is written from it
-        self.batch = plan_batch(cfg.train, self.world)
+        self.batch = plan_batch(cfg.train, self.world, cfg.data.pack_tokens)
         cfg = self.cfg = dataclasses.replace(cfg, train=self.batch.applied_to(cfg.train))
         self.out_dir = Path(cfg.train.out_dir)
 
@@ -102,6 +105,10 @@ class Trainer:
         self.engine, self.model = build_engine(cfg, self.ds_config, self.device, self.rank,
                                                init_from=None if self.resume_from else cfg.train.init_from)
         self.layout = self.model.layout
+        # packed runs: clips of any grid in rows of data.pack_tokens positions (train.micro_batch counts rows)
+        self.pack = PackSpec(self.layout, cfg.data.pack_tokens) if cfg.data.pack_tokens else None
+        # sequence positions a sample (one grid) or a row (packed) holds: the step's tokens for tokens/s
+        self.positions_per_sample = cfg.data.pack_tokens or self.layout.seq_len
         self.ema = WeightsEMA(self.model, cfg.train.ema, self.rank, self.world) if cfg.train.ema > 0 else None
         self.state = TrainState(world_size=self.world)
         self.loader = self._train_loader()
@@ -127,7 +134,7 @@ class Trainer:
         """Train to ``train.steps``; 0 when finished or stopped by a signal at a checkpoint. A stalled step ends
         the process (the watchdog); an error is logged with the last step finished."""
         self._batches = iter(self.loader)
-        tokens_per_step = self.batch.samples * self.layout.seq_len
+        tokens_per_step = self.batch.samples * self.positions_per_sample  # packed: the meter counts the real ones
         self._meter = StepMeter(self.device, tokens_per_step, self.model.flops_per_token(), self.peak)
         self._bad_in_row = 0
         self.engine.train()
@@ -147,7 +154,8 @@ class Trainer:
         self.profile_window.before_step(self.state.step + 1)
         self._train_step(self._batches, self._meter)
         self.state.step += 1
-        self.tally.add_step(self.batch.samples, self.layout.seq_len)
+        if self.pack is None:  # a packed run's clips and real tokens come from its loaders (_report_data)
+            self.tally.add_step(self.batch.samples, self.positions_per_sample)
 
     def step_ended(self, step: int) -> None:
         with self.loop.between_steps():  # writing a trace is no part of a step's time
@@ -179,15 +187,17 @@ class Trainer:
         for _ in range(self.cfg.train.grad_accum):
             with meter.timing_data():
                 batch = next(batches)
-                if self.layout.condition == "class":
-                    self.layout.check_labels(batch["label"])  # on the host, before the copy
+                if self.layout.condition == "class" and not is_packed(batch):
+                    self.layout.check_labels(batch["label"])  # on the host, before the copy (packing checked them)
+                # a packed batch's positions that are no padding, counted on the host (tokens/s counts these)
+                real = int(batch["clip_positions"]) if is_packed(batch) else None
                 batch = to_device(batch, self.device)
             self.state.batches += 1
             loss, metrics = self.engine(batch)
             loss = self.hooks.on_loss(self.state.step + 1, loss)
             self.engine.backward(loss)
             self.engine.step()
-            meter.add_micro_batch(loss, metrics["acc"])
+            meter.add_micro_batch(loss, metrics["acc"], real)
         if self.ema is not None:
             self.ema.update()
         meter.end_step()
@@ -206,8 +216,10 @@ class Trainer:
         values.update({"train/lr": self.step_lr, "train/skipped_steps": self.state.bad_steps,
                        "train/grad_norm": _float(self.engine.get_global_grad_norm())})
         stats = self.loader.stats()
-        values.update({f"data/{k}": v for k, v in zip(stats, distributed.all_reduce(list(stats.values())).tolist(),
-                                                         strict=True)})
+        reduced = dict(zip(stats, distributed.all_reduce(list(stats.values())).tolist(), strict=True))
+        values.update({f"data/{k}": v for k, v in reduced.items()})
+        if self.pack is not None:
+            values["data/padding_fraction"] = padding_fraction(reduced)
         self.metrics.scalars(self.state.step, values)
         self._log0(console_line(self.state.step, self.cfg.train.steps, values))
 
@@ -217,9 +229,12 @@ class Trainer:
         cfg = self.cfg
         loader = build_loader(self.val_shards, grid=cfg.layout.grid, batch_size=cfg.train.micro_batch, mode="val",
                               rank=self.rank, world_size=self.world, num_workers=min(cfg.data.num_workers, 1),
-                              seed=cfg.train.seed, retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff)
+                              seed=cfg.train.seed, retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff,
+                              pack=self.pack)
         placeholder = {"tokens": torch.zeros(1, *cfg.layout.grid, dtype=torch.long),
                        "label": torch.zeros(1, dtype=torch.long)}
+        if self.pack is not None:  # one clip of the run's grid (validation checked that it fits a row)
+            placeholder = pack_rows(self.layout, [[Clip(np.zeros(cfg.layout.grid, np.int64), 0)]], self.pack.tokens)
         self.engine.eval()
         loss, batches = evaluate(self.engine, loader, placeholder, self.device, cfg.data.val_batches)
         self.engine.train()
@@ -276,7 +291,7 @@ class Trainer:
         return build_loader(self.train_sources, grid=cfg.layout.grid, batch_size=tr.micro_batch, mode="train",
                             rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers, seed=tr.seed,
                             shuffle_buffer=cfg.data.shuffle_buffer, retries=cfg.data.retries,
-                            retry_backoff=cfg.data.retry_backoff)
+                            retry_backoff=cfg.data.retry_backoff, pack=self.pack)
 
     def _report_data(self) -> int:
         """The data problems of every rank (training and validation), summed and named in rank 0's log; the
@@ -284,6 +299,10 @@ class Trainer:
         mine = [(self.loader.stats(), self.loader.problems)]
         mine.append((dict(self.val_report.counts), [f"validation {p}" for p in self.val_report.problems]))
         gathered = distributed.all_gather_object(mine)
+        if self.pack is not None:  # clips, and positions that are no padding, over every rank and every start
+            stats = [rank[0][0] for rank in gathered]
+            self.tally.samples = sum(int(s.get("samples", 0)) for s in stats)
+            self.tally.tokens = sum(int(s.get("pack_positions", 0)) - int(s.get("pack_padding", 0)) for s in stats)
         if self.rank == 0 and (summary := summarize([item for rank in gathered for item in rank])):
             log.warning(summary)
         return sum(int(rank[0][0].get("failed_shards", 0)) for rank in gathered)
