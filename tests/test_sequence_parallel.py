@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 from sequence_parallel_check import equality_worker
 from train_helpers import make_shards, run, step_losses, train_cmd
@@ -16,6 +17,7 @@ from nbp_ds.config import load_config
 from nbp_ds.errors import ConfigError
 from nbp_ds.model.sequence_parallel import data_parallel_share
 from nbp_ds.train.ds_config import build_ds_config
+from nbp_ds.weights.export import consolidate
 
 
 def test_ulysses_attention_and_model_equal_single_rank(tmp_path):
@@ -52,7 +54,7 @@ def test_two_process_sequence_parallel_run_resumes_exactly(tmp_path):
     """ZeRO-3 over the data x sequence group (2 processes, one sequence group): an 8-step run, and the same run
     resumed from its step-4 checkpoint, log the same losses for steps 5-8; both ranks of the group read the same
     batches, so the run follows the one-process run of the same batches (fp32; to 1e-4, rounding compounded
-    through 8 Adam steps)."""
+    through 8 Adam steps), and its checkpoint exports to that run's weights."""
     shards = tmp_path / "shards"
     make_shards(shards, train=64, val=8)
     steps = ["train.steps=8", "train.save_every=4", "train.eval_every=0", "train.sequence_parallel=2",
@@ -80,3 +82,8 @@ def test_two_process_sequence_parallel_run_resumes_exactly(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     c = step_losses(one)
     assert [a[s] for s in range(1, 9)] == pytest.approx([c[s] for s in range(1, 9)], rel=1e-4)
+    # its checkpoint exports as any ZeRO-3 checkpoint does: the one-process run's weights
+    (sp_weights, _), (one_weights, _) = consolidate(straight), consolidate(one)
+    assert sorted(sp_weights) == sorted(one_weights)
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(sp_weights[name], tensor, rtol=0, atol=1e-3, msg=name)
