@@ -36,7 +36,7 @@ FREE_KEYS = ("name", "train.out_dir", "train.allow_changes", "train.save_every",
              "train.eval_every", "train.log_every", "train.sample_every", "train.sample_tokenizer", "train.hooks",
              "train.peak_tflops", "train.wandb", "train.wandb_project", "train.max_bad_steps",
              "train.wandb_entity", "train.wandb_group", "train.wandb_tags", "train.profile", "train.profile_all_ranks",
-             "train.activation_checkpointing", "train.sequence_parallel",
+             "train.activation_checkpointing",
              "train.collective_timeout_s", "train.stall_timeout_s", "train.stall_factor",  # failure detection
              "train.micro_batch", "train.grad_accum",  # how the global batch is made: train.global_batch is compared
              "model.attention", "model.compile", "model.flex_kernel_options", "model.loss_chunk",
