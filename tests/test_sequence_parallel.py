@@ -18,6 +18,7 @@ from nbp_ds.errors import ConfigError
 from nbp_ds.model.sequence_parallel import data_parallel_share
 from nbp_ds.train.ds_config import build_ds_config
 from nbp_ds.weights.export import consolidate
+from nbp_ds.weights.identity import check_same_experiment
 
 
 def test_ulysses_attention_and_model_equal_single_rank(tmp_path):
@@ -87,3 +88,10 @@ def test_two_process_sequence_parallel_run_resumes_exactly(tmp_path):
     assert sorted(sp_weights) == sorted(one_weights)
     for name, tensor in one_weights.items():
         torch.testing.assert_close(sp_weights[name], tensor, rtol=0, atol=1e-3, msg=name)
+
+
+def test_another_sequence_parallel_size_is_another_experiment():
+    # the saved data position belongs to the data-parallel layout it was read with
+    recorded = load_config("tiny").to_dict()
+    with pytest.raises(ConfigError, match=r"train.sequence_parallel: 1 -> 2"):
+        check_same_experiment(recorded, load_config("tiny", ["train.sequence_parallel=2"]), "run folder")
