@@ -65,6 +65,21 @@ def test_finetuning_on_another_frame_size_or_with_learned_positions_is_refused(t
         load_initial_weights(build_model(longer_gpt2), tmp_path / "gpt2.safetensors", longer_gpt2)
 
 
+@pytest.mark.parametrize("preset", ["ucf101-700m", "k600-700m"])
+def test_presets_take_9_and_17_latent_frames_with_the_same_weights(preset):
+    """The paper's presets at 17, 33 and 65 frames: the same parameter names and shapes (a checkpoint of one loads
+    into the others), a sequence of 1 + 4k blocks more, rotary positions t up to the last latent frame."""
+    shapes, lengths = [], []
+    for frames in (5, 9, 17):
+        cfg = load_config(preset, [f"layout.grid=[{frames},16,16]"])
+        model = build_model(cfg, device="meta")  # no memory: the shapes only
+        shapes.append({k: tuple(v.shape) for k, v in model.state_dict().items()})
+        lengths.append(model.layout.seq_len)
+        assert model.layout.positions[:, 0].max() == frames - 1
+    assert shapes[0] == shapes[1] == shapes[2]
+    assert lengths[1] - lengths[0] == lengths[2] - lengths[1] - 4 * 256 == 4 * 256  # 256 tokens per latent frame
+
+
 def _tokenize(videos, out, frames: int) -> None:
     cmd = [sys.executable, "-m", "nbp_ds.cli.tokenize", "--videos", str(videos), "--out", str(out), "--frames",
            str(frames), "--resolution", "32", "--fps", "8", "--tokenizer", "random:tiny", "--clips-per-video", "1",
