@@ -133,6 +133,9 @@ class TrainConfig:
     # for TensorBoard's profiler view and Perfetto (nbp_ds.runtime.profiling); None = no profiling
     profile: list[int] | None = None
     profile_all_ranks: bool = False  # trace every rank, not only rank 0
+    # context parallelism: DeepSpeed-Ulysses over groups of this many processes, each holding 1/N of every
+    # sequence (nbp_ds.model.sequence_parallel); 1 = off. Must divide model.n_head and the number of processes
+    sequence_parallel: int = 1
 
 
 @dataclass
@@ -275,6 +278,10 @@ def validate(cfg: RunConfig) -> None:
     _require(tr.profile is None or (len(tr.profile) == 2 and 1 <= tr.profile[0] <= tr.profile[1]),
              f"train.profile is [start, stop], steps with 1 <= start <= stop (e.g. train.profile=[10,12]), "
              f"got {tr.profile}")
+    _require(tr.sequence_parallel >= 1, f"train.sequence_parallel must be >= 1 (1 = off), got {tr.sequence_parallel}")
+    _require(mod.n_head % tr.sequence_parallel == 0,
+             f"train.sequence_parallel={tr.sequence_parallel} must divide model.n_head={mod.n_head}: Ulysses gives "
+             f"every rank of a sequence-parallel group n_head / sequence_parallel whole heads")
     _require(isinstance(cfg.deepspeed.set, dict),
              f"deepspeed.set must be a mapping of DeepSpeed JSON keys (set one with "
              f"deepspeed.set.zero_optimization.reduce_bucket_size=5e8), got {cfg.deepspeed.set!r}")
@@ -285,6 +292,11 @@ def validate(cfg: RunConfig) -> None:
 def _validate_packing(cfg: RunConfig) -> None:
     data, tr = cfg.data, cfg.train
     _require(data.pack_tokens >= 0, f"data.pack_tokens must be >= 0 (0: no packing), got {data.pack_tokens}")
+    # Ulysses splits one clip's sequence over ranks with the one-grid block rule; a packed row's per-clip rule is
+    # not carried through its all-to-all (nbp_ds.model.sequence_parallel)
+    _require(data.pack_tokens == 0 or tr.sequence_parallel == 1,
+             f"data.pack_tokens={data.pack_tokens} with train.sequence_parallel={tr.sequence_parallel}: packed rows "
+             f"train on one rank per sequence; set one of them off")
     if tr.global_batch_tokens is not None:
         _require(data.pack_tokens > 0, f"train.global_batch_tokens={tr.global_batch_tokens} counts the positions "
                                        f"of packed rows: it needs data.pack_tokens > 0")

@@ -33,6 +33,7 @@ def test_global_batch_in_tokens_sets_the_rows():
     (["model.attention=flash"], "data.pack_tokens cannot run with model.attention=flash"),
     (["model.arch=gpt2"], "data.pack_tokens needs model.arch=llama"),
     (["data.pack_tokens=-1"], "data.pack_tokens must be >= 0"),
+    (["train.sequence_parallel=2"], r"data.pack_tokens=128 with train.sequence_parallel=2"),
 ])
 def test_packing_settings_are_refused_by_name(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):

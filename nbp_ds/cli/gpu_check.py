@@ -10,10 +10,12 @@ it, and nothing else runs); the ``gpu`` tests (trainer with NCCL + bf16 on ZeRO-
 mp4, tokenizer training, attention backends against sdpa); the attention benchmark; training throughput of the
 700M preset per attention backend (tokens/s, MFU, peak memory); one AdamW step per implementation on a ZeRO
 rank's share of the 700M model (torch fused, the shipped configs' choice; torch foreach; DeepSpeed's FusedAdam);
-generation speed of the 700M model (frames/s); with --only packing-700m, packed against padded training on a
-mixed set of 700M grids (padding fraction, real tokens/s); and, with --with-3b, the 3B preset with optimizer offload
-(minutes of its own: it saves ~50 GB of optimizer state). A table ends the run; the exit status is non-zero when
-any step failed. The default steps share a budget of 470 s (--budget), one call of under 8 minutes.
+generation speed of the 700M model (frames/s); DeepSpeed-Ulysses on two GPUs (equal to one rank, and the time of
+a sequence-parallel attention pass against one GPU's; skipped on a one-GPU machine); with --only packing-700m,
+packed against padded training on a mixed set of 700M grids (padding fraction, real tokens/s); and, with
+--with-3b, the 3B preset with optimizer offload (minutes of its own: it saves ~50 GB of optimizer state). A
+table ends the run; the exit status is non-zero when any step failed. The default steps share a budget of
+470 s (--budget), one call of under 8 minutes.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ class Step:
 def steps(py: str, tests: Path | None) -> list[Step]:
     bench = [py, "-m"]
     found = [
-        Step("gpu-tests", 260, [py, "-m", "pytest", str(tests), "-m", "gpu", "-k", "not 3b", "-q", "-rs",
-                                "-p", "no:cacheprovider"], 4) if tests else None,
+        Step("gpu-tests", 260, [py, "-m", "pytest", str(tests), "-m", "gpu", "-k", "not 3b and not ulysses", "-q",
+                                "-rs", "-p", "no:cacheprovider"], 4) if tests else None,
         Step("attention", 60, [*bench, "nbp_ds.cli.bench_attention", "--device", "cuda"], 14),
         Step("train-700m", 150, [*bench, "nbp_ds.cli.bench_train", "--config", "ucf101-700m", "--device", "cuda",
                                  "--dtype", "bf16", "--attention", "flex", "sdpa", "--micro-batch", "8", "--steps", "6",
@@ -61,6 +63,8 @@ def steps(py: str, tests: Path | None) -> list[Step]:
                                "--world-size", "8"], 7),
         Step("generate-700m", 90, [*bench, "nbp_ds.cli.bench_generate", "--config", "ucf101-700m", "--full-size",
                                    "--device", "cuda", "--dtype", "bf16", "--repeats", "1"], 13),
+        Step("ulysses", 90, [py, "-m", "pytest", str(tests / "test_gpu_sequence_parallel.py"), "-m", "gpu", "-q",
+                             "-s", "-rs", "-p", "no:cacheprovider"], 4) if tests else None,
         # packed (flex BlockMask per batch) against padded-to-the-longest on a mixed set of 700M grids; not default:
         # the default steps fill the budget
         Step("packing-700m", 240, [*bench, "nbp_ds.cli.bench_packing", "--config", "ucf101-700m", "--device", "cuda",

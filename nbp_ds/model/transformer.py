@@ -22,6 +22,7 @@ from nbp_ds.model.execution import LayerExecution
 from nbp_ds.model.loss import linear_cross_entropy
 from nbp_ds.model.packed_attention import make_packed_attention
 from nbp_ds.model.rope import apply_rope, rope_angles
+from nbp_ds.model.sequence_parallel import SequenceShard, UlyssesAttention
 from nbp_ds.packing import is_packed
 
 
@@ -220,6 +221,18 @@ class NBPModel(nn.Module):
         self._packed_backends: dict[torch.device, object] = {}  # per device, the backend of packed batches
         self.build_layers(m, out_std=m.init_std / math.sqrt(2 * m.n_layer))  # residual branches scaled (GPT-2)
         self.execution = LayerExecution()
+        self.shard: SequenceShard | None = None  # set by enable_sequence_parallel
+        self.ulysses: UlyssesAttention | None = None
+
+    def enable_sequence_parallel(self, group) -> None:
+        """Run whole-sequence passes (training, scoring) sequence-parallel over the ranks of ``group`` (DeepSpeed-
+        Ulysses: nbp_ds.model.sequence_parallel); every rank of the group must be given the same batch. Decoding
+        with a KV cache stays on one rank. Refused when the group's size does not divide model.n_head."""
+        self.shard = SequenceShard(self.layout, group)
+        self.ulysses = UlyssesAttention(self.backend, self.shard, self.n_head)
+        for module in self.modules():
+            if getattr(module, "backend", None) is self.backend and module is not self:
+                module.backend = self.ulysses
 
     def build_layers(self, m: ModelConfig, out_std: float) -> None:
         """Embedding, layers, final norm, output layer and rotary tables (LLaMA-style)."""
@@ -273,6 +286,11 @@ class NBPModel(nn.Module):
         if isinstance(input_ids, dict):
             return self.loss(input_ids)
         x, positions = self.embed_positions(input_ids, start)
+        if self.shard is not None and cache is None:
+            # this rank's share of the sequence (the whole one embedded: a lookup, cheaper than a second path)
+            x = self.shard.split(x, 1)
+            positions = tuple(self.shard.split(p, 0) for p in positions)
+            self.ulysses.on(x.device)  # the padded sequence's masks, made here like the backend's below
         self.backend.on(x.device)  # masks made here, eagerly, so compiled layers only look them up
         self.backend.use_rows(x.device, None)  # one grid: the layout's rule, not a packed batch's
         for layer in self.layers:
@@ -358,11 +376,16 @@ class NBPModel(nn.Module):
         ids = self.layout.input_ids(tokens, label)
         # the head only where a target counts; an index table, not a boolean mask (which syncs with the host)
         rows = self.layout.loss_rows(ids.device)
-        hidden = self.forward(ids).index_select(1, rows).reshape(-1, self.d_model)
+        n = tokens.shape[0] * rows.numel()  # from shapes: no host synchronisation
+        local_rows = rows
+        if self.shard is not None:  # this rank's rows of the sequence; the mean stays over the whole sequence's
+            local_rows, rows = self.shard.loss_rows(ids.device)
+        hidden = self.forward(ids).index_select(1, local_rows).reshape(-1, self.d_model)
         targets = self.layout.targets(tokens).index_select(1, rows).reshape(-1)
-        n = targets.numel()  # from shapes: no host synchronisation
         # the fused head + cross-entropy, model.loss_chunk rows at a time (never all B x S x vocab logits)
         loss_sum, correct = self.head(hidden, targets, self.loss_chunk)
+        if self.shard is not None:
+            loss_sum, correct = self.shard.whole_sequence(loss_sum), self.shard.whole_sequence(correct.float())
         return loss_sum / n, {"acc": correct.float() / n, "tokens": n}
 
     def logits(self, batch: dict) -> torch.Tensor:
@@ -370,7 +393,10 @@ class NBPModel(nn.Module):
         tokens = batch["tokens"].long()
         self._check_tokens(tokens)
         ids = self.layout.input_ids(tokens, self._labels(batch))
-        return self.layout.to_raster(self.head(self.forward(ids)))
+        hidden = self.forward(ids)
+        if self.shard is not None:
+            hidden = self.shard.gather(hidden)
+        return self.layout.to_raster(self.head(hidden))
 
     # ---- accounting ------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

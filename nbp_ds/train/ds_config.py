@@ -20,6 +20,7 @@ from typing import Any
 
 from nbp_ds.config import RunConfig
 from nbp_ds.errors import ConfigError
+from nbp_ds.model.sequence_parallel import data_parallel_share
 from nbp_ds.train.batch import GlobalBatch, plan_batch
 from nbp_ds.train.ds_auto import drop_auto
 from nbp_ds.typed_yaml import yaml_number
@@ -67,6 +68,7 @@ def _fill(ds: dict, key: str, value: Any, source: str, path: str) -> None:
 # DeepSpeed JSON keys the run config decides (deepspeed.set refuses them): the path, and the run config's say
 OWNED_KEYS = {
     "train_batch_size": "train.global_batch (or train.micro_batch x train.grad_accum x processes)",
+    "sequence_parallel_size": "train.sequence_parallel",
     "train_micro_batch_size_per_gpu": "train.micro_batch",
     "gradient_accumulation_steps": "train.grad_accum (derived from train.global_batch when that is set)",
     "gradient_clipping": "train.grad_clip",
@@ -131,6 +133,16 @@ def build_ds_config(cfg: RunConfig, world_size: int, batch: GlobalBatch | None =
     _fill(ds, "train_batch_size", batch.samples, f"train.micro_batch x train.grad_accum x {world_size} processes",
           path)
     _fill(ds, "gradient_clipping", tr.grad_clip, "train.grad_clip", path)
+    if tr.sequence_parallel > 1:
+        zero = ds.get("zero_optimization", {})
+        if zero_stage(ds) != 3 or not zero.get("reduce_scatter", True):
+            # the loss's gradient assumes ZeRO-3's reduce-scatter, which averages over every process of the data x
+            # sequence group (ZeRO-1/2 and ZeRO-3's all-reduce path divide by the data-parallel processes only)
+            raise ConfigError(f"train.sequence_parallel={tr.sequence_parallel} runs on ZeRO-3 with reduce_scatter "
+                              f"(deepspeed.config=zero3 or zero3_offload); {path} has stage {zero_stage(ds)}, "
+                              f"reduce_scatter={zero.get('reduce_scatter', True)}")
+        # read where no mpu is given (zero.Init): the batch is made by world / sequence_parallel_size processes
+        _fill(ds, "sequence_parallel_size", tr.sequence_parallel, "train.sequence_parallel", path)
     if "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'scheduler': the LR schedule comes from train.lr / train.warmup_steps / "
                           f"train.min_lr_ratio")
@@ -158,7 +170,9 @@ def resolved_configs(cfg: RunConfig, world_size: int) -> tuple[RunConfig, dict[s
     config; a ConfigError for what the trainer would refuse."""
     if world_size < 1:
         raise ConfigError(f"--world-size must be at least 1, got {world_size}")
+    # the data-parallel processes: the ranks of a sequence-parallel group share their batches
+    _, data_world = data_parallel_share(0, world_size, cfg.train.sequence_parallel)
     # planned once, as the trainer does, for both configs
-    batch = plan_batch(cfg.train, world_size, cfg.data.pack_tokens)
+    batch = plan_batch(cfg.train, data_world, cfg.data.pack_tokens)
     resolved = dataclasses.replace(cfg, train=batch.applied_to(cfg.train))
-    return resolved, build_ds_config(cfg, world_size, batch)
+    return resolved, build_ds_config(cfg, data_world, batch)

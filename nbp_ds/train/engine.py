@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from nbp_ds.config import RunConfig
+from nbp_ds.errors import ConfigError
 from nbp_ds.model import NBPModel, build_model
 from nbp_ds.model.transformer import SequenceLayer
 from nbp_ds.runtime.distributed import backend_for
@@ -29,8 +30,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device, rank: int,
                  init_from: str | None = None):
     """(engine, model): the model built on ``device`` with identical initial weights on every rank (or the
-    weights of the export ``init_from``, for fine-tuning), then a different random stream per rank (class
-    dropout), wrapped by ``deepspeed.initialize``."""
+    weights of the export ``init_from``, for fine-tuning), then a different random stream per data-parallel
+    ``rank`` (class dropout; the ranks of one sequence-parallel group share theirs), wrapped by
+    ``deepspeed.initialize`` (with DeepSpeed's sequence-parallel groups when ``train.sequence_parallel`` > 1)."""
     import deepspeed  # local: DeepSpeed takes seconds to import
 
     # DeepSpeed's communication layer wraps the process group nbp_ds.runtime.distributed already joined
@@ -38,10 +40,15 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     tr = cfg.train
     seed_everything(tr.seed)
     stage3 = zero_stage(ds_config) == 3
+    # ZeRO partitions over every process (the data x sequence group: DeepSpeed's parallel_state_sp makes one such
+    # group of the whole job), which is zero.Init's default group too
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
         model: NBPModel = build_model(cfg, device=device)  # compiled layers where model.compile says so
     if init_from:
         load_initial_weights(model, init_from, cfg)
+    mpu = sequence_parallel_groups(tr.sequence_parallel)
+    if mpu is not None:
+        model.enable_sequence_parallel(mpu.get_sequence_parallel_group())
     model.enable_activation_checkpointing(tr.activation_checkpointing)
     if stage3:
         # ZeRO-3 gathers a leaf module's parameters in one hook on the module's own call and puts no hooks
@@ -55,5 +62,21 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
             optimizer, lambda s: lr_factor(s, tr.steps, tr.warmup_steps, tr.min_lr_ratio))
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tr.weight_decay),
-                                           config=ds_config, lr_scheduler=schedule)
+                                           config=ds_config, lr_scheduler=schedule, mpu=mpu)
     return engine, model
+
+
+def sequence_parallel_groups(size: int):
+    """DeepSpeed's sequence-parallel groups (``deepspeed.runtime.sequence_parallel.parallel_state_sp``: groups of
+    ``size`` consecutive ranks, one data x sequence group of all ranks), made once per process, as the ``mpu`` that
+    ``deepspeed.initialize`` takes for Ulysses; None when ``size`` is 1."""
+    if size == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp  # local: DeepSpeed takes seconds to import
+
+    if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:  # a second trainer in one process reuses them
+        parallel_state_sp.initialize_sequence_parallel(sequence_parallel_size=size)
+    elif parallel_state_sp.get_sequence_parallel_world_size() != size:
+        raise ConfigError(f"train.sequence_parallel={size}, but this process already holds sequence-parallel groups "
+                          f"of {parallel_state_sp.get_sequence_parallel_world_size()}")
+    return parallel_state_sp

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ def load_initial_weights(model: nn.Module, path: str | Path, cfg: RunConfig) -> 
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"train.init_from={path}: {exc}") from exc
     config_file = path / CONFIG_NAME if path.is_dir() else path.with_suffix(".json")
-    check_weights_meaning(files.config, cfg, f"train.init_from={path}",
+    check_weights_meaning(_as_trained_clip_length(files.config, cfg, path), cfg, f"train.init_from={path}",
                           hint=f" (start from the export's own config: --config {config_file})")
     params = dict(model.named_parameters())
     stored = set(files.keys())
@@ -50,6 +51,25 @@ def load_initial_weights(model: nn.Module, path: str | Path, cfg: RunConfig) -> 
                 with torch.no_grad():
                     param.data.copy_(files.tensor(name).to(param.dtype))
     log.info("initialized %d parameters from %s", len(params), path)
+
+
+def _as_trained_clip_length(recorded: dict[str, Any], cfg: RunConfig, path: Path) -> dict[str, Any]:
+    """The export's recorded config, with the run's number of latent frames when only that differs: fine-tuning
+    on longer (or shorter) clips. Nothing in a RoPE model's weights depends on the clip length (the rotary angles
+    are computed from each position's (t, h, w), not learned), so the weights mean the same on a longer grid:
+    positions t beyond the trained range get rotations the model has not seen, which fine-tuning teaches it.
+    A model with learned position embeddings (model.arch=gpt2) has one row per position and is refused."""
+    grid = recorded.get("layout", {}).get("grid")
+    new = list(cfg.layout.grid)
+    if grid is None or list(grid) == new or list(grid[1:]) != new[1:]:
+        return recorded  # the same grid, or another frame size: the usual check decides
+    if cfg.model.arch != "llama":
+        raise ConfigError(f"train.init_from={path}: fine-tuning on another clip length (layout.grid {list(grid)} -> "
+                          f"{new}) needs rotary positions (model.arch=llama); model.arch={cfg.model.arch} learns one "
+                          f"embedding per position")
+    log.info("fine-tuning on %d latent frames from weights trained on %d (layout.grid %s -> %s): rotary positions "
+             "t >= %d are new to the model", new[0], grid[0], list(grid), new, grid[0])
+    return {**recorded, "layout": {**recorded["layout"], "grid": new}}
 
 
 def _full_shape(param: torch.Tensor) -> torch.Size:

@@ -19,6 +19,7 @@ from nbp_ds.data.packer import PackSpec, padding_fraction
 from nbp_ds.data.report import summarize
 from nbp_ds.errors import ConfigError
 from nbp_ds.files import write_text_atomic
+from nbp_ds.model.sequence_parallel import data_parallel_share
 from nbp_ds.packing import Clip, is_packed, pack_rows
 from nbp_ds.runtime import distributed, launch
 from nbp_ds.runtime.checkpoint import (
@@ -61,9 +62,11 @@ class Trainer:
         self.hooks = hooks or load_hooks(cfg.train.hooks)
         self.env = launch.detect()
         self.rank, self.world = self.env.rank, self.env.world_size
+        # the ranks of a sequence-parallel group read the same batches: the data-parallel rank and world
+        self.data_rank, self.data_world = data_parallel_share(self.rank, self.world, cfg.train.sequence_parallel)
         # the batch as it runs here, worked out once: train.grad_accum and train.global_batch fixed for this number
-        # of processes, before the DeepSpeed config is written from it
-        self.batch = plan_batch(cfg.train, self.world, cfg.data.pack_tokens)
+        # of data-parallel processes, before the DeepSpeed config is written from it
+        self.batch = plan_batch(cfg.train, self.data_world, cfg.data.pack_tokens)
         cfg = self.cfg = dataclasses.replace(cfg, train=self.batch.applied_to(cfg.train))
         self.out_dir = Path(cfg.train.out_dir)
 
@@ -73,7 +76,7 @@ class Trainer:
             self.val_shards = expand_shards(cfg.data.val) if cfg.data.val else None
         except FileNotFoundError as exc:
             raise ConfigError(f"data: {exc}") from exc
-        self.ds_config = build_ds_config(cfg, self.world, self.batch)
+        self.ds_config = build_ds_config(cfg, self.data_world, self.batch)
         if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError("train.wandb=true needs the wandb package: pip install 'nbp_ds[wandb]' (or wandb), "
                               "or set train.wandb=false")
@@ -102,7 +105,8 @@ class Trainer:
         if self.universal:
             self.load_from = universal_checkpoint(self.resume_from, self.rank)
             self.ds_config = with_universal_load(self.ds_config)
-        self.engine, self.model = build_engine(cfg, self.ds_config, self.device, self.rank,
+        # seeded per data-parallel rank: the ranks of a sequence-parallel group drop the same labels (class dropout)
+        self.engine, self.model = build_engine(cfg, self.ds_config, self.device, self.data_rank,
                                                init_from=None if self.resume_from else cfg.train.init_from)
         self.layout = self.model.layout
         # packed runs: clips of any grid in rows of data.pack_tokens positions (train.micro_batch counts rows)
@@ -228,7 +232,8 @@ class Trainer:
         """Mean validation loss over every validation sample once (all ranks in step)."""
         cfg = self.cfg
         loader = build_loader(self.val_shards, grid=cfg.layout.grid, batch_size=cfg.train.micro_batch, mode="val",
-                              rank=self.rank, world_size=self.world, num_workers=min(cfg.data.num_workers, 1),
+                              rank=self.data_rank, world_size=self.data_world,
+                              num_workers=min(cfg.data.num_workers, 1),
                               seed=cfg.train.seed, retries=cfg.data.retries, retry_backoff=cfg.data.retry_backoff,
                               pack=self.pack)
         placeholder = {"tokens": torch.zeros(1, *cfg.layout.grid, dtype=torch.long),
@@ -289,7 +294,8 @@ class Trainer:
         """The training stream from its start; a resume puts it where the checkpoint left it (LoaderPosition)."""
         cfg, tr = self.cfg, self.cfg.train
         return build_loader(self.train_sources, grid=cfg.layout.grid, batch_size=tr.micro_batch, mode="train",
-                            rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers, seed=tr.seed,
+                            rank=self.data_rank, world_size=self.data_world, num_workers=cfg.data.num_workers,
+                            seed=tr.seed,
                             shuffle_buffer=cfg.data.shuffle_buffer, retries=cfg.data.retries,
                             retry_backoff=cfg.data.retry_backoff, pack=self.pack)
 
@@ -332,7 +338,11 @@ class Trainer:
             self.metrics.text("config", "```\n" + json.dumps(self.cfg.to_dict(), indent=1) + "\n```")
             log.info("model %.2fM parameters, ZeRO-%d over %d processes (%s): rank 0 holds %.2fM",
                      total / 1e6, info["zero_stage"], self.world, self.env.launcher, local / 1e6)
-            log.info("%s", describe_batch(self.cfg.train, self.world))
+            log.info("%s", describe_batch(self.cfg.train, self.data_world))
+            if self.cfg.train.sequence_parallel > 1:
+                log.info("context parallelism (DeepSpeed-Ulysses): %d sequence-parallel groups of %d processes, each "
+                         "process holding 1/%d of every sequence", self.data_world, self.cfg.train.sequence_parallel,
+                         self.cfg.train.sequence_parallel)
 
     def _log0(self, *args) -> None:
         if self.rank == 0:

@@ -4,7 +4,9 @@ Two lists decide it, both over the run config's dotted keys:
 
 - :data:`WEIGHT_KEYS`, the settings the weights were trained for (architecture, shapes, positions, the sequence
   layout and its token ids): read with another value, the same numbers mean something else or do not fit.
-  Resuming, ``train.init_from``, nbp-export and nbp-sample all check these and never let them change.
+  Resuming, ``train.init_from``, nbp-export and nbp-sample all check these and never let them change, but for one
+  case: ``train.init_from`` fine-tunes a rotary-position model on another number of latent frames
+  (nbp_ds.train.init_weights: the weights do not depend on the clip length).
 - :data:`FREE_KEYS`, the settings of *how* a run is carried out (logging, checkpoint cadence, attention kernel,
   loader workers, DeepSpeed tuning): they may differ between the starts of one experiment. Every other key (data
   sources, seed, LR schedule, batch, precision, optimizer, ...) is part of the experiment: a run folder whose
