@@ -10,7 +10,8 @@ it, and nothing else runs); the ``gpu`` tests (trainer with NCCL + bf16 on ZeRO-
 mp4, tokenizer training, attention backends against sdpa); the attention benchmark; training throughput of the
 700M preset per attention backend (tokens/s, MFU, peak memory); one AdamW step per implementation on a ZeRO
 rank's share of the 700M model (torch fused, the shipped configs' choice; torch foreach; DeepSpeed's FusedAdam);
-generation speed of the 700M model (frames/s); and, with --with-3b, the 3B preset with optimizer offload
+generation speed of the 700M model (frames/s); its long sampling at 17, 65 and 257 frames (frames/s and peak
+memory, CUDA graphs, rolling and recomputed windows); and, with --with-3b, the 3B preset with optimizer offload
 (minutes of its own: it saves ~50 GB of optimizer state). A table ends the run; the exit status is non-zero when
 any step failed. The default steps share a budget of 470 s (--budget), one call of under 8 minutes.
 """
@@ -60,6 +61,8 @@ def steps(py: str, tests: Path | None) -> list[Step]:
                                "--world-size", "8"], 7),
         Step("generate-700m", 90, [*bench, "nbp_ds.cli.bench_generate", "--config", "ucf101-700m", "--full-size",
                                    "--device", "cuda", "--dtype", "bf16", "--repeats", "1"], 13),
+        Step("long-sample-700m", 150, [*bench, "nbp_ds.cli.bench_long_sample", "--config", "ucf101-700m",
+                                       "--full-size", "--device", "cuda", "--dtype", "bf16", "--decoders", "graph"], 8),
         Step("3b-offload", 600, [py, "-m", "pytest", str(tests), "-m", "gpu", "-k", "3b", "-q", "-s", "-rs",
                                  "-p", "no:cacheprovider"], 4, default=False) if tests else None,
     ]
