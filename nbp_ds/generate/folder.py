@@ -302,7 +302,9 @@ def sample_to_folder(model, tokenizer, jobs: Sequence[VideoJob], out: str | Path
             summary.generate_seconds += stats["seconds"]
             summary.forward_passes = stats["forward_passes"]
             with torch.no_grad():
-                frames = tokenizer.decode(tokens.to(tokenizer.device)).cpu().numpy()
+                # a long video in pieces: the decoder's memory does not grow with its length
+                decode = tokenizer.decode if long is None else tokenizer.decode_long
+                frames = decode(tokens.to(tokenizer.device)).cpu().numpy()
             tokens = tokens.cpu().numpy()
             for i, job in enumerate(batch):
                 if job.index in finished:  # a batch cut short by an interruption: only its unfinished videos
