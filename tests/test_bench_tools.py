@@ -83,7 +83,8 @@ def test_gpu_check_lists_its_steps_and_refuses_to_run_without_a_gpu():
     listed = run_tool("-m", "nbp_ds.cli.gpu_check", "--list")
     assert listed.returncode == 0
     names = [line.split()[0] for line in listed.stdout.splitlines()]
-    assert {"gpu-tests", "train-700m", "optimizer", "generate-700m", "ulysses", "3b-offload"} <= set(names)
+    assert {"gpu-tests", "train-700m", "optimizer", "generate-700m", "ulysses", "long-sample-700m",
+            "3b-offload"} <= set(names)
     assert "nbp_ds.cli.bench_optimizer --device cuda" in listed.stdout  # the AdamW choice, measured there
     assert run_tool("-m", "nbp_ds.cli.gpu_check", "--only", "nope").stderr.startswith("error: no step 'nope'")
     result = run_tool("-m", "nbp_ds.cli.gpu_check", "--out", "/tmp/nbp-gpu-check-test")

@@ -1,6 +1,7 @@
 """Decoding on a CUDA GPU: CUDA-graph decoding gives the eager decoder's tokens in fp32 (greedy and seeded) and a
 video the same tokens in any batch, its decode loop never synchronises with the host, graphs are captured once per
-model and batch and again when the weights move, and the generation benchmark runs its graph path."""
+model and batch and again when the weights move, and the generation benchmark runs its graph path; long sampling
+in CUDA graphs gives the static decoder's video, rolling and recomputed."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from batch_invariance import SAMPLINGS as BATCH_SAMPLINGS
 from batch_invariance import assert_drawn_by_video_index
 
 from nbp_ds.config import load_config
-from nbp_ds.generate import Sampling, StaticDecoder, generate, release_decoders, video_keys
+from nbp_ds.generate import Sampling, StaticDecoder, generate, generate_long, release_decoders, video_keys
 from nbp_ds.generate.decode import kept_decoder
 from nbp_ds.model import build_model
 
@@ -115,3 +116,14 @@ def test_bench_generate_runs_its_graph_path():
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "decoder graph;" in result.stdout and "estimated from 20 of 48 passes" in result.stdout
+
+
+@pytest.mark.parametrize("long_mode", ["rolling", "recompute"])
+def test_long_sampling_in_graphs_gives_the_static_decoders_video(long_mode):
+    """8 latent frames past a 5-frame clip (29 frames for 17): the graphs replay the static passes, window slides
+    and all."""
+    model = cuda_model(LAYOUTS["hybrid-ucf-grid"])
+    args = {"label": torch.tensor([0, 3]), "temperature": 1.0, "seed": 3, "long_mode": long_mode}
+    static, _ = generate_long(model, 2, 8, mode="static", **args)
+    graph, stats = generate_long(model, 2, 8, mode="graph", **args)
+    assert stats["mode"] == "graph" and torch.equal(graph, static)

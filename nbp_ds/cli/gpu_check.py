@@ -10,12 +10,13 @@ it, and nothing else runs); the ``gpu`` tests (trainer with NCCL + bf16 on ZeRO-
 mp4, tokenizer training, attention backends against sdpa); the attention benchmark; training throughput of the
 700M preset per attention backend (tokens/s, MFU, peak memory); one AdamW step per implementation on a ZeRO
 rank's share of the 700M model (torch fused, the shipped configs' choice; torch foreach; DeepSpeed's FusedAdam);
-generation speed of the 700M model (frames/s); DeepSpeed-Ulysses on two GPUs (equal to one rank, and the time of
-a sequence-parallel attention pass against one GPU's; skipped on a one-GPU machine); with --only packing-700m,
-packed against padded training on a mixed set of 700M grids (padding fraction, real tokens/s); and, with
---with-3b, the 3B preset with optimizer offload (minutes of its own: it saves ~50 GB of optimizer state). A
-table ends the run; the exit status is non-zero when any step failed. The default steps share a budget of
-470 s (--budget), one call of under 8 minutes.
+generation speed of the 700M model (frames/s); its long sampling at 17, 65 and 257 frames (frames/s and peak
+memory, CUDA graphs, rolling and recomputed windows); DeepSpeed-Ulysses on two GPUs (equal to one rank, and
+the time of a sequence-parallel attention pass against one GPU's; skipped on a one-GPU machine); with --only
+packing-700m, packed against padded training on a mixed set of 700M grids (padding fraction, real tokens/s);
+and, with --with-3b, the 3B preset with optimizer offload (minutes of its own: it saves ~50 GB of optimizer
+state). A table ends the run; the exit status is non-zero when any step failed. The default steps share a
+budget of 470 s (--budget), one call of under 8 minutes.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def steps(py: str, tests: Path | None) -> list[Step]:
                                "--world-size", "8"], 7),
         Step("generate-700m", 90, [*bench, "nbp_ds.cli.bench_generate", "--config", "ucf101-700m", "--full-size",
                                    "--device", "cuda", "--dtype", "bf16", "--repeats", "1"], 13),
+        Step("long-sample-700m", 150, [*bench, "nbp_ds.cli.bench_long_sample", "--config", "ucf101-700m",
+                                       "--full-size", "--device", "cuda", "--dtype", "bf16", "--decoders", "graph"], 8),
         Step("ulysses", 90, [py, "-m", "pytest", str(tests / "test_gpu_sequence_parallel.py"), "-m", "gpu", "-q",
                              "-s", "-rs", "-p", "no:cacheprovider"], 4) if tests else None,
         # packed (flex BlockMask per batch) against padded-to-the-longest on a mixed set of 700M grids; not default:

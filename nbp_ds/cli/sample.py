@@ -3,6 +3,7 @@
     nbp-sample --weights runs/x/export.safetensors --tokenizer runs/tok/tokenizer --out samples/
     nbp-sample --weights runs/x --tokenizer TOK --label 3 --num 8 --cfg-scale 2 --top-p 0.9
     nbp-sample --weights runs/k600 --tokenizer TOK --context clip.mp4 --num 4
+    nbp-sample --weights runs/x --tokenizer TOK --label 3 --frames 129   # 8x the 17-frame clip (docs/sampling.md)
     nbp-sample --weights converted/ucf_700m.safetensors --tokenizer official:magvit2_ucf.pt \
         --paper-sampling --num 100 --batch-size 32 --no-mp4 --out fvd_samples/   # 101 classes x 100 for FVD
     nbp-eval-fvd --real REAL_VIDEOS --fake fvd_samples/ --i3d i3d_torchscript.pt
@@ -36,7 +37,8 @@ import torch
 
 from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
-from nbp_ds.generate import MODES, PAPER_SAMPLING
+from nbp_ds.generate import LONG_MODES, MODES, PAPER_SAMPLING
+from nbp_ds.generate.long import DEFAULT_SINK_FRAMES
 from nbp_ds.generate.sampler import DTYPES, SamplerOptions, sample_videos
 
 
@@ -74,6 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="decoder: CUDA graphs, static passes, or the eager reference (auto: graph on CUDA, "
                         "eager elsewhere)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video frames per sample (default: the model's clip); past the clip a window of the clip's "
+                        "length slides one latent frame at a time")
+    p.add_argument("--long-mode", choices=LONG_MODES, default="auto",
+                   help="past the clip: recompute (feed each window from scratch: exactly a training clip, any "
+                        "model), rolling (keep the window's cache: faster, rotary models, equal to recompute only "
+                        "in one-layer models); auto: recompute")
+    p.add_argument("--sink-frames", type=int, default=DEFAULT_SINK_FRAMES,
+                   help="first latent frames every window keeps at their own places")
     args = p.parse_args(argv)
     if args.paper_sampling:  # the paper's values become the defaults, so flags given explicitly still win
         p.set_defaults(**PAPER_SAMPLING)
@@ -99,7 +110,8 @@ def main(argv: list[str] | None = None) -> int | None:
         context=args.context, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, fps=args.fps, mp4=not args.no_mp4,
         writers=args.writers, restart=args.restart, classes=args.classes, device=args.device, dtype=args.dtype,
-        mode=args.mode, grid=parse_grid(args.grid)))
+        mode=args.mode, grid=parse_grid(args.grid), frames=args.frames, long_mode=args.long_mode,
+        sink_frames=args.sink_frames))
     done = f"{summary.skipped} finished earlier, " if summary.skipped else ""
     print(f"{summary.finished} videos in {args.out} ({done}{summary.videos} made now): {summary.forward_passes} "
           f"forward passes per video", end="")

@@ -9,6 +9,8 @@ logits per token of the block it predicts. The KV cache is allocated once for th
 * ``plan``: the generation steps as device tables grouped by pass shape.
 * ``draw``: sampling on the device (temperature, top-k, top-p, guidance) from a counter-based random stream.
 * ``conditions``: the label, guidance and context a model's condition takes, checked once for every caller.
+* ``long``: videos longer than the training clip, a window of the clip's length sliding one latent frame at a
+  time (a rolling cache, or each window recomputed).
 * ``sampler``: nbp-sample's work: loading weights, tokenizer, labels and context, checked before any work.
 * ``folder``: a sampler output folder: videos streamed to per-video files as they come, a record, resume.
 
@@ -27,9 +29,11 @@ from nbp_ds.generate.draw import (
     stream_uniforms,
     video_keys,
 )
+from nbp_ds.generate.long import LONG_MODES, generate_long
 from nbp_ds.generate.static import StaticDecoder
 
 __all__ = [
-    "MODES", "PAPER_SAMPLING", "Sampling", "StaticDecoder", "filter_logits", "generate", "guided_logits",
+    "LONG_MODES", "MODES", "PAPER_SAMPLING", "Sampling", "StaticDecoder", "filter_logits", "generate",
+    "generate_long", "guided_logits",
     "inverse_cdf", "release_decoders", "resolve_mode", "sample_tokens", "stream_uniforms", "video_keys",
 ]

@@ -25,7 +25,7 @@ from nbp_ds.generate.draw import Sampling, check_seed, draw_tokens, video_keys
 from nbp_ds.generate.plan import DEFAULT_KV_BUCKET
 from nbp_ds.generate.static import StaticDecoder, plan_for
 from nbp_ds.layout import Layout
-from nbp_ds.model.transformer import NBPModel
+from nbp_ds.model.transformer import KVCache, NBPModel
 
 MODES = ("auto", "eager", "static", "graph")
 
@@ -120,22 +120,29 @@ def _video_index(video_index, batch_size: int, device: torch.device) -> torch.Te
 
 
 # ---- decoding --------------------------------------------------------------------------------------------------
-def _decode_eager(model: NBPModel, tokens: torch.Tensor, labels: torch.Tensor | None, sampling: Sampling,
-                  keys: torch.Tensor) -> None:
-    """The reference decoder: a KV cache that grows pass by pass, sliced by each step's [start, end)."""
+def decode_eager(model: NBPModel, tokens: torch.Tensor, labels: torch.Tensor | None, sampling: Sampling,
+                 keys: torch.Tensor, cache: KVCache | None = None, first_step: int = 0,
+                 stream_offset: int = 0) -> None:
+    """The reference decoder: a KV cache that grows pass by pass, sliced by each step's [start, end).
+
+    By default it decodes a whole video into ``tokens`` [B, T*H*W] with a fresh cache. Long sampling
+    (nbp_ds.generate.long) passes its own ``cache`` holding the passes before ``first_step`` and a
+    ``stream_offset`` added to the raster positions the random draws are keyed by (the token's place in the long
+    video, not in the clip)."""
     layout, device = model.layout, tokens.device
     param = next(model.parameters())
     plan = plan_for(layout, str(device))
     rows = 2 * tokens.shape[0] if sampling.guided else tokens.shape[0]
-    cache = model.new_cache(rows, device, param.dtype)
-    for step in plan.steps:
+    if cache is None:
+        cache = model.new_cache(rows, device, param.dtype)
+    for step in plan.steps[first_step:]:
         group = plan.groups[step.group]
         read_rows, targets = group.read_rows[step.row], group.targets[step.row]
         video = tokens if rows == tokens.shape[0] else tokens.repeat(2, 1)
         ids = layout.input_ids(video, labels, step.start, step.end)
         hidden = model(ids, start=step.start, cache=cache)
         logits = model.head(hidden[:, read_rows]).float()
-        tokens[:, targets] = draw_tokens(logits, sampling, keys, targets)
+        tokens[:, targets] = draw_tokens(logits, sampling, keys, targets + stream_offset)
 
 
 @torch.no_grad()
@@ -201,7 +208,7 @@ def generate(
     try:
         if mode == "eager":
             began = time.perf_counter()
-            _decode_eager(model, tokens, labels, sampling, keys)
+            decode_eager(model, tokens, labels, sampling, keys)
         else:
             if mode == "graph":
                 decoder = kept_decoder(model, batch_size, sampling, kv_bucket)

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from tqdm import tqdm
 from nbp_ds.errors import UsageError
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.generate.decode import generate
+from nbp_ds.generate.long import generate_long
 from nbp_ds.video_io import write_video
 from nbp_ds.visualize import frame_grid, save_png
 
@@ -270,12 +272,13 @@ class SamplingSummary:
 def sample_to_folder(model, tokenizer, jobs: Sequence[VideoJob], out: str | Path, settings: dict, *,
                      batch_size: int, seed: int, sampling: dict, context: torch.Tensor | None = None,
                      fps: float = 8.0, mp4: bool = True, writers: int = 4, mode: str = "auto",
-                     restart: bool = False, progress: bool = True) -> SamplingSummary:
+                     restart: bool = False, progress: bool = True, long: dict | None = None) -> SamplingSummary:
     """Generate every unfinished video of ``jobs`` into ``out`` (see the module docstring for the layout).
 
     ``settings`` is what identifies the run (recorded in sampling.json and compared on resume); ``sampling``
     holds generate's temperature / top_k / top_p / cfg_scale; ``context`` [1, c, H, W] conditions every video
-    of a frame-prediction model; ``restart`` discards an earlier run in ``out`` instead of resuming it."""
+    of a frame-prediction model; ``restart`` discards an earlier run in ``out`` instead of resuming it; ``long``
+    (generate_long's latent_frames, long_mode, sink_frames) makes videos longer than the model's clip."""
     began = time.perf_counter()
     out = Path(out)
     finished = open_run(out, settings, restart)
@@ -293,11 +296,15 @@ def sample_to_folder(model, tokenizer, jobs: Sequence[VideoJob], out: str | Path
             n = len(batch)
             label = torch.tensor([j.label for j in batch]) if batch[0].label is not None else None
             ctx = context.expand(n, *context.shape[1:]).to(device) if context is not None else None
-            tokens, stats = generate(model, n, label=label, context=ctx, seed=seed,
-                                     video_index=[j.index for j in batch], mode=mode, **sampling)
+            make = generate if long is None else partial(generate_long, **long)
+            tokens, stats = make(model, n, label=label, context=ctx, seed=seed,
+                                 video_index=[j.index for j in batch], mode=mode, **sampling)
             summary.generate_seconds += stats["seconds"]
+            summary.forward_passes = stats["forward_passes"]
             with torch.no_grad():
-                frames = tokenizer.decode(tokens.to(tokenizer.device)).cpu().numpy()
+                # a long video in pieces: the decoder's memory does not grow with its length
+                decode = tokenizer.decode if long is None else tokenizer.decode_long
+                frames = decode(tokens.to(tokenizer.device)).cpu().numpy()
             tokens = tokens.cpu().numpy()
             for i, job in enumerate(batch):
                 if job.index in finished:  # a batch cut short by an interruption: only its unfinished videos

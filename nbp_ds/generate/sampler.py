@@ -24,6 +24,7 @@ from nbp_ds.generate.decode import resolve_mode
 from nbp_ds.generate.draw import check_seed
 from nbp_ds.generate.folder import SamplingSummary, plan_jobs, sample_to_folder
 from nbp_ds.generate.grids import model_for_grid
+from nbp_ds.generate.long import DEFAULT_SINK_FRAMES, LongWindow, resolve_long_mode
 from nbp_ds.tokenizer import load_tokenizer
 from nbp_ds.video_io import VideoError, read_clips
 from nbp_ds.weights.export import load_exported
@@ -62,6 +63,9 @@ class SamplerOptions:
     dtype: str | None = None  # fp32 or bf16; None: bf16 on CUDA, fp32 elsewhere
     mode: str = "auto"
     grid: tuple[int, int, int] | None = None  # the token grid to generate; None: the model's layout.grid
+    frames: int | None = None  # video frames of each sample; None: the model's clip
+    long_mode: str = "auto"  # past the clip: rolling, recompute or auto (nbp_ds.generate.long)
+    sink_frames: int = DEFAULT_SINK_FRAMES
 
     @property
     def precision(self) -> str:
@@ -78,6 +82,7 @@ class SamplerInputs:
     context: torch.Tensor | None  # [1, c, H, W] latent frames for a frame-prediction model
     mode: str  # the decoder, resolved for the model's device
     trained_grid: tuple[int, int, int]  # the weights' own layout.grid (the model may generate another: --grid)
+    long: dict | None = None  # generate_long's latent_frames, long_mode and sink_frames; None: the model's clip
 
 
 def load_inputs(options: SamplerOptions) -> SamplerInputs:
@@ -122,7 +127,32 @@ def load_inputs(options: SamplerOptions) -> SamplerInputs:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     context = encode_context(Path(options.context), tokenizer, lay) if options.context else None
-    return SamplerInputs(model, tokenizer, labels if labels is not None else [None], context, mode, trained_grid)
+    return SamplerInputs(model, tokenizer, labels if labels is not None else [None], context, mode,
+                         trained_grid, long_video(options, model, tokenizer))
+
+
+def long_video(options: SamplerOptions, model: NBPModel, tokenizer: VideoTokenizerBase) -> dict | None:
+    """generate_long's arguments for --frames past the model's clip (None for the clip itself), checked."""
+    if options.frames is None:
+        return None
+    if options.grid is not None:
+        raise UsageError(f"--frames {options.frames} with --grid: a long video is sampled at the model's own grid, "
+                         f"one clip-length window at a time")
+    lay = model.layout
+    clip_frames = tokenizer.clip_shape(lay.grid)[0]
+    f = tokenizer.temporal_factor
+    if options.frames < clip_frames or (options.frames - 1) % f:
+        raise UsageError(f"--frames must be {clip_frames} (the model's clip) or more, of the form 1 + {f}k "
+                         f"(the tokenizer's time compression), got {options.frames}")
+    latent_frames = 1 + (options.frames - 1) // f
+    if latent_frames == lay.grid[0]:
+        return None
+    try:
+        LongWindow.of(lay, options.sink_frames)
+        long_mode = resolve_long_mode(options.long_mode, model)
+    except ValueError as exc:
+        raise UsageError(f"--frames {options.frames}: {exc}") from None
+    return {"latent_frames": latent_frames, "long_mode": long_mode, "sink_frames": options.sink_frames}
 
 
 def encode_context(path: Path, tokenizer: VideoTokenizerBase, layout: Layout) -> torch.Tensor:
@@ -165,8 +195,10 @@ def run_settings(options: SamplerOptions, inputs: SamplerInputs) -> dict:
             "top_p": options.top_p, "cfg_scale": options.cfg_scale, "batch_size": options.batch_size,
             "dtype": options.precision, "context": str(Path(options.context).resolve()) if options.context else None,
             "fps": options.fps, "mp4": options.mp4,
-            # the grid only when it is not the layout's: folders written before --grid existed resume as they were
-            **({"grid": list(inputs.model.layout.grid)} if inputs.model.layout.grid != inputs.trained_grid else {})}
+            # the grid and the long-video settings only when they are used: folders written before they
+            # existed resume as they were
+            **({"grid": list(inputs.model.layout.grid)} if inputs.model.layout.grid != inputs.trained_grid else {}),
+            **({"long": inputs.long} if inputs.long is not None else {})}
 
 
 def sample_videos(options: SamplerOptions, progress: bool = True) -> SamplingSummary:
@@ -180,4 +212,4 @@ def sample_videos(options: SamplerOptions, progress: bool = True) -> SamplingSum
     return sample_to_folder(inputs.model, inputs.tokenizer, jobs, options.out, settings,
                             batch_size=options.batch_size, seed=options.seed, sampling=sampling,
                             context=inputs.context, fps=options.fps, mp4=options.mp4, writers=options.writers,
-                            mode=inputs.mode, restart=options.restart, progress=progress)
+                            mode=inputs.mode, restart=options.restart, progress=progress, long=inputs.long)

@@ -47,7 +47,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: NBPModel, batch: int, sampling: Sampling, graphs: bool = False,
-                 kv_bucket: int = DEFAULT_KV_BUCKET):
+                 kv_bucket: int = DEFAULT_KV_BUCKET, keep_unrotated: bool = False):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if graphs and self.device.type != "cuda":
@@ -56,12 +56,14 @@ class StaticDecoder:
         self.layout, self.batch, self.sampling = layout, batch, sampling
         self.plan = plan_for(layout, str(self.device), kv_bucket)
         self.rows = 2 * batch if sampling.guided else batch  # guided: the second half runs the null class
-        self.cache = model.new_cache(self.rows, self.device, self.dtype, self.plan.cache_len)
+        self.cache = model.new_cache(self.rows, self.device, self.dtype, self.plan.cache_len, keep_unrotated)
         self.tokens = torch.zeros(batch, layout.num_video_tokens, dtype=torch.long, device=self.device)
         self.condition = (torch.zeros(self.rows, layout.prefix_len, dtype=torch.long, device=self.device)
                           if layout.prefix_len else None)
         self.keys = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.step_row = torch.zeros(1, dtype=torch.long, device=self.device)
+        # added to the raster positions the random draws are keyed by: long sampling's place of the clip's tokens
+        self.stream_offset = torch.zeros(1, dtype=torch.long, device=self.device)
         self._model = weakref.ref(model)
         # the layout's index tables and the attention backend's masks are copied to a device at their first use:
         # let that be now, not in a pass
@@ -114,7 +116,7 @@ class StaticDecoder:
         window = DecodeWindow(positions, self.plan.attention_mask(positions, group.shape.kv, self.dtype))
         hidden = model(ids, start=window, cache=self.cache)
         logits = model.head(hidden.index_select(1, read_rows)).float()
-        sampled = draw_tokens(logits, self.sampling, self.keys, targets)
+        sampled = draw_tokens(logits, self.sampling, self.keys, targets + self.stream_offset)
         self.tokens.scatter_(1, targets.unsqueeze(0).expand(self.batch, -1), sampled)
 
     def _capture(self) -> None:
@@ -139,5 +141,7 @@ class StaticDecoder:
         # the warm-up wrote finite values; clear them anyway so that no slot ever holds something stale
         self.cache.k.zero_()
         self.cache.v.zero_()
+        if self.cache.unrotated_k is not None:
+            self.cache.unrotated_k.zero_()
         self.tokens.zero_()
         self.graphs = graphs

@@ -120,6 +120,8 @@ class VideoHead(nn.Module):
 class GPT2Model(NBPModel):
     """NBP's batch-level surface over GPT-2-style layers (the architecture of the released generators)."""
 
+    rotary = False  # learned absolute position embeddings, added to the input
+
     def build_layers(self, m: ModelConfig, out_std: float) -> None:
         lay = self.layout
         self.ffn_dim = m.ffn_dim or 4 * m.d_model

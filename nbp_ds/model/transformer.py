@@ -103,13 +103,39 @@ class DecodeWindow:
 
 
 class KVCache:
-    """Keys and values of every layer for the whole sequence, allocated once before decoding."""
+    """Keys and values of every layer for the whole sequence, allocated once before decoding.
+
+    With ``keep_unrotated`` it also holds every key as it was before the rotary rotation, so that a slot can be
+    moved to another position and its key rotated there exactly (``slide``: the rolling window of long sampling,
+    nbp_ds.generate.long). Only rotary models fill it (``NBPModel.rotary``)."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, seq_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, keep_unrotated: bool = False):
         shape = (n_layer, batch, n_head, seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.unrotated_k = torch.zeros(shape, device=device, dtype=dtype) if keep_unrotated else None
+
+    def store_unrotated(self, layer: int, k: torch.Tensor, start: int | DecodeWindow) -> None:
+        """Keep a pass's keys [B, heads, n, D] before rotation in ``layer``'s slots (where ``attend`` puts the
+        rotated ones); a cache made without ``keep_unrotated`` ignores them."""
+        if self.unrotated_k is None:
+            return
+        if isinstance(start, DecodeWindow):
+            self.unrotated_k[layer].index_copy_(2, start.positions, k)
+        else:
+            self.unrotated_k[layer, :, :, start:start + k.shape[-2]] = k
+
+    def slide(self, begin: int, end: int, by: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Move the slots [begin + by, end) of every layer to [begin, end - by) and rotate their keys afresh at the
+        positions whose angles ``cos``/``sin`` [end - by - begin, D/2] give (from the unrotated keys: no rounding
+        builds up however often a slot moves). Slots [end - by, end) keep stale values, to be written before
+        they are read."""
+        if self.unrotated_k is None:
+            raise ValueError("slide needs a cache made with keep_unrotated=True")
+        for buffer in (self.v, self.unrotated_k):
+            buffer[:, :, :, begin:end - by] = buffer[:, :, :, begin + by:end].clone()
+        self.k[:, :, :, begin:end - by] = apply_rope(self.unrotated_k[:, :, :, begin:end - by], cos, sin)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | DecodeWindow,
                backend: DeviceBackend) -> torch.Tensor:
@@ -154,6 +180,8 @@ class Attention(nn.Module):
                 start: int | DecodeWindow = 0) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            cache.store_unrotated(self.index, k, start)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, self.backend, cache, self.index, start)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
@@ -208,6 +236,8 @@ class NBPModel(nn.Module):
     This class holds the batch-level surface (``loss``, ``logits``, KV caches, labels, how layers execute)
     and builds the project's LLaMA-style layers; another architecture over the same surface overrides
     ``build_layers`` and ``embed_positions`` (``nbp_ds.model.gpt2``)."""
+
+    rotary = True  # positions are rotary angles of queries and keys (not embeddings added to the input)
 
     def __init__(self, m: ModelConfig, layout: Layout):
         super().__init__()
@@ -339,9 +369,14 @@ class NBPModel(nn.Module):
         drop = (ids >= first) & (ids < null) & (torch.rand(ids.shape, device=ids.device) < self.class_dropout)
         return torch.where(drop, torch.full_like(ids, null), ids)
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype, length: int | None = None) -> KVCache:
-        """An empty KV cache for ``batch`` rows and ``length`` positions (default: the whole sequence)."""
-        return KVCache(self.n_layer, batch, self.n_head, length or self.layout.seq_len, self.head_dim, device, dtype)
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype, length: int | None = None,
+                  keep_unrotated: bool = False) -> KVCache:
+        """An empty KV cache for ``batch`` rows and ``length`` positions (default: the whole sequence);
+        ``keep_unrotated`` also keeps the keys before rotation (rotary models only: see KVCache)."""
+        if keep_unrotated and not self.rotary:
+            raise ValueError(f"{type(self).__name__} has no rotary positions: its keys cannot be rotated afresh")
+        return KVCache(self.n_layer, batch, self.n_head, length or self.layout.seq_len, self.head_dim, device, dtype,
+                       keep_unrotated)
 
     def drop_labels(self, label: torch.Tensor) -> torch.Tensor:
         """Replace labels by the null class at rate model.class_dropout (training only), for CFG."""

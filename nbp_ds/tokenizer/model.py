@@ -252,6 +252,9 @@ class VideoTokenizer(VideoTokenizerBase):
     def latents_to_video(self, values: torch.Tensor) -> torch.Tensor:
         return to_uint8(self.decoder(values))
 
+    def decode_values_float(self, values: torch.Tensor) -> torch.Tensor:
+        return self.decoder(values)
+
     # ---- files ------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
         """Write tokenizer.safetensors + config.json; the version becomes a hash of the weights."""

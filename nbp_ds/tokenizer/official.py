@@ -226,6 +226,9 @@ class OfficialTokenizer(VideoTokenizerBase):
     def video_to_latents(self, video: torch.Tensor) -> torch.Tensor:
         return self.encode_latents(video.permute(0, 4, 1, 2, 3).float() / 255.0)
 
+    def decode_values_float(self, values: torch.Tensor) -> torch.Tensor:
+        return self.decode_values(values)
+
     def latents_to_video(self, values: torch.Tensor) -> torch.Tensor:
         video = self.decode_values(values).clamp(0.0, 1.0)  # the released decoder's output is clamped to [0, 1]
         return (video * 255.0).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
