@@ -25,6 +25,10 @@ NOT_RECORDED = {
     "device": "where the same draws are computed (their stream is keyed by seed, video and position)",
     "mode": "the static and graph decoders give the eager decoder's tokens (tests/test_static_decoding.py)",
     "classes": "names the files of class videos; a resumed record keeps its stem",
+    # past the clip only (--frames): then recorded under "long" and refused when changed
+    # (tests/test_long_sampling.py::test_a_resumed_long_run_gives_the_uninterrupted_videos)
+    "long_mode": "chooses how windows past the clip are filled; no video is longer than the clip without --frames",
+    "sink_frames": "the frames windows past the clip keep; no video is longer than the clip without --frames",
 }
 
 # each recorded option changed alone: (the other value, the settings key the refusal names)
@@ -42,7 +46,8 @@ CLASS_MODEL_CHANGES = {
     "fps": (12.0, "fps"),
     "mp4": (False, "mp4"),
     "dtype": ("bf16", "dtype"),
-    "grid": ((5, 8, 8), "grid"),  # another grid than the layout's (the export below trained on packed rows)
+    "grid": ((5, 8, 8), "grid"),
+    "frames": (13, "long"),  # 4 latent frames: one past the layout's 3  # another grid than the layout's (the export below trained on packed rows)
 }
 FRAME_MODEL_CHANGES = {"context": ("clip2.mp4", "context")}
 
