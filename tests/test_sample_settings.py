@@ -46,8 +46,8 @@ CLASS_MODEL_CHANGES = {
     "fps": (12.0, "fps"),
     "mp4": (False, "mp4"),
     "dtype": ("bf16", "dtype"),
-    "grid": ((5, 8, 8), "grid"),
-    "frames": (13, "long"),  # 4 latent frames: one past the layout's 3  # another grid than the layout's (the export below trained on packed rows)
+    "grid": ((5, 8, 8), "grid"),  # another grid than the layout's (the export below trained on packed rows)
+    "frames": (13, "long"),  # 4 latent frames: one past the layout's 3
 }
 FRAME_MODEL_CHANGES = {"context": ("clip2.mp4", "context")}
 
