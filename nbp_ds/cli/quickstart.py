@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-per-class", type=int, default=8,
                    help="held-out videos per class (the ladder's source and reconstruction rungs)")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps")
-    p.add_argument("--tokenizer-lr", type=float, default=3e-3, help="tokenizer peak learning rate")
+    p.add_argument("--tokenizer-lr", type=float, default=1e-3,
+                   help="tokenizer peak learning rate (3e-3 keeps grey objects: README, What the quickstart shows)")
     p.add_argument("--train-steps", type=int, default=600, help="NBP training steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=8,
