@@ -25,6 +25,8 @@ import sys
 import torch
 
 from nbp_ds.cli import command
+from nbp_ds.cli.bench_model import add_model_args, add_model_tail_args, base_overrides
+from nbp_ds.cli.bench_model import dtype_name as bench_dtype_name
 from nbp_ds.config import load_config
 from nbp_ds.errors import UsageError
 from nbp_ds.generate import MODES, PAPER_SAMPLING, release_decoders, resolve_mode
@@ -38,7 +40,6 @@ from nbp_ds.perf.generate_bench import (
     weight_bytes,
 )
 
-SMALL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=64000"]
 SAMPLINGS = {"paper": {k: v for k, v in PAPER_SAMPLING.items() if k != "cfg_scale"},
              "plain": {"temperature": 1.0}, "greedy": {"temperature": 0.0}}
 
@@ -54,11 +55,7 @@ def print_row(name: str, batch: int, row: Row, frames: int, floor_seconds: float
 @command
 def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="ucf101-700m",
-                        help="run config whose layout/model to use (default ucf101-700m, shrunk unless --full-size)")
-    parser.add_argument("--full-size", action="store_true", help="keep the config's model size (else 4x256)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    add_model_args(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="default: 1 8 32")
     parser.add_argument("--mode", choices=MODES, default="auto",
                         help="decoder (default auto: CUDA graphs on a GPU, eager elsewhere)")
@@ -70,18 +67,16 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument("--estimate-passes", type=int, default=320,
                         help="at batch >= 32, time this many passes of a longer decode and scale (static and graph "
                              "decoders; 0 = always whole videos)")
-    parser.add_argument("--temporal-compression", type=int, default=4, help="video frames per later latent frame")
-    parser.add_argument("--attention", default="sdpa", help="model.attention (the eager decoder's backend)")
-    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    add_model_tail_args(parser)
     args = parser.parse_intermixed_args(argv)
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.estimate_passes < 0:
         raise UsageError("--batch-sizes and --repeats must be >= 1, --estimate-passes >= 0")
     if args.estimate_passes == 1:
         raise UsageError("--estimate-passes must be 0 (off) or >= 2")
     device = torch.device(args.device)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype_name = bench_dtype_name(args, device)
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    base = ([] if args.full_size else SMALL) + [f"model.attention={args.attention}"] + args.overrides
+    base = base_overrides(args)
     sampling = SAMPLINGS[args.sampling]
 
     # the config's own block may not fit the variants' layouts; validate with next-token blocks first

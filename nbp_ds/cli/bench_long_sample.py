@@ -20,25 +20,23 @@ import sys
 import torch
 
 from nbp_ds.cli import command
+from nbp_ds.cli.bench_model import add_model_args, add_model_tail_args, base_overrides
+from nbp_ds.cli.bench_model import dtype_name as bench_dtype_name
 from nbp_ds.config import load_config
 from nbp_ds.errors import UsageError
 from nbp_ds.generate import LONG_MODES, MODES, PAPER_SAMPLING, resolve_mode
 from nbp_ds.generate.long import DEFAULT_SINK_FRAMES, LongWindow, resolve_long_mode
 from nbp_ds.model import build_model
+from nbp_ds.perf.generate_bench import video_frames
 from nbp_ds.perf.long_sample_bench import time_long_sample, warm_up
 
-SMALL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.vocab_size=64000"]
 SAMPLING = {k: v for k, v in PAPER_SAMPLING.items() if k != "cfg_scale"}
 
 
 @command
 def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="ucf101-700m",
-                        help="run config whose layout/model to use (default ucf101-700m, shrunk unless --full-size)")
-    parser.add_argument("--full-size", action="store_true", help="keep the config's model size (else 4x256)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    add_model_args(parser)
     parser.add_argument("--batch", type=int, default=1, help="videos decoded together")
     parser.add_argument("--frames", type=int, nargs="+", default=[17, 65, 257],
                         help="video frames per sample, each 1 + 4k and at least the clip's (default 17 65 257)")
@@ -47,18 +45,16 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument("--long-modes", nargs="+", choices=[m for m in LONG_MODES if m != "auto"],
                         default=["rolling", "recompute"])
     parser.add_argument("--sink-frames", type=int, default=DEFAULT_SINK_FRAMES)
-    parser.add_argument("--temporal-compression", type=int, default=4, help="video frames per later latent frame")
-    parser.add_argument("--attention", default="sdpa", help="model.attention (the eager decoder's backend)")
-    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    add_model_tail_args(parser)
     args = parser.parse_intermixed_args(argv)
     device = torch.device(args.device)
     f = args.temporal_compression
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    overrides = ([] if args.full_size else SMALL) + [f"model.attention={args.attention}"] + args.overrides
+    dtype_name = bench_dtype_name(args, device)
+    overrides = base_overrides(args)
     cfg = load_config(args.config, overrides)
-    clip_frames = 1 + (cfg.layout.grid[0] - 1) * f
+    clip_frames = video_frames(cfg.layout.grid[0], f)
     bad = [n for n in args.frames if n < clip_frames or (n - 1) % f]
     if bad:
         raise UsageError(f"--frames must be 1 + {f}k and at least the clip's {clip_frames}, got {bad}")

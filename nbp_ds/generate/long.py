@@ -189,7 +189,7 @@ def generate_long(
         latent_frames: length of the videos in latent frames (a tokenizer decodes N latent frames into
             1 + f (N - 1) frames).
         long_mode: ``rolling`` (keep the window's cache), ``recompute`` (feed each window from scratch) or
-            ``auto`` (rolling for rotary models); see the module docstring.
+            ``auto`` (= recompute); see the module docstring.
         sink_frames: first latent frames every window keeps at their own places.
 
     Returns:
