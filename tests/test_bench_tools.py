@@ -124,3 +124,16 @@ def test_bench_packing_prints_padding_and_tokens_per_second(capsys):
     assert rows["packed"][1:4] == ["6", "128", "23.4%"] and rows["padded"][1:4] == ["12", "49", "0.0%"]
     assert all(float(r[5].replace(",", "")) > 0 for r in rows.values())
     assert bench_packing.main(["--grids", "3x4"]) == 2
+
+
+def test_bench_long_sample_counts_the_passes_of_each_window():
+    """tiny: a 3x4x4 clip in blocks of 4 tokens = 12 passes for 9 frames; 13 frames add one latent frame, 4 passes,
+    and recompute one more (its pass over the window's given frames)."""
+    result = run_tool("-m", "nbp_ds.cli.bench_long_sample", "--config", "tiny", "--frames", "9", "13",
+                      "--decoders", "eager", "--long-modes", "rolling", "recompute")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(line.split()[1], int(line.split()[2])): int(line.split()[3])
+            for line in result.stdout.splitlines() if line.startswith("eager ")}
+    assert rows == {("rolling", 9): 12, ("rolling", 13): 16, ("recompute", 9): 12, ("recompute", 13): 17}
+    refused = run_tool("-m", "nbp_ds.cli.bench_long_sample", "--config", "tiny", "--frames", "11")
+    assert refused.returncode == 2 and "--frames must be 1 + 4k and at least the clip's 9, got [11]" in refused.stderr
