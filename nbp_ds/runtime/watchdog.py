@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from nbp_ds.runtime.distributed import end_daemonic_children
+
 log = logging.getLogger(__name__)
 
 STALLED_EXIT = 3  # the exit status of a rank the watchdog ended
@@ -120,4 +122,5 @@ class StepWatchdog:
             handler.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        end_daemonic_children(timeout=1.0)  # a stalled worker among them: a second is all it gets
         os._exit(STALLED_EXIT)
