@@ -195,10 +195,11 @@ def run_settings(options: SamplerOptions, inputs: SamplerInputs) -> dict:
             "top_p": options.top_p, "cfg_scale": options.cfg_scale, "batch_size": options.batch_size,
             "dtype": options.precision, "context": str(Path(options.context).resolve()) if options.context else None,
             "fps": options.fps, "mp4": options.mp4,
-            # the grid and the long-video settings only when they are used: folders written before they
-            # existed resume as they were
+            # the grid, the long-video settings and --classes (it names the files) only when they are used:
+            # folders written before they were recorded resume as they were
             **({"grid": list(inputs.model.layout.grid)} if inputs.model.layout.grid != inputs.trained_grid else {}),
-            **({"long": inputs.long} if inputs.long is not None else {})}
+            **({"long": inputs.long} if inputs.long is not None else {}),
+            **({"classes": str(Path(options.classes).resolve())} if options.classes else {})}
 
 
 def sample_videos(options: SamplerOptions, progress: bool = True) -> SamplingSummary:
