@@ -8,6 +8,7 @@ resume to the uninterrupted videos."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -17,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nbp_ds.generate.decode as eager_module
 import nbp_ds.generate.static as static_module
@@ -242,13 +245,15 @@ def counted_mp4_frames(path) -> int:
 def test_nbp_sample_frames_129_from_the_command_line_with_a_quickstart_model(long_assets, tmp_path):
     """`nbp-sample --frames 129` (14x the quickstart's 9-frame clip, 33 latent frames) run as a program: each video
     has 129 frames in its mp4 (counted by ffprobe) and in its frames array, 33 latent frames of tokens; the files
-    are named by --classes, and sampling.json records the long mode, the sink frames and --classes."""
+    are named by --classes, and sampling.json records the long mode, the sink frames and --classes. --tensorboard
+    shows each whole: an animated GIF of 129 frames per video in the event file, tagged by its stem."""
     classes = tmp_path / "classes.json"
     classes.write_text(json.dumps({f"shape{i}": i for i in range(12)}))
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.sample", "--weights", str(long_assets / "w.safetensors"),
                              "--tokenizer", str(long_assets / "tok"), "--out", str(out), "--label", "2", "--label",
-                             "7", "--frames", "129", "--classes", str(classes), "--device", "cpu", "--writers", "2"],
+                             "7", "--frames", "129", "--classes", str(classes), "--device", "cpu", "--writers", "2",
+                             "--tensorboard", str(tmp_path / "tb")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     stems = sorted(p.stem for p in out.glob("*.mp4"))
@@ -260,3 +265,9 @@ def test_nbp_sample_frames_129_from_the_command_line_with_a_quickstart_model(lon
     settings = json.loads((out / "sampling.json").read_text())
     assert settings["long"] == {"latent_frames": 33, "long_mode": "recompute", "sink_frames": 1}
     assert settings["classes"] == str(classes.resolve())
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == [f"samples/{stem}" for stem in stems]
+    for stem in stems:
+        gif = Image.open(io.BytesIO(events.Images(f"samples/{stem}")[0].encoded_image_string))
+        assert gif.format == "GIF" and gif.n_frames == 129

@@ -23,6 +23,7 @@ NOT_RECORDED = {
     "restart": "discards the folder's run instead of resuming it",
     "writers": "threads writing the same files",
     "device": "where the same draws are computed (their stream is keyed by seed, video and position)",
+    "tensorboard": "shows the finished videos in TensorBoard; writes no video",
     "mode": "the static and graph decoders give the eager decoder's tokens (tests/test_static_decoding.py)",
     # past the clip only (--frames): then recorded under "long" and refused when changed
     # (tests/test_long_sampling.py::test_a_resumed_long_run_gives_the_uninterrupted_videos)

@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "in one-layer models); auto: recompute")
     p.add_argument("--sink-frames", type=int, default=DEFAULT_SINK_FRAMES,
                    help="first latent frames every window keeps at their own places")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="also show the first 16 videos in TensorBoard (tensorboard --logdir DIR): an animated GIF "
+                        "each, tagged samples/<stem>, long ones (--frames) whole")
     args = p.parse_args(argv)
     if args.paper_sampling:  # the paper's values become the defaults, so flags given explicitly still win
         p.set_defaults(**PAPER_SAMPLING)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int | None:
         cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, fps=args.fps, mp4=not args.no_mp4,
         writers=args.writers, restart=args.restart, classes=args.classes, device=args.device, dtype=args.dtype,
         mode=args.mode, grid=parse_grid(args.grid), frames=args.frames, long_mode=args.long_mode,
-        sink_frames=args.sink_frames))
+        sink_frames=args.sink_frames, tensorboard=args.tensorboard))
     done = f"{summary.skipped} finished earlier, " if summary.skipped else ""
     print(f"{summary.finished} videos in {args.out} ({done}{summary.videos} made now): {summary.forward_passes} "
           f"forward passes per video", end="")
