@@ -4,6 +4,7 @@
     nbp-sample --weights runs/x --tokenizer TOK --label 3 --num 8 --cfg-scale 2 --top-p 0.9
     nbp-sample --weights runs/k600 --tokenizer TOK --context clip.mp4 --num 4
     nbp-sample --weights runs/x --tokenizer TOK --label 3 --frames 129   # 8x the 17-frame clip (docs/sampling.md)
+    nbp-sample --weights runs/x --tokenizer TOK --frames 129 --out long/ --tensorboard tb/long   # watch them whole
     nbp-sample --weights converted/ucf_700m.safetensors --tokenizer official:magvit2_ucf.pt \
         --paper-sampling --num 100 --batch-size 32 --no-mp4 --out fvd_samples/   # 101 classes x 100 for FVD
     nbp-eval-fvd --real REAL_VIDEOS --fake fvd_samples/ --i3d i3d_torchscript.pt
@@ -13,7 +14,8 @@ training output folder / DeepSpeed checkpoint folder (consolidated in memory); t
 runs in --dtype.
 Batches are generated on the device and written as they come by --writers threads: per video an mp4
 (unless --no-mp4), its decoded frames frames/<stem>.npy and its tokens tokens/<stem>.npy, and a line in
-videos.jsonl once all three are in place; grid.png shows the first videos. nbp-eval-fvd and
+videos.jsonl once all three are in place; grid.png shows the first videos (and --tensorboard DIR shows them
+whole, an animated GIF each, tagged samples/<stem>). nbp-eval-fvd and
 nbp-check-consistency read the folder. Memory stays bounded however many videos are asked for.
 
 An interrupted run (killed, preempted, out of time) continues when run again with the same arguments: finished
