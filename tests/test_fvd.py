@@ -347,6 +347,7 @@ def test_tool_reads_long_videos_window_by_window(tiny_i3d, tmp_path):
         np.save(real_dir / f"r{i}.npy", real[i])
         tail = darker[i] if i < 4 else darker[0, :9]
         np.save(fake_dir / f"f{i}.npy", np.concatenate([first[i], brighter[i], tail]))
+    np.save(fake_dir / "short.npy", first[0, :9])  # not one whole window: left out with --skip-short
     extractor = I3DFeatureExtractor(tiny_i3d, num_frames=8)
     expected = [compute_fvd(real[:, :8], clips, extractor) for clips in (first[:, :8], brighter[:, :8], darker[:, :8])]
     assert 0 < expected[0] < expected[1] and expected[2] > expected[0]  # three distinct distances
@@ -354,13 +355,17 @@ def test_tool_reads_long_videos_window_by_window(tiny_i3d, tmp_path):
     out = tmp_path / "fvd.json"
     args = ["--real", str(real_dir), "--fake", str(fake_dir), "--i3d", str(tiny_i3d), "--num-frames", "8",
             "--device", "cpu", "--json", str(out)]
-    proc = _run_tool(*args, "--window-frames", "10")
+    proc = _run_tool(*args, "--window-frames", "10", "--skip-short")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["window_frames"] == 10 and [w["window"] for w in result["windows"]] == [1, 2, 3]
+    assert result["skipped_fake"] == 1 and result["window_frames"] == 10
+    assert [w["window"] for w in result["windows"]] == [1, 2, 3]
     assert [w["num_fake"] for w in result["windows"]] == [6, 6, 4]
     np.testing.assert_allclose([w["fvd"] for w in result["windows"]], expected, rtol=1e-6)
     assert "20-29" in proc.stdout  # the table names each window's frames
+    with pytest.raises(ValueError, match=r"short\.npy: shorter than one window of 10 frames"):
+        eval_fvd.run(eval_fvd.build_parser().parse_args([*args, "--window-frames", "10"]))
+    (fake_dir / "short.npy").unlink()
     plain = eval_fvd.run(eval_fvd.build_parser().parse_args(args))  # in this process: a second start saves seconds
     assert plain["fvd"] == pytest.approx(result["windows"][0]["fvd"], rel=1e-6) and "windows" not in plain
     with pytest.raises(UsageError, match="--window-frames 6 is shorter than --num-frames 8"):
