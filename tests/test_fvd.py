@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from nbp_ds import ffmpeg_tools
+from nbp_ds.cli import eval_fvd
+from nbp_ds.errors import UsageError
 from nbp_ds.eval import (
     I3DFeatureExtractor,
     compute_fvd,
@@ -326,3 +328,45 @@ def test_decode_mp4_matches_frame_count(tmp_path):
     clip = decode_video(path, max_frames=16)  # FVD's reading: stored rate and size, the first frames
     assert clip.shape == (16, 24, 40, 3) and clip.dtype == np.uint8
     assert decode_video(path, max_frames=100).shape[0] == 20  # short video: all of its frames, no padding
+
+
+def test_tool_reads_long_videos_window_by_window(tiny_i3d, tmp_path):
+    """--window-frames 10: one FVD per window index, each the FVD of the hand-cut frames [10(k-1), 10(k-1) + 8)
+    of every video that holds a whole window k (computed here with compute_fvd on those arrays). Windows 1, 2 and
+    3 of the long videos are noise a little, much and the other way off the real clips' (window 3 only in the
+    four 34-frame videos: the 29-frame ones end 1 frame short of it); FVD 1 is the FVD read without windows."""
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, size=(6, 17, 24, 32, 3), dtype=np.uint8)
+    first = rng.integers(30, 256, size=(6, 10, 24, 32, 3), dtype=np.uint8)
+    brighter = rng.integers(100, 256, size=(6, 10, 24, 32, 3), dtype=np.uint8)
+    darker = rng.integers(0, 120, size=(4, 14, 24, 32, 3), dtype=np.uint8)
+    real_dir, fake_dir = tmp_path / "real", tmp_path / "fake"
+    real_dir.mkdir()
+    fake_dir.mkdir()
+    for i in range(6):
+        np.save(real_dir / f"r{i}.npy", real[i])
+        tail = darker[i] if i < 4 else darker[0, :9]
+        np.save(fake_dir / f"f{i}.npy", np.concatenate([first[i], brighter[i], tail]))
+    np.save(fake_dir / "short.npy", first[0, :9])  # not one whole window: left out with --skip-short
+    extractor = I3DFeatureExtractor(tiny_i3d, num_frames=8)
+    expected = [compute_fvd(real[:, :8], clips, extractor) for clips in (first[:, :8], brighter[:, :8], darker[:, :8])]
+    assert 0 < expected[0] < expected[1] and expected[2] > expected[0]  # three distinct distances
+
+    out = tmp_path / "fvd.json"
+    args = ["--real", str(real_dir), "--fake", str(fake_dir), "--i3d", str(tiny_i3d), "--num-frames", "8",
+            "--device", "cpu", "--json", str(out)]
+    proc = _run_tool(*args, "--window-frames", "10", "--skip-short")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["skipped_fake"] == 1 and result["window_frames"] == 10
+    assert [w["window"] for w in result["windows"]] == [1, 2, 3]
+    assert [w["num_fake"] for w in result["windows"]] == [6, 6, 4]
+    np.testing.assert_allclose([w["fvd"] for w in result["windows"]], expected, rtol=1e-6)
+    assert "20-29" in proc.stdout  # the table names each window's frames
+    with pytest.raises(ValueError, match=r"short\.npy: shorter than one window of 10 frames"):
+        eval_fvd.run(eval_fvd.build_parser().parse_args([*args, "--window-frames", "10"]))
+    (fake_dir / "short.npy").unlink()
+    plain = eval_fvd.run(eval_fvd.build_parser().parse_args(args))  # in this process: a second start saves seconds
+    assert plain["fvd"] == pytest.approx(result["windows"][0]["fvd"], rel=1e-6) and "windows" not in plain
+    with pytest.raises(UsageError, match="--window-frames 6 is shorter than --num-frames 8"):
+        eval_fvd.run(eval_fvd.build_parser().parse_args([*args, "--window-frames", "6"]))

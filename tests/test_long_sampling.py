@@ -8,16 +8,23 @@ resume to the uninterrupted videos."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nbp_ds.generate.decode as eager_module
 import nbp_ds.generate.static as static_module
+from nbp_ds import ffmpeg_tools
 from nbp_ds.config import load_config
 from nbp_ds.generate import generate, generate_long, stream_uniforms, video_keys
 from nbp_ds.generate.folder import RECORDS_FILE, read_records
@@ -25,6 +32,7 @@ from nbp_ds.generate.sampler import SamplerOptions, sample_videos
 from nbp_ds.model import build_model
 from nbp_ds.tokenizer import build_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 CLIP = ["layout.grid=[4,4,4]", "model.attention=sdpa"]  # T = 4 latent frames; 3x the clip = 12
 UNCOND = ["layout.condition=none", "layout.num_classes=0"]
 CASES = {
@@ -221,3 +229,45 @@ def test_a_resumed_long_run_gives_the_uninterrupted_videos(long_assets, tmp_path
     assert np.load(whole / record["tokens"]).shape == (7, 8, 8)
     with pytest.raises(Exception, match="other settings"):
         sample_videos(options(cut, sink_frames=0), progress=False)
+
+
+def counted_mp4_frames(path) -> int:
+    """Frames of an mp4 as ffprobe decodes and counts them (not the sampler's own reading)."""
+    probe = subprocess.run([ffmpeg_tools.ffprobe(), "-v", "error", "-count_frames", "-select_streams", "v:0",
+                            "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    return int(probe.stdout.strip())
+
+
+@pytest.mark.skipif(not all(map(ffmpeg_tools.find_tool, ffmpeg_tools.TOOLS)),
+                    reason=f"needs ffmpeg and ffprobe: {ffmpeg_tools.INSTALL_HINT}")
+def test_nbp_sample_frames_129_from_the_command_line_with_a_quickstart_model(long_assets, tmp_path):
+    """`nbp-sample --frames 129` (14x the quickstart's 9-frame clip, 33 latent frames) run as a program: each video
+    has 129 frames in its mp4 (counted by ffprobe) and in its frames array, 33 latent frames of tokens; the files
+    are named by --classes, and sampling.json records the long mode, the sink frames and --classes. --tensorboard
+    shows each whole: an animated GIF of 129 frames per video in the event file, tagged by its stem."""
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({f"shape{i}": i for i in range(12)}))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.sample", "--weights", str(long_assets / "w.safetensors"),
+                             "--tokenizer", str(long_assets / "tok"), "--out", str(out), "--label", "2", "--label",
+                             "7", "--frames", "129", "--classes", str(classes), "--device", "cpu", "--writers", "2",
+                             "--tensorboard", str(tmp_path / "tb")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stems = sorted(p.stem for p in out.glob("*.mp4"))
+    assert stems == ["shape2_000", "shape7_000"]
+    for stem in stems:
+        assert counted_mp4_frames(out / f"{stem}.mp4") == 129
+        assert np.load(out / "frames" / f"{stem}.npy").shape == (129, 32, 32, 3)
+        assert np.load(out / "tokens" / f"{stem}.npy").shape == (33, 8, 8)
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings["long"] == {"latent_frames": 33, "long_mode": "recompute", "sink_frames": 1}
+    assert settings["classes"] == str(classes.resolve())
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == [f"samples/{stem}" for stem in stems]
+    for stem in stems:
+        gif = Image.open(io.BytesIO(events.Images(f"samples/{stem}")[0].encoded_image_string))
+        assert gif.format == "GIF" and gif.n_frames == 129

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from official_fixtures import (
@@ -25,6 +26,7 @@ from official_fixtures import (
     write_generator_ckpt,
 )
 
+from nbp_ds import ffmpeg_tools
 from nbp_ds.errors import CheckpointError, ConfigError
 from nbp_ds.generate import generate
 from nbp_ds.official.class_text import class_prefixes, class_text
@@ -227,6 +229,43 @@ def test_cli_conversion_then_sampling_with_the_official_tokenizer(files, tmp_pat
                               str(tmp_path / "ucf.safetensors"), "--classes", str(tmp / "classes.json")],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--llama-tokenizer" in refused.stderr
+
+
+@pytest.mark.skipif(not all(map(ffmpeg_tools.find_tool, ffmpeg_tools.TOOLS)),
+                    reason=f"needs ffmpeg and ffprobe: {ffmpeg_tools.INSTALL_HINT}")
+@pytest.mark.parametrize("kind", ["ucf", "k600"])
+def test_nbp_sample_frames_129_from_the_command_line_with_converted_releases(files, tmp_path, kind):
+    """`nbp-sample --frames 129` run as a program on the converted released generators (learned positions: each
+    window recomputed): UCF-101 class-conditional with its text prefix and hybrid first frame, Kinetics-600 frame
+    prediction continuing a video. 43x the 3-latent-frame clip: 33 latent frames, 129 frames in the mp4 (counted by
+    ffprobe) and in the frames array; sampling.json records recompute and the sink frame."""
+    from video_fixtures import lavfi_video
+
+    from nbp_ds.tokenizer.model import TokenizerConfig, VideoTokenizer
+
+    # a tokenizer with the fixture's 64 video codes (FSQ 4x4x4), 4x smaller in space: 9x16x16 clips <-> 3x4x4 tokens
+    torch.manual_seed(0)
+    VideoTokenizer(TokenizerConfig("codes64", [4, 4, 4], 8, [1, 2, 2], 1, patch_size=2, spatial_downsample=1,
+                                   temporal_kernel=1)).save(tmp_path / "tok")
+    condition = (["--label", "1"] if kind == "ucf"
+                 else ["--context", str(lavfi_video(tmp_path / "clip.mp4", size="16x16", seconds=2.0))])
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.sample", "--weights",
+                             str(files["tmp"] / kind / "model.safetensors"), "--tokenizer", str(tmp_path / "tok"),
+                             "--out", str(out), "--frames", "129", *condition, "--device", "cpu", "--writers", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stem = "YoYo_000" if kind == "ucf" else "sample_000"  # UCF: named by the classes.json the conversion wrote
+    assert sorted(p.stem for p in out.glob("*.mp4")) == [stem]
+    probe = subprocess.run([ffmpeg_tools.ffprobe(), "-v", "error", "-count_frames", "-select_streams", "v:0",
+                            "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(out / f"{stem}.mp4")],
+                           capture_output=True, text=True, timeout=60)
+    assert int(probe.stdout.strip()) == 129, probe.stderr
+    assert np.load(out / "frames" / f"{stem}.npy").shape == (129, 16, 16, 3)
+    tokens = np.load(out / "tokens" / f"{stem}.npy")
+    assert tokens.shape == (33, *GRID[1:]) and 0 <= tokens.min() and tokens.max() < VIDEO_CODES
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings["long"] == {"latent_frames": 33, "long_mode": "recompute", "sink_frames": 1}
 
 
 def test_cfg_and_label_dropout_are_refused_with_text_prefixes(files):

@@ -23,8 +23,8 @@ NOT_RECORDED = {
     "restart": "discards the folder's run instead of resuming it",
     "writers": "threads writing the same files",
     "device": "where the same draws are computed (their stream is keyed by seed, video and position)",
+    "tensorboard": "shows the finished videos in TensorBoard; writes no video",
     "mode": "the static and graph decoders give the eager decoder's tokens (tests/test_static_decoding.py)",
-    "classes": "names the files of class videos; a resumed record keeps its stem",
     # past the clip only (--frames): then recorded under "long" and refused when changed
     # (tests/test_long_sampling.py::test_a_resumed_long_run_gives_the_uninterrupted_videos)
     "long_mode": "chooses how windows past the clip are filled; no video is longer than the clip without --frames",
@@ -47,6 +47,7 @@ CLASS_MODEL_CHANGES = {
     "mp4": (False, "mp4"),
     "dtype": ("bf16", "dtype"),
     "grid": ((5, 8, 8), "grid"),  # another grid than the layout's (the export below trained on packed rows)
+    "classes": ("classes.json", "classes"),  # names the files: recorded when given
     "frames": (13, "long"),  # 4 latent frames: one past the layout's 3
 }
 FRAME_MODEL_CHANGES = {"context": ("clip2.mp4", "context")}
@@ -58,6 +59,7 @@ def files(tmp_path_factory):
     build_tokenizer("tiny", seed=1).save(tmp / "tok")
     build_tokenizer("tiny", seed=2).save(tmp / "tok2")
     write_export(tmp / "w.safetensors", "data.pack_tokens=400")
+    (tmp / "classes.json").write_text(json.dumps({f"c{i}": i for i in range(12)}))
     write_export(tmp / "other.safetensors", "model.init_std=0.03")
     write_export(tmp / "frames.safetensors", "layout.condition=frames", "layout.context_frames=1")
     for name, source in (("clip.mp4", "testsrc"), ("clip2.mp4", "mandelbrot")):
@@ -70,7 +72,8 @@ def settings_of(options: SamplerOptions) -> dict:
 
 
 def in_folder(tmp, value):
-    return str(tmp / value) if isinstance(value, str) and value.endswith((".safetensors", ".mp4", "tok2")) else value
+    in_tmp = isinstance(value, str) and value.endswith((".safetensors", ".mp4", "tok2", ".json"))
+    return str(tmp / value) if in_tmp else value
 
 
 def test_every_option_is_recorded_or_named_as_one_that_changes_no_video():

@@ -3,12 +3,19 @@ when it does, and the table shows the window where a video turns into another cl
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from nbp_ds.eval.synthetic import render_clip
 from nbp_ds.eval.windows import format_window_table, video_windows, window_consistency
+from nbp_ds.generate.folder import RecordLog, VideoJob, VideoWriter
 
+ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["square_right", "circle_down", "triangle_left"]
 
 
@@ -36,3 +43,26 @@ def test_a_video_that_keeps_its_class_reads_it_in_every_window_and_a_changed_one
     assert result["windows"][2]["kept_color_rate"] <= 2 / 3
     table = format_window_table(result)
     assert len(table.splitlines()) == 4 and "66.7%" in table.splitlines()[3]
+
+
+def test_nbp_check_consistency_window_frames_reads_a_sampler_folder_window_by_window(tmp_path):
+    """nbp-check-consistency --window-frames 9 on a folder as nbp-sample --frames 27 leaves it (record and frames
+    arrays): the table printed and in the JSON has the rates of the videos above, window by window."""
+    kept = [long_video("square", "right", 27, 1), long_video("circle", "down", 27, 2)]
+    changed = np.concatenate([long_video("square", "right", 27, 3)[:18], long_video("triangle", "left", 9, 4)])
+    log = RecordLog(tmp_path / "videos.jsonl")
+    writer = VideoWriter(tmp_path, log, fps=8.0, mp4=False, workers=1, max_pending=3)
+    for index, (video, label) in enumerate(zip([*kept, changed], [0, 1, 0], strict=True)):
+        writer.submit(VideoJob(index, label, f"{CLASSES[label]}_{index:03d}"), np.zeros((7, 8, 8)), video)
+    writer.close()
+    log.close()
+    (tmp_path / "classes.json").write_text(json.dumps({name: i for i, name in enumerate(CLASSES)}))
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.check_consistency", str(tmp_path), "--window-frames",
+                             "9", "--json", str(tmp_path / "c.json")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    windows = json.loads((tmp_path / "c.json").read_text())["window_consistency"]["windows"]
+    assert [w["count"] for w in windows] == [3, 3, 3]
+    assert [(w["overall_rate"], w["kept_shape_rate"]) for w in windows][:2] == [(1.0, 1.0), (1.0, 1.0)]
+    assert windows[2]["overall_rate"] == pytest.approx(2 / 3) == windows[2]["kept_shape_rate"]
+    assert "66.7%" in result.stdout.splitlines()[-1]  # the table's last row: window 3

@@ -20,7 +20,9 @@ nbp_ds.eval.consistency: the object is the largest blob far from the border's co
 fills its bounding box (and how much of it lies in the box's upper half), its direction from the least-squares
 motion of its centroid, its colour from the blob's median colour (one palette colour from the first frame to the
 last). Prints a table per class and the overall (shape and direction both right), shape, direction and colour
-rates; --json writes them with one record per video.
+rates; --json writes them with one record per video. --window-frames N (long samples, nbp-sample --frames) also
+reads every video in consecutive windows of N frames and prints, per window, how many show their class and how
+many keep the shape and the colour their first window showed (--json: "window_consistency").
 
 Exit status: 0 on success, 1 when --min-rate is given and the overall rate is below it, 2 on bad input (no videos,
 unknown class names, undecodable files).
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from nbp_ds.cli import command, setup_logging
 from nbp_ds.errors import UsageError
 from nbp_ds.eval.consistency import consistency_report, format_report
 from nbp_ds.eval.synthetic import CLASSES, parse_class
+from nbp_ds.eval.windows import format_window_table, window_consistency
 from nbp_ds.generate.folder import RECORDS_FILE, recorded_videos
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="decode at this size (default: the first video's own width, used for all of them)")
     p.add_argument("--min-rate", type=float, default=None,
                    help="exit with status 1 when the overall rate is below this (0..1)")
+    p.add_argument("--window-frames", type=int, default=None, metavar="N",
+                   help="also read each video in consecutive windows of N frames (the model's clip, 9 for the "
+                        "quickstart's): per window, the share showing its class and keeping window 1's shape and "
+                        "colour (long samples, nbp-sample --frames)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoders (default: CPU cores)")
     args = p.parse_args(argv)
     if (args.samples is None) == (args.videos is None):
@@ -69,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--fps must be > 0")
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    if args.window_frames is not None and args.window_frames < 2:
+        p.error("--window-frames must be >= 2 (a direction needs two frames)")
     if args.resolution is not None and args.resolution < 8:
         p.error("--resolution must be >= 8")
     return args
@@ -170,8 +180,8 @@ def run(args: argparse.Namespace) -> dict:
         if not files:
             raise UsageError(f"{folder}: nbp-sample recorded no labelled videos here")
         log.info("checking %d videos recorded in %s (decoded frames saved by the sampler)", len(files), folder)
-        report = consistency_report((np.load(f) for f in files), labels, classes,
-                                    ids=[str(f.relative_to(folder)) for f in files])
+        report = checked(lambda: (np.load(f) for f in files), labels, classes,
+                         [str(f.relative_to(folder)) for f in files], args.window_frames)
         report["source"] = str(folder / RECORDS_FILE)
     elif arrays is not None:
         videos, labels, source = arrays
@@ -180,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
             raise UsageError(f"{folder / 'labels.npy'}: label {bad[0]} is not in the class list")
         log.info("checking %d videos from %s (decoded frames saved by the sampler)", len(videos), folder / source)
         ids = [f"{source}[{i}]" for i in range(len(videos))]
-        report = consistency_report((np.asarray(v) for v in videos), labels, classes, ids=ids)
+        report = checked(lambda: (np.asarray(v) for v in videos), labels, classes, ids, args.window_frames)
         report["source"] = str(folder / source)
     else:
         files = ground_truth_files(folder, classes) if args.videos else sample_files(folder, classes)
@@ -194,17 +204,29 @@ def run(args: argparse.Namespace) -> dict:
             # Probing costs an ffprobe process per file (as much as decoding such tiny videos): probe the first
             # only. A video of another size would just be rescaled, which the checker does not mind.
             resolution = args.resolution or probe_video(files[0][0]).width
-            # Decoding is an ffmpeg subprocess per file: threads overlap them without pickling frames around.
-            # The report consumes the decoded clips as they come, so memory stays flat however many files.
             with ThreadPoolExecutor(args.workers) as pool:
-                videos = tqdm(pool.map(lambda f: decode(f[0], args.fps, resolution), files), total=len(files),
-                              unit="video", desc="checking", dynamic_ncols=True)
-                report = consistency_report(videos, [label for _, label in files], classes,
-                                            ids=[str(path.relative_to(folder)) for path, _ in files])
+                # Decoding is an ffmpeg subprocess per file: threads overlap them without pickling frames around.
+                # The report consumes the decoded clips as they come, so memory stays flat however many files.
+                def decoded():
+                    return tqdm(pool.map(lambda f: decode(f[0], args.fps, resolution), files), total=len(files),
+                                unit="video", desc="checking", dynamic_ncols=True)
+
+                report = checked(decoded, [label for _, label in files], classes,
+                                 [str(path.relative_to(folder)) for path, _ in files], args.window_frames)
         except VideoError as exc:
             raise UsageError(str(exc)) from exc
         report["source"] = str(folder)
     report["fps"] = args.fps
+    return report
+
+
+def checked(videos: Callable[[], Iterable[np.ndarray]], labels: list[int], classes: dict[str, int], ids: list[str],
+            window_frames: int | None) -> dict:
+    """The consistency report of the videos ``videos()`` yields, plus with ``window_frames`` the window-by-window
+    table (under "window_consistency"). Each reading streams the videos afresh, so memory stays flat."""
+    report = consistency_report(videos(), labels, classes, ids=ids)
+    if window_frames is not None:
+        report["window_consistency"] = window_consistency(videos(), labels, classes, window_frames)
     return report
 
 
@@ -217,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"class consistency over {report['count']} videos: overall {100 * report['overall_rate']:.1f}% "
           f"(shape {100 * report['shape_rate']:.1f}%, direction {100 * report['direction_rate']:.1f}%, colour "
           f"{100 * report['color_rate']:.1f}%)", flush=True)
+    if "window_consistency" in report:
+        print(f"\nwindow by window (consecutive windows of {args.window_frames} frames; kept: what window 1 read)")
+        print(format_window_table(report["window_consistency"]))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

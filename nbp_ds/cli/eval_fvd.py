@@ -14,6 +14,13 @@ Inputs are video files (.mp4, .avi, ...; decoded with ffmpeg at their own rate a
 so --max-videos picks a deterministic subset. An nbp-sample output folder is read through its record
 (videos.jsonl): each finished video's decoded frames (frames/<stem>.npy, no codec in between), in job order.
 
+Long videos (nbp-sample --frames): --window-frames N reads every generated video window by window
+(consecutive windows of N frames; give the model's clip, 17 frames for the paper's presets, 9 for the
+quickstart's) and prints one FVD per window index k, the first --num-frames frames of window k of every video
+that reaches it against the real clips. Window 1 is the clip read without windows: FVD 1 is the ordinary FVD.
+
+    nbp-eval-fvd --real data/ucf101_val/ --fake long_samples/ --i3d i3d_torchscript.pt --window-frames 17
+
 The detector cannot be downloaded here: fetch i3d_torchscript.pt on a machine with internet and pass --i3d PATH.
 Exit status: 0 on success, 2 on bad arguments (missing detector, no videos), 1 when decoding or scoring fails.
 """
@@ -39,6 +46,7 @@ from nbp_ds.eval.fvd import (
     iter_clips,
     missing_detector_message,
 )
+from nbp_ds.eval.window_fvd import format_window_fvds, window_features, window_fvds
 from nbp_ds.generate.folder import sampled_frame_files
 from nbp_ds.video_io import ARRAY_SUFFIXES, VIDEO_SUFFIXES, find_videos
 
@@ -63,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device for the detector (default: cuda if available, else cpu)")
     parser.add_argument("--skip-short", action="store_true",
                         help="leave out videos shorter than --num-frames (counted in the output) instead of failing")
+    parser.add_argument("--window-frames", type=int, default=None, metavar="N",
+                        help="read each generated video in consecutive windows of N frames (the model's clip) and "
+                             "report one FVD per window index (quality over time of long samples)")
     parser.add_argument("--json", metavar="OUT", help="also write the FVD and the counts to this JSON file")
     return parser
 
@@ -74,6 +85,9 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(missing_detector_message(args.i3d))
     if args.num_frames < 1 or args.batch_size < 1:
         raise UsageError("--num-frames and --batch-size must be >= 1")
+    if args.window_frames is not None and args.window_frames < args.num_frames:
+        raise UsageError(f"--window-frames {args.window_frames} is shorter than --num-frames {args.num_frames}: "
+                         f"each window gives one clip of --num-frames frames")
     if args.max_videos is not None and args.max_videos < 2:
         raise UsageError("--max-videos must be >= 2 (a covariance needs at least 2 clips)")
     for tool in ffmpeg_tools.TOOLS:
@@ -96,8 +110,18 @@ def run(args: argparse.Namespace) -> dict:
 
     features: dict[str, np.ndarray] = {}
     skipped: dict[str, list[Path]] = {}
+    windows = None
     for name, files in sets.items():
         skipped[name] = []
+        if name == "fake" and args.window_frames is not None:
+            per_window = window_features(extractor, files, args.window_frames, args.skip_short, skipped[name],
+                                         limit=args.max_videos, progress=True)
+            usable = per_window[0].shape[0] if per_window else 0
+            if usable < 2:
+                raise UsageError(f"--fake: only {usable} usable video(s); FVD needs at least 2")
+            windows = window_fvds(features["real"], per_window)
+            features[name] = per_window[0]  # window 1: the clip FVD reads without windows
+            continue
         clips = iter_clips(files, args.num_frames, args.skip_short, skipped[name], limit=args.max_videos)
         total = min(len(files), args.max_videos) if args.max_videos else len(files)
         features[name] = extractor.features(clips, desc=f"I3D {name}", total=total)
@@ -116,6 +140,7 @@ def run(args: argparse.Namespace) -> dict:
         "fake": args.fake,
         "i3d": str(args.i3d),
         "device": str(device),
+        **({"window_frames": args.window_frames, "windows": windows} if windows is not None else {}),
     }
 
 
@@ -131,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"FVD: {result['fvd']:.4f}  (real videos: {result['num_real']}, fake videos: {result['num_fake']}, "
           f"{result['num_frames']} frames each)")
+    if "windows" in result:
+        print(f"per window of {result['window_frames']} frames (the first {result['num_frames']} of each):")
+        print(format_window_fvds(result["windows"], result["window_frames"]))
     if result["skipped_real"] or result["skipped_fake"]:
         print(f"skipped as too short: {result['skipped_real']} real, {result['skipped_fake']} fake")
     if args.json:

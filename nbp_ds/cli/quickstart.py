@@ -9,6 +9,9 @@
   7. check      does each sample show its class' shape moving in its class' direction? Then the quality
                 ladder: the same checker (shape, direction, colour) on the held-out source clips (its ceiling),
                 on the tokenizer's reconstructions of them and on the samples -> quality.json, TensorBoard
+  8. long       one long sample per class (65 frames, 7 clips' length; all classes in one batch) and the
+                check window by window (9-frame windows): does each keep its class, shape and colour over time?
+                -> long_samples/windows.json
 
 Every stage writes a marker when it completes; a second run reuses finished stages whose inputs
 did not change (a stage's marker covers its own parameters and every earlier stage's, so a new
@@ -31,8 +34,9 @@ from pathlib import Path
 from nbp_ds.cli import command
 from nbp_ds.config import load_config
 from nbp_ds.eval.quality import RUNGS, format_ladder
+from nbp_ds.eval.windows import format_window_table
 
-STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check")
+STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check", "long")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,10 +55,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=2.0,
                    help="classifier-free guidance of the samples (the model drops its class 10%% of the time "
                         "in training; 1 = off)")
+    p.add_argument("--long-frames", type=int, default=65,
+                   help="frames of the long sample of each class (stage 8; 1 + 4k, at least 9)")
     p.add_argument("--config", default="quickstart", help="run config of the NBP model")
     p.add_argument("--redo", action="append", default=[], choices=STAGES, help="run this stage again")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the NBP run config")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.long_frames < 9 or (args.long_frames - 1) % 4:  # checked now, not after the training's minutes
+        p.error(f"--long-frames must be 1 + 4k and at least the clip's 9 frames, got {args.long_frames}")
+    return args
 
 
 class Pipeline:
@@ -120,6 +129,24 @@ class Pipeline:
         total = sum(seconds or 0.0 for _, seconds in self.timings)
         print(f"  {'total':<10} {total:6.0f} s")
 
+    def long_stage(self, export: Path, tokenizer: Path, classes: Path, num_classes: int) -> Path:
+        """Stage 8: one long sample per class, every class in one batch (one generate_long call, the cheapest way
+        on a CPU), then the consistency check window by window (the clip's 9 frames each); returns its folder."""
+        a, py, long = self.args, self.python, self.path("long_samples")
+        self.stage("long", 8, {"frames": a.long_frames, "cfg": a.cfg_scale}, [[
+            py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", long,
+            "--num", "1", "--batch-size", num_classes, "--frames", a.long_frames, "--classes", classes,
+            "--temperature", "1.0", "--top-k", "8", "--cfg-scale", a.cfg_scale, "--seed", "0", "--restart"], [
+            py, "-m", "nbp_ds.cli.check_consistency", long, "--classes", classes, "--window-frames", "9",
+            "--json", long / "windows.json"]])
+        return long
+
+    def print_long_table(self, long: Path) -> None:
+        windows = json.loads((long / "windows.json").read_text())["window_consistency"]
+        print(f"\nlong samples ({self.args.long_frames} frames, one per class), window by window: does each keep "
+              f"its class (both), and the shape and colour its first window showed?")
+        print(format_window_table(windows))
+
     def run(self) -> None:
         a, py = self.args, self.python
         videos, tok_run = self.path("videos"), self.path("tokenizer")
@@ -159,15 +186,19 @@ class Pipeline:
             py, "-m", "nbp_ds.cli.quality_ladder", "--videos", videos / "val", "--tokenizer", tokenizer,
             "--samples", samples, "--classes", shards / "train" / "classes.json", *clip,
             "--json", self.path("quality.json"), "--tensorboard", self.path("quality")]])
+        long = self.long_stage(export, tokenizer, shards / "train" / "classes.json",
+                               run_config["layout"]["num_classes"])
         self.print_timings()
         ladder = json.loads(self.path("quality.json").read_text())
         print("\nquality ladder (the class checker on each rung: where shape, direction and colour are kept)")
         print(format_ladder({k: v for k, v in ladder.items() if k in RUNGS}))
+        self.print_long_table(long)
         print("\nDone. Look at:")
         print(f"  sampled videos   {samples}/*.mp4")
         print(f"  frame grid       {samples / 'grid.png'}")
         print(f"  class check      {samples / 'consistency.json'}")
         print(f"  quality ladder   {self.path('quality.json')}   (source -> reconstruction -> samples)")
+        print(f"  long samples     {long}/*.mp4   (window by window: {long / 'windows.json'})")
         print(f"  TensorBoard      tensorboard --logdir {self.out}   (training: {train / 'tb'}, tokenizer: "
               f"{tok_run / 'tb'}; the training's sample videos: Time Series tab, filter tags by 'samples')")
 

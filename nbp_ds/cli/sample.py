@@ -4,6 +4,7 @@
     nbp-sample --weights runs/x --tokenizer TOK --label 3 --num 8 --cfg-scale 2 --top-p 0.9
     nbp-sample --weights runs/k600 --tokenizer TOK --context clip.mp4 --num 4
     nbp-sample --weights runs/x --tokenizer TOK --label 3 --frames 129   # 8x the 17-frame clip (docs/sampling.md)
+    nbp-sample --weights runs/x --tokenizer TOK --frames 129 --out long/ --tensorboard tb/long   # watch them whole
     nbp-sample --weights converted/ucf_700m.safetensors --tokenizer official:magvit2_ucf.pt \
         --paper-sampling --num 100 --batch-size 32 --no-mp4 --out fvd_samples/   # 101 classes x 100 for FVD
     nbp-eval-fvd --real REAL_VIDEOS --fake fvd_samples/ --i3d i3d_torchscript.pt
@@ -13,7 +14,8 @@ training output folder / DeepSpeed checkpoint folder (consolidated in memory); t
 runs in --dtype.
 Batches are generated on the device and written as they come by --writers threads: per video an mp4
 (unless --no-mp4), its decoded frames frames/<stem>.npy and its tokens tokens/<stem>.npy, and a line in
-videos.jsonl once all three are in place; grid.png shows the first videos. nbp-eval-fvd and
+videos.jsonl once all three are in place; grid.png shows the first videos (and --tensorboard DIR shows them
+whole, an animated GIF each, tagged samples/<stem>). nbp-eval-fvd and
 nbp-check-consistency read the folder. Memory stays bounded however many videos are asked for.
 
 An interrupted run (killed, preempted, out of time) continues when run again with the same arguments: finished
@@ -85,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "in one-layer models); auto: recompute")
     p.add_argument("--sink-frames", type=int, default=DEFAULT_SINK_FRAMES,
                    help="first latent frames every window keeps at their own places")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="also show the first 16 videos in TensorBoard (tensorboard --logdir DIR): an animated GIF "
+                        "each, tagged samples/<stem>, long ones (--frames) whole")
     args = p.parse_args(argv)
     if args.paper_sampling:  # the paper's values become the defaults, so flags given explicitly still win
         p.set_defaults(**PAPER_SAMPLING)
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int | None:
         cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, fps=args.fps, mp4=not args.no_mp4,
         writers=args.writers, restart=args.restart, classes=args.classes, device=args.device, dtype=args.dtype,
         mode=args.mode, grid=parse_grid(args.grid), frames=args.frames, long_mode=args.long_mode,
-        sink_frames=args.sink_frames))
+        sink_frames=args.sink_frames, tensorboard=args.tensorboard))
     done = f"{summary.skipped} finished earlier, " if summary.skipped else ""
     print(f"{summary.finished} videos in {args.out} ({done}{summary.videos} made now): {summary.forward_passes} "
           f"forward passes per video", end="")

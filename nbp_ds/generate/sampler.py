@@ -25,6 +25,7 @@ from nbp_ds.generate.draw import check_seed
 from nbp_ds.generate.folder import SamplingSummary, plan_jobs, sample_to_folder
 from nbp_ds.generate.grids import model_for_grid
 from nbp_ds.generate.long import DEFAULT_SINK_FRAMES, LongWindow, resolve_long_mode
+from nbp_ds.generate.tensorboard_videos import videos_to_tensorboard
 from nbp_ds.tokenizer import load_tokenizer
 from nbp_ds.video_io import VideoError, read_clips
 from nbp_ds.weights.export import load_exported
@@ -66,6 +67,7 @@ class SamplerOptions:
     frames: int | None = None  # video frames of each sample; None: the model's clip
     long_mode: str = "auto"  # past the clip: rolling, recompute or auto (nbp_ds.generate.long)
     sink_frames: int = DEFAULT_SINK_FRAMES
+    tensorboard: str | None = None  # a TensorBoard log folder to show the first videos in (nbp-sample --tensorboard)
 
     @property
     def precision(self) -> str:
@@ -195,10 +197,11 @@ def run_settings(options: SamplerOptions, inputs: SamplerInputs) -> dict:
             "top_p": options.top_p, "cfg_scale": options.cfg_scale, "batch_size": options.batch_size,
             "dtype": options.precision, "context": str(Path(options.context).resolve()) if options.context else None,
             "fps": options.fps, "mp4": options.mp4,
-            # the grid and the long-video settings only when they are used: folders written before they
-            # existed resume as they were
+            # the grid, the long-video settings and --classes (it names the files) only when they are used:
+            # folders written before they were recorded resume as they were
             **({"grid": list(inputs.model.layout.grid)} if inputs.model.layout.grid != inputs.trained_grid else {}),
-            **({"long": inputs.long} if inputs.long is not None else {})}
+            **({"long": inputs.long} if inputs.long is not None else {}),
+            **({"classes": str(Path(options.classes).resolve())} if options.classes else {})}
 
 
 def sample_videos(options: SamplerOptions, progress: bool = True) -> SamplingSummary:
@@ -209,7 +212,10 @@ def sample_videos(options: SamplerOptions, progress: bool = True) -> SamplingSum
     jobs = plan_jobs(inputs.labels, options.num, class_names(options))
     sampling = {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
                 "cfg_scale": options.cfg_scale}
-    return sample_to_folder(inputs.model, inputs.tokenizer, jobs, options.out, settings,
-                            batch_size=options.batch_size, seed=options.seed, sampling=sampling,
-                            context=inputs.context, fps=options.fps, mp4=options.mp4, writers=options.writers,
-                            mode=inputs.mode, restart=options.restart, progress=progress, long=inputs.long)
+    summary = sample_to_folder(inputs.model, inputs.tokenizer, jobs, options.out, settings,
+                               batch_size=options.batch_size, seed=options.seed, sampling=sampling,
+                               context=inputs.context, fps=options.fps, mp4=options.mp4, writers=options.writers,
+                               mode=inputs.mode, restart=options.restart, progress=progress, long=inputs.long)
+    if options.tensorboard:
+        videos_to_tensorboard(options.out, options.tensorboard, options.fps)
+    return summary

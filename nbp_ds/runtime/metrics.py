@@ -190,12 +190,7 @@ class MetricsLogger:
         without its moviepy dependency); W&B gets a wandb.Video."""
         if not self.enabled:
             return
-        from tensorboard.compat.proto.summary_pb2 import Summary  # local: TensorBoard's import time, as above
-
-        _, height, width, _ = video.shape
-        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif_bytes(video, fps))
-        # the SummaryWriter's own event file, as its add_video does
-        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        add_gif(self.writer, tag, video, step, fps)
         if self.wandb is not None:
             import wandb  # local: an optional dependency (train.wandb)
 
@@ -211,6 +206,17 @@ class MetricsLogger:
             self.jsonl.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def add_gif(writer: Any, tag: str, video: np.ndarray, step: int, fps: float = 8.0) -> None:
+    """A uint8 video [N, H, W, 3] as an animated GIF in a SummaryWriter's event file (what add_video writes, without
+    its moviepy dependency): TensorBoard's image panel plays it."""
+    from tensorboard.compat.proto.summary_pb2 import Summary  # local: TensorBoard's import time
+
+    _, height, width, _ = video.shape
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif_bytes(video, fps))
+    # the SummaryWriter's own event file, as its add_video does
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def _wandb_run(out_dir: Path, settings: WandbSettings, config: dict):
