@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the generation benchmarks time a 4x256 model with 64,000 codes by default; what these tests check (passes,
+# the table's arithmetic, the notes) does not depend on the size, so they time a model a tenth of a second builds
+TINY_MODEL = ("model.n_layer=2", "model.d_model=64", "model.vocab_size=64")
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
@@ -37,7 +40,7 @@ def bench_rows(stdout: str) -> dict[tuple[str, int], list[str]]:
 
 def test_bench_generate_counts_forward_passes_on_the_configs_grid():
     result = run_tool("-m", "nbp_ds.cli.bench_generate", "--config", "tiny", "--repeats", "1", "--batch-sizes", "1",
-                      "2", "--sampling", "plain")
+                      "2", "--sampling", "plain", *TINY_MODEL)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = bench_rows(result.stdout)
     # tiny: a 3x4x4 grid and a class token; NBP takes one row of 4 per pass, hybrid goes token by token
@@ -55,7 +58,7 @@ def test_bench_generate_counts_forward_passes_on_the_configs_grid():
 
 def test_bench_generate_estimates_long_decodes_at_large_batches_and_says_so():
     result = run_tool("-m", "nbp_ds.cli.bench_generate", "--config", "tiny", "--repeats", "1", "--batch-sizes", "1",
-                      "32", "--sampling", "greedy", "--mode", "static", "--estimate-passes", "20")
+                      "32", "--sampling", "greedy", "--mode", "static", "--estimate-passes", "20", *TINY_MODEL)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = bench_rows(result.stdout)
     assert "decoder static;" in result.stdout
@@ -129,7 +132,7 @@ def test_bench_packing_prints_padding_and_tokens_per_second(capsys):
 def test_bench_long_sample_counts_the_passes_of_each_window():
     """tiny: a 3x4x4 clip in blocks of 4 tokens = 12 passes for 9 frames; 13 frames add one latent frame, 4 passes,
     and recompute one more (its pass over the window's given frames)."""
-    result = run_tool("-m", "nbp_ds.cli.bench_long_sample", "--config", "tiny", "--frames", "9", "13",
+    result = run_tool("-m", "nbp_ds.cli.bench_long_sample", "--config", "tiny", *TINY_MODEL, "--frames", "9", "13",
                       "--decoders", "eager", "--long-modes", "rolling", "recompute")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {(line.split()[1], int(line.split()[2])): int(line.split()[3])
