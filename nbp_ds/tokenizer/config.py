@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "bf16")  # train.precision
 
 @dataclass
 class TokenizerModelConfig:
-    preset: str = "tiny"  # architecture: tiny, small or paper (nbp_ds.tokenizer.PRESETS)
+    preset: str = "tiny"  # architecture: tiny, tiny-skip, small or paper (nbp_ds.tokenizer.PRESETS)
     # fine-tuning: start from this tokenizer instead (official:PATH, a released MAGVIT-v2 tokenizer, or a trained
     # nbp_ds tokenizer's folder); its architecture and code grid are kept and model.preset is not used
     init_from: str | None = None
@@ -110,7 +110,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
                                      "raw videos (.tar pattern, folder or list of shards, pipe:CMD, http(s)://)"),
     ("--val-videos", "data.val_videos", str, "held-out videos for the PSNR report (default: 5%% of the clips)"),
     ("--out", "train.out_dir", str, "run folder"),
-    ("--preset", "model.preset", str, "architecture: tiny, small or paper"),
+    ("--preset", "model.preset", str, "architecture: tiny, tiny-skip, small or paper"),
     ("--init-from", "model.init_from", str, "fine-tune this tokenizer: official:PATH or a trained tokenizer folder"),
     ("--frames", "data.clip.frames", int, "frames per clip, 1 + 4k"),
     ("--resolution", "data.clip.resolution", int, "square clip side in pixels"),
