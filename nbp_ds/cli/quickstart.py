@@ -139,7 +139,7 @@ class Pipeline:
         self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr}, [[
             py, "-m", "nbp_ds.cli.train_tokenizer", "--videos", videos / "train", "--val-videos", videos / "val",
             "--out", tok_run, "--preset", "tiny-skip", *clip, "--steps", a.tokenizer_steps, "--lr", a.tokenizer_lr,
-            "--seed", "0"]], outputs=(tok_run,))
+            "--seed", "0", "loss.l1_weight=0"]], outputs=(tok_run,))  # the recipe of configs/tokenizer/quickstart.yaml
         self.stage("shards", 3, {}, [
             [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
              "--tokenizer", tokenizer, *clip, "--shard-size", "200"]
