@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
 from nbp_ds.tokenizer import PRESETS, TokenizerConfig, VideoTokenizer, build_tokenizer, load_tokenizer
 from nbp_ds.tokenizer.fsq import FSQ
+from nbp_ds.tokenizer.model import spread_over_tokens, token_means
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +37,10 @@ def test_encode_decode_round_trip_shapes_and_range(tiny):
     assert small.decode(small.encode(torch.zeros(1, 17, 32, 32, 3, dtype=torch.uint8))).shape == (1, 17, 32, 32, 3)
 
 
-@pytest.mark.parametrize("temporal_kernel", [1, 3])  # tiny's (2+1)D convs and the full 3D ones of small/paper
-def test_time_causality_of_encoder_and_decoder(temporal_kernel):
-    cfg = TokenizerConfig(**{**asdict(PRESETS["tiny"]), "temporal_kernel": temporal_kernel})
+# tiny's (2+1)D convs, the full 3D ones of small/paper, and the linear path of the quickstart's tokenizer
+@pytest.mark.parametrize("temporal_kernel,linear_skip", [(1, False), (3, False), (1, True)])
+def test_time_causality_of_encoder_and_decoder(temporal_kernel, linear_skip):
+    cfg = TokenizerConfig(**{**asdict(PRESETS["tiny"]), "temporal_kernel": temporal_kernel, "linear_skip": linear_skip})
     torch.manual_seed(0)
     tiny = VideoTokenizer(cfg).eval()
     x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
@@ -51,6 +55,35 @@ def test_time_causality_of_encoder_and_decoder(temporal_kernel):
     other[:, 1:] = (other[:, 1:] + 1) % tiny.codebook_size
     a, b = tiny.decode(tokens), tiny.decode(other)
     assert torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a[:, 1:], b[:, 1:])  # frame 0 from latent 0 alone
+
+
+def test_token_means_average_the_pixels_each_token_covers_and_spread_undoes_them():
+    x = torch.rand(2, 3, 9, 8, 12, generator=torch.Generator().manual_seed(0))
+    frames_of_token = [[0], [1, 2, 3, 4], [5, 6, 7, 8]]  # the causal grouping: the first frame alone, then 4 each
+    expected = np.zeros((2, 3, 3, 2, 3))
+    for t, frames in enumerate(frames_of_token):
+        for i in range(2):
+            for j in range(3):
+                expected[:, :, t, i, j] = x[:, :, frames, 4 * i:4 * i + 4, 4 * j:4 * j + 4].numpy().mean(axis=(2, 3, 4))
+    means = token_means(x, temporal=4, spatial=4)
+    assert np.allclose(means.numpy(), expected, atol=1e-6)
+    spread = spread_over_tokens(means, temporal=4, spatial=4)
+    assert spread.shape == x.shape
+    assert torch.equal(spread[:, :, 5, 7, 11], means[:, :, 2, 1, 2])  # frame 5 is token 2's first
+    assert torch.equal(spread[:, :, 0, 3, 3], means[:, :, 0, 0, 0])
+    assert torch.allclose(token_means(spread, 4, 4), means)
+
+
+def test_linear_skip_is_off_in_configs_saved_before_it(tmp_path):
+    """A tokenizer saved before the linear path existed (its config.json has no linear_skip key) loads as it was."""
+    folder = build_tokenizer("tiny", seed=1).save(tmp_path / "tok")
+    saved = json.loads((folder / "config.json").read_text())
+    del saved["linear_skip"]
+    (folder / "config.json").write_text(json.dumps(saved))
+    loaded = load_tokenizer(folder)
+    assert loaded.config.linear_skip is False and loaded.encoder.linear_skip is None
+    video = torch.randint(0, 256, (1, 9, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.encode(video), load_tokenizer("random:tiny:1").encode(video))
 
 
 def test_fsq_codes_are_a_bijection():

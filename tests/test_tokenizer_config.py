@@ -48,7 +48,8 @@ def test_shipped_configs_load_and_flags_override_them():
     names = sorted(p.stem for p in TOKENIZER_CONFIG_DIR.glob("*.yaml"))
     assert names == ["quickstart", "ucf101"]
     quick = load_tokenizer_config("quickstart", REQUIRED)
-    assert (quick.model.preset, quick.data.clip.frames, quick.data.clip.resolution) == ("tiny", 9, 32)
+    assert (quick.model.preset, quick.data.clip.frames, quick.data.clip.resolution) == ("tiny-skip", 9, 32)
+    assert quick.loss.l1_weight == 0.0 and load_tokenizer_config(None, REQUIRED).loss.l1_weight == 1.0
     paper, _ = config_from_arguments(["--config", "ucf101", "--videos", "v", "--out", "o", "--batch-size", "2"])
     assert paper.model.preset == "paper" and paper.train.batch_size == 2 and paper.data.clip.frames == 17
     assert paper.name == "ucf101"
@@ -63,7 +64,9 @@ def test_refusals_name_the_key(tmp_path):
         load_tokenizer_config(None, REQUIRED + ["data.clip.frames=0"])
     with pytest.raises(ConfigError, match=r"data.videos \(--videos\) is required"):
         load_tokenizer_config(None, ["train.out_dir=o"])
-    with pytest.raises(ConfigError, match="--preset 'huge' is not one of tiny, small, paper"):
+    with pytest.raises(ConfigError, match="loss.l1_weight must be >= 0, got -1.0"):
+        load_tokenizer_config(None, REQUIRED + ["loss.l1_weight=-1"])
+    with pytest.raises(ConfigError, match="--preset 'huge' is not one of tiny, tiny-skip, small, paper"):
         load_tokenizer_config(None, REQUIRED + ["model.preset=huge"])
     with pytest.raises(ConfigError, match="unknown config 'nope'.*quickstart, ucf101"):
         load_tokenizer_config("nope", REQUIRED)

@@ -1,7 +1,7 @@
 """The whole product on one small machine, stage by stage (what `make quickstart` runs):
 
   1. videos     synthetic labelled mp4s: 3 shapes x 4 directions of motion, train and held-out split
-  2. tokenizer  train the `tiny` causal 3D CNN + FSQ tokenizer on them (1,000 codes, 9x32x32 -> 3x8x8)
+  2. tokenizer  train the `tiny-skip` causal 3D CNN + FSQ tokenizer on them (1,000 codes, 9x32x32 -> 3x8x8)
   3. shards     tokenize both splits into WebDataset shards
   4. train      a class-conditional NBP model with DeepSpeed ZeRO-3 on 2 CPU processes (torchrun)
   5. export     consolidate the ZeRO checkpoint into one safetensors file
@@ -165,8 +165,8 @@ class Pipeline:
             outputs=(videos,))
         self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr}, [[
             py, "-m", "nbp_ds.cli.train_tokenizer", "--videos", videos / "train", "--val-videos", videos / "val",
-            "--out", tok_run, "--preset", "tiny", *clip, "--steps", a.tokenizer_steps, "--lr", a.tokenizer_lr,
-            "--seed", "0"]], outputs=(tok_run,))
+            "--out", tok_run, "--preset", "tiny-skip", *clip, "--steps", a.tokenizer_steps, "--lr", a.tokenizer_lr,
+            "--seed", "0", "loss.l1_weight=0"]], outputs=(tok_run,))  # the recipe of configs/tokenizer/quickstart.yaml
         self.stage("shards", 3, {}, [
             [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
              "--tokenizer", tokenizer, *clip, "--shard-size", "200"]

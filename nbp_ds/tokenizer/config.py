@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "bf16")  # train.precision
 
 @dataclass
 class TokenizerModelConfig:
-    preset: str = "tiny"  # architecture: tiny, small or paper (nbp_ds.tokenizer.PRESETS)
+    preset: str = "tiny"  # architecture: tiny, tiny-skip, small or paper (nbp_ds.tokenizer.PRESETS)
     # fine-tuning: start from this tokenizer instead (official:PATH, a released MAGVIT-v2 tokenizer, or a trained
     # nbp_ds tokenizer's folder); its architecture and code grid are kept and model.preset is not used
     init_from: str | None = None
@@ -56,6 +56,8 @@ class TokenizerDataConfig:
 
 @dataclass
 class TokenizerLossConfig:
+    # the reconstruction loss is l1_weight * L1 + MSE; 0 = MSE alone, which the small tokenizers learn faster with
+    l1_weight: float = 1.0
     adversarial_weight: float = 0.0  # 3D PatchGAN (hinge) loss weight; 0 = off
     adversarial_start: float = 0.5  # fraction of the steps before the GAN joins (the warm-up)
     adaptive_weight: bool = True  # scale the GAN loss by VQGAN's gradient-norm ratio at the decoder's last layer
@@ -110,7 +112,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
                                      "raw videos (.tar pattern, folder or list of shards, pipe:CMD, http(s)://)"),
     ("--val-videos", "data.val_videos", str, "held-out videos for the PSNR report (default: 5%% of the clips)"),
     ("--out", "train.out_dir", str, "run folder"),
-    ("--preset", "model.preset", str, "architecture: tiny, small or paper"),
+    ("--preset", "model.preset", str, "architecture: tiny, tiny-skip, small or paper"),
     ("--init-from", "model.init_from", str, "fine-tune this tokenizer: official:PATH or a trained tokenizer folder"),
     ("--frames", "data.clip.frames", int, "frames per clip, 1 + 4k"),
     ("--resolution", "data.clip.resolution", int, "square clip side in pixels"),
@@ -191,6 +193,7 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _require(0.0 <= t.ema < 1.0, f"train.ema is a decay in [0, 1) (0 = no moving average), got {t.ema}")
+    _require(lo.l1_weight >= 0, f"loss.l1_weight must be >= 0, got {lo.l1_weight}")
     _require(lo.adversarial_weight >= 0, f"loss.adversarial_weight must be >= 0, got {lo.adversarial_weight}")
     _require(lo.perceptual_weight >= 0, f"loss.perceptual_weight must be >= 0, got {lo.perceptual_weight}")
     _require(lo.lecam_weight >= 0, f"loss.lecam_weight must be >= 0, got {lo.lecam_weight}")

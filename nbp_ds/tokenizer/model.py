@@ -41,6 +41,10 @@ class TokenizerConfig:
     # time extent of the convolutions that do not resample time. 3 is MAGVIT-v2's full 3D; 1 leaves all temporal
     # mixing to the temporal down/upsampling convs, which keeps causality and learns several times faster
     temporal_kernel: int = 3
+    # a linear path beside the CNN: each token's mean colour -> 1x1 conv -> latent, and latent -> 1x1 conv -> that
+    # colour spread over the token's pixels, added to the decoder's output. The CNN then learns a residual over a
+    # per-token colour: at the quickstart's size and 1,000 steps (MSE), shapes read 98% against 80%, colour 98% / 95%
+    linear_skip: bool = False
     version: str = "untrained"
 
     def __post_init__(self) -> None:
@@ -70,6 +74,10 @@ PRESETS: dict[str, TokenizerConfig] = {
     # 9x32x32 -> 3x8x8 with 1,000 codes: trains in minutes on a CPU (the quickstart and the tests)
     "tiny": TokenizerConfig("tiny", [8, 5, 5, 5], 32, [1, 2, 2], 1, patch_size=2, spatial_downsample=1,
                             temporal_kernel=1),
+    # tiny with the linear path (linear_skip), the quickstart's: the same codes, grid and time per step, and
+    # sharper shapes and truer colours after 1,000 steps (README, the quickstart)
+    "tiny-skip": TokenizerConfig("tiny-skip", [8, 5, 5, 5], 32, [1, 2, 2], 1, patch_size=2, spatial_downsample=1,
+                                 temporal_kernel=1, linear_skip=True),
     # 8x spatial with 1,000 codes: a CPU-sized stand-in for the paper's
     "small": TokenizerConfig("small", [8, 5, 5, 5], 64, [1, 2, 2], 1, patch_size=2),
     # the NBP paper's: 17x128x128 -> 5x16x16, FSQ [8,8,8,5,5,5] = 64,000 codes
@@ -160,10 +168,13 @@ class Encoder(nn.Module):
         layers.append(ResBlock(c, c, tk))
         self.blocks = nn.Sequential(*layers)
         self.norm_out, self.conv_out = FrameNorm(c), nn.Conv3d(c, latent_dim, 1)
+        self.factors = (cfg.temporal_factor, cfg.spatial_factor)
+        self.linear_skip = nn.Conv3d(3, latent_dim, 1) if cfg.linear_skip else None
 
     def forward(self, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
-        x = run_layers(self.blocks, self.conv_in(space_to_depth(x, self.patch)), checkpointed)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        z = run_layers(self.blocks, self.conv_in(space_to_depth(x, self.patch)), checkpointed)
+        z = self.conv_out(F.silu(self.norm_out(z)))
+        return z if self.linear_skip is None else z + self.linear_skip(token_means(x, *self.factors))
 
 
 class Decoder(nn.Module):
@@ -183,10 +194,27 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(*layers)
         self.patch = cfg.patch_size
         self.norm_out, self.conv_out = FrameNorm(c), CausalConv3d(c, 3 * self.patch ** 2, time_kernel=tk)
+        self.factors = (cfg.temporal_factor, cfg.spatial_factor)
+        self.linear_skip = nn.Conv3d(latent_dim, 3, 1) if cfg.linear_skip else None
 
     def forward(self, z: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
         x = run_layers(self.blocks, self.conv_in(z), checkpointed)
-        return depth_to_space(self.conv_out(F.silu(self.norm_out(x))), self.patch)
+        x = depth_to_space(self.conv_out(F.silu(self.norm_out(x))), self.patch)
+        return x if self.linear_skip is None else x + spread_over_tokens(self.linear_skip(z), *self.factors)
+
+
+def token_means(x: torch.Tensor, temporal: int, spatial: int) -> torch.Tensor:
+    """[B, C, 1 + temporal*k, H, W] -> [B, C, 1 + k, H/spatial, W/spatial]: the mean of the pixels each token covers
+    (the first frame alone, then `temporal` frames per token, as the causal encoder groups them)."""
+    b, c, n, h, w = x.shape
+    frames = torch.cat([x[:, :, :1], x[:, :, 1:].reshape(b, c, (n - 1) // temporal, temporal, h, w).mean(3)], 2)
+    return F.avg_pool3d(frames, (1, spatial, spatial))
+
+
+def spread_over_tokens(y: torch.Tensor, temporal: int, spatial: int) -> torch.Tensor:
+    """The inverse grouping of token_means: each token's value repeated over the pixels and frames it covers."""
+    y = y.repeat_interleave(spatial, 3).repeat_interleave(spatial, 4)
+    return torch.cat([y[:, :, :1], y[:, :, 1:].repeat_interleave(temporal, 2)], 2)
 
 
 def space_to_depth(x: torch.Tensor, p: int) -> torch.Tensor:

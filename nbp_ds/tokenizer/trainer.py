@@ -1,4 +1,4 @@
-"""Training the video tokenizer (causal 3D CNN + FSQ): L1 + MSE reconstruction, optionally a 3D PatchGAN.
+"""Training the video tokenizer (causal 3D CNN + FSQ): MSE (+ L1) reconstruction, optionally a 3D PatchGAN.
 
 Built on the same parts as the transformer trainer: the launcher's rank detection
 (:mod:`nbp_ds.runtime.launch`: torchrun, the deepspeed launcher and srun), its process group and
@@ -205,15 +205,16 @@ class TokenizerTrainer:
 
     def _reconstruction_step(self, x: torch.Tensor, use_gan: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The tokenizer's update: L1 + MSE (+ perceptual) reconstruction loss and, with the GAN on, the generator's
-        hinge loss at its (adaptive) weight. Returns the reconstruction, the codes and the scalars to log."""
+        """The tokenizer's update: MSE + loss.l1_weight x L1 (+ perceptual) reconstruction loss and, with the GAN on,
+        the generator's hinge loss at its (adaptive) weight. Returns the reconstruction, the codes and the scalars to
+        log."""
         loss_cfg = self.cfg.loss
         scalars = {}
         with self._autocast():
             recon, codes = self.ddp(x)
             recon = recon.float()  # the losses in float32 whatever the networks compute in
             l1, l2 = (recon - x).abs().mean(), F.mse_loss(recon, x)
-            loss = l1 + l2
+            loss = loss_cfg.l1_weight * l1 + l2
             if self.perceptual is not None:
                 scalars["train/perceptual"] = perceptual = self.perceptual(recon, x).float()
                 loss = loss + loss_cfg.perceptual_weight * perceptual
