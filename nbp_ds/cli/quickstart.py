@@ -35,6 +35,7 @@ from nbp_ds.cli import command
 from nbp_ds.config import load_config
 from nbp_ds.eval.quality import RUNGS, format_ladder
 from nbp_ds.eval.windows import format_window_table
+from nbp_ds.tokenizer.model import PRESETS
 
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check", "long")
 
@@ -47,7 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="held-out videos per class (the ladder's source and reconstruction rungs)")
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps")
     p.add_argument("--tokenizer-lr", type=float, default=1e-3,
-                   help="tokenizer peak learning rate (3e-3 keeps grey objects: README, What the quickstart shows)")
+                   help="tokenizer peak learning rate (3e-3 keeps grey objects: docs/quality.md)")
+    p.add_argument("--tokenizer-preset", default="tiny-skip", choices=sorted(PRESETS),
+                   help="tokenizer architecture (default tiny-skip: tiny with the linear colour path)")
+    p.add_argument("--tokenizer-l1-weight", type=float, default=0.0,
+                   help="weight of the tokenizer's L1 loss beside its MSE (default 0: the L1 term keeps colour out)")
     p.add_argument("--train-steps", type=int, default=600, help="NBP training steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=8,
@@ -63,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)
     if args.long_frames < 9 or (args.long_frames - 1) % 4:  # checked now, not after the training's minutes
         p.error(f"--long-frames must be 1 + 4k and at least the clip's 9 frames, got {args.long_frames}")
+    if args.tokenizer_l1_weight < 0:
+        p.error(f"--tokenizer-l1-weight must be >= 0, got {args.tokenizer_l1_weight}")
     return args
 
 
@@ -163,10 +170,12 @@ class Pipeline:
             py, "-m", "nbp_ds.cli.make_synthetic_videos", "--out", videos, "--per-class", a.per_class,
             "--val-per-class", a.val_per_class, "--frames", "9", "--size", "32", "--fps", "8", "--seed", "0"]],
             outputs=(videos,))
-        self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr}, [[
+        # configs/tokenizer/quickstart.yaml's recipe unless --tokenizer-preset / --tokenizer-l1-weight say otherwise
+        self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr, "preset": a.tokenizer_preset,
+                                    "l1_weight": a.tokenizer_l1_weight}, [[
             py, "-m", "nbp_ds.cli.train_tokenizer", "--videos", videos / "train", "--val-videos", videos / "val",
-            "--out", tok_run, "--preset", "tiny-skip", *clip, "--steps", a.tokenizer_steps, "--lr", a.tokenizer_lr,
-            "--seed", "0", "loss.l1_weight=0"]], outputs=(tok_run,))  # the recipe of configs/tokenizer/quickstart.yaml
+            "--out", tok_run, "--preset", a.tokenizer_preset, *clip, "--steps", a.tokenizer_steps, "--lr",
+            a.tokenizer_lr, "--seed", "0", f"loss.l1_weight={a.tokenizer_l1_weight}"]], outputs=(tok_run,))
         self.stage("shards", 3, {}, [
             [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
              "--tokenizer", tokenizer, *clip, "--shard-size", "200"]
