@@ -38,6 +38,9 @@ from nbp_ds.eval.windows import format_window_table
 from nbp_ds.tokenizer.model import PRESETS
 
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check", "long")
+# the synthetic videos', the tokenizer's and the model's clip, and the long samples' check window (passed to the
+# commands as text, as the stages' digests always saw it)
+CLIP_FRAMES = 9
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redo", action="append", default=[], choices=STAGES, help="run this stage again")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the NBP run config")
     args = p.parse_intermixed_args(argv)
-    if args.long_frames < 9 or (args.long_frames - 1) % 4:  # checked now, not after the training's minutes
-        p.error(f"--long-frames must be 1 + 4k and at least the clip's 9 frames, got {args.long_frames}")
+    if args.long_frames < CLIP_FRAMES or (args.long_frames - 1) % 4:  # checked now, not after the training
+        p.error(f"--long-frames must be 1 + 4k and at least the clip's {CLIP_FRAMES} frames, got {args.long_frames}")
     if args.tokenizer_l1_weight < 0:
         p.error(f"--tokenizer-l1-weight must be >= 0, got {args.tokenizer_l1_weight}")
     return args
@@ -136,6 +139,10 @@ class Pipeline:
         total = sum(seconds or 0.0 for _, seconds in self.timings)
         print(f"  {'total':<10} {total:6.0f} s")
 
+    def sampling_args(self) -> list:
+        """nbp-sample's settings for both sampling stages; --restart: a rerun means new weights, so sample anew."""
+        return ["--temperature", "1.0", "--top-k", "8", "--cfg-scale", self.args.cfg_scale, "--seed", "0", "--restart"]
+
     def long_stage(self, export: Path, tokenizer: Path, classes: Path, num_classes: int) -> Path:
         """Stage 8: one long sample per class, every class in one batch (one generate_long call, the cheapest way
         on a CPU), then the consistency check window by window (the clip's 9 frames each); returns its folder."""
@@ -143,8 +150,8 @@ class Pipeline:
         self.stage("long", 8, {"frames": a.long_frames, "cfg": a.cfg_scale}, [[
             py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", long,
             "--num", "1", "--batch-size", num_classes, "--frames", a.long_frames, "--classes", classes,
-            "--temperature", "1.0", "--top-k", "8", "--cfg-scale", a.cfg_scale, "--seed", "0", "--restart"], [
-            py, "-m", "nbp_ds.cli.check_consistency", long, "--classes", classes, "--window-frames", "9",
+            *self.sampling_args()], [
+            py, "-m", "nbp_ds.cli.check_consistency", long, "--classes", classes, "--window-frames", str(CLIP_FRAMES),
             "--json", long / "windows.json"]])
         return long
 
@@ -160,7 +167,7 @@ class Pipeline:
         tokenizer = tok_run / "tokenizer"
         shards, train = self.path("shards"), self.path("train")
         export, samples = train / "export.safetensors", self.path("samples")
-        clip = ["--frames", "9", "--resolution", "32", "--fps", "8"]
+        clip = ["--frames", str(CLIP_FRAMES), "--resolution", "32", "--fps", "8"]
         overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"train.out_dir={train}",
                      f"train.steps={a.train_steps}", f"train.sample_tokenizer={tokenizer}", *a.overrides]
         # Checked before the first stage (a bad key is refused now, not after the tokenizer's minutes); the
@@ -168,7 +175,8 @@ class Pipeline:
         run_config = load_config(a.config, overrides).to_dict()
         self.stage("videos", 1, {}, [[
             py, "-m", "nbp_ds.cli.make_synthetic_videos", "--out", videos, "--per-class", a.per_class,
-            "--val-per-class", a.val_per_class, "--frames", "9", "--size", "32", "--fps", "8", "--seed", "0"]],
+            "--val-per-class", a.val_per_class, "--frames", str(CLIP_FRAMES), "--size", "32", "--fps", "8",
+            "--seed", "0"]],
             outputs=(videos,))
         # configs/tokenizer/quickstart.yaml's recipe unless --tokenizer-preset / --tokenizer-l1-weight say otherwise
         self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr, "preset": a.tokenizer_preset,
@@ -186,9 +194,7 @@ class Pipeline:
         self.stage("export", 5, {"train": str(train)}, [[py, "-m", "nbp_ds.cli.export", train, export]])
         self.stage("sample", 6, {"n": a.samples_per_class, "cfg": a.cfg_scale}, [[
             py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
-            "--num", a.samples_per_class, "--classes", shards / "train" / "classes.json",
-            "--temperature", "1.0", "--top-k", "8", "--cfg-scale", a.cfg_scale, "--seed", "0",
-            "--restart"]])  # rerun: new weights, anew
+            "--num", a.samples_per_class, "--classes", shards / "train" / "classes.json", *self.sampling_args()]])
         self.stage("check", 7, {"n": a.samples_per_class}, [[
             py, "-m", "nbp_ds.cli.check_consistency", samples, "--classes", shards / "train" / "classes.json",
             "--json", samples / "consistency.json"], [
