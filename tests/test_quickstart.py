@@ -57,6 +57,20 @@ def test_bad_override_is_refused_before_any_stage_runs(tmp_path, capsys):
     assert not (out / ".done").exists() and not (out / "videos").exists()
 
 
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--tokenizer-preset", "tiny-skp"], "invalid choice: 'tiny-skp'"),
+    (["--tokenizer-l1-weight", "-0.5"], "--tokenizer-l1-weight must be >= 0, got -0.5"),
+    (["--long-frames", "63"], "--long-frames must be 1 + 4k and at least the clip's 9 frames, got 63"),
+    (["--long-frames", "5"], "--long-frames must be 1 + 4k and at least the clip's 9 frames, got 5"),
+])
+def test_bad_tokenizer_and_long_flags_are_refused_by_name_before_any_stage_runs(tmp_path, capsys, flags, named):
+    out = tmp_path / "qs"
+    with pytest.raises(SystemExit) as exc:
+        quickstart.main(["--out", str(out), *flags])
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+    assert not out.exists()
+
+
 def run_stages(out: Path, first: str, second: str, fail: bool = False, redo: tuple[str, ...] = ()) -> list[str]:
     """Two stages of a Pipeline whose commands append to a log (a stage's outputs: a folder a/ and b/);
     return the log. ``first``/``second`` are the stages' parameters; ``fail``: the first stage's command
