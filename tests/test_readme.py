@@ -137,15 +137,39 @@ def test_every_command_has_help():
         assert help_text(module).startswith("usage:"), program
 
 
-def test_make_test_and_test_fast_select_the_markers_they_say():
-    """`make test`: every test but the gpu ones; `make test-fast`: not the slow or Slurm ones either; `make
-    gpu-check` installs nothing."""
-    dry = subprocess.run(["make", "-n", "test", "test-fast"], cwd=ROOT, capture_output=True, text=True, check=True)
-    runs = [line for line in dry.stdout.splitlines() if " -m pytest" in line]
-    assert runs == ['DS_ACCELERATOR=cpu .venv/bin/python -m pytest -m "not gpu"',
-                    'DS_ACCELERATOR=cpu .venv/bin/python -m pytest -m "not gpu and not slow and not slurm"']
+def pytest_parts(target: str) -> list[tuple[str, bool]]:
+    """The pytest runs `make -n TARGET` prints: (marker expression, runs on parallel workers)."""
+    dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True)
+    parts = []
+    for command in re.split(r";|&&|\n", dry.stdout):
+        words = shlex.split(command.replace("\\", " "))
+        if "pytest" in words:
+            after_pytest = words[words.index("pytest"):]
+            parts.append((after_pytest[after_pytest.index("-m") + 1], "-n" in after_pytest))
+    return parts
+
+
+@pytest.mark.parametrize("target, wanted", [("test", "not gpu"), ("test-fast", "not gpu and not slow and not slurm")])
+def test_make_test_and_test_fast_select_the_markers_they_say(target, wanted):
+    """`make test`: every test but the gpu ones; `make test-fast`: not the slow or Slurm ones either. Each runs in
+    two parts (quick tests on parallel workers, then the rest one at a time): over every combination of markers, a
+    test runs in exactly one part when the README's expression selects it, in none otherwise, and never on
+    parallel workers when it is slow, Slurm or timing."""
+    from _pytest.mark.expression import Expression
+
+    parts = pytest_parts(target)
+    assert len(parts) == 2 and [parallel for _, parallel in parts] == [True, False], parts
+    names = ("gpu", "slow", "slurm", "timing")
+    for bits in range(2 ** len(names)):
+        marks = {name for i, name in enumerate(names) if bits >> i & 1}
+        selected = [Expression.compile(expr).evaluate(marks.__contains__) for expr, _ in parts]
+        assert sum(selected) == Expression.compile(wanted).evaluate(marks.__contains__), (marks, parts)
+        assert not (selected[0] and marks & {"slow", "slurm", "timing"}), (marks, parts)
     markers = (ROOT / "pyproject.toml").read_text()
-    assert all(f'"{m}:' in markers for m in ("slow", "gpu", "slurm"))
+    assert all(f'"{m}:' in markers for m in names)
+
+
+def test_make_gpu_check_installs_nothing():
     # `make gpu-check` runs no set-up first: it never installs the CPU torch on a GPU machine
     dry = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "nbp_ds.cli.gpu_check" in dry.stdout and "setup_env" not in dry.stdout

@@ -6,9 +6,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 from train_helpers import env
 
 from nbp_ds.runtime.watchdog import STALLED_EXIT, StepWatchdog
+
+# Their bounds are wall-clock seconds: `make test` runs them alone, after its parallel part (pyproject's markers).
+pytestmark = pytest.mark.timing
 
 STALL = """
 import logging, time
