@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tokenizer architecture (default tiny-skip: tiny with the linear colour path)")
     p.add_argument("--tokenizer-l1-weight", type=float, default=0.0,
                    help="weight of the tokenizer's L1 loss beside its MSE (default 0: the L1 term keeps colour out)")
-    p.add_argument("--train-steps", type=int, default=600, help="NBP training steps")
+    p.add_argument("--train-steps", type=int, default=1000, help="NBP training steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=8,
                    help="sampled videos per class (the ladder's samples rung: 8 x 12 classes = 96)")
