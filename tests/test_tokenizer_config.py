@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from video_fixtures import dataset
 
 from nbp_ds.cli.train_tokenizer import build_parser, config_from_arguments
 from nbp_ds.config import ConfigError
 from nbp_ds.tokenizer.config import FLAGS, TOKENIZER_CONFIG_DIR, TokenizerTrainConfig, load_tokenizer_config
+from nbp_ds.tokenizer.trainer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["data.videos=v", "train.out_dir=o"]
@@ -84,3 +88,29 @@ def test_print_config_round_trips(tmp_path):
     expected = load_tokenizer_config("quickstart", REQUIRED + ["train.seed=3"])
     again.name = expected.name
     assert again == expected
+
+
+def test_the_optimizer_settings_reach_both_optimizers(tmp_path):
+    """train.betas, train.weight_decay (the tokenizer's AdamW) and train.disc_betas (the discriminator's) are what
+    the saved optimizers hold after a step; out of range they are refused by name."""
+    videos = dataset(tmp_path / "videos", classes=2, per_class=1)
+    cfg, _ = config_from_arguments([
+        "--videos", str(videos), "--out", str(tmp_path / "run"), "--preset", "tiny", "--frames", "5",
+        "--resolution", "16", "--batch-size", "2", "--workers", "0", "--steps", "1", "--adversarial-weight", "0.1",
+        "--adversarial-start", "0", "train.betas=[0.8, 0.99]", "train.weight_decay=0.02",
+        "train.disc_betas=[0.3, 0.7]", "train.threads=1"])
+    threads = torch.get_num_threads()
+    try:
+        train_tokenizer(cfg)
+    finally:
+        torch.set_num_threads(threads)  # train.threads sets this process' torch, which the next tests share
+    step = next((tmp_path / "run" / "checkpoints").glob("step*"))
+    tokenizer = torch.load(step / "state.pt", weights_only=False)["opt"]["param_groups"]
+    discriminator = torch.load(step / "discriminator.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["betas"], g["weight_decay"]) for g in tokenizer] == [((0.8, 0.99), 0.02)]
+    assert [g["betas"] for g in discriminator] == [(0.3, 0.7)]
+    for bad, named in (("train.betas=[0.9]", "train.betas must be two numbers in [0, 1)"),
+                       ("train.disc_betas=[0.5, 1.0]", "train.disc_betas must be two numbers in [0, 1)"),
+                       ("train.weight_decay=-0.1", "train.weight_decay must be >= 0, got -0.1")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            load_tokenizer_config(None, REQUIRED + [bad])

@@ -73,6 +73,9 @@ class TokenizerOptimConfig:
     steps: int = 10000
     batch_size: int = 8  # clips per process per step
     lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's, for the tokenizer
+    weight_decay: float = 1e-4  # AdamW's, for the tokenizer
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # the discriminator's AdamW (GAN practice)
     warmup: int = 50  # linear warmup steps
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     save_every: int = 250
@@ -188,6 +191,10 @@ def validate(cfg: TokenizerTrainConfig) -> None:
     _require(d.val_max_videos >= 1, f"data.val_max_videos must be >= 1, got {d.val_max_videos}")
     _require(d.val_video_timeout > 0, f"data.val_video_timeout must be > 0 seconds, got {d.val_video_timeout}")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    for key, betas in (("train.betas", t.betas), ("train.disc_betas", t.disc_betas)):
+        _require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+                 f"{key} must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _require(t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")

@@ -81,12 +81,14 @@ class TokenizerTrainer:
         self.model.check_clip_shape(cfg.data.clip.frames, cfg.data.clip.resolution, cfg.data.clip.resolution)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=1e-4)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                     weight_decay=cfg.train.weight_decay)
         self.disc = self.disc_opt = None
         if cfg.loss.adversarial_weight > 0:
             self.disc = PatchDiscriminator3D().to(self.device)
             self.disc_ddp = torch.nn.parallel.DistributedDataParallel(self.disc) if self.world > 1 else self.disc
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr,
+                                              betas=tuple(cfg.train.disc_betas))
         self.lecam = LeCam(cfg.loss.lecam_decay)
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
@@ -267,7 +269,7 @@ class TokenizerTrainer:
                    "train/lr": self.opt.param_groups[0]["lr"], "data/skipped_videos": len(self.skipped)}
         if self._train_unit == "shards":  # read as the token loader reads: retries and shards given up
             scalars.update({f"data/{k}": self.stream.report.counts[k] for k in ("failed_shards", "shard_retries")})
-        scalars = {k: float(v) for k, v in scalars.items()}
+        scalars = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in scalars.items()}
         self.metrics.scalars(step, scalars)
         self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", psnr=f"{scalars['train/psnr']:.1f}")
 
