@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from nbp_ds.cli import quickstart
@@ -69,6 +70,53 @@ def test_bad_tokenizer_and_long_flags_are_refused_by_name_before_any_stage_runs(
         quickstart.main(["--out", str(out), *flags])
     assert exc.value.code == 2 and named in capsys.readouterr().err
     assert not out.exists()
+
+
+class StagesSeen(Exception):
+    """Raised by a recording Pipeline.stage once the train stage is seen: nothing runs."""
+
+
+def planned_stages(out: Path, *flags: str) -> dict[str, tuple[dict, list[str]]]:
+    """What a quickstart with these flags would run up to its train stage: name -> (parameters, first command)."""
+    pipe = quickstart.Pipeline(quickstart.parse_args(["--out", str(out), *flags]))
+    seen = {}
+
+    def stage(name, number, params, commands, outputs=()):
+        seen[name] = (params, [str(c) for c in commands[0]])
+        if name == "train":
+            raise StagesSeen
+
+    pipe.stage = stage
+    with pytest.raises(StagesSeen):
+        pipe.run()
+    return seen
+
+
+def test_the_tokenizer_and_model_recipes_are_their_configs_changed_only_by_the_flags_given(tmp_path):
+    """The quickstart trains its tokenizer with nbp_ds/configs/tokenizer/quickstart.yaml and its model with
+    quickstart.yaml, read here from the files themselves: no flag given, neither command overrides a value of
+    theirs and the stages' inputs hold the files' values (an edited yaml retrains); a flag given overrides its key."""
+    tok_yaml = yaml.safe_load((ROOT / "nbp_ds/configs/tokenizer/quickstart.yaml").read_text())
+    run_yaml = yaml.safe_load((ROOT / "nbp_ds/configs/quickstart.yaml").read_text())
+    plain = planned_stages(tmp_path)
+    params, command = plain["tokenizer"]
+    assert command[command.index("--config") + 1] == "quickstart"
+    assert not [word for word in command if "=" in word or word in ("--steps", "--lr", "--preset")]
+    tok = params["config"]
+    assert (tok["train"]["steps"], tok["train"]["lr"], tok["model"]["preset"], tok["loss"]["l1_weight"]) == (
+        tok_yaml["train"]["steps"], tok_yaml["train"]["lr"], tok_yaml["model"]["preset"], tok_yaml["loss"]["l1_weight"])
+    params, command = plain["train"]
+    assert not [word for word in command if word.startswith("train.steps=")]
+    assert params["config"]["train"]["steps"] == run_yaml["train"]["steps"]
+
+    flagged = planned_stages(tmp_path, "--tokenizer-steps", "7", "--tokenizer-lr", "0.002", "--tokenizer-preset",
+                             "tiny", "--tokenizer-l1-weight", "0.5", "--train-steps", "11")
+    params, command = flagged["tokenizer"]
+    assert command[-4:] == ["train.steps=7", "train.lr=0.002", "model.preset=tiny", "loss.l1_weight=0.5"]
+    tok = params["config"]
+    assert (tok["train"]["steps"], tok["train"]["lr"], tok["model"]["preset"], tok["loss"]["l1_weight"]) == (
+        7, 0.002, "tiny", 0.5)
+    assert flagged["train"][0]["config"]["train"]["steps"] == 11 and "train.steps=11" in flagged["train"][1]
 
 
 def run_stages(out: Path, first: str, second: str, fail: bool = False, redo: tuple[str, ...] = ()) -> list[str]:

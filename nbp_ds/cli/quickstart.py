@@ -35,12 +35,15 @@ from nbp_ds.cli import command
 from nbp_ds.config import load_config
 from nbp_ds.eval.quality import RUNGS, format_ladder
 from nbp_ds.eval.windows import format_window_table
+from nbp_ds.tokenizer.config import TOKENIZER_CONFIG_DIR, TokenizerTrainConfig, load_tokenizer_config
 from nbp_ds.tokenizer.model import PRESETS
+from nbp_ds.typed_yaml import load_dataclass_tree
 
 STAGES = ("videos", "tokenizer", "shards", "train", "export", "sample", "check", "long")
 # the synthetic videos', the tokenizer's and the model's clip, and the long samples' check window (passed to the
 # commands as text, as the stages' digests always saw it)
 CLIP_FRAMES = 9
+TOKENIZER_CONFIG = "quickstart"  # nbp_ds/configs/tokenizer/quickstart.yaml: the tokenizer's recipe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,14 +52,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=64, help="training videos per class")
     p.add_argument("--val-per-class", type=int, default=8,
                    help="held-out videos per class (the ladder's source and reconstruction rungs)")
-    p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer training steps")
-    p.add_argument("--tokenizer-lr", type=float, default=1e-3,
-                   help="tokenizer peak learning rate (3e-3 keeps grey objects: docs/quality.md)")
-    p.add_argument("--tokenizer-preset", default="tiny-skip", choices=sorted(PRESETS),
-                   help="tokenizer architecture (default tiny-skip: tiny with the linear colour path)")
-    p.add_argument("--tokenizer-l1-weight", type=float, default=0.0,
-                   help="weight of the tokenizer's L1 loss beside its MSE (default 0: the L1 term keeps colour out)")
-    p.add_argument("--train-steps", type=int, default=1000, help="NBP training steps")
+    # The tokenizer's recipe is nbp_ds/configs/tokenizer/quickstart.yaml's and the model's quickstart.yaml's: these
+    # flags change a value of theirs only when given (their help shows the config's value).
+    recipe = load_dataclass_tree(TokenizerTrainConfig, TOKENIZER_CONFIG, config_dir=TOKENIZER_CONFIG_DIR)
+    p.add_argument("--tokenizer-steps", type=int, help=f"tokenizer training steps (default {recipe.train.steps})")
+    p.add_argument("--tokenizer-lr", type=float,
+                   help=f"tokenizer peak learning rate (default {recipe.train.lr:g}; 3e-3 keeps grey objects: "
+                        f"docs/quality.md)")
+    p.add_argument("--tokenizer-preset", choices=sorted(PRESETS),
+                   help=f"tokenizer architecture (default {recipe.model.preset}: tiny with the linear colour path)")
+    p.add_argument("--tokenizer-l1-weight", type=float,
+                   help=f"weight of the tokenizer's L1 loss beside its MSE (default {recipe.loss.l1_weight:g}: the "
+                        f"L1 term keeps colour out)")
+    p.add_argument("--train-steps", type=int,
+                   help=f"NBP training steps (default: the run config's train.steps, quickstart.yaml's "
+                        f"{load_config('quickstart').train.steps})")
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=8,
                    help="sampled videos per class (the ladder's samples rung: 8 x 12 classes = 96)")
@@ -71,9 +81,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)
     if args.long_frames < CLIP_FRAMES or (args.long_frames - 1) % 4:  # checked now, not after the training
         p.error(f"--long-frames must be 1 + 4k and at least the clip's {CLIP_FRAMES} frames, got {args.long_frames}")
-    if args.tokenizer_l1_weight < 0:
+    if args.tokenizer_l1_weight is not None and args.tokenizer_l1_weight < 0:
         p.error(f"--tokenizer-l1-weight must be >= 0, got {args.tokenizer_l1_weight}")
     return args
+
+
+def tokenizer_overrides(args: argparse.Namespace) -> list[str]:
+    """The tokenizer flags given, as key=value overrides of the tokenizer config (none given: its recipe)."""
+    keys = {"train.steps": args.tokenizer_steps, "train.lr": args.tokenizer_lr,
+            "model.preset": args.tokenizer_preset, "loss.l1_weight": args.tokenizer_l1_weight}
+    return [f"{key}={value}" for key, value in keys.items() if value is not None]
 
 
 class Pipeline:
@@ -168,22 +185,24 @@ class Pipeline:
         shards, train = self.path("shards"), self.path("train")
         export, samples = train / "export.safetensors", self.path("samples")
         clip = ["--frames", str(CLIP_FRAMES), "--resolution", "32", "--fps", "8"]
+        steps = [] if a.train_steps is None else [f"train.steps={a.train_steps}"]
         overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"train.out_dir={train}",
-                     f"train.steps={a.train_steps}", f"train.sample_tokenizer={tokenizer}", *a.overrides]
-        # Checked before the first stage (a bad key is refused now, not after the tokenizer's minutes); the
-        # resolved config, not just its name, is the train stage's input: an edited quickstart.yaml retrains.
+                     *steps, f"train.sample_tokenizer={tokenizer}", *a.overrides]
+        tok_paths = [f"data.videos={videos / 'train'}", f"data.val_videos={videos / 'val'}", f"train.out_dir={tok_run}"]
+        # Both configs are checked before the first stage (a bad key is refused now, not after the tokenizer's
+        # minutes); the resolved configs, not just their names, are the stages' inputs: an edited yaml retrains.
         run_config = load_config(a.config, overrides).to_dict()
+        tok_config = load_tokenizer_config(TOKENIZER_CONFIG, tok_paths + tokenizer_overrides(a)).to_dict()
         self.stage("videos", 1, {}, [[
             py, "-m", "nbp_ds.cli.make_synthetic_videos", "--out", videos, "--per-class", a.per_class,
             "--val-per-class", a.val_per_class, "--frames", str(CLIP_FRAMES), "--size", "32", "--fps", "8",
             "--seed", "0"]],
             outputs=(videos,))
-        # configs/tokenizer/quickstart.yaml's recipe unless --tokenizer-preset / --tokenizer-l1-weight say otherwise
-        self.stage("tokenizer", 2, {"steps": a.tokenizer_steps, "lr": a.tokenizer_lr, "preset": a.tokenizer_preset,
-                                    "l1_weight": a.tokenizer_l1_weight}, [[
-            py, "-m", "nbp_ds.cli.train_tokenizer", "--videos", videos / "train", "--val-videos", videos / "val",
-            "--out", tok_run, "--preset", a.tokenizer_preset, *clip, "--steps", a.tokenizer_steps, "--lr",
-            a.tokenizer_lr, "--seed", "0", f"loss.l1_weight={a.tokenizer_l1_weight}"]], outputs=(tok_run,))
+        # configs/tokenizer/quickstart.yaml's recipe, with the --tokenizer-* flags given
+        self.stage("tokenizer", 2, {"config": tok_config}, [[
+            py, "-m", "nbp_ds.cli.train_tokenizer", "--config", TOKENIZER_CONFIG, "--videos", videos / "train",
+            "--val-videos", videos / "val", "--out", tok_run, *clip, "--seed", "0", *tokenizer_overrides(a)]],
+            outputs=(tok_run,))
         self.stage("shards", 3, {}, [
             [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
              "--tokenizer", tokenizer, *clip, "--shard-size", "200"]
