@@ -63,6 +63,7 @@ def test_bad_override_is_refused_before_any_stage_runs(tmp_path, capsys):
     (["--tokenizer-l1-weight", "-0.5"], "--tokenizer-l1-weight must be >= 0, got -0.5"),
     (["--long-frames", "63"], "--long-frames must be 1 + 4k and at least the clip's 9 frames, got 63"),
     (["--long-frames", "5"], "--long-frames must be 1 + 4k and at least the clip's 9 frames, got 5"),
+    (["--top-k", "0"], "--top-k must be >= 1, got 0"),
 ])
 def test_bad_tokenizer_and_long_flags_are_refused_by_name_before_any_stage_runs(tmp_path, capsys, flags, named):
     out = tmp_path / "qs"
@@ -163,9 +164,11 @@ def test_stages_rerun_when_their_inputs_or_an_earlier_stage_change_and_resume_wh
 # tokenizer steps; measured, 2-core CPU), so no bound on its samples could tell a bug from a good run. tiny's grey
 # blobs it learns in 300 steps. Each bound was seen catching a planted bug (docs/PROMISES.md 6d): targets shifted by
 # one token gave 31.2% direction and class dropout replacing 90% of the labels 27.1% (the direction bound); a
-# dropped LR warm-up left the direction at 54.2% but ended at a validation loss of 1.024 (the loss bound).
+# dropped LR warm-up left the direction at 54.2% but ended at a validation loss of 1.024 (the loss bound). The
+# samples are drawn with top-k 8, the setting these figures were measured with (the quickstart's default is now 4).
 QUALITY_RUN = ["--per-class", "16", "--val-per-class", "1", "--tokenizer-steps", "150", "--tokenizer-preset", "tiny",
                "--tokenizer-l1-weight", "1", "--train-steps", "300", "--samples-per-class", "4", "--long-frames", "17",
+               "--top-k", "8",
                "train.save_every=300", "train.eval_every=300", "train.sample_every=300", "train.log_every=50"]
 # Measured (2-core CPU): the samples' direction 54.2% [40-67] of 48 (chance 25%), the validation loss at step 300
 # 0.899; the bounds sit between those and the planted bugs'. Shape and colour are not bounded: this tokenizer keeps
@@ -240,6 +243,8 @@ def test_quickstart_end_to_end_quality_and_reuse(tmp_path):
     assert (out / "train" / "finished").is_file()
     tok_report = json.loads((out / "tokenizer" / "report.json").read_text())
     assert tok_report["steps"] == 150 and tok_report["val_psnr"] > 0
+    for sampled in ("samples", "long_samples"):  # both sampling stages drew with the --top-k given
+        assert json.loads((out / sampled / "sampling.json").read_text())["top_k"] == 8
     for where in ("Look at:", str(samples), "tensorboard --logdir"):
         assert where in first.stdout
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

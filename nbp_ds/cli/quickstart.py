@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=2.0,
                    help="classifier-free guidance of the samples (the model drops its class 10%% of the time "
                         "in training; 1 = off)")
+    p.add_argument("--top-k", type=int, default=4,
+                   help="sample each token from its k likeliest codes (default 4: the samples keep their colour "
+                        "more often than with 8; docs/quality.md)")
     p.add_argument("--long-frames", type=int, default=65,
                    help="frames of the long sample of each class (stage 8; 1 + 4k, at least 9)")
     p.add_argument("--config", default="quickstart", help="run config of the NBP model")
@@ -81,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)
     if args.long_frames < CLIP_FRAMES or (args.long_frames - 1) % 4:  # checked now, not after the training
         p.error(f"--long-frames must be 1 + 4k and at least the clip's {CLIP_FRAMES} frames, got {args.long_frames}")
+    if args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.tokenizer_l1_weight is not None and args.tokenizer_l1_weight < 0:
         p.error(f"--tokenizer-l1-weight must be >= 0, got {args.tokenizer_l1_weight}")
     return args
@@ -158,7 +163,8 @@ class Pipeline:
 
     def sampling_args(self) -> list:
         """nbp-sample's settings for both sampling stages; --restart: a rerun means new weights, so sample anew."""
-        return ["--temperature", "1.0", "--top-k", "8", "--cfg-scale", self.args.cfg_scale, "--seed", "0", "--restart"]
+        return ["--temperature", "1.0", "--top-k", self.args.top_k, "--cfg-scale", self.args.cfg_scale, "--seed", "0",
+                "--restart"]
 
     def long_stage(self, export: Path, tokenizer: Path, classes: Path, num_classes: int) -> Path:
         """Stage 8: one long sample per class, every class in one batch (one generate_long call, the cheapest way
