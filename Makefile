@@ -13,19 +13,19 @@ setup:
 quickstart: setup
 	DS_ACCELERATOR=cpu $(PY) -m nbp_ds.cli.quickstart
 
-# The quick tests run on one worker per CPU core (at most 4; one file per worker, so a file's shared fixtures are
-# built once); then, one at a time, the tests that start several processes of their own (slow: multi-process
-# DeepSpeed; slurm: a cluster) or time a second or two (timing). Both parts run even when the first fails.
+# Most tests run on one worker per CPU core (at most 4; one file per worker, so a file's shared fixtures are
+# built once); then, one at a time, those that must have the machine to themselves: the Slurm ones (one cluster
+# at a time) and the timing ones (wall-clock bounds). Both parts run even when the first fails.
 PYTEST := DS_ACCELERATOR=cpu $(PY) -m pytest
 PARALLEL := -n auto --maxprocesses 4 --dist loadfile
 
 test: setup
-	$(PYTEST) $(PARALLEL) -m "not gpu and not slow and not slurm and not timing"; quick=$$?; \
-	$(PYTEST) -m "not gpu and (slow or slurm or timing)" && exit $$quick
+	$(PYTEST) $(PARALLEL) -m "not gpu and not slurm and not timing"; first=$$?; \
+	$(PYTEST) -m "not gpu and (slurm or timing)" && exit $$first
 
 test-fast: setup
-	$(PYTEST) $(PARALLEL) -m "not gpu and not slow and not slurm and not timing"; quick=$$?; \
-	$(PYTEST) -m "not gpu and not slow and not slurm and timing" && exit $$quick
+	$(PYTEST) $(PARALLEL) -m "not gpu and not slow and not slurm and not timing"; first=$$?; \
+	$(PYTEST) -m "not gpu and not slow and not slurm and timing" && exit $$first
 
 lint: setup
 	$(PY) -m ruff check nbp_ds tests tools

@@ -152,9 +152,9 @@ def pytest_parts(target: str) -> list[tuple[str, bool]]:
 @pytest.mark.parametrize("target, wanted", [("test", "not gpu"), ("test-fast", "not gpu and not slow and not slurm")])
 def test_make_test_and_test_fast_select_the_markers_they_say(target, wanted):
     """`make test`: every test but the gpu ones; `make test-fast`: not the slow or Slurm ones either. Each runs in
-    two parts (quick tests on parallel workers, then the rest one at a time): over every combination of markers, a
-    test runs in exactly one part when the README's expression selects it, in none otherwise, and never on
-    parallel workers when it is slow, Slurm or timing."""
+    two parts (most tests on parallel workers, then the Slurm and timing ones one at a time): over every
+    combination of markers, a test runs in exactly one part when the README's expression selects it, in none
+    otherwise, and never on parallel workers when it is Slurm or timing."""
     from _pytest.mark.expression import Expression
 
     parts = pytest_parts(target)
@@ -164,7 +164,7 @@ def test_make_test_and_test_fast_select_the_markers_they_say(target, wanted):
         marks = {name for i, name in enumerate(names) if bits >> i & 1}
         selected = [Expression.compile(expr).evaluate(marks.__contains__) for expr, _ in parts]
         assert sum(selected) == Expression.compile(wanted).evaluate(marks.__contains__), (marks, parts)
-        assert not (selected[0] and marks & {"slow", "slurm", "timing"}), (marks, parts)
+        assert not (selected[0] and marks & {"slurm", "timing"}), (marks, parts)
     markers = (ROOT / "pyproject.toml").read_text()
     assert all(f'"{m}:' in markers for m in names)
 

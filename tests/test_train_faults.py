@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from train_helpers import _children, make_shards, run, start, step_counts, step_losses, train_cmd, wait_for
 
-pytestmark = pytest.mark.slow
+# slow, and timing: its bounds are wall-clock seconds (`make test` runs it alone, after its parallel part)
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 # short enough that a hang fails the test quickly, long enough for a save on two shared cores
 COLLECTIVE_TIMEOUT = "train.collective_timeout_s=60"
