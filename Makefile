@@ -13,19 +13,19 @@ setup:
 quickstart: setup
 	DS_ACCELERATOR=cpu $(PY) -m nbp_ds.cli.quickstart
 
-# Most tests run on one worker per CPU core (at most 4; one file per worker, so a file's shared fixtures are
-# built once); then, one at a time, those that must have the machine to themselves: the Slurm ones (one cluster
-# at a time) and the timing ones (wall-clock bounds). Both parts run even when the first fails.
+# $(call in_two_parts,MARKERS): the tests MARKERS selects, most on one worker per CPU core (at most 4; one file per
+# worker, so a file's shared fixtures are built once), then, one at a time, those that must have the machine to
+# themselves: the Slurm ones (one cluster at a time) and the timing ones (wall-clock bounds). Both parts run even
+# when the first fails.
 PYTEST := DS_ACCELERATOR=cpu $(PY) -m pytest
-PARALLEL := -n auto --maxprocesses 4 --dist loadfile
+in_two_parts = $(PYTEST) -n auto --maxprocesses 4 --dist loadfile -m "$(1) and not slurm and not timing"; \
+	first=$$?; $(PYTEST) -m "$(1) and (slurm or timing)" && exit $$first
 
 test: setup
-	$(PYTEST) $(PARALLEL) -m "not gpu and not slurm and not timing"; first=$$?; \
-	$(PYTEST) -m "not gpu and (slurm or timing)" && exit $$first
+	$(call in_two_parts,not gpu)
 
 test-fast: setup
-	$(PYTEST) $(PARALLEL) -m "not gpu and not slow and not slurm and not timing"; first=$$?; \
-	$(PYTEST) -m "not gpu and not slow and not slurm and timing" && exit $$first
+	$(call in_two_parts,not gpu and not slow and not slurm)
 
 lint: setup
 	$(PY) -m ruff check nbp_ds tests tools

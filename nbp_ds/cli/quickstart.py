@@ -195,10 +195,11 @@ class Pipeline:
         overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"train.out_dir={train}",
                      *steps, f"train.sample_tokenizer={tokenizer}", *a.overrides]
         tok_paths = [f"data.videos={videos / 'train'}", f"data.val_videos={videos / 'val'}", f"train.out_dir={tok_run}"]
+        tok_overrides = tokenizer_overrides(a)
         # Both configs are checked before the first stage (a bad key is refused now, not after the tokenizer's
         # minutes); the resolved configs, not just their names, are the stages' inputs: an edited yaml retrains.
         run_config = load_config(a.config, overrides).to_dict()
-        tok_config = load_tokenizer_config(TOKENIZER_CONFIG, tok_paths + tokenizer_overrides(a)).to_dict()
+        tok_config = load_tokenizer_config(TOKENIZER_CONFIG, tok_paths + tok_overrides).to_dict()
         self.stage("videos", 1, {}, [[
             py, "-m", "nbp_ds.cli.make_synthetic_videos", "--out", videos, "--per-class", a.per_class,
             "--val-per-class", a.val_per_class, "--frames", str(CLIP_FRAMES), "--size", "32", "--fps", "8",
@@ -207,7 +208,7 @@ class Pipeline:
         # configs/tokenizer/quickstart.yaml's recipe, with the --tokenizer-* flags given
         self.stage("tokenizer", 2, {"config": tok_config}, [[
             py, "-m", "nbp_ds.cli.train_tokenizer", "--config", TOKENIZER_CONFIG, "--videos", videos / "train",
-            "--val-videos", videos / "val", "--out", tok_run, *clip, "--seed", "0", *tokenizer_overrides(a)]],
+            "--val-videos", videos / "val", "--out", tok_run, *clip, "--seed", "0", *tok_overrides]],
             outputs=(tok_run,))
         self.stage("shards", 3, {}, [
             [py, "-m", "nbp_ds.cli.tokenize", "--videos", videos / split, "--out", shards / split,
