@@ -158,3 +158,15 @@ def test_the_fallback_takes_the_newest_intact_of_several_earlier_checkpoints(fou
         assert four_saved.latest_intact().tag == f"step{expected:08d}"
     assert sorted(int(s) for s in re.findall(r"step(\d{8}) is damaged", caplog.text)) \
         == sorted(s for s in damaged if s > expected)
+
+
+def test_past_ten_to_the_eight_steps_the_order_is_by_step_not_by_text(tmp_path, caplog):
+    # tag_for pads to 8 digits; step 100,000,000 has 9 and sorts as text before step 99,999,999 ("step1" < "step9")
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    manager.register("optimizer", OptimizerStates())
+    for step in (99_999_998, 99_999_999, 100_000_000):
+        manager.save(step)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step100000000", "step99999999"]
+    (tmp_path / "step100000000" / "zero_pp_rank_1_optim_states.pt").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert manager.latest_intact().tag == "step99999999"

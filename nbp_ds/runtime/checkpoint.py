@@ -86,6 +86,17 @@ def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
+def _tag_order(tag: str) -> tuple[int, str]:
+    # by step number, not by text: past 10^8 steps the tags grow a ninth digit ("step100000000" < "step99999999")
+    step = CheckpointRef(Path(), tag).step
+    return (-1 if step is None else step, tag)
+
+
+def step_tags(folder: Path) -> list[str]:
+    """The checkpoint tags (``step...`` sub-folders) in ``folder``, oldest step first."""
+    return sorted((p.name for p in Path(folder).glob(f"{TAG_PREFIX}*") if p.is_dir()), key=_tag_order)
+
+
 def read_latest(folder: Path) -> str | None:
     """The tag ``folder/latest`` names, or None when there is no ``latest``; a ``latest`` naming a tag
     folder that does not exist is refused (the checkpoint was deleted or the folder copied in part)."""
@@ -300,8 +311,9 @@ class CheckpointManager:
         checkpoint at all. A folder with checkpoints but none intact is an error, never a start from step 0."""
         latest_file = self.folder / LATEST
         latest = latest_file.read_text().strip() if latest_file.is_file() else None
-        tags = sorted((p.name for p in self.folder.glob(f"{TAG_PREFIX}*") if p.is_dir()), reverse=True)
-        candidates = [latest, *(t for t in tags if t < latest)] if latest else tags
+        tags = step_tags(self.folder)[::-1]
+        older = [t for t in tags if _tag_order(t) < _tag_order(latest)] if latest else tags
+        candidates = [latest, *older] if latest else tags
         damaged = []
         for tag in candidates:
             ref = CheckpointRef(self.folder, tag)
@@ -335,7 +347,7 @@ class CheckpointManager:
         return [json.loads(f.read_text()) for f in sorted(ref.path.glob("rank*_data.json"))]
 
     def _prune(self) -> None:
-        tags = sorted(p.name for p in self.folder.glob(f"{TAG_PREFIX}*") if p.is_dir())
+        tags = step_tags(self.folder)
         latest = read_latest(self.folder)
         for old in tags[: max(len(tags) - self.keep_last, 0)]:
             if old != latest:
