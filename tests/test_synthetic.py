@@ -16,7 +16,7 @@ import pytest
 
 from nbp_ds import ffmpeg_tools
 from nbp_ds.eval.consistency import analyze_clip, classify_clip, consistency_report, format_report
-from nbp_ds.eval.synthetic import BACKGROUND, CLASSES, DIRECTIONS, SHAPES, parse_class, render_clip
+from nbp_ds.eval.synthetic import BACKGROUND, CLASSES, DIRECTIONS, SHAPES, SIZE_RANGE, parse_class, render_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ["-m", "nbp_ds.cli.make_synthetic_videos"]
@@ -80,6 +80,27 @@ def test_render_clip_long_clips_slow_down_to_stay_inside():
     assert (clip[:, :, 0] == background).all() and (clip[:, :, -1] == background).all()
     with pytest.raises(ValueError):
         render_clip("hexagon", "right", 9, 32, np.random.default_rng(0))
+
+
+def square_side(clip: np.ndarray) -> int:
+    """The width in pixels of the object in a clip's first frame (of a square: its side, rasterised)."""
+    cols = np.nonzero((clip[0] != clip[0, 0, 0]).any(-1).any(0))[0]
+    return int(cols.max() - cols.min() + 1)
+
+
+def test_object_size_sets_the_side_and_the_default_is_40_to_50_percent():
+    # A square of side s (pixels, at any sub-pixel offset) covers the centres of s-1 to s+1 columns.
+    for fraction in (0.30, 0.45, 0.60):
+        for seed in range(6):
+            clip = render_clip("square", "down", 9, 64, np.random.default_rng(seed), object_size=(fraction, fraction))
+            assert abs(square_side(clip) - fraction * 64) <= 1, (fraction, seed)
+    sides = [square_side(render_clip("square", "up", 9, 64, np.random.default_rng(seed))) for seed in range(40)]
+    assert SIZE_RANGE == (0.40, 0.50)
+    assert 0.40 * 64 - 1 <= min(sides) and max(sides) <= 0.50 * 64 + 1
+    assert max(sides) - min(sides) >= 4  # drawn over the range, not one size
+    for bad in ((0.2, 0.4), (0.5, 0.45), (0.3, 0.7), (0.4,)):
+        with pytest.raises(ValueError, match=r"object size .* within \[0.3, 0.6\]"):
+            render_clip("circle", "up", 9, 32, np.random.default_rng(0), object_size=bad)
 
 
 # ------------------------------------------------------------------------------------------------------ the checker
@@ -240,6 +261,35 @@ def test_checker_tool_fails_on_noise_videos(tmp_path):
     result = run_tool(CHECKER, "--videos", tmp_path, "--min-rate", 0.5)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "below --min-rate" in result.stderr
+
+
+@needs_ffmpeg
+def test_generator_records_its_world_and_refuses_to_mix_another_into_it(synthetic_videos, tmp_path):
+    from nbp_ds.eval.consistency import object_mask
+    from nbp_ds.video_io import read_clips
+
+    out = synthetic_videos
+    assert json.loads((out / "world.json").read_text()) == {"frames": 9, "size": 32, "fps": 8.0, "seed": 0,
+                                                            "object_size": [0.40, 0.50]}
+    for path in sorted((out / "train").glob("square_*/*.mp4")):  # the default size, through the mp4 round trip
+        rows, cols = np.nonzero(object_mask(read_clips(path, frames=9, fps=8, resolution=32)[0][0])[0])
+        assert 0.40 * 32 - 2 <= cols.max() - cols.min() + 1 <= 0.50 * 32 + 2, path
+    before = sorted(p.stat().st_mtime_ns for p in out.rglob("*.mp4"))
+    result = run_tool(GENERATOR, "--out", out, "--per-class", 3, "--object-size", 0.3, 0.4, "--workers", 1)
+    assert result.returncode == 2
+    assert f"{out} holds videos of another world" in result.stderr
+    assert "object_size [0.4, 0.5] -> [0.3, 0.4]" in result.stderr
+    assert sorted(p.stat().st_mtime_ns for p in out.rglob("*.mp4")) == before  # nothing made, nothing touched
+    small = tmp_path / "small"
+    result = run_tool(GENERATOR, "--out", small, "--per-class", 1, "--object-size", 0.3, 0.3, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((small / "world.json").read_text())["object_size"] == [0.3, 0.3]
+    frame = read_clips(small / "train" / "square_up" / "square_up_0000.mp4", frames=9, fps=8, resolution=32)[0][0]
+    cols = np.nonzero(object_mask(frame)[0])[1]
+    assert abs(cols.max() - cols.min() + 1 - 0.3 * 32) <= 2
+    result = run_tool(GENERATOR, "--out", tmp_path / "bad", "--per-class", 1, "--object-size", 0.5, 0.7)
+    assert result.returncode == 2 and "--object-size: object size [0.5, 0.7]" in result.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 @needs_ffmpeg

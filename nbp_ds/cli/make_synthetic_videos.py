@@ -7,6 +7,7 @@
 in nbp_ds/eval/synthetic.py. Layout of --out:
 
     OUT/classes.json                        {class name: class id}, also copied to OUT/train and OUT/val
+    OUT/world.json                          the parameters below (a rerun with other ones is refused)
     OUT/train/<class>/<class>_<i:04d>.mp4   --per-class videos per class
     OUT/val/<class>/<class>_<i:04d>.mp4     --val-per-class videos per class (different random draws)
 
@@ -27,7 +28,8 @@ import time
 from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
-from nbp_ds.eval.synthetic import CLASSES
+from nbp_ds.errors import UsageError
+from nbp_ds.eval.synthetic import CLASSES, SIZE_LIMITS, SIZE_RANGE, check_object_size
 from nbp_ds.eval.synthetic_dataset import write_dataset
 
 
@@ -39,6 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=9, help="frames per video (default 9)")
     p.add_argument("--size", type=int, default=32, help="frame width and height in pixels (default 32)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate written into the mp4 (default 8)")
+    p.add_argument("--object-size", type=float, nargs=2, default=list(SIZE_RANGE), metavar=("MIN", "MAX"),
+                   help=f"each object's side, drawn between these fractions of the frame side (default "
+                        f"{SIZE_RANGE[0]:g} {SIZE_RANGE[1]:g}, the quickstart's; allowed {SIZE_LIMITS[0]:g} to "
+                        f"{SIZE_LIMITS[1]:g})")
     p.add_argument("--seed", type=int, default=0, help="base seed; each video's seed derives from it (default 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="parallel processes rendering and encoding (default: all CPU cores)")
@@ -54,6 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--fps must be > 0")
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    try:
+        args.object_size = check_object_size(args.object_size)
+    except ValueError as exc:
+        p.error(f"--object-size: {exc}")
     return args
 
 
@@ -63,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     began = time.perf_counter()
-    made, kept = write_dataset(out, args.per_class, args.val_per_class, args.frames, args.size, args.fps, args.seed,
-                               args.workers)
+    try:
+        made, kept = write_dataset(out, args.per_class, args.val_per_class, args.frames, args.size, args.fps,
+                                   args.seed, args.workers, args.object_size)
+    except ValueError as exc:  # the folder holds another world's videos
+        raise UsageError(str(exc)) from None
     seconds = time.perf_counter() - began
     rate = made / seconds if made and seconds > 0 else 0.0
     print(f"made {made} videos ({kept} existing kept) in {seconds:.1f} s ({rate:.1f} videos/s): "

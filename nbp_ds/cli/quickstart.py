@@ -34,6 +34,7 @@ from pathlib import Path
 from nbp_ds.cli import command
 from nbp_ds.config import load_config
 from nbp_ds.eval.quality import RUNGS, format_ladder
+from nbp_ds.eval.synthetic import SIZE_RANGE, check_object_size
 from nbp_ds.eval.windows import format_window_table
 from nbp_ds.tokenizer.config import TOKENIZER_CONFIG_DIR, TokenizerTrainConfig, load_tokenizer_config
 from nbp_ds.tokenizer.model import PRESETS
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=64, help="training videos per class")
     p.add_argument("--val-per-class", type=int, default=8,
                    help="held-out videos per class (the ladder's source and reconstruction rungs)")
+    p.add_argument("--object-size", type=float, nargs=2, default=list(SIZE_RANGE), metavar=("MIN", "MAX"),
+                   help=f"the objects' side as fractions of the frame's (default {SIZE_RANGE[0]:g} {SIZE_RANGE[1]:g}: "
+                        f"3-4 tokens a side; 0.3 0.4 lost shape and colour more often: docs/quality.md)")
     # The tokenizer's recipe is nbp_ds/configs/tokenizer/quickstart.yaml's and the model's quickstart.yaml's: these
     # flags change a value of theirs only when given (their help shows the config's value).
     recipe = load_dataclass_tree(TokenizerTrainConfig, TOKENIZER_CONFIG, config_dir=TOKENIZER_CONFIG_DIR)
@@ -84,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)
     if args.long_frames < CLIP_FRAMES or (args.long_frames - 1) % 4:  # checked now, not after the training
         p.error(f"--long-frames must be 1 + 4k and at least the clip's {CLIP_FRAMES} frames, got {args.long_frames}")
+    try:
+        args.object_size = check_object_size(args.object_size)
+    except ValueError as exc:
+        p.error(f"--object-size: {exc}")
     if args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.tokenizer_l1_weight is not None and args.tokenizer_l1_weight < 0:
@@ -203,7 +211,7 @@ class Pipeline:
         self.stage("videos", 1, {}, [[
             py, "-m", "nbp_ds.cli.make_synthetic_videos", "--out", videos, "--per-class", a.per_class,
             "--val-per-class", a.val_per_class, "--frames", str(CLIP_FRAMES), "--size", "32", "--fps", "8",
-            "--seed", "0"]],
+            "--object-size", *a.object_size, "--seed", "0"]],
             outputs=(videos,))
         # configs/tokenizer/quickstart.yaml's recipe, with the --tokenizer-* flags given
         self.stage("tokenizer", 2, {"config": tok_config}, [[

@@ -46,10 +46,16 @@ OBJECT_COLORS: tuple[tuple[int, int, int], ...] = (
 COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
 
 # Object size as a fraction of the frame side, and speed in pixels per frame at a 32-pixel frame (scaled linearly
-# with the frame size so that a clip looks the same at every resolution). The smallest size is 30%, not less: a
-# circle only 8-9 pixels across rasterises, at some sub-pixel positions, into an octagon filling ~94% of its box,
-# i.e. a square to any detector (and to a viewer); from ~9.6 pixels on its fill ratio stays below ~0.88.
-SIZE_RANGE: tuple[float, float] = (0.30, 0.40)
+# with the frame size so that a clip looks the same at every resolution). SIZE_RANGE is the default (the
+# quickstart's): 40-50% of the side spans 3.2-4 tokens of a 4x-downsampling tokenizer, where 30-40% spanned 2.4-3.2,
+# nearly all of them edge tokens; on the quickstart the larger objects kept their colour on 98% of the
+# reconstructions (93% before) and their shape on 62% of the samples (51%) (docs/quality.md). SIZE_LIMITS bound
+# what a caller may ask for: not below 30%, since a circle only 8-9 pixels across rasterises, at some sub-pixel
+# positions, into an octagon filling ~94% of its box, i.e. a square to any detector (and to a viewer; from ~9.6
+# pixels on its fill ratio stays below ~0.88); not above 60%, so that the object still has room to travel and
+# covers well under the checker's MAX_AREA_FRACTION of the frame.
+SIZE_RANGE: tuple[float, float] = (0.40, 0.50)
+SIZE_LIMITS: tuple[float, float] = (0.30, 0.60)
 SPEED_RANGE_AT_32: tuple[float, float] = (0.6, 1.5)
 # Per-video background brightness jitter (added to all three channels), small enough to keep the background dark.
 BACKGROUND_JITTER = 6
@@ -62,6 +68,16 @@ def parse_class(name: str) -> tuple[str, str]:
         raise ValueError(f"{name!r} is not a synthetic class name (<shape>_<direction> with shape in {SHAPES} and "
                          f"direction in {DIRECTIONS})")
     return shape, direction
+
+
+def check_object_size(object_size: tuple[float, float] | list[float]) -> tuple[float, float]:
+    """``object_size`` (smallest, largest fraction of the frame side) as a checked pair; ValueError naming the
+    value when it is not two numbers with SIZE_LIMITS[0] <= smallest <= largest <= SIZE_LIMITS[1]."""
+    low, high = SIZE_LIMITS
+    if len(object_size) != 2 or not low <= float(object_size[0]) <= float(object_size[1]) <= high:
+        raise ValueError(f"object size {list(object_size)} must be two fractions of the frame side, smallest first, "
+                         f"within [{low}, {high}] (default {list(SIZE_RANGE)})")
+    return float(object_size[0]), float(object_size[1])
 
 
 def shape_mask(shape: str, x0: float, y0: float, side: float, size: int) -> np.ndarray:
@@ -86,10 +102,12 @@ def shape_mask(shape: str, x0: float, y0: float, side: float, size: int) -> np.n
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def render_clip(shape: str, direction: str, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def render_clip(shape: str, direction: str, frames: int, size: int, rng: np.random.Generator,
+                object_size: tuple[float, float] = SIZE_RANGE) -> np.ndarray:
     """Render one clip of ``shape`` moving ``direction``: uint8 [frames, size, size, 3], deterministic from ``rng``.
 
-    The object's colour, size (SIZE_RANGE of the frame side), speed (SPEED_RANGE_AT_32 scaled to ``size``) and start
+    The object's colour, size (a fraction of the frame side drawn from ``object_size``, checked against
+    SIZE_LIMITS), speed (SPEED_RANGE_AT_32 scaled to ``size``) and start
     position are drawn from ``rng``; the start is chosen so that the whole object stays inside the frame in every
     frame. When the clip is so long that the drawn speed would carry the object out, the speed is lowered to fit.
     """
@@ -99,10 +117,11 @@ def render_clip(shape: str, direction: str, frames: int, size: int, rng: np.rand
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
     if frames < 1 or size < 8:
         raise ValueError(f"need frames >= 1 and size >= 8, got frames={frames}, size={size}")
+    object_size = check_object_size(object_size)
     dx, dy = DIRECTION_VECTORS[direction]
 
     color = np.array(OBJECT_COLORS[rng.integers(len(OBJECT_COLORS))], dtype=np.int16)
-    side = rng.uniform(*SIZE_RANGE) * size
+    side = rng.uniform(*object_size) * size
     speed = rng.uniform(*SPEED_RANGE_AT_32) * size / 32
     # Room left for travelling: the object (side) plus its path must fit inside [0, size]. A one-pixel margin
     # keeps the rasterised edge pixels away from the border, which the checker uses to estimate the background.

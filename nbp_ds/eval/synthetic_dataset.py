@@ -1,12 +1,14 @@
 """Writing the synthetic moving-shape dataset (the quickstart's videos) as labelled mp4 files.
 
     OUT/classes.json                        {class name: class id}, also copied to OUT/train and OUT/val
+    OUT/world.json                          the world's parameters (frames, size, fps, seed, object size)
     OUT/train/<class>/<class>_<i:04d>.mp4   per_class videos per class
     OUT/val/<class>/<class>_<i:04d>.mp4     val_per_class videos per class (different random draws)
 
 Each video is drawn from its own seed, derived from (seed, split, class, index), so the output does not
 depend on the number of workers or on which videos already existed; existing non-empty files are kept
-(a rerun resumes), and every file is written atomically.
+(a rerun resumes), and every file is written atomically. A rerun with other parameters than ``world.json``
+records is refused (it would mix two worlds in one folder).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nbp_ds.eval.synthetic import CLASSES, parse_class, render_clip
+from nbp_ds.eval.synthetic import CLASSES, SIZE_RANGE, check_object_size, parse_class, render_clip
 from nbp_ds.files import atomic_output, write_text_atomic
 from nbp_ds.video_io import write_video
 
@@ -38,6 +40,7 @@ class VideoJob:
     size: int
     fps: float
     seed: int
+    object_size: tuple[float, float] = SIZE_RANGE
 
 
 def video_path(out: Path, split: str, name: str, index: int) -> Path:
@@ -55,15 +58,32 @@ def make_video(job: VideoJob) -> str:
     final = video_path(Path(job.out), job.split, job.name, job.index)
     shape, direction = parse_class(job.name)
     clip = render_clip(shape, direction, job.frames, job.size,
-                       video_rng(job.seed, job.split, CLASSES.index(job.name), job.index))
+                       video_rng(job.seed, job.split, CLASSES.index(job.name), job.index), job.object_size)
     with atomic_output(final, suffix=".mp4") as tmp:  # ffmpeg picks the container from the suffix
         write_video(clip, tmp, fps=job.fps)
     return str(final)
 
 
+def record_world(out: Path, world: dict) -> None:
+    """Write OUT/world.json, or check that the one there records the same world (ValueError naming each
+    parameter that differs): the videos already in OUT are kept, so they must be of this world."""
+    path = out / "world.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"{key} {before.get(key)} -> {value}" for key, value in world.items() if before.get(key) != value]
+        if changed:
+            raise ValueError(f"{out} holds videos of another world ({path}: {'; '.join(changed)}): write to another "
+                             f"folder, or delete this one to make it anew")
+        return
+    write_text_atomic(path, json.dumps(world, indent=2) + "\n")
+
+
 def write_dataset(out: Path, per_class: int, val_per_class: int, frames: int, size: int, fps: float, seed: int,
-                  workers: int) -> tuple[int, int]:
+                  workers: int, object_size: tuple[float, float] = SIZE_RANGE) -> tuple[int, int]:
     """Make the missing videos of the dataset; (videos made, videos already there)."""
+    object_size = check_object_size(object_size)
+    out.mkdir(parents=True, exist_ok=True)
+    record_world(out, {"frames": frames, "size": size, "fps": fps, "seed": seed, "object_size": list(object_size)})
     classes = {name: i for i, name in enumerate(CLASSES)}
     for folder in (out, out / "train", out / "val"):
         write_text_atomic(folder / "classes.json", json.dumps(classes, indent=2) + "\n")
@@ -76,9 +96,10 @@ def write_dataset(out: Path, per_class: int, val_per_class: int, frames: int, si
                 if path.is_file() and path.stat().st_size > 0:
                     kept += 1  # resume: a finished video from an earlier run
                     continue
-                jobs.append(VideoJob(str(out), split, name, index, frames, size, fps, seed))
-    log.info("%d videos to make, %d already there, in %s (%d classes, %d frames of %dx%d at %g fps, %d workers)",
-             len(jobs), kept, out, len(CLASSES), frames, size, size, fps, workers)
+                jobs.append(VideoJob(str(out), split, name, index, frames, size, fps, seed, object_size))
+    log.info("%d videos to make, %d already there, in %s (%d classes, %d frames of %dx%d at %g fps, objects %g-%g "
+             "of the side, %d workers)", len(jobs), kept, out, len(CLASSES), frames, size, size, fps, *object_size,
+             workers)
     workers = min(workers, max(1, len(jobs)))
     with tqdm(total=len(jobs), unit="video", desc="videos", dynamic_ncols=True, disable=not jobs) as bar:
         if workers == 1:
