@@ -64,6 +64,9 @@ def test_bad_override_is_refused_before_any_stage_runs(tmp_path, capsys):
     (["--long-frames", "63"], "--long-frames must be 1 + 4k and at least the clip's 9 frames, got 63"),
     (["--long-frames", "5"], "--long-frames must be 1 + 4k and at least the clip's 9 frames, got 5"),
     (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--object-size", "0.4", "0.7"], "--object-size: object size [0.4, 0.7] must be two fractions"),
 ])
 def test_bad_tokenizer_and_long_flags_are_refused_by_name_before_any_stage_runs(tmp_path, capsys, flags, named):
     out = tmp_path / "qs"
@@ -128,8 +131,18 @@ def test_the_videos_are_drawn_with_the_object_size_given(tmp_path):
 
     assert object_size() == ["0.4", "0.5"]  # the world's default, synthetic.SIZE_RANGE
     assert object_size("--object-size", "0.3", "0.35") == ["0.3", "0.35"]
-    with pytest.raises(SystemExit):
-        quickstart.parse_args(["--object-size", "0.25", "0.35"])
+
+
+def test_both_sampling_stages_draw_from_the_nucleus_or_the_flags_given(tmp_path):
+    def sampling(*flags):
+        pipe = quickstart.Pipeline(quickstart.parse_args(["--out", str(tmp_path), *flags]))
+        words = [str(w) for w in pipe.sampling_args()]
+        return {flag: words[words.index(flag) + 1] if flag in words else None
+                for flag in ("--temperature", "--top-k", "--top-p", "--cfg-scale")}
+
+    assert sampling() == {"--temperature": "1.0", "--top-k": None, "--top-p": "0.6", "--cfg-scale": "2.0"}
+    assert sampling("--top-k", "8", "--top-p", "1", "--cfg-scale", "3") == {
+        "--temperature": "1.0", "--top-k": "8", "--top-p": "1.0", "--cfg-scale": "3.0"}
 
 
 def run_stages(out: Path, first: str, second: str, fail: bool = False, redo: tuple[str, ...] = ()) -> list[str]:
@@ -177,12 +190,13 @@ def test_stages_rerun_when_their_inputs_or_an_earlier_stage_change_and_resume_wh
 # blobs it learns in 300 steps. Each bound was seen catching a planted bug (docs/PROMISES.md 6d): targets shifted by
 # one token gave 31.2% direction and class dropout replacing 90% of the labels 27.1% (the direction bound); a
 # dropped LR warm-up left the direction at 54.2% but ended at a validation loss of 1.024 (the loss bound). The
-# samples are drawn with top-k 8, the setting these figures were measured with (the quickstart's default is now 4),
+# samples are drawn with top-k 8 and no nucleus, the setting these figures were measured with (the quickstart's
+# default is now a nucleus of 0.6),
 # and the objects are 30-40% of the side, the world they were measured in (the quickstart's are now 40-50%: at this
 # reduced size those gave a direction of 37.5% of 48 and a validation loss of 0.728, too near chance to bound).
 QUALITY_RUN = ["--per-class", "16", "--val-per-class", "1", "--tokenizer-steps", "150", "--tokenizer-preset", "tiny",
                "--tokenizer-l1-weight", "1", "--train-steps", "300", "--samples-per-class", "4", "--long-frames", "17",
-               "--top-k", "8", "--object-size", "0.3", "0.4",
+               "--top-k", "8", "--top-p", "1", "--object-size", "0.3", "0.4",
                "train.save_every=300", "train.eval_every=300", "train.sample_every=300", "train.log_every=50"]
 # Measured (2-core CPU): the samples' direction 54.2% [40-67] of 48 (chance 25%), the validation loss at step 300
 # 0.899; the bounds sit between those and the planted bugs'. Shape and colour are not bounded: this tokenizer keeps
@@ -209,10 +223,11 @@ def check_bench_quality(quickstart_out: Path, out: Path, env: dict) -> None:
     with one forward pass per block (24 = 3x8x8 / 8, and 192 = one per token), the table and the plot written."""
     cmd = [sys.executable, "-m", "nbp_ds.cli.bench_quality", "--quickstart-out", str(quickstart_out), "--out",
            str(out), "--steps", "4", "--samples-per-class", "1", "--nproc", "1", "--variants", "row,ntp",
-           "train.eval_every=2", "train.log_every=2", "model.n_layer=1"]
+           "--top-k", "3", "--cfg-scale", "1.5", "train.eval_every=2", "train.log_every=2", "model.n_layer=1"]
     bench = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
     result = json.loads((out / "quality_bench.json").read_text())
+    assert result["settings"]["sampling"] == {"temperature": 1.0, "top_k": 3, "top_p": 0.6, "cfg_scale": 1.5}
     rows = {v["name"]: v for v in result["variants"]}
     assert sorted(rows) == ["ntp", "row"] and rows["ntp"]["block"] == [1, 1, 1] and rows["row"]["block"] == [1, 1, 8]
     assert rows["row"]["params"] == rows["ntp"]["params"] and rows["row"]["steps"] == 4
@@ -257,8 +272,9 @@ def test_quickstart_end_to_end_quality_and_reuse(tmp_path):
     assert (out / "train" / "finished").is_file()
     tok_report = json.loads((out / "tokenizer" / "report.json").read_text())
     assert tok_report["steps"] == 150 and tok_report["val_psnr"] > 0
-    for sampled in ("samples", "long_samples"):  # both sampling stages drew with the --top-k given
-        assert json.loads((out / sampled / "sampling.json").read_text())["top_k"] == 8
+    for sampled in ("samples", "long_samples"):  # both sampling stages drew with the --top-k and --top-p given
+        settings = json.loads((out / sampled / "sampling.json").read_text())
+        assert (settings["top_k"], settings["top_p"]) == (8, 1.0)
     for where in ("Look at:", str(samples), "tensorboard --logdir"):
         assert where in first.stdout
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

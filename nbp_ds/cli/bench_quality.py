@@ -6,11 +6,12 @@
 Trains the same model (the run config's size, --config with key=value overrides) on a finished quickstart's
 token shards with the same steps and batch, once per block shape: a row (1x1xW), a frame (1xHxW) and one token
 (1x1x1, NTP); each sequence has the same length, so every step costs the same FLOPs. Then samples
---samples-per-class videos of every class from each, decodes them with the quickstart's tokenizer and reads them
-with the class checker. Writes OUT/quality_bench.md (a table: training FLOPs, final validation loss, shape,
-direction and colour accuracy with 95% Wilson intervals, forward passes and milliseconds per sampled video, and
-each NBP variant's speed-up over NTP), OUT/quality_bench.json (every validation point) and OUT/quality_bench.png
-(validation loss against training FLOPs). The training runs are kept in OUT/<variant>/.
+--samples-per-class videos of every class from each, drawn as the quickstart draws them (--top-p, --top-k, --cfg-scale),
+decodes them with the quickstart's tokenizer and reads them with the class checker. Writes OUT/quality_bench.md
+(a table: training FLOPs, final validation loss, shape, direction and colour accuracy with 95% Wilson intervals,
+forward passes and milliseconds per sampled video, and each NBP variant's speed-up over NTP),
+OUT/quality_bench.json (every validation point and the settings) and OUT/quality_bench.png (validation loss
+against training FLOPs). The training runs are kept in OUT/<variant>/.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
 from nbp_ds.eval.quality_bench import markdown_table, run_bench
+from nbp_ds.generate.draw import QUICKSTART_SAMPLING
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,10 +37,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default="row,frame,ntp",
                    help="block shapes to compare, comma-separated: row, frame, ntp (default all three)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--top-k", type=int, default=QUICKSTART_SAMPLING["top_k"],
+                   help="sample each token from its k likeliest codes only (default: the quickstart's, no limit)")
+    p.add_argument("--top-p", type=float, default=QUICKSTART_SAMPLING["top_p"],
+                   help="sample each token from its likeliest codes holding this share of the probability "
+                        "(default: the quickstart's, %(default)s; 1 = off)")
+    p.add_argument("--cfg-scale", type=float, default=QUICKSTART_SAMPLING["cfg_scale"],
+                   help="classifier-free guidance (default: the quickstart's, %(default)s; 1 = off)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run config, the same for every variant")
     args = p.parse_intermixed_args(argv)
-    if args.steps < 1 or args.samples_per_class < 1 or args.nproc < 1:
-        p.error("--steps, --samples-per-class and --nproc must be >= 1")
+    if args.steps < 1 or args.samples_per_class < 1 or args.nproc < 1 or (args.top_k or 1) < 1:
+        p.error("--steps, --samples-per-class, --nproc and --top-k must be >= 1")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p:g}")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - {"row", "frame", "ntp"})
     if unknown or not args.variants:
@@ -52,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     results = run_bench(Path(args.quickstart_out), out, args.steps, args.samples_per_class, args.nproc,
-                        args.config, args.overrides, args.variants, args.seed)
+                        args.config, args.overrides, args.variants, args.seed,
+                        {**QUICKSTART_SAMPLING, "top_k": args.top_k, "top_p": args.top_p,
+                         "cfg_scale": args.cfg_scale})
     print(markdown_table(results))
     print(f"\nwrote {out / 'quality_bench.md'}, {out / 'quality_bench.json'}, {out / 'quality_bench.png'}")
     return 0

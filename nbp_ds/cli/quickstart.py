@@ -36,6 +36,7 @@ from nbp_ds.config import load_config
 from nbp_ds.eval.quality import RUNGS, format_ladder
 from nbp_ds.eval.synthetic import SIZE_RANGE, check_object_size
 from nbp_ds.eval.windows import format_window_table
+from nbp_ds.generate.draw import QUICKSTART_SAMPLING
 from nbp_ds.tokenizer.config import TOKENIZER_CONFIG_DIR, TokenizerTrainConfig, load_tokenizer_config
 from nbp_ds.tokenizer.model import PRESETS
 from nbp_ds.typed_yaml import load_dataclass_tree
@@ -74,12 +75,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=8,
                    help="sampled videos per class (the ladder's samples rung: 8 x 12 classes = 96)")
-    p.add_argument("--cfg-scale", type=float, default=2.0,
+    p.add_argument("--cfg-scale", type=float, default=QUICKSTART_SAMPLING["cfg_scale"],
                    help="classifier-free guidance of the samples (the model drops its class 10%% of the time "
                         "in training; 1 = off)")
-    p.add_argument("--top-k", type=int, default=4,
-                   help="sample each token from its k likeliest codes (default 4: the samples keep their colour "
-                        "more often than with 8; docs/quality.md)")
+    p.add_argument("--top-k", type=int, default=QUICKSTART_SAMPLING["top_k"],
+                   help="sample each token from its k likeliest codes only (default: no such limit)")
+    p.add_argument("--top-p", type=float, default=QUICKSTART_SAMPLING["top_p"],
+                   help=f"sample each token from its likeliest codes holding this share of the probability "
+                        f"(default {QUICKSTART_SAMPLING['top_p']:g}: shape and colour kept more often than with "
+                        f"top-k 4; docs/quality.md; 1 = off)")
     p.add_argument("--long-frames", type=int, default=65,
                    help="frames of the long sample of each class (stage 8; 1 + 4k, at least 9)")
     p.add_argument("--config", default="quickstart", help="run config of the NBP model")
@@ -92,8 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.object_size = check_object_size(args.object_size)
     except ValueError as exc:
         p.error(f"--object-size: {exc}")
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p:g}")
     if args.tokenizer_l1_weight is not None and args.tokenizer_l1_weight < 0:
         p.error(f"--tokenizer-l1-weight must be >= 0, got {args.tokenizer_l1_weight}")
     return args
@@ -171,8 +177,9 @@ class Pipeline:
 
     def sampling_args(self) -> list:
         """nbp-sample's settings for both sampling stages; --restart: a rerun means new weights, so sample anew."""
-        return ["--temperature", "1.0", "--top-k", self.args.top_k, "--cfg-scale", self.args.cfg_scale, "--seed", "0",
-                "--restart"]
+        top_k = [] if self.args.top_k is None else ["--top-k", self.args.top_k]
+        return ["--temperature", str(QUICKSTART_SAMPLING["temperature"]), *top_k, "--top-p", self.args.top_p,
+                "--cfg-scale", self.args.cfg_scale, "--seed", "0", "--restart"]
 
     def long_stage(self, export: Path, tokenizer: Path, classes: Path, num_classes: int) -> Path:
         """Stage 8: one long sample per class, every class in one batch (one generate_long call, the cheapest way

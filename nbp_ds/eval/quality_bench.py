@@ -26,7 +26,7 @@ from nbp_ds.config import load_config
 from nbp_ds.errors import UsageError
 from nbp_ds.eval.consistency import consistency_report
 from nbp_ds.eval.quality import rung_from_report
-from nbp_ds.generate import generate
+from nbp_ds.generate import QUICKSTART_SAMPLING, generate
 from nbp_ds.model import build_model
 from nbp_ds.tokenizer.model import load_tokenizer
 from nbp_ds.weights.export import load_exported
@@ -106,8 +106,11 @@ def sample_and_check(run: Path, tokenizer_path: str, classes: dict[str, int], pe
 
 
 def run_bench(quickstart_out: Path, out: Path, steps: int, per_class: int, nproc: int, config: str,
-              overrides: list[str], variants: list[str] | None = None, seed: int = 0) -> list[VariantResult]:
-    """Train and sample every variant on a finished quickstart's shards and tokenizer; write the table and plot."""
+              overrides: list[str], variants: list[str] | None = None, seed: int = 0,
+              sampling: dict[str, Any] | None = None) -> list[VariantResult]:
+    """Train and sample every variant on a finished quickstart's shards and tokenizer; write the table and plot.
+    ``sampling``: generate's temperature, top_k, top_p and cfg_scale (default: the quickstart's)."""
+    sampling = dict(QUICKSTART_SAMPLING if sampling is None else sampling)
     shards, tokenizer = quickstart_out / "shards", quickstart_out / "tokenizer" / "tokenizer"
     for needed in (shards / "train", shards / "val", tokenizer):
         if not needed.exists():
@@ -128,13 +131,12 @@ def run_bench(quickstart_out: Path, out: Path, steps: int, per_class: int, nproc
         flops_per_step = model.flops_per_token() * tokens_per_step
         run = out / name
         train_seconds = train_variant(config, shapes[name], shards, run, steps, nproc, overrides)
-        rung, passes, seconds = sample_and_check(run, str(tokenizer), classes, per_class, seed,
-                                                 {"temperature": 1.0, "top_k": 8})
+        rung, passes, seconds = sample_and_check(run, str(tokenizer), classes, per_class, seed, sampling)
         results.append(VariantResult(name, shapes[name], model.num_params(), steps, flops_per_step,
                                      validation_curve(run, flops_per_step), rung, passes, seconds, train_seconds))
         log.info("%s: %s", name, format_row(results[-1]))
     write_results(results, out, {"steps": steps, "nproc": nproc, "config": config, "overrides": overrides,
-                                 "samples_per_class": per_class, "seed": seed})
+                                 "samples_per_class": per_class, "seed": seed, "sampling": sampling})
     return results
 
 

@@ -21,6 +21,7 @@ logits per token of the block it predicts. The KV cache is allocated once for th
 from nbp_ds.generate.decode import MODES, generate, release_decoders, resolve_mode
 from nbp_ds.generate.draw import (
     PAPER_SAMPLING,
+    QUICKSTART_SAMPLING,
     Sampling,
     filter_logits,
     guided_logits,
@@ -33,7 +34,7 @@ from nbp_ds.generate.long import LONG_MODES, generate_long
 from nbp_ds.generate.static import StaticDecoder
 
 __all__ = [
-    "LONG_MODES", "MODES", "PAPER_SAMPLING", "Sampling", "StaticDecoder", "filter_logits", "generate",
-    "generate_long", "guided_logits",
-    "inverse_cdf", "release_decoders", "resolve_mode", "sample_tokens", "stream_uniforms", "video_keys",
+    "LONG_MODES", "MODES", "PAPER_SAMPLING", "QUICKSTART_SAMPLING", "Sampling", "StaticDecoder", "filter_logits",
+    "generate", "generate_long", "guided_logits", "inverse_cdf", "release_decoders", "resolve_mode", "sample_tokens",
+    "stream_uniforms", "video_keys",
 ]
