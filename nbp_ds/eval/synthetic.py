@@ -49,11 +49,11 @@ COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cy
 # with the frame size so that a clip looks the same at every resolution). SIZE_RANGE is the default (the
 # quickstart's): 40-50% of the side spans 3.2-4 tokens of a 4x-downsampling tokenizer, where 30-40% spanned 2.4-3.2,
 # nearly all of them edge tokens; on the quickstart the larger objects kept their colour on 98% of the
-# reconstructions (93% before) and their shape on 62% of the samples (51%) (docs/quality.md). SIZE_LIMITS bound
-# what a caller may ask for: not below 30%, since a circle only 8-9 pixels across rasterises, at some sub-pixel
-# positions, into an octagon filling ~94% of its box, i.e. a square to any detector (and to a viewer; from ~9.6
-# pixels on its fill ratio stays below ~0.88); not above 60%, so that the object still has room to travel and
-# covers well under the checker's MAX_AREA_FRACTION of the frame.
+# reconstructions (93% before) and their shape on 62% of the samples (51%, both drawn from the 4 likeliest codes;
+# docs/quality.md). SIZE_LIMITS bound what a caller may ask for: not below 30%, since a circle only 8-9 pixels
+# across rasterises, at some sub-pixel positions, into an octagon filling ~94% of its box, i.e. a square to any
+# detector (and to a viewer; from ~9.6 pixels on its fill ratio stays below ~0.88); not above 60%, so that the
+# object still has room to travel and covers well under the checker's MAX_AREA_FRACTION of the frame.
 SIZE_RANGE: tuple[float, float] = (0.40, 0.50)
 SIZE_LIMITS: tuple[float, float] = (0.30, 0.60)
 SPEED_RANGE_AT_32: tuple[float, float] = (0.6, 1.5)
