@@ -217,6 +217,15 @@ def check_quality_ladder(ladder: dict, samples: Path) -> None:
     assert 0 < ladder["reconstruction"]["psnr"] < 60 and len(ladder["reconstruction"]["color_error_rgb"]) == 3
 
 
+def test_the_benchmark_trains_as_long_as_the_run_config_unless_told(tmp_path):
+    from nbp_ds.cli import bench_quality
+
+    run_yaml = yaml.safe_load((ROOT / "nbp_ds/configs/quickstart.yaml").read_text())
+    assert bench_quality.parse_args([]).steps == run_yaml["train"]["steps"]
+    assert bench_quality.parse_args(["train.steps=7"]).steps == 7
+    assert bench_quality.parse_args(["--steps", "5", "train.steps=7"]).steps == 5
+
+
 def check_bench_quality(quickstart_out: Path, out: Path, env: dict) -> None:
     """nbp-bench-quality on the quickstart's shards and tokenizer at toy size (4 steps, one layer, one sample per
     class): a row (1x1x8) and NTP (1x1x1) trained with equal FLOPs per step, validated at steps 2 and 4, sampled

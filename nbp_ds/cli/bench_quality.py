@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
+from nbp_ds.config import load_config
 from nbp_ds.eval.quality_bench import markdown_table, run_bench
 from nbp_ds.generate.draw import QUICKSTART_SAMPLING
 
@@ -31,7 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a finished quickstart's folder: its shards/ and tokenizer/ (default quickstart_out/)")
     p.add_argument("--out", default="bench_quality", help="output folder (default bench_quality/)")
     p.add_argument("--config", default="quickstart", help="run config of the model (default quickstart)")
-    p.add_argument("--steps", type=int, default=600, help="training steps of every variant (default 600)")
+    p.add_argument("--steps", type=int,
+                   help="training steps of every variant (default: the run config's train.steps, the quickstart's "
+                        "1000)")
     p.add_argument("--samples-per-class", type=int, default=8, help="sampled videos per class (default 8)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
     p.add_argument("--variants", default="row,frame,ntp",
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="classifier-free guidance (default: the quickstart's, %(default)s; 1 = off)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run config, the same for every variant")
     args = p.parse_intermixed_args(argv)
+    if args.steps is None:
+        args.steps = load_config(args.config, args.overrides).train.steps
     if args.steps < 1 or args.samples_per_class < 1 or args.nproc < 1 or (args.top_k or 1) < 1:
         p.error("--steps, --samples-per-class, --nproc and --top-k must be >= 1")
     if not 0 < args.top_p <= 1:
