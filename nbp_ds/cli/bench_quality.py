@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
+from nbp_ds.cli.options import add_sampling_arguments
 from nbp_ds.config import load_config
 from nbp_ds.eval.quality_bench import markdown_table, run_bench
 from nbp_ds.generate.draw import QUICKSTART_SAMPLING
@@ -40,21 +41,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default="row,frame,ntp",
                    help="block shapes to compare, comma-separated: row, frame, ntp (default all three)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--top-k", type=int, default=QUICKSTART_SAMPLING["top_k"],
-                   help="sample each token from its k likeliest codes only (default: the quickstart's, no limit)")
-    p.add_argument("--top-p", type=float, default=QUICKSTART_SAMPLING["top_p"],
-                   help="sample each token from its likeliest codes holding this share of the probability "
-                        "(default: the quickstart's, %(default)s; 1 = off)")
-    p.add_argument("--cfg-scale", type=float, default=QUICKSTART_SAMPLING["cfg_scale"],
-                   help="classifier-free guidance (default: the quickstart's, %(default)s; 1 = off)")
+    add_sampling_arguments(p)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run config, the same for every variant")
     args = p.parse_intermixed_args(argv)
     if args.steps is None:
         args.steps = load_config(args.config, args.overrides).train.steps
-    if args.steps < 1 or args.samples_per_class < 1 or args.nproc < 1 or (args.top_k or 1) < 1:
-        p.error("--steps, --samples-per-class, --nproc and --top-k must be >= 1")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p:g}")
+    if args.steps < 1 or args.samples_per_class < 1 or args.nproc < 1:
+        p.error("--steps, --samples-per-class and --nproc must be >= 1")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - {"row", "frame", "ntp"})
     if unknown or not args.variants:

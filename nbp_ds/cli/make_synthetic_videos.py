@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 from nbp_ds.cli import command, setup_logging
+from nbp_ds.cli.options import add_object_size_argument
 from nbp_ds.errors import UsageError
-from nbp_ds.eval.synthetic import CLASSES, SIZE_LIMITS, SIZE_RANGE, check_object_size
+from nbp_ds.eval.synthetic import CLASSES
 from nbp_ds.eval.synthetic_dataset import write_dataset
 
 
@@ -41,10 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=9, help="frames per video (default 9)")
     p.add_argument("--size", type=int, default=32, help="frame width and height in pixels (default 32)")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate written into the mp4 (default 8)")
-    p.add_argument("--object-size", type=float, nargs=2, default=list(SIZE_RANGE), metavar=("MIN", "MAX"),
-                   help=f"each object's side, drawn between these fractions of the frame side (default "
-                        f"{SIZE_RANGE[0]:g} {SIZE_RANGE[1]:g}, the quickstart's; allowed {SIZE_LIMITS[0]:g} to "
-                        f"{SIZE_LIMITS[1]:g})")
+    add_object_size_argument(p)
     p.add_argument("--seed", type=int, default=0, help="base seed; each video's seed derives from it (default 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="parallel processes rendering and encoding (default: all CPU cores)")
@@ -60,10 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--fps must be > 0")
     if args.workers < 1:
         p.error("--workers must be >= 1")
-    try:
-        args.object_size = check_object_size(args.object_size)
-    except ValueError as exc:
-        p.error(f"--object-size: {exc}")
     return args
 
 

@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 
 from nbp_ds.cli import command
+from nbp_ds.cli.options import add_object_size_argument, add_sampling_arguments
 from nbp_ds.config import load_config
 from nbp_ds.eval.quality import RUNGS, format_ladder
-from nbp_ds.eval.synthetic import SIZE_RANGE, check_object_size
 from nbp_ds.eval.windows import format_window_table
 from nbp_ds.generate.draw import QUICKSTART_SAMPLING
 from nbp_ds.tokenizer.config import TOKENIZER_CONFIG_DIR, TokenizerTrainConfig, load_tokenizer_config
@@ -54,9 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=64, help="training videos per class")
     p.add_argument("--val-per-class", type=int, default=8,
                    help="held-out videos per class (the ladder's source and reconstruction rungs)")
-    p.add_argument("--object-size", type=float, nargs=2, default=list(SIZE_RANGE), metavar=("MIN", "MAX"),
-                   help=f"the objects' side as fractions of the frame's (default {SIZE_RANGE[0]:g} {SIZE_RANGE[1]:g}: "
-                        f"3-4 tokens a side; 0.3 0.4 lost shape and colour more often: docs/quality.md)")
+    add_object_size_argument(p)
     # The tokenizer's recipe is nbp_ds/configs/tokenizer/quickstart.yaml's and the model's quickstart.yaml's: these
     # flags change a value of theirs only when given (their help shows the config's value).
     recipe = load_dataclass_tree(TokenizerTrainConfig, TOKENIZER_CONFIG, config_dir=TOKENIZER_CONFIG_DIR)
@@ -75,15 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="training processes (ZeRO-3 data parallel)")
     p.add_argument("--samples-per-class", type=int, default=8,
                    help="sampled videos per class (the ladder's samples rung: 8 x 12 classes = 96)")
-    p.add_argument("--cfg-scale", type=float, default=QUICKSTART_SAMPLING["cfg_scale"],
-                   help="classifier-free guidance of the samples (the model drops its class 10%% of the time "
-                        "in training; 1 = off)")
-    p.add_argument("--top-k", type=int, default=QUICKSTART_SAMPLING["top_k"],
-                   help="sample each token from its k likeliest codes only (default: no such limit)")
-    p.add_argument("--top-p", type=float, default=QUICKSTART_SAMPLING["top_p"],
-                   help=f"sample each token from its likeliest codes holding this share of the probability "
-                        f"(default {QUICKSTART_SAMPLING['top_p']:g}: shape and colour kept more often than with "
-                        f"top-k 4; docs/quality.md; 1 = off)")
+    add_sampling_arguments(p)
     p.add_argument("--long-frames", type=int, default=65,
                    help="frames of the long sample of each class (stage 8; 1 + 4k, at least 9)")
     p.add_argument("--config", default="quickstart", help="run config of the NBP model")
@@ -92,14 +82,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)
     if args.long_frames < CLIP_FRAMES or (args.long_frames - 1) % 4:  # checked now, not after the training
         p.error(f"--long-frames must be 1 + 4k and at least the clip's {CLIP_FRAMES} frames, got {args.long_frames}")
-    try:
-        args.object_size = check_object_size(args.object_size)
-    except ValueError as exc:
-        p.error(f"--object-size: {exc}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top-k must be >= 1, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p:g}")
     if args.tokenizer_l1_weight is not None and args.tokenizer_l1_weight < 0:
         p.error(f"--tokenizer-l1-weight must be >= 0, got {args.tokenizer_l1_weight}")
     return args

@@ -311,9 +311,9 @@ class CheckpointManager:
         checkpoint at all. A folder with checkpoints but none intact is an error, never a start from step 0."""
         latest_file = self.folder / LATEST
         latest = latest_file.read_text().strip() if latest_file.is_file() else None
-        tags = step_tags(self.folder)[::-1]
-        older = [t for t in tags if _tag_order(t) < _tag_order(latest)] if latest else tags
-        candidates = [latest, *older] if latest else tags
+        newest_first = step_tags(self.folder)[::-1]
+        candidates = ([latest, *(t for t in newest_first if _tag_order(t) < _tag_order(latest))] if latest
+                      else newest_first)
         damaged = []
         for tag in candidates:
             ref = CheckpointRef(self.folder, tag)
