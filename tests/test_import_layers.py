@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nbp_ds"
 
 # bottom to top; the top-level modules (nbp_ds/x.py) and the sub-packages (nbp_ds/x/) by their names
 LAYERS: list[set[str]] = [
-    {"errors", "files", "worker_pool", "ffmpeg_tools"},
+    {"errors", "files", "worker_pool", "tied_process", "ffmpeg_tools"},
     {"layout", "video_io", "visualize", "typed_yaml"},  # typed_yaml: the generic YAML loader of every config
     {"packing"},  # packed rows: several clips, each with its own layout, in one sequence
     {"config"},  # the NBP run schema and its validation

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from processes import alive, children_of, wait_for
 
 from nbp_ds.cli import quickstart
 from nbp_ds.cli.quickstart import STAGES as STAGE_NAMES
@@ -215,6 +216,23 @@ def check_quality_ladder(ladder: dict, samples: Path) -> None:
         assert ladder["samples"][key]["rate"] == pytest.approx(report[f"{key}_rate"])
         assert ladder["samples"][key]["low"] <= ladder["samples"][key]["rate"] <= ladder["samples"][key]["high"]
     assert 0 < ladder["reconstruction"]["psnr"] < 60 and len(ladder["reconstruction"]["color_error_rgb"]) == 3
+
+
+def test_a_killed_quickstart_leaves_no_stage_running(tmp_path):
+    """A quickstart killed outright (a timeout's SIGKILL runs none of its code) takes the stage it was running
+    with it instead of leaving it running as an orphan (in the train stage: torchrun and its ranks): its stages
+    are tied to it (nbp_ds.tied_process, tested with torchrun there). Here its first stage, given enough videos
+    to be still running when the quickstart is killed."""
+    program = subprocess.Popen([sys.executable, "-m", "nbp_ds.cli.quickstart", "--out", str(tmp_path / "qs"),
+                                "--per-class", "500"], cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        stage = wait_for(lambda: children_of(program.pid), 60, "the quickstart's first stage to start")
+    finally:
+        program.kill()
+        program.wait()
+    for pid in stage:
+        wait_for(lambda pid=pid: not alive(pid), 30, f"stage process {pid} to end with its quickstart")
+    assert (tmp_path / "qs" / ".done" / "videos").read_text().startswith("running")  # it was killed mid-stage
 
 
 def test_the_benchmark_trains_as_long_as_the_run_config_unless_told(tmp_path):

@@ -33,6 +33,7 @@ from pathlib import Path
 from nbp_ds import ffmpeg_tools
 from nbp_ds.cli import command
 from nbp_ds.errors import UsageError
+from nbp_ds.tied_process import run_tied
 
 # what the GPU image may lack, and the import name that proves it is there
 NEEDED = {"deepspeed": "deepspeed", "webdataset": "webdataset", "hjson": "hjson", "pydantic": "pydantic",
@@ -113,8 +114,8 @@ def run_step(step: Step, out: Path, env: dict[str, str], limit: float) -> tuple[
         return "skipped (budget)", 0.0, []
     print(f"--> {step.name}: {' '.join(step.command)} (limit {limit:.0f} s)", flush=True)
     try:
-        done = subprocess.run(step.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=limit)
+        done = run_tied(step.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        timeout=limit)
         text, status = done.stdout, "ok" if done.returncode == 0 else f"failed ({done.returncode})"
     except subprocess.TimeoutExpired as exc:
         out_text = exc.stdout or ""

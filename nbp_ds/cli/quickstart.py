@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from nbp_ds.config import load_config
 from nbp_ds.eval.quality import RUNGS, format_ladder
 from nbp_ds.eval.windows import format_window_table
 from nbp_ds.generate.draw import QUICKSTART_SAMPLING
+from nbp_ds.tied_process import run_tied
 from nbp_ds.tokenizer.config import TOKENIZER_CONFIG_DIR, TokenizerTrainConfig, load_tokenizer_config
 from nbp_ds.tokenizer.model import PRESETS
 from nbp_ds.typed_yaml import load_dataclass_tree
@@ -140,7 +140,7 @@ class Pipeline:
         began = time.time()
         for cmd in commands:
             print("  $ " + " ".join(str(c) for c in cmd), flush=True)
-            result = subprocess.run([str(c) for c in cmd], env=self.env)
+            result = run_tied([str(c) for c in cmd], env=self.env)
             if result.returncode != 0:
                 raise SystemExit(f"quickstart stage '{name}' failed (exit {result.returncode}); fix the error "
                                  f"above and run again: finished stages are reused")

@@ -38,6 +38,7 @@ from nbp_ds.data.schema import SampleError, WrongShape, decode_sample
 from nbp_ds.data.shards import RetryPolicy, read_shard
 from nbp_ds.data.sources import Source, as_sources, fingerprint
 from nbp_ds.data.stream import SlotStream
+from nbp_ds.data.workers import loader_worker_context, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,8 @@ class TokenLoader:
     def __iter__(self) -> Iterator[dict]:
         dataset = copy.copy(self.dataset)
         dataset.consumed, dataset.slot_states = self.consumed, list(self.dataset.slot_states)
-        kwargs = {"prefetch_factor": 4} if self.num_workers > 0 else {}
+        kwargs = ({"prefetch_factor": 4, "multiprocessing_context": loader_worker_context()}
+                  if self.num_workers > 0 else {})
         # a private generator: otherwise every new iterator draws its worker base seed from the global torch
         # RNG, and a resumed run (which creates its iterator after restoring that RNG) would drift from the
         # straight run (class dropout and sampling use the global RNG); our streams are seeded explicitly
@@ -249,7 +251,7 @@ class TokenLoader:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(self.dataset.seed),
                             pin_memory=torch.cuda.is_available(), **kwargs)
-        for item in loader:
+        for item in start_workers(loader):
             self.report.add(item.pop("_counts"), item.pop("_problems"))
             if item.pop("_stats_only", False):
                 continue

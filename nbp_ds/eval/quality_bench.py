@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from nbp_ds.eval.consistency import consistency_report
 from nbp_ds.eval.quality import rung_from_report
 from nbp_ds.generate import QUICKSTART_SAMPLING, generate
 from nbp_ds.model import build_model
+from nbp_ds.tied_process import run_tied
 from nbp_ds.tokenizer.model import load_tokenizer
 from nbp_ds.weights.export import load_exported
 
@@ -66,7 +66,7 @@ def train_variant(config: str, block: list[int], shards: Path, out: Path, steps:
            f"train.save_every={steps}", "train.sample_every=0", *overrides]
     log.info("training %s: %s", out.name, " ".join(cmd))
     began = time.perf_counter()
-    result = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    result = run_tied(cmd, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
     if result.returncode != 0:
         raise UsageError(f"training the {out.name} variant failed (exit {result.returncode}); its log is above")
     return time.perf_counter() - began

@@ -48,10 +48,20 @@ def measure(folder: Path, workers: int, clip: ClipSpec, batch_size: int, cache_m
     for _ in range(batches - 1):
         next(loader)
     seconds = time.perf_counter() - began
+    # read while they run: the workers are the fork server's children, so RUSAGE_CHILDREN never sees them
+    worker_peak_mb = max((peak_rss_mb(pid) for pid in loader.worker_pids()), default=0.0)
     loader.close()
     del loader
     clips = (batches - 1) * batch_size
     return {"videos": len(videos), "workers": workers, "cache_mb": cache_mb, "clips": clips,
             "clips_per_s": clips / seconds, "clips_per_s_per_worker": clips / seconds / max(1, workers),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "worker_peak_rss_mb": worker_peak_mb}
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A running process' peak resident memory (VmHWM in /proc/PID/status), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"/proc/{pid}/status has no VmHWM line")

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nbp_ds.data.report import DataReport
 from nbp_ds.data.shards import read_shard
+from nbp_ds.data.workers import loader_worker_context, start_workers
 from nbp_ds.tokenizer.dataset_listing import ListingError
 from nbp_ds.tokenizer.video_shards import VideoShards, member_id, member_name, video_member
 from nbp_ds.video_io import ClipSpec, ClipTooShort, VideoError, decode_video
@@ -285,7 +286,8 @@ class ClipLoader:
                                            self.slots, augment, cache_bytes,
                                            [VideoClipStream.start(0) for _ in range(self.slots)], rotation=0)
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, worker_init_fn=_one_thread,
-                                 prefetch_factor=prefetch if workers else None, pin_memory=pin_memory)
+                                 prefetch_factor=prefetch if workers else None, pin_memory=pin_memory,
+                                 multiprocessing_context=loader_worker_context() if workers else None)
         self.batches = 0
         self._iterator = None
 
@@ -319,7 +321,7 @@ class ClipLoader:
 
     def __next__(self) -> torch.Tensor:
         if self._iterator is None:
-            self._iterator = iter(self.loader)
+            self._iterator = start_workers(self.loader)
         item = next(self._iterator)
         self.positions[int(item["worker"])] = [int(v) for v in item["position"]]
         self.batches += 1
@@ -334,6 +336,11 @@ class ClipLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "workers": self.slots, "world": self.world,
                 "positions": [list(p) for p in self.positions]}
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the loader's running workers (none before the first batch, after :meth:`close` or
+        with no workers); they are not this process' children (see nbp_ds.data.workers)."""
+        return [worker.pid for worker in getattr(self._iterator, "_workers", [])]
 
     def close(self) -> None:
         self._iterator = None  # the DataLoader's workers end with their iterator
