@@ -43,8 +43,13 @@ download() {  # NAME==VERSION for the GPU machine's Python (binary wheels only: 
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
         "${platforms[@]}" -d .whl "$1"
 }
-for p in hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset braceexpand \
-         ffmpeg-python future; do
+# nbp_ds's dependencies that a CUDA torch image brings with it (nbp-gpu-check names any that is missing there);
+# every other one is shipped, with what it needs beyond them (tests/test_requirements.py checks both lists)
+IMAGE_HAS="torch numpy scipy pillow pyyaml tqdm tensorboard"
+SHIPPED="hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset braceexpand
+         ffmpeg-python future safetensors huggingface_hub"
+echo "[gpu_wheels] counted on in the GPU image: $IMAGE_HAS"
+for p in $SHIPPED; do
     v=$(version "$p")
     [ -n "$v" ] || { echo "[gpu_wheels] $p is not installed in $PY's environment: run 'make setup' first" >&2; exit 1; }
     echo "[gpu_wheels] $p $v"

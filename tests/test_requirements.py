@@ -6,7 +6,9 @@ ds_configs/ is the package's own folder (one source: the JSONs the runs load by 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -104,3 +106,26 @@ def test_the_ffmpeg_extra_brings_the_wheel_the_package_falls_back_to():
     extra = [canonicalize_name(Requirement(d).name) for d in pyproject()["optional-dependencies"]["ffmpeg"]]
     assert extra == [canonicalize_name(ffmpeg_tools.WHEEL)]
     assert importlib.metadata.version(ffmpeg_tools.WHEEL)  # the dev set-up installed it
+
+
+def shell_list(script: str, name: str) -> set[str]:
+    """The words of ``NAME="..."`` in a shell script, as canonical package names."""
+    match = re.search(rf'^{name}="([^"]*)"', script, re.MULTILINE)
+    assert match, f"scripts/gpu_wheels.sh has no {name}=\"...\" list"
+    return {canonicalize_name(word) for word in match.group(1).split()}
+
+
+def test_a_gpu_machine_gets_or_is_told_of_every_runtime_dependency():
+    """nbp-gpu-check names every runtime dependency but torch before its first step, and scripts/gpu_wheels.sh
+    ships every one that it does not count on the GPU image to bring (safetensors and huggingface_hub were
+    missing from it: the export and every checkpoint's conversion need them)."""
+    from nbp_ds.cli.gpu_check import NEEDED
+
+    runtime = {canonicalize_name(Requirement(r).name) for r in pyproject()["dependencies"]}
+    assert {canonicalize_name(p) for p in NEEDED} == runtime - {"torch"}
+    assert [m for m in NEEDED.values() if importlib.util.find_spec(m) is None] == []  # the import names are right
+    script = (ROOT / "scripts" / "gpu_wheels.sh").read_text()
+    shipped, image = shell_list(script, "SHIPPED"), shell_list(script, "IMAGE_HAS")
+    assert "deepspeed==$(version deepspeed)" in script  # built here as a pure-Python wheel
+    assert runtime - image - {"deepspeed"} <= shipped, sorted(runtime - image - {"deepspeed"} - shipped)
+    assert not shipped & image

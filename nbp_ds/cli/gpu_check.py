@@ -35,9 +35,12 @@ from nbp_ds.cli import command
 from nbp_ds.errors import UsageError
 from nbp_ds.tied_process import run_tied
 
-# what the GPU image may lack, and the import name that proves it is there
-NEEDED = {"deepspeed": "deepspeed", "webdataset": "webdataset", "hjson": "hjson", "pydantic": "pydantic",
-          "ffmpeg-python": "ffmpeg", "braceexpand": "braceexpand"}
+# every runtime dependency of nbp_ds but torch, and the import name that proves it is there: a GPU image has some,
+# scripts/gpu_wheels.sh ships the rest; one missing is named before any step runs, not in the middle of one
+NEEDED = {"deepspeed": "deepspeed", "webdataset": "webdataset", "pyyaml": "yaml", "tensorboard": "tensorboard",
+          "ffmpeg-python": "ffmpeg", "safetensors": "safetensors", "numpy": "numpy", "scipy": "scipy", "tqdm": "tqdm",
+          "pillow": "PIL", "braceexpand": "braceexpand", "hjson": "hjson", "pydantic": "pydantic",
+          "huggingface_hub": "huggingface_hub"}
 INSTALL_HINT = ("on a machine with network, in the checkout: `bash scripts/gpu_wheels.sh`; copy .whl/ over, then: "
                 "python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl && "
                 "export PYTHONPATH=/tmp/site:$PWD")
