@@ -66,3 +66,27 @@ def test_nbp_check_consistency_window_frames_reads_a_sampler_folder_window_by_wi
     assert [(w["overall_rate"], w["kept_shape_rate"]) for w in windows][:2] == [(1.0, 1.0), (1.0, 1.0)]
     assert windows[2]["overall_rate"] == pytest.approx(2 / 3) == windows[2]["kept_shape_rate"]
     assert "66.7%" in result.stdout.splitlines()[-1]  # the table's last row: window 3
+
+
+@pytest.mark.parametrize("folder", ["samples", "videos"])
+def test_nbp_check_consistency_window_frames_reads_mp4_files_window_by_window(tmp_path, folder):
+    """The same three videos as mp4 files (through the H.264 encoder and ffmpeg's decoder): a sample folder of
+    <class>_<NNN>.mp4 without a record, and --videos, a folder of class subfolders (ground truth)."""
+    from nbp_ds.video_io import write_video
+
+    kept = [long_video("square", "right", 27, 1), long_video("circle", "down", 27, 2)]
+    changed = np.concatenate([long_video("square", "right", 27, 3)[:18], long_video("triangle", "left", 9, 4)])
+    for index, (video, label) in enumerate(zip([*kept, changed], [0, 1, 0], strict=True)):
+        name = f"{CLASSES[label]}_{index:03d}.mp4"
+        write_video(video, tmp_path / "in" / (name if folder == "samples" else f"{CLASSES[label]}/{name}"))
+    (tmp_path / "classes.json").write_text(json.dumps({name: i for i, name in enumerate(CLASSES)}))
+    where = [str(tmp_path / "in")] if folder == "samples" else ["--videos", str(tmp_path / "in")]
+    result = subprocess.run([sys.executable, "-m", "nbp_ds.cli.check_consistency", *where, "--window-frames", "9",
+                             "--classes", str(tmp_path / "classes.json"), "--json", str(tmp_path / "c.json")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    windows = json.loads((tmp_path / "c.json").read_text())["window_consistency"]["windows"]
+    assert [w["count"] for w in windows] == [3, 3, 3]
+    assert [(w["overall_rate"], w["kept_shape_rate"]) for w in windows][:2] == [(1.0, 1.0), (1.0, 1.0)]
+    assert windows[2]["overall_rate"] == pytest.approx(2 / 3) == windows[2]["kept_shape_rate"]
+    assert "66.7%" in result.stdout.splitlines()[-1]
