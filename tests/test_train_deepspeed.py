@@ -48,6 +48,7 @@ def trained_launch(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     result = run(train_cmd(out, shards, "train.steps=40", "train.save_every=20", "train.eval_every=20",
                            "train.sample_every=20", "train.sample_tokenizer=random:tiny", "train.profile=[2,3]",
+                           "data.num_workers=1",  # a loader worker per rank, started from the fork server
                            "deepspeed.config=tests/data/zero3_no_persistence.json"), **with_shutdown_probe())
     return out, result
 
@@ -369,3 +370,5 @@ def test_a_finished_run_ends_every_rank_with_0_before_the_interpreters_shutdown(
     assert "the interpreter's shutdown began with gloo's threads running" not in result.stderr, result.stderr[-3000:]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finished 40 steps" in result.stderr
+    # the loader workers' queues were closed before the rank's os._exit, or the resource tracker names the rest
+    assert "leaked semaphore" not in result.stderr, result.stderr[-3000:]

@@ -183,6 +183,10 @@ class Trainer:
 
     def wrap_up(self, finished: bool) -> None:
         self._report_summary("finished" if finished else "stopped", self._report_data())
+        # the train loader's workers end here, with their queues' named semaphores: a rank of a multi-process job
+        # ends with os._exit (nbp_ds.runtime.distributed), which skips that clean-up, and the resource tracker
+        # would warn of every semaphore left behind
+        self._batches.close()
 
     def _train_step(self, batches, meter: StepMeter) -> None:
         """One optimizer step over train.grad_accum micro-batches; nothing here waits for the device."""
