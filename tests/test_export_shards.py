@@ -126,7 +126,7 @@ def test_train_init_from_reads_the_sharded_form(exported, tmp_path):
     result = run([sys.executable, "-m", "nbp_ds.train", "--config", str(sharded / "config.json"),
                   f"train.init_from={sharded}", f"data.train={shards}", f"train.out_dir={out}", "train.steps=1",
                   "train.lr=1.0e-9", "train.warmup_steps=0", "train.save_every=1", "train.eval_every=0",
-                  "data.num_workers=1", "deepspeed.config=tests/data/zero3_no_persistence.json"])
+                  "data.num_workers=0", "deepspeed.config=tests/data/zero3_no_persistence.json"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     after, _ = consolidate(out)
     assert sorted(after) == sorted(state)

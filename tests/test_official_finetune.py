@@ -27,7 +27,7 @@ def test_zero3_run_starts_from_the_converted_weights(tmp_path):
            "-m", "nbp_ds.train", "--config", str(weights.with_suffix(".json")), f"train.init_from={weights}",
            f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"train.out_dir={out}", "train.steps=2",
            "train.micro_batch=2", "train.lr=1.0e-9", "train.warmup_steps=0", "train.precision=fp32",
-           "train.log_every=1", "train.save_every=2", "train.eval_every=0", "data.num_workers=1",
+           "train.log_every=1", "train.save_every=2", "train.eval_every=0", "data.num_workers=0",
            "deepspeed.config=tests/data/zero3_no_persistence.json"]
     result = run(cmd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

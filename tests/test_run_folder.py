@@ -18,7 +18,7 @@ from nbp_ds.errors import ConfigError
 from nbp_ds.weights.identity import check_same_experiment, check_weights_meaning
 
 STEPS = ["train.steps=4", "train.warmup_steps=2", "train.save_every=2", "train.eval_every=0", "train.log_every=1",
-         "data.num_workers=1"]
+         "data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")

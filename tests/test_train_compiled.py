@@ -12,7 +12,7 @@ from train_helpers import make_shards, run, step_losses, train_cmd
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["train.steps=6", "train.save_every=0", "train.eval_every=0", "data.num_workers=1", "model.class_dropout=0.0"]
+STEPS = ["train.steps=6", "train.save_every=0", "train.eval_every=0", "data.num_workers=0", "model.class_dropout=0.0"]
 ZERO3 = "deepspeed.config=tests/data/zero3_no_persistence.json"
 ZERO2 = "deepspeed.config=ds_configs/zero2.json"
 

@@ -73,7 +73,7 @@ trainer.close()
 def test_resume_on_another_number_of_processes_carries_weights_optimizer_and_data(shards, tmp_path, before, after,
                                                                                   zero):
     # 8 samples a step whatever the number of processes (tiny: 4 per micro-batch): accumulation 2 on one process
-    common = ["train.steps=20", "train.save_every=10", "data.num_workers=1", f"deepspeed.config={zero}",
+    common = ["train.steps=20", "train.save_every=10", "data.num_workers=0", f"deepspeed.config={zero}",
               "train.global_batch=8"]
     first = tmp_path / "first"
     result = run(train_cmd(first, str(shards / "train"), *common, nproc=before))
