@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from nbp_ds import ffmpeg_tools
+from nbp_ds.perf.proc_status import status_bytes
 from nbp_ds.tokenizer.clip_stream import ClipLoader
 from nbp_ds.video_io import ClipSpec, find_videos
 
@@ -49,7 +50,7 @@ def measure(folder: Path, workers: int, clip: ClipSpec, batch_size: int, cache_m
         next(loader)
     seconds = time.perf_counter() - began
     # read while they run: the workers are the fork server's children, so RUSAGE_CHILDREN never sees them
-    worker_peak_mb = max((peak_rss_mb(pid) for pid in loader.worker_pids()), default=0.0)
+    worker_peak_mb = max((status_bytes("VmHWM", pid) / 2**20 for pid in loader.worker_pids()), default=0.0)
     loader.close()
     del loader
     clips = (batches - 1) * batch_size
@@ -58,10 +59,3 @@ def measure(folder: Path, workers: int, clip: ClipSpec, batch_size: int, cache_m
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_rss_mb": worker_peak_mb}
 
-
-def peak_rss_mb(pid: int) -> float:
-    """A running process' peak resident memory (VmHWM in /proc/PID/status), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise ValueError(f"/proc/{pid}/status has no VmHWM line")

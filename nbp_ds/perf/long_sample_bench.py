@@ -18,6 +18,7 @@ import torch
 
 from nbp_ds.generate.long import generate_long
 from nbp_ds.perf.generate_bench import inputs, synchronize
+from nbp_ds.perf.proc_status import status_bytes
 
 
 @dataclass
@@ -26,14 +27,6 @@ class LongRow:
     passes: int  # forward passes per batch
     seconds: float  # decoding, per batch
     peak_bytes: int  # memory decoding added at its peak
-
-
-def _status_bytes(field: str) -> int:
-    """A memory figure of /proc/self/status (VmRSS, VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
 
 
 class ResidentPeak:
@@ -47,11 +40,11 @@ class ResidentPeak:
         except (OSError, AttributeError):  # not glibc: the figure may then be low
             pass
         Path("/proc/self/clear_refs").write_text("5")
-        self.base = _status_bytes("VmRSS")
+        self.base = status_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc) -> None:
-        self.peak = _status_bytes("VmHWM")
+        self.peak = status_bytes("VmHWM")
 
     @property
     def added(self) -> int:
