@@ -14,14 +14,19 @@ def _stat(pid: int | str) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state, ppid, ...); None once it is gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
+    except (OSError, IndexError):  # gone, or gone while being read
         return None
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie nobody reaped yet counts as gone: it runs nothing)."""
+def state(pid: int) -> str | None:
+    """The state letter of a process (R, S, Z, ...); None once it is gone."""
     fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
+    return fields[0] if fields else None
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as gone: it runs nothing; so does one marked dead, X)."""
+    return state(pid) not in (None, "Z", "X")
 
 
 def children_of(pid: int) -> list[int]:
@@ -29,7 +34,7 @@ def children_of(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         fields = _stat(entry.name)
-        if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
+        if fields is not None and fields[0] not in ("Z", "X") and int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
+from processes import state
 from train_helpers import ROOT, env
 
 RANK_THAT_ENDS = """
@@ -23,14 +23,6 @@ distributed.end_launched_process(0)
 """
 
 
-def process_state(pid: int) -> str | None:
-    """The state letter of a process (R, S, Z, ...), None when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
 def test_a_rank_ended_with_os_exit_leaves_no_dataloader_worker_behind(tmp_path):
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     # files, not pipes: a pipe's reader would wait for the workers to end before the check below
@@ -40,4 +32,4 @@ def test_a_rank_ended_with_os_exit_leaves_no_dataloader_worker_behind(tmp_path):
     assert result.returncode == 0, err.read_text()[-2000:]
     workers = [int(pid) for pid in out.read_text().split()]
     assert len(workers) == 2
-    assert [process_state(pid) for pid in workers] == [None, None], "a DataLoader worker outlived its rank"
+    assert [state(pid) for pid in workers] == [None, None], "a DataLoader worker outlived its rank"

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import _children, make_shards, run, start, step_counts, step_losses, train_cmd, wait_for
+from processes import alive, children_of
+from train_helpers import make_shards, run, start, step_counts, step_losses, train_cmd, wait_for
 
 # slow, and timing: its bounds are wall-clock seconds (`make test` runs it alone, after its parallel part)
 pytestmark = [pytest.mark.slow, pytest.mark.timing]
@@ -76,7 +77,7 @@ def test_a_truncated_rank_file_in_latest_falls_back_to_the_previous_checkpoint(s
 
 def worker_of_rank(launcher_pid: int, rank: int) -> int:
     """The pid of torchrun's worker process of ``rank`` (read from its environment)."""
-    for pid in _children(launcher_pid):
+    for pid in children_of(launcher_pid):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         if f"RANK={rank}".encode() in environ:
             return pid
@@ -98,7 +99,7 @@ def test_a_stopped_rank_ends_the_job_within_the_bound_naming_the_step(shards, tm
     os.kill(rank1, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        wait_for(lambda: not Path(f"/proc/{rank0}").exists() or _zombie(rank0), proc, "rank 0 exits", timeout=90)
+        wait_for(lambda: not alive(rank0), proc, "rank 0 exits", timeout=90)
         took = time.monotonic() - stopped
     finally:
         os.kill(rank1, signal.SIGCONT)  # so torchrun's SIGTERM ends it at once
@@ -119,10 +120,3 @@ def test_a_stopped_rank_ends_the_job_within_the_bound_naming_the_step(shards, tm
         assert 8 <= took < 8 + 25, f"rank 0 ended {took:.0f} s after rank 1 stopped"
         stalled = int(found[1]) + 1
     assert stalled in (last + 1, last + 2)  # the step under way (its log line may not have been written yet)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True

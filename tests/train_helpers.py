@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from processes import alive, children_of
 
 from nbp_ds.data import TokenShardWriter
 
@@ -106,7 +107,7 @@ def wait_for_latest(out_dir: Path, tag: str, proc: subprocess.Popen, timeout: fl
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Signal the whole launch: torchrun starts each worker in a session of its own, so signalling the
     launcher's process group alone would leave the workers (and their data workers) running."""
-    workers = _children(proc.pid)
+    workers = children_of(proc.pid)
     for pid in workers:
         try:
             os.killpg(pid, sig)
@@ -115,35 +116,17 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     os.killpg(proc.pid, sig)
     if sig == signal.SIGKILL:
         deadline = time.time() + 30
-        while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers) and time.time() < deadline:
+        while any(alive(pid) for pid in workers) and time.time() < deadline:
             time.sleep(0.05)
-
-
-def _children(pid: int) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == pid]
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "X"
 
 
 def signal_workers(proc: subprocess.Popen, sig: int) -> int:
     """Signal the launcher's worker processes, not the launcher: what srun does to its tasks on preemption
     (torchrun itself treats SIGTERM as a failure of the job and exits non-zero)."""
-    children = _children(proc.pid)
+    children = children_of(proc.pid)
     for pid in children:
         os.kill(pid, sig)
     return len(children)
-
-
-def _ppid(proc_dir: Path) -> int:
-    try:
-        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def step_losses(out_dir: Path) -> dict[int, float]:

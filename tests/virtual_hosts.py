@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.processes import alive
+
 PREFIX = "nbptest"
 SUBNET = "10.218.0"  # private (RFC 1918); /24, host i at .i
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/* over /etc/*
@@ -83,15 +85,6 @@ def _ip(*args: str) -> None:
 def _namespaces() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def alive(pid: int) -> bool:
-    """Does the process run (a zombie, dead but not yet reaped by its parent, does not)?"""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _owner_pid(name: str) -> int | None:
