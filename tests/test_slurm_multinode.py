@@ -53,11 +53,8 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_training_runs_one_rank_on_each_host(two_nodes, shards, tmp_path):
     # --export with a list, as sites that set SBATCH_EXPORT do: srun's tasks must still get the
-    # batch script's environment (the venv, MASTER_ADDR) on both hosts. TORCH_EXTENSIONS_DIR is in the list, as
-    # a site that keeps DeepSpeed's ops in a lasting folder exports it (slurm/env.sh keeps a set one): without it
-    # the job compiles the CPU communication op afresh (~1 minute here), which the documented-line test of
-    # tests/test_slurm.py already watches
-    exported = "--export=NBP_CONFIG,NBP_CPU,OMP_NUM_THREADS,NBP_RUNS,TORCH_EXTENSIONS_DIR"
+    # batch script's environment (the venv, MASTER_ADDR) on both hosts
+    exported = "--export=NBP_CONFIG,NBP_CPU,OMP_NUM_THREADS,NBP_RUNS"
     job, out, log = submit_train(two_nodes, tmp_path, shards, "nbp-2nodes", "train.steps=12",
                                  layout=[*ONE_RANK_PER_HOST, exported])
     two_nodes.wait_done(job, timeout=240)

@@ -362,6 +362,14 @@ def test_deepspeeds_own_zero_to_fp32_script_rebuilds_the_exported_weights(traine
         assert [k for k in mine if not torch.equal(theirs[k].float(), mine[k])] == [], how
 
 
+def test_cpu_training_builds_no_deepspeed_op(trained_launch):
+    """DeepSpeed's communication layer would compile (or load) its shared-memory all-reduce on every CPU run, which
+    ZeRO training never calls: nbp_ds.train.engine marks it as not buildable, so the run names no such op."""
+    _, result = trained_launch
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deepspeed_shm_comm" not in result.stdout + result.stderr, result.stdout[-3000:]
+
+
 def test_a_finished_run_ends_every_rank_with_0_before_the_interpreters_shutdown(trained_launch):
     """Issue 36: a finished 2-process run exits 0 every time. Each rank of a finished job ends as soon as it has
     left the process group (nbp_ds.runtime.distributed.end_launched_process), never in the interpreter's shutdown

@@ -42,8 +42,9 @@ fi
 
 # ---- DeepSpeed ops -------------------------------------------------------------------------------
 # DeepSpeed compiles some of its ops with the node's C++ compiler (nvcc too for CUDA ones) the first time a run
-# needs them: CPUAdam for zero3_offload, its shared-memory communication on CPU, FusedAdam for a JSON that asks for
-# it (the shipped zero2/zero3 use torch's fused AdamW, which compiles nothing). Left to the default (~/.cache/torch_extensions, on shared storage at most sites), every
+# needs them: CPUAdam for zero3_offload, FusedAdam for a JSON that asks for it (the shipped zero2/zero3 use
+# torch's fused AdamW, which compiles nothing; nbp_ds skips DeepSpeed's CPU shared-memory all-reduce, which
+# training never calls). Left to the default (~/.cache/torch_extensions, on shared storage at most sites), every
 # rank of every node would build into one folder over the network file system at once. So each job builds in
 # node-local temporary space, a folder per job and restart ($SLURM_TMPDIR, else $TMPDIR, else /tmp): torch's
 # build lock, a file in that folder, lets one rank per node compile while the node's other ranks wait, and a

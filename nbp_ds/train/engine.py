@@ -35,6 +35,7 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     ``deepspeed.initialize`` (with DeepSpeed's sequence-parallel groups when ``train.sequence_parallel`` > 1)."""
     import deepspeed  # local: DeepSpeed takes seconds to import
 
+    skip_shared_memory_all_reduce()
     # DeepSpeed's communication layer wraps the process group nbp_ds.runtime.distributed already joined
     deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False)
     tr = cfg.train
@@ -64,6 +65,21 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tr.weight_decay),
                                            config=ds_config, lr_scheduler=schedule, mpu=mpu)
     return engine, model
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op (``deepspeed_shm_comm``).
+
+    DeepSpeed's communication layer builds that C++ op whenever the accelerator is the CPU: 30-60 s with the
+    node's compiler on the first run in an environment, and in every Slurm job, whose op folder is its own
+    (slurm/env.sh). Only DeepSpeed-Inference's tensor-parallel all-reduce (``inference_all_reduce``) calls it;
+    ZeRO training's collectives go through torch.distributed (gloo here), so training never uses it. DeepSpeed
+    reads which ops this machine can build from ``deepspeed.ops.__compatible_ops__``, one dict per process (probed
+    on first use; an edit holds for the process): with the op marked as not buildable, the layer goes on without
+    it, as it does on a machine without a compiler."""
+    import deepspeed.ops  # local: DeepSpeed takes seconds to import
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def sequence_parallel_groups(size: int):
