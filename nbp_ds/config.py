@@ -31,6 +31,7 @@ class LayoutConfig:
     grid: list[int] = field(default_factory=lambda: [5, 16, 16])  # latent (T, H, W)
     block: list[int] = field(default_factory=lambda: [1, 1, 16])  # (bt, bh, bw); [1,1,1] = next-token
     hybrid: bool = False  # first video block token by token (the paper's UCF-101 models)
+    hybrid_blocks: int = 1  # with hybrid: leading video blocks token by token (a frame's rows: the first frame)
     condition: str = "none"  # none | class | frames
     num_classes: int = 0  # for condition=class
     context_frames: int = 0  # latent frames given, for condition=frames

@@ -11,7 +11,10 @@ predicts video block 0). Each input position carries a block id (condition = 0, 
 
 Hybrid layout (the paper's UCF-101 models): the first video block is predicted token by token. The
 BOV block shrinks to one token, tokens x0..x(L-2) of block 0 become one-token blocks, and the last
-token of block 0 plus L-1 placeholders form the block that predicts video block 1.
+token of block 0 plus L-1 placeholders form the block that predicts video block 1. ``hybrid_blocks=k``
+extends the token-by-token start over the first k video blocks (k = the blocks of a latent frame: the
+first frame token by token): tokens x0..x(kL-2) are one-token blocks, and the last of them plus the L-1
+placeholders predict video block k. The sequence keeps its length; generation takes kL + n - k passes.
 
 Frame prediction (``condition: frames``): the given context frames are ordinary video blocks at the
 start of the sequence, fed in the first generation step and excluded from the loss unless
@@ -69,6 +72,7 @@ class Layout:
     block: tuple[int, int, int]
     vocab_size: int
     hybrid: bool = False
+    hybrid_blocks: int = 1
     condition: str = "none"
     num_classes: int = 0
     context_frames: int = 0
@@ -118,9 +122,15 @@ class Layout:
                                       "token")
         elif self.context_frames:
             _require(False, f"layout.context_frames={self.context_frames} is only used with layout.condition=frames")
+        _require(isinstance(self.hybrid_blocks, int) and self.hybrid_blocks >= 1,
+                 f"layout.hybrid_blocks must be a positive integer, got {self.hybrid_blocks!r}")
+        _require(self.hybrid or self.hybrid_blocks == 1,
+                 f"layout.hybrid_blocks={self.hybrid_blocks} is only used with layout.hybrid=true")
         if self.hybrid:
-            _require(self.num_blocks >= 2, f"layout.hybrid=true needs at least 2 blocks, got {self.num_blocks} "
-                                           f"(grid {list(self.grid)}, block {list(self.block)})")
+            _require(self.num_blocks > self.hybrid_blocks,
+                     f"layout.hybrid=true needs at least {self.hybrid_blocks + 1} blocks, got {self.num_blocks} "
+                     f"(grid {list(self.grid)}, block {list(self.block)}, layout.hybrid_blocks={self.hybrid_blocks} "
+                     f"token by token and one block after them)")
 
     def _check_token_layout(self) -> None:
         """The options that describe the NBP authors' released sequences: no BOV, text prefixes, their token ids."""
@@ -147,7 +157,8 @@ class Layout:
         _require(self.token_ids in TOKEN_ID_SCHEMES,
                  f"layout.token_ids must be one of {', '.join(TOKEN_ID_SCHEMES)}, got {self.token_ids!r}")
         if self.token_ids == "official":
-            ucf = self.condition == "class" and bool(self.class_prefixes) and self.hybrid and self.bov
+            ucf = (self.condition == "class" and bool(self.class_prefixes) and self.hybrid and self.hybrid_blocks == 1
+                   and self.bov)
             k600 = self.condition == "frames" and not self.bov
             _require(ucf or k600, "layout.token_ids=official describes the released sequences only: class prefixes "
                                   "with hybrid=true (UCF-101) or condition=frames with bov=false (Kinetics-600)")
@@ -251,15 +262,17 @@ class Layout:
             # the given context starts the sequence: video block 0 is an input only, nothing predicts it
             first_plain, next_id = 0, 1
         elif self.hybrid:
-            # BOV token, then tokens x0..x(L-2) of block 0, each its own block: next-token prediction
-            source += [SOURCE_BOV] + [int(order[i]) for i in range(size - 1)]
-            target += [int(order[i]) for i in range(size)]
-            block_id += list(range(1, size + 1))
-            # last token of block 0 plus placeholders predicts video block 1
-            source += [int(order[size - 1])] + [SOURCE_PLACEHOLDER] * (size - 1)
-            target += [int(x) for x in order[size:2 * size]]
-            block_id += [size + 1] * size
-            first_plain, next_id = 1, size + 2
+            # BOV token, then tokens x0..x(kL-2) of the first k blocks, each its own block: next-token prediction
+            k = self.hybrid_blocks
+            one_by_one = k * size
+            source += [SOURCE_BOV] + [int(order[i]) for i in range(one_by_one - 1)]
+            target += [int(order[i]) for i in range(one_by_one)]
+            block_id += list(range(1, one_by_one + 1))
+            # the last of them plus L-1 placeholders predicts video block k
+            source += [int(order[one_by_one - 1])] + [SOURCE_PLACEHOLDER] * (size - 1)
+            target += [int(x) for x in order[one_by_one:one_by_one + size]]
+            block_id += [one_by_one + 1] * size
+            first_plain, next_id = k, one_by_one + 2
         else:
             source += [SOURCE_BOV] * size
             target += [int(x) for x in order[:size]]
@@ -464,7 +477,7 @@ class Layout:
 
         A pass runs up to and including the next block that has targets still to be sampled (for
         frame prediction the first pass also feeds every context block); NBP gives one pass per
-        block, NTP one per token, hybrid L + n - 1.
+        block, NTP one per token, hybrid kL + n - k (k = hybrid_blocks).
         """
         ids, tgt = self.block_ids, self.target_index
         known = self.context_mask

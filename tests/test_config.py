@@ -73,6 +73,12 @@ def test_layout_refuses_bad_rules_built_directly():
         Layout(grid=(2, 4, 4), block=(1, 1, 3), vocab_size=16)
     with pytest.raises(ConfigError, match="layout.hybrid=true needs at least 2 blocks, got 1"):
         Layout(grid=(1, 2, 2), block=(1, 2, 2), vocab_size=16, hybrid=True)
+    with pytest.raises(ConfigError, match="layout.hybrid=true needs at least 4 blocks, got 3"):
+        Layout(grid=(3, 2, 2), block=(1, 2, 2), vocab_size=16, hybrid=True, hybrid_blocks=3)
+    with pytest.raises(ConfigError, match="layout.hybrid_blocks=2 is only used with layout.hybrid=true"):
+        Layout(grid=(3, 2, 2), block=(1, 2, 2), vocab_size=16, hybrid_blocks=2)
+    with pytest.raises(ConfigError, match="layout.hybrid_blocks must be a positive integer, got 0"):
+        Layout(grid=(3, 2, 2), block=(1, 2, 2), vocab_size=16, hybrid=True, hybrid_blocks=0)
 
 
 def test_a_yaml_file_starts_from_another_by_name_or_path(tmp_path):

@@ -18,6 +18,7 @@ CASES = {
     "nbp-uncond-2d-blocks": (["layout.block=[1,2,4]", "layout.condition=none", "layout.num_classes=0"], 6),
     "ntp-class": (["layout.block=[1,1,1]"], 48),
     "hybrid-class": (["layout.block=[1,1,4]", "layout.hybrid=true"], 4 + 12 - 1),
+    "hybrid-first-frame": (["layout.block=[1,1,4]", "layout.hybrid=true", "layout.hybrid_blocks=4"], 16 + 12 - 4),
     "hybrid-uncond": (["layout.block=[1,1,4]", "layout.hybrid=true", "layout.condition=none",
                        "layout.num_classes=0"], 15),
     "frames": (["layout.condition=frames", "layout.context_frames=1", "layout.num_classes=0"], 8),

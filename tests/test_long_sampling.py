@@ -38,6 +38,7 @@ UNCOND = ["layout.condition=none", "layout.num_classes=0"]
 CASES = {
     "nbp-class": ["layout.block=[1,1,4]"],
     "hybrid-class": ["layout.block=[1,1,4]", "layout.hybrid=true"],
+    "hybrid-first-frame": ["layout.block=[1,1,4]", "layout.hybrid=true", "layout.hybrid_blocks=4"],
     "frame-blocks-uncond": ["layout.block=[1,4,4]", *UNCOND],
     "frames": ["layout.condition=frames", "layout.context_frames=1", "layout.num_classes=0"],
 }

@@ -78,6 +78,39 @@ def test_hybrid_first_block_is_token_by_token():
     assert len(lay.generation_steps) == size + lay.num_blocks - 1
 
 
+def test_hybrid_tables_over_two_blocks_by_hand():
+    """hybrid_blocks=2 on a 2x2x4 grid of row blocks (L = 4, n = 4): BOV and x0..x6 each their own block
+    predicting x0..x7, then x7 and three placeholders predicting block 2, then block 2 predicting block 3."""
+    lay = Layout(grid=(2, 2, 4), block=(1, 1, 4), vocab_size=16, hybrid=True, hybrid_blocks=2)
+    bov, ph = -1, -2  # SOURCE_BOV, SOURCE_PLACEHOLDER
+    assert lay.input_source.tolist() == [bov, 0, 1, 2, 3, 4, 5, 6, 7, ph, ph, ph, 8, 9, 10, 11]
+    assert lay.target_index.tolist() == list(range(16))
+    assert lay.block_ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 9, 10, 10, 10, 10]
+    # one pass per token of the first two blocks, then one per block: kL + n - k = 8 + 4 - 2
+    assert [step.read for step in lay.generation_steps] == [(p,) for p in range(8)] + [(8, 9, 10, 11),
+                                                                                      (12, 13, 14, 15)]
+
+
+def test_hybrid_over_a_whole_frame_is_token_by_token_through_it():
+    """hybrid_blocks = the blocks of a latent frame: every token of frame 0 sees exactly the tokens before it
+    (through model.logits), and the first block after the frame sees the whole frame."""
+    model, cfg = make("hybrid", "layout.hybrid_blocks=4")
+    lay = model.layout
+    batch = batch_for(cfg)
+    with torch.no_grad():
+        base = model.logits(batch)
+    order, first = lay.block_order, 4 * lay.block_size  # the 16 tokens of latent frame 0
+    for i in range(first):
+        changed = {key: v.clone() for key, v in batch.items()}
+        changed["tokens"].view(2, -1)[:, order[i]] += 1
+        with torch.no_grad():
+            out = model.logits(changed)
+        assert torch.equal(out[:, order[: i + 1]], base[:, order[: i + 1]]), i
+        later = order[i + 1: first + lay.block_size]
+        assert bool(((out[:, later] - base[:, later]).abs().amax(-1) > 0).all()), i
+    assert len(lay.generation_steps) == first + lay.num_blocks - 4
+
+
 def rotate_3d(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """3D RoPE written independently of nbp_ds.model.rope, as complex multiplication: x [B, H, S, D] at
     positions [S, 3] (t, h, w). Coordinates i and i + D/2 form a complex number; the first D/2 angles

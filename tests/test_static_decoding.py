@@ -27,6 +27,7 @@ CASES = {
     "nbp-uncond-2d-blocks": ["layout.block=[1,2,4]", *UNCOND],
     "ntp-class": ["layout.block=[1,1,1]"],
     "hybrid-class": ["layout.block=[1,1,4]", "layout.hybrid=true"],
+    "hybrid-first-frame": ["layout.block=[1,1,4]", "layout.hybrid=true", "layout.hybrid_blocks=4"],
     "frames": ["layout.condition=frames", "layout.context_frames=1", "layout.num_classes=0"],
     "frames-ntp": ["layout.block=[1,1,1]", "layout.condition=frames", "layout.context_frames=2",
                    "layout.num_classes=0"],

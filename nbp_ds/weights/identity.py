@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # settings the weights were trained for: a run that changes one reads them with another meaning (or shape)
 WEIGHT_KEYS = ("model.arch", "model.n_layer", "model.d_model", "model.n_head", "model.vocab_size", "model.ffn_dim",
                "model.rope_theta", "model.norm_eps",
-               "layout.grid", "layout.block", "layout.hybrid", "layout.condition", "layout.num_classes",
+               "layout.grid", "layout.block", "layout.hybrid", "layout.hybrid_blocks",
+               "layout.condition", "layout.num_classes",
                "layout.context_frames", "layout.bov", "layout.class_prefixes", "layout.text_vocab_size",
                "layout.token_ids")
 
