@@ -41,8 +41,17 @@ class SampleLogger(TrainerHooks):
         self.names: dict[int, str] | None = None
         self.warned = False
 
-    @torch.no_grad()
     def on_samples_due(self, trainer: Any, step: int) -> None:
+        # the samples draw from their own counter-based streams, but building the tokenizer (its layers' initial
+        # weights, before its file's replace them) draws from torch's global generators, which class dropout reads:
+        # with them restored afterwards a run learns the same whether it logs samples or not (train.sample_every is
+        # no part of the experiment: nbp_ds.weights.identity.FREE_KEYS)
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self._log_samples(trainer, step)
+
+    @torch.no_grad()
+    def _log_samples(self, trainer: Any, step: int) -> None:
         tr, lay = trainer.cfg.train, trainer.layout
         if not tr.sample_tokenizer:
             if not self.warned:
