@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,12 @@ def test_stages_rerun_when_their_inputs_or_an_earlier_stage_change_and_resume_wh
     assert run_stages(tmp_path, "v", "z")[-2:] == ["1", "0"]
     assert run_stages(tmp_path, "v", "z", redo=("tokenizer",))[-1:] == ["0"]  # --redo: afresh
     assert len(run_stages(tmp_path, "v", "z")) == 9  # all reused
+    # --redo of the first: the second reads what it made, so it runs again too, afresh; then both are reused
+    assert run_stages(tmp_path, "v", "z", redo=("videos",))[-2:] == ["0", "0"]
+    assert len(run_stages(tmp_path, "v", "z")) == 11
+    # a stage whose output is gone is not done, whatever its marker says
+    shutil.rmtree(tmp_path / "b")
+    assert run_stages(tmp_path, "v", "z")[-1:] == ["0"] and len(run_stages(tmp_path, "v", "z")) == 12
 
 
 # The quality test's reduced quickstart (seeded: every stage draws from --seed 0 streams) and the bounds it must

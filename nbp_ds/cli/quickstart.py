@@ -15,8 +15,9 @@
 
 Every stage writes a marker when it completes; a second run reuses finished stages whose inputs
 did not change (a stage's marker covers its own parameters and every earlier stage's, so a new
-tokenizer re-tokenizes the shards and retrains). Pass --redo STAGE to run one again. Each stage
-shows its own progress, and the run ends with a table of stage times.
+tokenizer re-tokenizes the shards and retrains), and whose outputs are still there. Pass --redo STAGE
+to run one again, and with it every stage after it. Each stage shows its own progress, and the run ends
+with a table of stage times.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class Pipeline:
         self.upstream = digest
         marker = self._marker(name)
         header = f"[{number}/{len(STAGES)}] {name}"
-        if name not in self.args.redo and marker.is_file() and marker.read_text() == digest:
+        done = marker.is_file() and marker.read_text() == digest and all(output.exists() for output in outputs)
+        if name not in self.args.redo and done:
             print(f"{header}: done in an earlier run, reused", flush=True)
             self.timings.append((name, None))
             return
@@ -134,6 +136,11 @@ class Pipeline:
                         shutil.rmtree(output)
                     else:
                         output.unlink()
+        # the stages after this one read what it makes: even with their own inputs unchanged they must start afresh
+        # (--redo of an earlier stage), so their markers no longer say done
+        for later in STAGES[STAGES.index(name) + 1:]:
+            if self._marker(later).is_file():
+                self._marker(later).write_text(f"stale: {name} ran again")
         marker.parent.mkdir(exist_ok=True)
         marker.write_text(f"running {digest}")
         print(f"{header}: running", flush=True)
@@ -214,7 +221,8 @@ class Pipeline:
         self.stage("train", 4, {"config": run_config, "nproc": a.nproc}, [[
             py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", a.nproc,
             "-m", "nbp_ds.train", "--config", a.config, *overrides]], outputs=(train,))
-        self.stage("export", 5, {"train": str(train)}, [[py, "-m", "nbp_ds.cli.export", train, export]])
+        self.stage("export", 5, {"train": str(train)}, [[py, "-m", "nbp_ds.cli.export", train, export]],
+                   outputs=(export,))
         self.stage("sample", 6, {"n": a.samples_per_class, "cfg": a.cfg_scale}, [[
             py, "-m", "nbp_ds.cli.sample", "--weights", export, "--tokenizer", tokenizer, "--out", samples,
             "--num", a.samples_per_class, "--classes", shards / "train" / "classes.json", *self.sampling_args()]])
