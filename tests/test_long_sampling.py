@@ -205,11 +205,10 @@ def test_a_resumed_long_run_gives_the_uninterrupted_videos(long_assets, tmp_path
     """nbp-sample --frames 25 (3x the quickstart's 9-frame clip): a run cut after one video and run again holds
     the videos, tokens and frames, of a run never interrupted (in batches of one, so each video's frames are
     decoded alone); other --frames for the same folder are refused."""
-    def options(out, **kw):
+    def options(out, frames=25):
         return SamplerOptions(weights=str(long_assets / "w.safetensors"), tokenizer=str(long_assets / "tok"),
                               out=str(out), num=1, labels=[1, 4, 7], batch_size=1, mp4=False, writers=1,
-                              mode="static",
-                              frames=25, **kw)
+                              mode="static", frames=frames)
 
     whole = tmp_path / "whole"
     summary = sample_videos(options(whole), progress=False)
@@ -229,7 +228,7 @@ def test_a_resumed_long_run_gives_the_uninterrupted_videos(long_assets, tmp_path
             assert np.array_equal(np.load(cut / again[kind]), np.load(whole / record[kind])), (index, kind)
     assert np.load(whole / record["tokens"]).shape == (7, 8, 8)
     with pytest.raises(Exception, match="other settings"):
-        sample_videos(options(cut, sink_frames=0), progress=False)
+        sample_videos(options(cut, frames=33), progress=False)
 
 
 def counted_mp4_frames(path) -> int:

@@ -77,7 +77,8 @@ def test_samples_every_class(sampled):
         assert row["mp4"] == f"{row['stem']}.mp4"
     assert (out / "grid.png").stat().st_size > 0
     assert json.loads((out / "sampling.json").read_text())["labels"] == [0, 5]
-    assert "24 forward passes per video" in result.stdout  # 3x8x8 tokens in rows of 8: 24 blocks
+    # 3x8x8 tokens: the first latent frame's 64 one by one, then its other 2 frames in rows of 8
+    assert "80 forward passes per video" in result.stdout
     again = sample(*args)
     assert again.returncode == 0 and "4 finished earlier, 0 made now" in again.stdout
     changed = sample(*[("9" if a == "8" else a) for a in args])  # --top-k 9
