@@ -14,6 +14,7 @@ from nbp_ds.layout import Layout
 from nbp_ds.model import build_model
 from nbp_ds.model.attention import DeviceBackend
 from nbp_ds.model.sequence_parallel import SequenceShard, UlyssesAttention
+from nbp_ds.train.engine import skip_shared_memory_all_reduce
 
 # fp32 on the CPU: the sharded path runs the same kernels on the same numbers in another order (the all-to-alls
 # move values exactly; the loss and gradient sums over ranks reassociate), so agreement is to rounding
@@ -32,6 +33,7 @@ def join_pair(rank: int, store: str, backend: str) -> tuple[dist.ProcessGroup, t
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparison
     dist.init_process_group(backend, store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    skip_shared_memory_all_reduce()  # as the trainer does: no op compiled on the CPU (nbp_ds.train.engine)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.new_group([0, 1]), device
 
