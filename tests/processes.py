@@ -10,6 +10,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+GONE = ("Z", "X")  # state letters of a process that runs nothing: a zombie nobody reaped yet, one marked dead
+
+
 def _stat(pid: int | str) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state, ppid, ...); None once it is gone."""
     try:
@@ -25,8 +28,8 @@ def state(pid: int) -> str | None:
 
 
 def alive(pid: int) -> bool:
-    """Running (a zombie nobody reaped yet counts as gone: it runs nothing; so does one marked dead, X)."""
-    return state(pid) not in (None, "Z", "X")
+    """Running: neither gone nor in a GONE state."""
+    return state(pid) not in (None, *GONE)
 
 
 def children_of(pid: int) -> list[int]:
@@ -34,7 +37,7 @@ def children_of(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         fields = _stat(entry.name)
-        if fields is not None and fields[0] not in ("Z", "X") and int(fields[1]) == pid:
+        if fields is not None and fields[0] not in GONE and int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
 

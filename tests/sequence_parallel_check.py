@@ -14,7 +14,7 @@ from nbp_ds.layout import Layout
 from nbp_ds.model import build_model
 from nbp_ds.model.attention import DeviceBackend
 from nbp_ds.model.sequence_parallel import SequenceShard, UlyssesAttention
-from nbp_ds.train.engine import skip_shared_memory_all_reduce
+from nbp_ds.train.engine import init_deepspeed_comm
 
 # fp32 on the CPU: the sharded path runs the same kernels on the same numbers in another order (the all-to-alls
 # move values exactly; the loss and gradient sums over ranks reassociate), so agreement is to rounding
@@ -25,16 +25,13 @@ GPU_ATOL, GPU_RTOL = 1e-4, 1e-4
 
 
 def join_pair(rank: int, store: str, backend: str) -> tuple[dist.ProcessGroup, torch.device]:
-    import deepspeed
-
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparison
     dist.init_process_group(backend, store=dist.FileStore(store, 2), rank=rank, world_size=2)
-    skip_shared_memory_all_reduce()  # as the trainer does: no op compiled on the CPU (nbp_ds.train.engine)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    init_deepspeed_comm(backend)  # as the trainer does: no op compiled on the CPU
     return dist.new_group([0, 1]), device
 
 

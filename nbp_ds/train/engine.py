@@ -35,9 +35,8 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     ``deepspeed.initialize`` (with DeepSpeed's sequence-parallel groups when ``train.sequence_parallel`` > 1)."""
     import deepspeed  # local: DeepSpeed takes seconds to import
 
-    skip_shared_memory_all_reduce()
     # DeepSpeed's communication layer wraps the process group nbp_ds.runtime.distributed already joined
-    deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False)
+    init_deepspeed_comm(backend_for(device))
     tr = cfg.train
     seed_everything(tr.seed)
     stage3 = zero_stage(ds_config) == 3
@@ -67,8 +66,9 @@ def build_engine(cfg: RunConfig, ds_config: dict[str, Any], device: torch.device
     return engine, model
 
 
-def skip_shared_memory_all_reduce() -> None:
-    """Keep DeepSpeed from compiling its shared-memory all-reduce op (``deepspeed_shm_comm``).
+def init_deepspeed_comm(backend: str) -> None:
+    """``deepspeed.init_distributed`` over the process group already joined, without DeepSpeed's shared-memory
+    all-reduce op (``deepspeed_shm_comm``).
 
     DeepSpeed's communication layer builds that C++ op whenever the accelerator is the CPU: 30-60 s with the
     node's compiler on the first run in an environment, and in every Slurm job, whose op folder is its own
@@ -77,9 +77,11 @@ def skip_shared_memory_all_reduce() -> None:
     reads which ops this machine can build from ``deepspeed.ops.__compatible_ops__``, one dict per process (probed
     on first use; an edit holds for the process): with the op marked as not buildable, the layer goes on without
     it, as it does on a machine without a compiler."""
-    import deepspeed.ops  # local: DeepSpeed takes seconds to import
+    import deepspeed  # local: DeepSpeed takes seconds to import
+    import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def sequence_parallel_groups(size: int):
