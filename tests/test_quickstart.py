@@ -209,11 +209,13 @@ QUALITY_RUN = ["--per-class", "16", "--val-per-class", "1", "--tokenizer-steps",
                "--top-k", "8", "--top-p", "1", "--cfg-scale", "2", "--object-size", "0.3", "0.4",
                "train.save_every=300", "train.eval_every=300", "train.sample_every=300", "train.log_every=50",
                "layout.hybrid=false", "layout.hybrid_blocks=1"]
-# Measured (2-core CPU): the samples' direction 54.2% [40-67] of 48 (chance 25%), the validation loss at step 300
-# 0.899; the bounds sit between those and the planted bugs'. Shape and colour are not bounded: this tokenizer keeps
-# neither at 150 steps (the full quickstart's ladder measures them: docs/quality.md).
+# Measured on two 2-core CPUs (seeded, but another CPU rounds differently and the runs drift apart): the samples'
+# direction 54.2% and 60.4% of 48 (chance 25%), the validation loss at step 300 0.899 and 0.942; the dropped
+# warm-up 1.024 and 1.025. The bounds sit between the good runs and the planted bugs', with room on both sides.
+# Shape and colour are not bounded: this tokenizer keeps neither at 150 steps (the full quickstart's ladder
+# measures them: docs/quality.md).
 QUALITY_BOUNDS = {"direction": 0.4}
-MAX_VAL_LOSS = 0.96
+MAX_VAL_LOSS = 0.98
 
 
 def check_quality_ladder(ladder: dict, samples: Path) -> None:
