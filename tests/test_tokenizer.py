@@ -101,6 +101,17 @@ def test_fsq_codes_are_a_bijection():
         fsq.indices_to_values(torch.tensor([60]))
 
 
+def test_loading_a_saved_tokenizer_draws_nothing_from_the_global_generator(tmp_path):
+    """A training run's sample hook loads its tokenizer between steps: building the layers (whose initial weights the
+    file then replaces) must not move the stream that class dropout and the data draw from."""
+    build_tokenizer("tiny", seed=2).save(tmp_path / "tok")
+    torch.manual_seed(123)
+    expected = torch.rand(4)  # what the stream gives next when nothing else draws from it
+    torch.manual_seed(123)
+    load_tokenizer(tmp_path / "tok")
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_save_load_and_errors(tiny, tmp_path):
     video = torch.randint(0, 256, (1, 9, 32, 32, 3), dtype=torch.uint8)
     build_tokenizer("tiny", seed=3).save(tmp_path / "tok")

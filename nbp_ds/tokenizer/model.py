@@ -325,8 +325,14 @@ def load_tokenizer(spec: str | Path, device: str | torch.device = "cpu") -> Vide
     """`random:<preset>[:seed]` for an untrained one, `official:PATH` for a tokenizer the NBP authors released
     (magvit2_*.pt or its .safetensors copy; nbp_ds.tokenizer.official.OfficialTokenizer, same interface), else
     a folder written by `VideoTokenizer.save` (or a nbp-train-tokenizer run folder, which holds it as
-    `tokenizer/`). Returned in eval mode."""
-    spec = str(spec)
+    `tokenizer/`). Returned in eval mode. Loading draws nothing from torch's global generator."""
+    # the layers are built on the CPU with initial weights drawn from the global generator, then replaced by the
+    # file's: without the fork a caller inside a training run (a sample hook) would shift that run's random stream
+    with torch.random.fork_rng(devices=[]):
+        return _load_tokenizer(str(spec), device)
+
+
+def _load_tokenizer(spec: str, device: str | torch.device) -> VideoTokenizer:
     if spec.startswith("official:"):
         return load_official_tokenizer(spec.removeprefix("official:"), device=device)
     if spec.startswith("random:"):
