@@ -41,17 +41,12 @@ class SampleLogger(TrainerHooks):
         self.names: dict[int, str] | None = None
         self.warned = False
 
-    def on_samples_due(self, trainer: Any, step: int) -> None:
-        # the samples draw from their own counter-based streams, but building the tokenizer (its layers' initial
-        # weights, before its file's replace them) draws from torch's global generators, which class dropout reads:
-        # with them restored afterwards a run learns the same whether it logs samples or not (train.sample_every is
-        # no part of the experiment: nbp_ds.weights.identity.FREE_KEYS)
-        devices = [trainer.device] if trainer.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            self._log_samples(trainer, step)
-
     @torch.no_grad()
-    def _log_samples(self, trainer: Any, step: int) -> None:
+    def on_samples_due(self, trainer: Any, step: int) -> None:
+        # nothing here draws from torch's global generators, which class dropout reads: the samples draw from their
+        # own counter-based streams (seeded by the step), load_tokenizer and the context loader from none, so a run
+        # learns the same whether it logs samples or not (train.sample_every is a free key:
+        # nbp_ds.weights.identity.FREE_KEYS; tests/test_sample_log.py)
         tr, lay = trainer.cfg.train, trainer.layout
         if not tr.sample_tokenizer:
             if not self.warned:
